@@ -1,0 +1,16 @@
+//! TokenGo's wire formats without I/O: OHTTP (RFC 9458 and chunked OHTTP), Binary HTTP
+//! (RFC 9292), key configurations, the relay wire frames and signed exit descriptors.
+//!
+//! Nothing in this crate performs I/O or depends on an async runtime: every decoder is a
+//! push-style state machine fed from a `BytesMut`, so the node's async shells and the tests
+//! drive exactly the same code.
+
+pub mod bhttp;
+pub mod chunked;
+pub mod descriptor;
+pub mod frame;
+pub mod hpke;
+pub mod key_config;
+pub mod ohttp;
+pub mod padding;
+pub mod varint;

@@ -1,0 +1,129 @@
+//! The errors a user's tool can see, in one place: each maps to an HTTP status and an
+//! OpenAI-shaped JSON body (`{"error":{"message","type","code"}}`), whichever side produces it.
+//! The exit sends these *encrypted* (backend failures); the client sends them for failures
+//! before an exit was reached.
+
+use http::StatusCode;
+
+/// A failure reported to the user's tool as an HTTP error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// The exit could not connect to its backend.
+    #[error("the AI backend behind the exit is unreachable")]
+    BackendUnreachable,
+    /// The backend stopped sending for longer than the idle timeout.
+    #[error("the AI backend did not answer in time")]
+    BackendTimeout,
+    /// The backend's answer broke off or was unusable.
+    #[error("the AI backend's response failed: {0}")]
+    BackendFailed(String),
+    /// No exit is registered with the relay (or none serves the model).
+    #[error(
+        "no exit is available right now; check that an exit is running and registered with the relay"
+    )]
+    NoExit,
+    /// The relay cannot be reached.
+    #[error("the relay is unreachable: {0}")]
+    RelayUnreachable(String),
+    /// The chosen exit went away and no other could take the request.
+    #[error("the exit is unavailable: {0}")]
+    ExitUnavailable(String),
+    /// The request is too large.
+    #[error("request body too large (limit {limit} bytes)")]
+    PayloadTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The request could not be understood.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// The relay or exit is at its limits.
+    #[error("the network is overloaded; retry shortly")]
+    Overloaded,
+    /// No response within the gateway's own deadline.
+    #[error("the gateway timed out waiting for the exit")]
+    GatewayTimeout,
+}
+
+impl ApiError {
+    /// The HTTP status for this error.
+    #[must_use]
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BackendUnreachable | Self::BackendFailed(_) | Self::RelayUnreachable(_) => {
+                StatusCode::BAD_GATEWAY
+            }
+            Self::BackendTimeout | Self::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::NoExit | Self::ExitUnavailable(_) | Self::Overloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The machine-readable `code`.
+    #[must_use]
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::BackendUnreachable => "backend_unreachable",
+            Self::BackendTimeout => "backend_timeout",
+            Self::BackendFailed(_) => "backend_failed",
+            Self::NoExit => "no_exit_available",
+            Self::RelayUnreachable(_) => "relay_unreachable",
+            Self::ExitUnavailable(_) => "exit_unavailable",
+            Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::BadRequest(_) => "bad_request",
+            Self::Overloaded => "overloaded",
+            Self::GatewayTimeout => "gateway_timeout",
+        }
+    }
+
+    /// The OpenAI error `type`.
+    #[must_use]
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::PayloadTooLarge { .. } | Self::BadRequest(_) => "invalid_request_error",
+            _ => "api_error",
+        }
+    }
+
+    /// The JSON body.
+    #[must_use]
+    pub fn body(&self) -> Vec<u8> {
+        let body = serde_json::json!({
+            "error": {
+                "message": self.to_string(),
+                "type": self.kind(),
+                "code": self.code(),
+            }
+        });
+        body.to_string().into_bytes()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openai_shape_and_statuses() {
+        let error = ApiError::BackendUnreachable;
+        assert_eq!(error.status(), StatusCode::BAD_GATEWAY);
+        let json: serde_json::Value = serde_json::from_slice(&error.body()).unwrap();
+        assert_eq!(json["error"]["code"], "backend_unreachable");
+        assert_eq!(json["error"]["type"], "api_error");
+        assert!(
+            json["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("unreachable")
+        );
+        assert_eq!(ApiError::NoExit.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            ApiError::BackendTimeout.status(),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+    }
+}

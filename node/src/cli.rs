@@ -1,0 +1,157 @@
+//! Command-line interface: the roles and their flags. Every flag can also come from an
+//! environment variable (`TOKENGO_*`) or a YAML file (`--config`); flags win over the
+//! environment, the environment over the file. `config` turns these raw inputs into checked
+//! configurations.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// TokenGo: a private, decentralized gateway for OpenAI-compatible AI APIs.
+#[derive(Debug, Parser)]
+#[command(name = "tokengo", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, env = "TOKENGO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+impl Cli {
+    /// The log format the user asked for.
+    #[must_use]
+    pub fn log_format(&self) -> LogFormat {
+        self.log_format
+    }
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The roles.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Relay, client and exit in one process: a private endpoint on 127.0.0.1:8080.
+    Serve(ServeArgs),
+    /// Local OpenAI-compatible endpoint that encrypts every request to an exit.
+    Client(ClientArgs),
+    /// Blind forwarder between clients and exits (QUIC, UDP 4433).
+    Relay(RelayArgs),
+    /// Decrypts requests, calls the AI backend, encrypts the answers.
+    Exit(ExitArgs),
+    /// Creates a key file and prints its public part.
+    Keygen(KeygenArgs),
+}
+
+/// Flags every long-running role shares.
+#[derive(Debug, Clone, Default, Args)]
+pub struct CommonArgs {
+    /// YAML configuration file.
+    #[arg(short = 'c', long = "config", env = "TOKENGO_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Directory for keys (default: $XDG_DATA_HOME/tokengo or ~/.local/share/tokengo).
+    #[arg(long, env = "TOKENGO_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Flags of `tokengo serve`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub backend: BackendArgs,
+    /// Address of the local HTTP endpoint (default 127.0.0.1:8080).
+    #[arg(short = 'l', long, env = "TOKENGO_LISTEN")]
+    pub listen: Option<String>,
+}
+
+/// Flags of `tokengo client`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ClientArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Relay multiaddr, e.g. /ip4/203.0.113.7/udp/4433/quic-v1/p2p/12D3Koo...
+    #[arg(short = 'r', long, env = "TOKENGO_RELAY")]
+    pub relay: Option<String>,
+    /// Address of the local HTTP endpoint (default 127.0.0.1:8080).
+    #[arg(short = 'l', long, env = "TOKENGO_LISTEN")]
+    pub listen: Option<String>,
+}
+
+/// Flags of `tokengo relay`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RelayArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// UDP address to accept QUIC on (default 0.0.0.0:4433).
+    #[arg(short = 'l', long, env = "TOKENGO_LISTEN")]
+    pub listen: Option<String>,
+}
+
+/// Flags of `tokengo exit`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ExitArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub backend: BackendArgs,
+    /// Relay multiaddr to register with, e.g. /ip4/203.0.113.7/udp/4433/quic-v1/p2p/12D3Koo...
+    #[arg(short = 'r', long, env = "TOKENGO_RELAY")]
+    pub relay: Option<String>,
+}
+
+/// Where the exit sends requests and with which credentials.
+#[derive(Debug, Clone, Default, Args)]
+pub struct BackendArgs {
+    /// AI backend base URL (default http://localhost:11434, Ollama).
+    #[arg(short = 'b', long, env = "TOKENGO_BACKEND")]
+    pub backend: Option<String>,
+    /// API key sent to the backend as `Authorization: Bearer KEY`.
+    #[arg(long, env = "TOKENGO_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Extra header for the backend, `Name: value` (repeatable).
+    #[arg(long = "header", value_name = "NAME:VALUE")]
+    pub headers: Vec<String>,
+}
+
+/// What `tokengo keygen` creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KeyType {
+    /// An OHTTP (HPKE X25519) key for an exit; prints its key configuration.
+    Ohttp,
+    /// An Ed25519 node identity; prints its PeerId.
+    Identity,
+}
+
+/// Flags of `tokengo keygen`.
+#[derive(Debug, Clone, Args)]
+pub struct KeygenArgs {
+    /// Kind of key.
+    #[arg(short = 't', long = "type", value_enum)]
+    pub key_type: KeyType,
+    /// File to write (created with mode 0600; an existing file is never overwritten).
+    #[arg(short = 'o', long)]
+    pub output: PathBuf,
+    /// Key id of an OHTTP key (0-255).
+    #[arg(long, default_value_t = 1)]
+    pub key_id: u8,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

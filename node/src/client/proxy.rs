@@ -1,0 +1,474 @@
+//! The client's HTTP surface: any method and path, turned into an OHTTP request to an exit and
+//! back. Single messages (RFC 9458) for answers that arrive whole; chunked OHTTP when the
+//! answer may stream, so each event reaches the user's tool the moment the exit sends it.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use axum::{body::Body, extract::State, response::Response};
+use bytes::{Bytes, BytesMut};
+use http::{HeaderName, StatusCode, request::Parts};
+use libp2p_identity::PeerId;
+use tokengo_proto::{
+    bhttp::{self, RequestHead, ResponseDecoder, ResponseEvent, ResponseHead, StreamingEncoder},
+    chunked::{self, ChunkedResponseOpener},
+    frame::{ClientRequest, MediaType, Status},
+    ohttp, padding,
+};
+
+use super::{ClientState, body, directory::ExitInfo};
+use crate::{
+    api_error::ApiError,
+    http_message,
+    stream::{StreamReader, code},
+};
+
+/// Longest silence from the exit before the client gives up on a request (longer than the
+/// exit's own backend idle timeout, so the exit reports a backend timeout first).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(330);
+/// Exits tried per request when the relay says an exit is gone or busy.
+const MAX_ATTEMPTS: usize = 3;
+
+/// Proxies one request.
+pub(super) async fn handle(
+    State(state): State<Arc<ClientState>>,
+    request: http::Request<Body>,
+) -> Response {
+    match proxy(&state, request).await {
+        Ok(response) => response,
+        Err(error) => error_response(&error),
+    }
+}
+
+/// The user's error as an HTTP response.
+#[must_use]
+pub(super) fn error_response(error: &ApiError) -> Response {
+    tracing::debug!(%error, "request failed before reaching the backend");
+    let mut response = Response::new(Body::from(error.body()));
+    *response.status_mut() = error.status();
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// What went wrong with one exit, and whether another may be tried.
+enum AttemptError {
+    /// The exit never saw the request: safe to try again (another exit, or fresh keys).
+    Retry(ApiError),
+    /// Stop and report.
+    Fatal(ApiError),
+}
+
+async fn proxy(state: &ClientState, request: http::Request<Body>) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    let limit = state.limits.max_request_body;
+    let body = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge { limit })?;
+    let media = if may_stream(&parts, &body) {
+        MediaType::Chunked
+    } else {
+        MediaType::Single
+    };
+    let head = request_head(&parts);
+    let model = model_of(&body);
+    let mut excluded: Vec<PeerId> = Vec::new();
+    let mut last_error = ApiError::NoExit;
+    let mut refreshed = false;
+    for _ in 0..MAX_ATTEMPTS {
+        let exits = if refreshed {
+            state.directory.refresh(&state.link).await?
+        } else {
+            state.directory.exits(&state.link).await?
+        };
+        let Some(exit) = state.directory.choose(&exits, model.as_deref(), &excluded) else {
+            if !refreshed {
+                refreshed = true;
+                continue;
+            }
+            break;
+        };
+        match attempt(state, &exit, media, &head, &body).await {
+            Ok(response) => return Ok(response),
+            Err(AttemptError::Fatal(error)) => return Err(error),
+            Err(AttemptError::Retry(error)) => {
+                tracing::debug!(exit = %exit.peer_id, %error, "retrying with fresh exit list");
+                excluded.push(exit.peer_id);
+                refreshed = true;
+                last_error = error;
+            }
+        }
+    }
+    Err(last_error)
+}
+
+/// Whether the answer may be a stream the user wants incrementally.
+fn may_stream(parts: &Parts, body: &[u8]) -> bool {
+    let accepts_sse = parts.headers.get_all(http::header::ACCEPT).iter().any(|v| {
+        v.as_bytes()
+            .windows(17)
+            .any(|w| w.eq_ignore_ascii_case(b"text/event-stream"))
+    });
+    if accepts_sse {
+        return true;
+    }
+    #[derive(serde::Deserialize)]
+    struct StreamFlag {
+        stream: Option<bool>,
+    }
+    let flag = serde_json::from_slice::<StreamFlag>(body)
+        .ok()
+        .and_then(|f| f.stream);
+    // Ollama's native API streams unless told not to; OpenAI-style APIs only when asked.
+    let streams_by_default = parts.uri.path().starts_with("/api/");
+    flag.unwrap_or(streams_by_default && !body.is_empty())
+}
+
+fn model_of(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct ModelField {
+        model: Option<String>,
+    }
+    serde_json::from_slice::<ModelField>(body).ok()?.model
+}
+
+/// The BHTTP request head. The user's `Authorization` and cookies stay here: the exit holds
+/// the backend credential, and the user's would identify them.
+fn request_head(parts: &Parts) -> RequestHead {
+    let identifying = |name: &HeaderName| {
+        name == http::header::AUTHORIZATION
+            || name == http::header::COOKIE
+            || name.as_str() == "x-forwarded-for"
+            || name.as_str() == "forwarded"
+            || name.as_str() == "x-real-ip"
+    };
+    RequestHead {
+        method: parts.method.as_str().as_bytes().to_vec(),
+        scheme: b"https".to_vec(),
+        authority: Vec::new(),
+        path: parts
+            .uri
+            .path_and_query()
+            .map_or("/", http::uri::PathAndQuery::as_str)
+            .as_bytes()
+            .to_vec(),
+        fields: http_message::to_fields(&parts.headers, identifying),
+    }
+}
+
+async fn attempt(
+    state: &ClientState,
+    exit: &ExitInfo,
+    media: MediaType,
+    head: &RequestHead,
+    body: &[u8],
+) -> Result<Response, AttemptError> {
+    let started = Instant::now();
+    let (mut send, recv) = state.link.open().await.map_err(AttemptError::Fatal)?;
+    let mut out = Vec::with_capacity(body.len() + 512);
+    ClientRequest::Forward {
+        exit_id: exit.peer_id.to_bytes(),
+        media,
+    }
+    .encode(&mut out);
+    let opener = match media {
+        MediaType::Single => {
+            let padded = padding::bucket(bhttp::encoded_request_len(head, body.len()));
+            let message = bhttp::encode_request(head, body, padded)
+                .map_err(|e| AttemptError::Fatal(ApiError::BadRequest(e.to_string())))?;
+            let (encapsulated, opener) = ohttp::encapsulate_request(&exit.key_config, &message)
+                .map_err(|e| AttemptError::Fatal(ApiError::BadRequest(e.to_string())))?;
+            out.extend_from_slice(&encapsulated);
+            Opener::Single(opener)
+        }
+        MediaType::Chunked => {
+            let (mut sealer, header) = chunked::start_request(&exit.key_config)
+                .map_err(|e| AttemptError::Fatal(ApiError::BadRequest(e.to_string())))?;
+            let mut message = Vec::with_capacity(body.len() + 1024);
+            let mut encoder = StreamingEncoder::request(head, &mut message)
+                .map_err(|e| AttemptError::Fatal(ApiError::BadRequest(e.to_string())))?;
+            encoder.body(body, &mut message);
+            let padded = padding::bucket(encoder.written() + 2);
+            encoder.end(padded, &mut message);
+            out.extend_from_slice(&header);
+            let response = sealer
+                .response_opener()
+                .map_err(|e| AttemptError::Fatal(ApiError::BadRequest(e.to_string())))?;
+            let sealed = sealer
+                .seal_final(&message)
+                .map_err(|e| AttemptError::Fatal(ApiError::BadRequest(e.to_string())))?;
+            out.extend_from_slice(&sealed);
+            Opener::Chunked(Box::new(response))
+        }
+    };
+    let lost = |e: quinn::WriteError| AttemptError::Retry(ApiError::ExitUnavailable(e.to_string()));
+    send.write_chunk(Bytes::from(out)).await.map_err(lost)?;
+    let _ = send.finish();
+    let mut reader = StreamReader::new(recv);
+    let status = read_status(&mut reader).await?;
+    state
+        .directory
+        .record_latency(exit.peer_id, started.elapsed());
+    match status {
+        Status::Ok => {}
+        Status::KeyUnknown => {
+            return Err(AttemptError::Retry(ApiError::ExitUnavailable(
+                "exit rotated its keys".into(),
+            )));
+        }
+        Status::NoSuchExit => {
+            return Err(AttemptError::Retry(ApiError::ExitUnavailable(
+                "exit no longer registered".into(),
+            )));
+        }
+        Status::ExitUnavailable => {
+            return Err(AttemptError::Retry(ApiError::ExitUnavailable(
+                "exit went away".into(),
+            )));
+        }
+        Status::Overloaded => return Err(AttemptError::Retry(ApiError::Overloaded)),
+        Status::Malformed | Status::Undecryptable => {
+            return Err(AttemptError::Fatal(ApiError::ExitUnavailable(
+                "the exit could not read the request (incompatible version?)".into(),
+            )));
+        }
+    }
+    match opener {
+        Opener::Single(opener) => single_response(state, reader, opener)
+            .await
+            .map_err(AttemptError::Fatal),
+        Opener::Chunked(opener) => chunked_response(reader, *opener)
+            .await
+            .map_err(AttemptError::Fatal),
+    }
+}
+
+enum Opener {
+    Single(ohttp::ResponseOpener),
+    Chunked(Box<ChunkedResponseOpener>),
+}
+
+async fn read_status(reader: &mut StreamReader) -> Result<Status, AttemptError> {
+    let byte = reader
+        .decode(1, IDLE_TIMEOUT, |buf| {
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            let byte = buf[0];
+            bytes::Buf::advance(buf, 1);
+            Ok::<_, std::convert::Infallible>(Some(byte))
+        })
+        .await
+        .map_err(|e| match e {
+            crate::stream::ReadError::Timeout => AttemptError::Fatal(ApiError::GatewayTimeout),
+            // The relay or exit dropped the stream before answering: the exit may have the
+            // request, so it is not retried.
+            other => AttemptError::Fatal(ApiError::ExitUnavailable(other.to_string())),
+        })?;
+    Status::try_from(byte).map_err(|_| {
+        AttemptError::Fatal(ApiError::ExitUnavailable(format!(
+            "unknown status {byte:#04x}"
+        )))
+    })
+}
+
+async fn single_response(
+    state: &ClientState,
+    mut reader: StreamReader,
+    opener: ohttp::ResponseOpener,
+) -> Result<Response, ApiError> {
+    let max = state.limits.max_response_body.saturating_add(256 * 1024);
+    let encapsulated = tokio::time::timeout(IDLE_TIMEOUT, reader.read_to_end(max))
+        .await
+        .map_err(|_| ApiError::GatewayTimeout)?
+        .map_err(|e| ApiError::ExitUnavailable(format!("response: {e}")))?;
+    let message = opener
+        .open(&encapsulated)
+        .map_err(|e| ApiError::ExitUnavailable(format!("response does not decrypt: {e}")))?;
+    let limits = bhttp::Limits {
+        max_body: state.limits.max_response_body,
+        ..bhttp::Limits::default()
+    };
+    let (head, body) = bhttp::decode_response(&message, &limits)
+        .map_err(|e| ApiError::ExitUnavailable(format!("malformed response: {e}")))?;
+    Ok(build_response(&head, Body::from(body)))
+}
+
+/// Waits for the response head, then streams the body from a task that opens each chunk as it
+/// arrives. A broken or truncated stream ends the user's body with an error, never with a
+/// clean end.
+async fn chunked_response(
+    reader: StreamReader,
+    opener: ChunkedResponseOpener,
+) -> Result<Response, ApiError> {
+    let mut stream = PlainStream {
+        reader,
+        opener,
+        plain: BytesMut::new(),
+        decoder: ResponseDecoder::new(bhttp::Limits::default()),
+        done: false,
+    };
+    let head = match stream.next().await.map_err(ApiError::ExitUnavailable)? {
+        Some(ResponseEvent::Head(head)) => head,
+        Some(_) => {
+            return Err(ApiError::ExitUnavailable(
+                "response body before head".into(),
+            ));
+        }
+        None => {
+            return Err(ApiError::ExitUnavailable(
+                "response ended before its head".into(),
+            ));
+        }
+    };
+    let (tx, body) = body::channel();
+    tokio::spawn(async move {
+        loop {
+            match stream.next().await {
+                Ok(Some(ResponseEvent::Body(bytes))) => {
+                    if tx.send(Ok(bytes)).await.is_err() {
+                        // The user's tool went away: stop the exit's work too.
+                        stream.reader.stop(code::ABANDONED);
+                        return;
+                    }
+                }
+                Ok(Some(ResponseEvent::Head(_))) => {
+                    let _ = tx
+                        .send(Err(body::BodyError("second response head".into())))
+                        .await;
+                    return;
+                }
+                Ok(Some(ResponseEvent::End) | None) => return,
+                Err(error) => {
+                    tracing::info!(%error, "response stream broke");
+                    let _ = tx.send(Err(body::BodyError(error))).await;
+                    return;
+                }
+            }
+        }
+    });
+    Ok(build_response(&head, Body::new(body)))
+}
+
+/// Decrypted BHTTP events from a chunked OHTTP response stream.
+struct PlainStream {
+    reader: StreamReader,
+    opener: ChunkedResponseOpener,
+    plain: BytesMut,
+    decoder: ResponseDecoder,
+    done: bool,
+}
+
+impl PlainStream {
+    async fn next(&mut self) -> Result<Option<ResponseEvent>, String> {
+        loop {
+            if let Some(event) = self
+                .decoder
+                .decode(&mut self.plain)
+                .map_err(|e| e.to_string())?
+            {
+                return Ok(Some(event));
+            }
+            if self.done {
+                self.decoder
+                    .finish()
+                    .map_err(|e| format!("response truncated: {e}"))?;
+                return Ok(None);
+            }
+            let chunk = loop {
+                if let Some(chunk) = self
+                    .opener
+                    .decode(self.reader.buffer())
+                    .map_err(|e| e.to_string())?
+                {
+                    break chunk;
+                }
+                let more = tokio::time::timeout(IDLE_TIMEOUT, self.reader.fill())
+                    .await
+                    .map_err(|_| "exit went silent".to_owned())?
+                    .map_err(|e| format!("stream broke: {e}"))?;
+                if !more {
+                    match self
+                        .opener
+                        .decode_eof(self.reader.buffer())
+                        .map_err(|e| e.to_string())?
+                    {
+                        Some(chunk) => break chunk,
+                        None => return Err("response truncated".into()),
+                    }
+                }
+            };
+            self.done = chunk.last;
+            self.plain.extend_from_slice(&chunk.data);
+        }
+    }
+}
+
+fn build_response(head: &ResponseHead, body: Body) -> Response {
+    let mut response = Response::new(body);
+    *response.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    *response.headers_mut() = http_message::to_header_map(&head.fields);
+    response
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn parts(method: &str, uri: &str, accept: Option<&str>) -> Parts {
+        let mut builder = http::Request::builder().method(method).uri(uri);
+        if let Some(accept) = accept {
+            builder = builder.header("accept", accept);
+        }
+        builder.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn chooses_streaming_when_the_answer_may_stream() {
+        let post = parts("POST", "/v1/chat/completions", None);
+        assert!(may_stream(&post, br#"{"model":"m","stream":true}"#));
+        assert!(!may_stream(&post, br#"{"model":"m"}"#));
+        assert!(!may_stream(&post, br#"{"stream":false}"#));
+        assert!(may_stream(
+            &parts("POST", "/api/chat", None),
+            br#"{"model":"m"}"#
+        ));
+        assert!(!may_stream(
+            &parts("POST", "/api/chat", None),
+            br#"{"stream":false}"#
+        ));
+        assert!(may_stream(
+            &parts("GET", "/v1/x", Some("text/event-stream")),
+            b""
+        ));
+        assert!(!may_stream(&parts("GET", "/v1/models", None), b""));
+    }
+
+    #[test]
+    fn request_head_keeps_query_and_drops_identifying_headers() {
+        let mut p = parts("GET", "/v1/models?limit=2&x=%20", None);
+        p.headers
+            .insert("authorization", "Bearer user-key".parse().unwrap());
+        p.headers.insert("cookie", "a=b".parse().unwrap());
+        p.headers.append("x-keep", "1".parse().unwrap());
+        p.headers.append("x-keep", "2".parse().unwrap());
+        let head = request_head(&p);
+        assert_eq!(head.path, b"/v1/models?limit=2&x=%20");
+        let names: Vec<_> = head.fields.iter().map(|f| f.name.clone()).collect();
+        assert_eq!(names, vec![b"x-keep".to_vec(), b"x-keep".to_vec()]);
+    }
+
+    #[test]
+    fn model_is_read_from_json() {
+        assert_eq!(
+            model_of(br#"{"model":"gemma","x":1}"#).as_deref(),
+            Some("gemma")
+        );
+        assert_eq!(model_of(b"not json"), None);
+    }
+}

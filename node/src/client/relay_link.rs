@@ -1,0 +1,89 @@
+//! The client's connection to its relay: opened lazily, shared by all requests (one QUIC
+//! stream each), reopened when it dies. The client presents a certificate for a throwaway
+//! identity generated at start, so nothing links its sessions.
+
+use libp2p_identity::Keypair;
+use tokio::sync::Mutex;
+
+use crate::{
+    api_error::ApiError,
+    transport::{self, ConnectError, RelayAddr, TransportParams},
+};
+
+/// A shared, self-healing connection to one relay.
+#[derive(Debug)]
+pub struct RelayLink {
+    endpoint: quinn::Endpoint,
+    identity: Keypair,
+    relay: RelayAddr,
+    params: TransportParams,
+    connection: Mutex<Option<quinn::Connection>>,
+}
+
+impl RelayLink {
+    /// A link to `relay`; nothing is dialled yet.
+    pub fn new(relay: RelayAddr, params: TransportParams) -> std::io::Result<Self> {
+        Ok(Self {
+            endpoint: transport::client_endpoint(false)?,
+            identity: Keypair::generate_ed25519(),
+            relay,
+            params,
+            connection: Mutex::new(None),
+        })
+    }
+
+    /// The relay's address.
+    #[must_use]
+    pub fn relay(&self) -> &RelayAddr {
+        &self.relay
+    }
+
+    /// The live connection, dialling if there is none.
+    pub async fn connection(&self) -> Result<quinn::Connection, ConnectError> {
+        let mut slot = self.connection.lock().await;
+        if let Some(connection) = slot.as_ref().filter(|c| c.close_reason().is_none()) {
+            return Ok(connection.clone());
+        }
+        let connection = transport::connect(
+            &self.endpoint,
+            &self.identity,
+            &self.relay,
+            transport::ALPN_CLIENT,
+            self.params,
+        )
+        .await?;
+        *slot = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// Opens a request stream, redialling once if the cached connection turned out dead.
+    pub async fn open(&self) -> Result<(quinn::SendStream, quinn::RecvStream), ApiError> {
+        for _ in 0..2 {
+            let connection = self
+                .connection()
+                .await
+                .map_err(|e| ApiError::RelayUnreachable(e.to_string()))?;
+            match connection.open_bi().await {
+                Ok(streams) => return Ok(streams),
+                Err(_) => {
+                    let mut slot = self.connection.lock().await;
+                    if slot
+                        .as_ref()
+                        .is_some_and(|c| c.stable_id() == connection.stable_id())
+                    {
+                        *slot = None;
+                    }
+                }
+            }
+        }
+        Err(ApiError::RelayUnreachable("connection lost".into()))
+    }
+
+    /// Closes the connection (shutdown).
+    pub async fn close(&self) {
+        if let Some(connection) = self.connection.lock().await.take() {
+            connection.close(crate::stream::code::ABANDONED, b"client shutting down");
+        }
+        self.endpoint.wait_idle().await;
+    }
+}

@@ -1,0 +1,312 @@
+//! The exit: dials a relay (no public address needed), proves its identity, registers a signed
+//! descriptor of its OHTTP keys, and serves the request streams the relay opens on that tunnel.
+//! Reconnects with capped exponential backoff when the relay goes away.
+
+mod backend;
+mod gateway;
+mod replay;
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use libp2p_identity::Keypair;
+use tokengo_proto::{
+    descriptor::{Descriptor, SignedDescriptor},
+    frame::{ControlFrame, Status},
+    ohttp,
+};
+use tokio::sync::watch;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+pub use backend::Backend;
+pub use gateway::Gateway;
+
+use crate::{
+    clock::unix_now,
+    config::{BackendConfig, ExitConfig, Limits},
+    data_dir::DataDir,
+    identity,
+    keyring::Keyring,
+    stream::{self, StreamReader, code},
+    transport::{self, ConnectError, RelayAddr, TransportParams},
+};
+
+/// How long a descriptor is valid; the exit re-registers at half of it.
+const DESCRIPTOR_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// Concurrent request streams the relay may open on the tunnel.
+const MAX_TUNNEL_STREAMS: u32 = 1024;
+/// Backoff bounds for reconnecting to the relay.
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How long shutdown waits for requests in flight.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Runs `tokengo exit` until shutdown.
+pub async fn run(config: ExitConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let exit = Exit::load(&config.data_dir, &config.backend, config.limits.clone())?;
+    let (registered, mut on_registered) = watch::channel(false);
+    let relay = config.relay.clone();
+    let peer = exit.peer_id();
+    tokio::spawn(async move {
+        if on_registered.wait_for(|r| *r).await.is_ok() {
+            println!("exit {peer} registered with relay {relay}");
+        }
+    });
+    exit.run(config.relay, registered, shutdown).await
+}
+
+/// An exit with its keys and backend, not yet connected.
+#[derive(Debug)]
+pub struct Exit {
+    identity: Keypair,
+    gateway: Arc<Gateway>,
+    keyring: Keyring,
+    limits: Limits,
+}
+
+impl Exit {
+    /// Loads (or creates on first start) the identity and OHTTP keys in `data_dir`.
+    pub fn load(
+        data_dir: &DataDir,
+        backend: &BackendConfig,
+        limits: Limits,
+    ) -> anyhow::Result<Self> {
+        data_dir.ensure()?;
+        let (identity, created) = identity::load_or_create(&data_dir.file("exit_identity.key"))?;
+        if created {
+            tracing::info!(peer_id = %identity::peer_id(&identity), "created exit identity");
+        }
+        let (keyring, created) =
+            Keyring::load_or_create(&data_dir.file("ohttp_keys.json"), unix_now())?;
+        if created {
+            tracing::info!("created OHTTP key");
+        }
+        let backend = Backend::new(backend).context("building the backend HTTP client")?;
+        let gateway = Gateway::new(
+            ohttp::Gateway::new(keyring.key_pairs()),
+            backend,
+            limits.clone(),
+        );
+        Ok(Self {
+            identity,
+            gateway: Arc::new(gateway),
+            keyring,
+            limits,
+        })
+    }
+
+    /// The exit's PeerId (its id at the relay).
+    #[must_use]
+    pub fn peer_id(&self) -> libp2p_identity::PeerId {
+        identity::peer_id(&self.identity)
+    }
+
+    /// Keeps a registered tunnel to `relay` until shutdown. `registered` turns true on every
+    /// successful registration and false while disconnected. Fails only on errors that
+    /// retrying cannot fix (the relay is not who its address says, the relay refuses us).
+    pub async fn run(
+        self,
+        relay: RelayAddr,
+        registered: watch::Sender<bool>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let models = self.gateway.backend().models().await;
+        tracing::info!(models = models.len(), "backend models discovered");
+        let endpoint = transport::client_endpoint(false).context("binding a UDP socket")?;
+        let tasks = TaskTracker::new();
+        let mut backoff = BACKOFF_MIN;
+        let result = loop {
+            if shutdown.is_cancelled() {
+                break Ok(());
+            }
+            let descriptor = self.descriptor(&models)?;
+            let context = SessionContext {
+                endpoint: &endpoint,
+                relay: &relay,
+                models: &models,
+                registered: &registered,
+                tasks: &tasks,
+                shutdown: &shutdown,
+            };
+            match self.session(&context, &descriptor).await {
+                Ok(Session::Shutdown) => break Ok(()),
+                Ok(Session::Lost { was_registered }) => {
+                    if was_registered {
+                        backoff = BACKOFF_MIN;
+                    }
+                    tracing::warn!(%relay, retry_in = ?backoff, "lost the relay; reconnecting");
+                }
+                Err(SessionError::Fatal(error)) => break Err(error),
+                Err(SessionError::Retry(error)) => {
+                    tracing::warn!(%relay, retry_in = ?backoff, "{error:#}");
+                }
+            }
+            let _ = registered.send(false);
+            tokio::select! {
+                () = shutdown.cancelled() => break Ok(()),
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        };
+        tasks.close();
+        if tokio::time::timeout(DRAIN_DEADLINE, tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("requests still running after the drain deadline; closing");
+        }
+        endpoint.close(code::ABANDONED, b"exit shutting down");
+        endpoint.wait_idle().await;
+        result
+    }
+
+    fn descriptor(&self, models: &[String]) -> anyhow::Result<SignedDescriptor> {
+        let now = unix_now();
+        let descriptor = Descriptor {
+            peer_id: self.peer_id(),
+            key_configs: self.keyring.configs(),
+            models: models.to_vec(),
+            issued_at: now,
+            expires_at: now + DESCRIPTOR_LIFETIME.as_secs(),
+            max_streams: MAX_TUNNEL_STREAMS,
+        };
+        SignedDescriptor::sign(&descriptor, &self.identity).context("signing the exit descriptor")
+    }
+
+    /// One connection to the relay: register, then serve streams until it ends.
+    async fn session(
+        &self,
+        context: &SessionContext<'_>,
+        descriptor: &SignedDescriptor,
+    ) -> Result<Session, SessionError> {
+        let SessionContext {
+            endpoint,
+            relay,
+            models,
+            registered,
+            tasks,
+            shutdown,
+        } = *context;
+        let params = TransportParams {
+            idle_timeout: self.limits.quic_idle_timeout,
+            max_incoming_streams: MAX_TUNNEL_STREAMS,
+            keep_alive: true,
+        };
+        let connection = transport::connect(
+            endpoint,
+            &self.identity,
+            relay,
+            transport::ALPN_EXIT,
+            params,
+        )
+        .await
+        .map_err(|error| match error {
+            ConnectError::WrongPeer { .. } | ConnectError::Tls(_) => {
+                SessionError::Fatal(error.into())
+            }
+            other => SessionError::Retry(other.into()),
+        })?;
+        let (mut control_send, control_recv) = connection
+            .open_bi()
+            .await
+            .map_err(|e| SessionError::Retry(e.into()))?;
+        let mut control = StreamReader::new(control_recv);
+        register(&mut control_send, &mut control, descriptor).await?;
+        tracing::info!(%relay, "registered");
+        let _ = registered.send(true);
+        let mut refresh = tokio::time::interval_at(
+            tokio::time::Instant::now() + DESCRIPTOR_LIFETIME / 2,
+            DESCRIPTOR_LIFETIME / 2,
+        );
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => {
+                    connection.close(code::ABANDONED, b"exit shutting down");
+                    return Ok(Session::Shutdown);
+                }
+                accepted = connection.accept_bi() => {
+                    let Ok((send, recv)) = accepted else {
+                        return Ok(Session::Lost { was_registered: true });
+                    };
+                    tasks.spawn(Arc::clone(&self.gateway).handle(send, recv));
+                }
+                _ = refresh.tick() => {
+                    let fresh = self.descriptor(models).map_err(SessionError::Fatal)?;
+                    send_register(&mut control_send, &fresh).await?;
+                }
+                ack = control.decode(MAX_ACK, Duration::MAX, |b| ControlFrame::decode(b, MAX_ACK)) => {
+                    match ack {
+                        Ok(ControlFrame::Ack { status: Status::Ok, .. }) => {}
+                        Ok(ControlFrame::Ack { reason, .. }) => {
+                            return Err(SessionError::Fatal(anyhow::anyhow!("relay refused the exit's descriptor: {reason}")));
+                        }
+                        Ok(_) | Err(_) => return Ok(Session::Lost { was_registered: true }),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What every session of one exit run shares.
+struct SessionContext<'a> {
+    endpoint: &'a quinn::Endpoint,
+    relay: &'a RelayAddr,
+    models: &'a [String],
+    registered: &'a watch::Sender<bool>,
+    tasks: &'a TaskTracker,
+    shutdown: &'a CancellationToken,
+}
+
+/// Largest control frame the relay sends (an ACK with a reason).
+const MAX_ACK: usize = 4096;
+
+enum Session {
+    Shutdown,
+    Lost { was_registered: bool },
+}
+
+enum SessionError {
+    /// Retrying cannot help: stop and tell the operator.
+    Fatal(anyhow::Error),
+    /// Transient: back off and reconnect.
+    Retry(anyhow::Error),
+}
+
+async fn send_register(
+    send: &mut quinn::SendStream,
+    descriptor: &SignedDescriptor,
+) -> Result<(), SessionError> {
+    let mut frame = Vec::new();
+    ControlFrame::Register(descriptor.as_bytes().to_vec()).encode(&mut frame);
+    send.write_all(&frame)
+        .await
+        .map_err(|e| SessionError::Retry(e.into()))
+}
+
+async fn register(
+    send: &mut quinn::SendStream,
+    control: &mut StreamReader,
+    descriptor: &SignedDescriptor,
+) -> Result<(), SessionError> {
+    send_register(send, descriptor).await?;
+    let ack = control
+        .decode(MAX_ACK, Duration::from_secs(10), |b| {
+            ControlFrame::decode(b, MAX_ACK)
+        })
+        .await
+        .map_err(|e: stream::ReadError<_>| {
+            SessionError::Retry(anyhow::anyhow!("registration: {e}"))
+        })?;
+    match ack {
+        ControlFrame::Ack {
+            status: Status::Ok, ..
+        } => Ok(()),
+        ControlFrame::Ack { reason, .. } => Err(SessionError::Fatal(anyhow::anyhow!(
+            "relay refused the exit's registration: {reason}"
+        ))),
+        ControlFrame::Register(_) => Err(SessionError::Retry(anyhow::anyhow!(
+            "relay sent an unexpected control frame"
+        ))),
+    }
+}

@@ -1,0 +1,375 @@
+//! The relay: accepts exits on their reverse tunnels and clients on theirs, and copies each
+//! client stream to the exit it names. It never decrypts, never parses bodies, and never logs a
+//! client's address together with an exit.
+
+mod registry;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use libp2p_identity::{Keypair, PeerId};
+use tokengo_proto::{
+    descriptor::SignedDescriptor,
+    frame::{self, ClientRequest, ControlFrame, ExitRequest, Status},
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+pub use registry::{Registered, Registry};
+
+use crate::{
+    clock::unix_now,
+    config::{Limits, RelayConfig},
+    identity,
+    stream::{self, StreamReader, code},
+    transport::{self, RelayAddr, TransportParams},
+};
+
+/// How long a peer may take to send a stream's header.
+const HEADER_DEADLINE: Duration = Duration::from_secs(10);
+/// Largest control frame (a signed descriptor is at most 16 KiB).
+const MAX_CONTROL_FRAME: usize = 32 * 1024;
+/// Concurrent request streams one client connection may have open.
+const MAX_CLIENT_STREAMS: u32 = 256;
+/// How long shutdown waits for in-flight streams.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Runs `tokengo relay` until shutdown.
+pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    config.data_dir.ensure()?;
+    let (identity, created) =
+        identity::load_or_create(&config.data_dir.file("relay_identity.key"))?;
+    if created {
+        tracing::info!(peer_id = %identity::peer_id(&identity), "created relay identity");
+    }
+    let relay = Relay::bind(config.listen, &identity, &config.limits)?;
+    if config.listen.ip().is_unspecified() {
+        tracing::info!(
+            "listening on all interfaces; give clients and exits this address with your public IP in place of 127.0.0.1"
+        );
+    }
+    println!("relay listening on {}", relay.addr());
+    relay.run(shutdown).await;
+    Ok(())
+}
+
+/// Which way forwarded bytes travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From a client towards an exit.
+    ToExit,
+    /// From an exit back to a client.
+    ToClient,
+}
+
+/// Sees every byte the relay forwards on request streams, exactly as forwarded. For audits
+/// and for the tests that prove a relay only ever holds ciphertext.
+pub trait Tap: Send + Sync + std::fmt::Debug {
+    /// Called for each piece of forwarded data.
+    fn forwarded(&self, direction: Direction, bytes: &[u8]);
+}
+
+/// A bound relay.
+#[derive(Debug)]
+pub struct Relay {
+    endpoint: quinn::Endpoint,
+    addr: RelayAddr,
+    registry: Arc<Registry>,
+    tap: Option<Arc<dyn Tap>>,
+}
+
+impl Relay {
+    /// Binds the QUIC endpoint with the identity-bound certificate.
+    pub fn bind(listen: SocketAddr, identity: &Keypair, limits: &Limits) -> anyhow::Result<Self> {
+        let params = TransportParams {
+            idle_timeout: limits.quic_idle_timeout,
+            max_incoming_streams: MAX_CLIENT_STREAMS,
+            keep_alive: false,
+        };
+        let endpoint = transport::server_endpoint(listen, identity, params)?;
+        let local = endpoint.local_addr()?;
+        let addr = RelayAddr::new(transport::dialable(local), identity::peer_id(identity));
+        Ok(Self {
+            endpoint,
+            addr,
+            registry: Arc::default(),
+            tap: None,
+        })
+    }
+
+    /// Installs a tap that sees all forwarded bytes.
+    #[must_use]
+    pub fn with_tap(mut self, tap: Arc<dyn Tap>) -> Self {
+        self.tap = Some(tap);
+        self
+    }
+
+    /// The multiaddr clients and exits dial.
+    #[must_use]
+    pub fn addr(&self) -> &RelayAddr {
+        &self.addr
+    }
+
+    /// The exit table (for tests and status).
+    #[must_use]
+    pub fn registry(&self) -> Arc<Registry> {
+        Arc::clone(&self.registry)
+    }
+
+    /// Accepts connections until `shutdown`, then drains in-flight streams.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let tasks = TaskTracker::new();
+        loop {
+            let incoming = tokio::select! {
+                () = shutdown.cancelled() => break,
+                incoming = self.endpoint.accept() => incoming,
+            };
+            let Some(incoming) = incoming else { break };
+            let registry = Arc::clone(&self.registry);
+            let tap = self.tap.clone();
+            let shutdown = shutdown.clone();
+            let tracker = tasks.clone();
+            tasks.spawn(async move {
+                match incoming.await {
+                    Ok(connection) => {
+                        serve_connection(connection, registry, tap, tracker, shutdown).await
+                    }
+                    // Handshake failures are the peer's problem; the relay keeps serving.
+                    Err(error) => tracing::debug!(%error, "handshake failed"),
+                }
+            });
+        }
+        tasks.close();
+        if tokio::time::timeout(DRAIN_DEADLINE, tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("streams still open after the drain deadline; closing");
+        }
+        self.endpoint.close(code::ABANDONED, b"relay shutting down");
+        self.endpoint.wait_idle().await;
+    }
+}
+
+async fn serve_connection(
+    connection: quinn::Connection,
+    registry: Arc<Registry>,
+    tap: Option<Arc<dyn Tap>>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    let alpn = transport::alpn(&connection);
+    match alpn.as_deref() {
+        Some(frame::ALPN_CLIENT) => serve_client(connection, registry, tap, tasks, shutdown).await,
+        Some(frame::ALPN_EXIT) => serve_exit(connection, registry, shutdown).await,
+        _ => connection.close(code::PROTOCOL, b"unknown ALPN"),
+    }
+}
+
+/// One client connection: each bidirectional stream is one request. No address is logged.
+async fn serve_client(
+    connection: quinn::Connection,
+    registry: Arc<Registry>,
+    tap: Option<Arc<dyn Tap>>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = connection.accept_bi() => accepted,
+        };
+        let Ok((send, recv)) = accepted else { break };
+        let registry = Arc::clone(&registry);
+        let tap = tap.clone();
+        tasks.spawn(async move {
+            if let Err(error) = client_stream(send, recv, &registry, tap.as_deref()).await {
+                tracing::debug!(%error, "client stream ended with an error");
+            }
+        });
+    }
+}
+
+async fn client_stream(
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    registry: &Registry,
+    tap: Option<&dyn Tap>,
+) -> anyhow::Result<()> {
+    let mut reader = StreamReader::new(recv);
+    let request = match reader
+        .decode(
+            frame::MAX_EXIT_ID_LEN + 16,
+            HEADER_DEADLINE,
+            ClientRequest::decode,
+        )
+        .await
+    {
+        Ok(request) => request,
+        Err(error) => {
+            reader.stop(code::PROTOCOL);
+            reply_status(&mut send, Status::Malformed).await;
+            return Err(anyhow::anyhow!("bad request header: {error}"));
+        }
+    };
+    match request {
+        ClientRequest::ListExits => {
+            let descriptors = registry.descriptors(unix_now());
+            let refs: Vec<&[u8]> = descriptors.iter().map(Bytes::as_ref).collect();
+            let mut answer = vec![Status::Ok as u8];
+            answer.extend_from_slice(&frame::encode_exit_list(&refs));
+            send.write_all(&answer).await?;
+            send.finish()?;
+            Ok(())
+        }
+        ClientRequest::Forward { exit_id, media } => {
+            let Ok(peer) = PeerId::from_bytes(&exit_id) else {
+                reply_status(&mut send, Status::NoSuchExit).await;
+                return Ok(());
+            };
+            let Some(exit) = registry.connection(&peer, unix_now()) else {
+                reply_status(&mut send, Status::NoSuchExit).await;
+                return Ok(());
+            };
+            forward(reader, send, &exit, media, tap).await
+        }
+    }
+}
+
+/// Opens a stream on the exit's tunnel and splices the two streams together.
+async fn forward(
+    reader: StreamReader,
+    mut client_send: quinn::SendStream,
+    exit: &quinn::Connection,
+    media: frame::MediaType,
+    tap: Option<&dyn Tap>,
+) -> anyhow::Result<()> {
+    let observe = |direction| {
+        move |bytes: &Bytes| {
+            if let Some(tap) = tap {
+                tap.forwarded(direction, bytes);
+            }
+        }
+    };
+    let Ok((mut exit_send, mut exit_recv)) = exit.open_bi().await else {
+        reply_status(&mut client_send, Status::ExitUnavailable).await;
+        return Ok(());
+    };
+    let (mut client_recv, already_read, client_done) = reader.into_parts();
+    let mut head = Vec::with_capacity(2 + already_read.len());
+    ExitRequest { media }.encode(&mut head);
+    head.extend_from_slice(&already_read);
+    if let Some(tap) = tap {
+        tap.forwarded(Direction::ToExit, &head);
+    }
+    if exit_send.write_all(&head).await.is_err() {
+        reply_status(&mut client_send, Status::ExitUnavailable).await;
+        return Ok(());
+    }
+    let upstream = async {
+        if client_done {
+            let _ = exit_send.finish();
+            Ok(0)
+        } else {
+            stream::pipe(&mut client_recv, &mut exit_send, observe(Direction::ToExit)).await
+        }
+    };
+    let downstream = stream::pipe(
+        &mut exit_recv,
+        &mut client_send,
+        observe(Direction::ToClient),
+    );
+    let (up, down) = tokio::join!(upstream, downstream);
+    up?;
+    down?;
+    Ok(())
+}
+
+async fn reply_status(send: &mut quinn::SendStream, status: Status) {
+    if send.write_all(&[status as u8]).await.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+/// One exit tunnel: the first stream the exit opens is its control stream, on which it
+/// registers signed descriptors.
+async fn serve_exit(
+    connection: quinn::Connection,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+) {
+    let Some(peer) = transport::peer_id(&connection) else {
+        connection.close(code::PROTOCOL, b"no identity certificate");
+        return;
+    };
+    let control = tokio::select! {
+        () = shutdown.cancelled() => return,
+        control = tokio::time::timeout(HEADER_DEADLINE, connection.accept_bi()) => control,
+    };
+    let Ok(Ok((mut send, recv))) = control else {
+        connection.close(code::PROTOCOL, b"no control stream");
+        return;
+    };
+    let mut reader = StreamReader::new(recv);
+    let mut registered = false;
+    loop {
+        let next = tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = closed(&connection) => break,
+            next = reader.decode(MAX_CONTROL_FRAME, Duration::MAX, |buf| ControlFrame::decode(buf, MAX_CONTROL_FRAME)) => next,
+        };
+        let frame = match next {
+            Ok(frame) => frame,
+            Err(stream::ReadError::Eof | stream::ReadError::Stream(_)) => break,
+            Err(error) => {
+                tracing::info!(%peer, %error, "exit sent a malformed control frame; closing its tunnel");
+                connection.close(code::PROTOCOL, b"malformed control frame");
+                break;
+            }
+        };
+        let ControlFrame::Register(bytes) = frame else {
+            connection.close(code::PROTOCOL, b"unexpected control frame");
+            break;
+        };
+        let (status, reason) = match register(&registry, peer, &connection, bytes) {
+            Ok(outcome) => {
+                registered = true;
+                tracing::info!(%peer, addr = %connection.remote_address(), ?outcome, exits = registry.len(), "exit registered");
+                (Status::Ok, String::new())
+            }
+            Err(reason) => {
+                tracing::info!(%peer, %reason, "exit registration refused");
+                (Status::Malformed, reason)
+            }
+        };
+        let mut ack = Vec::new();
+        ControlFrame::Ack { status, reason }.encode(&mut ack);
+        if send.write_all(&ack).await.is_err() {
+            break;
+        }
+    }
+    if registered && registry.remove(&peer, &connection) {
+        tracing::info!(%peer, exits = registry.len(), "exit disconnected");
+    }
+}
+
+fn register(
+    registry: &Registry,
+    peer: PeerId,
+    connection: &quinn::Connection,
+    bytes: Vec<u8>,
+) -> Result<Registered, String> {
+    let descriptor = SignedDescriptor::verify(&bytes, unix_now()).map_err(|e| e.to_string())?;
+    // The descriptor must belong to the identity this connection proved: otherwise an exit
+    // could register (and hijack routing for) another exit's id.
+    if descriptor.peer_id != peer {
+        return Err(format!(
+            "descriptor is for {} but the connection proved {peer}",
+            descriptor.peer_id
+        ));
+    }
+    Ok(registry.register(peer, connection, Bytes::from(bytes), descriptor.expires_at))
+}
+
+async fn closed(connection: &quinn::Connection) {
+    connection.closed().await;
+}

@@ -1,0 +1,57 @@
+//! `tokengo serve`: relay, exit and client in one process for local use. They talk over real
+//! QUIC on loopback with the same certificate checks as separate processes; the relay's
+//! port is chosen by the system and never leaves loopback.
+
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::{client::Client, config::ServeConfig, exit::Exit, identity, relay::Relay};
+
+/// Runs all three roles until shutdown.
+pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    config.data_dir.ensure()?;
+    let (relay_identity, _) =
+        identity::load_or_create(&config.data_dir.file("relay_identity.key"))?;
+    let relay = Relay::bind(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        &relay_identity,
+        &config.limits,
+    )?;
+    let relay_addr = relay.addr().clone();
+    tracing::info!(relay = %relay_addr, "internal relay listening on loopback");
+
+    let exit = Exit::load(&config.data_dir, &config.backend, config.limits.clone())?;
+    let client = Client::bind(config.listen, relay_addr.clone(), config.limits.clone()).await?;
+
+    // Stop order: the client stops taking requests, then the exit drains, then the relay.
+    let relay_stop = CancellationToken::new();
+    let exit_stop = CancellationToken::new();
+    let relay_task = tokio::spawn(relay.run(relay_stop.clone()));
+    let (registered, mut on_registered) = watch::channel(false);
+    let exit_task = tokio::spawn(exit.run(relay_addr, registered, exit_stop.clone()));
+
+    tokio::select! {
+        () = shutdown.cancelled() => {
+            exit_stop.cancel();
+            relay_stop.cancel();
+            return Ok(());
+        }
+        ready = on_registered.wait_for(|r| *r) => {
+            ready.context("the exit stopped before registering")?;
+        }
+    }
+    println!(
+        "tokengo serving on http://{} (backend {})",
+        client.local_addr(),
+        config.backend.url
+    );
+    let served = client.run(shutdown).await;
+    exit_stop.cancel();
+    let exited = exit_task.await.context("exit task panicked")?;
+    relay_stop.cancel();
+    relay_task.await.context("relay task panicked")?;
+    served.and(exited)
+}

@@ -1,0 +1,410 @@
+//! QUIC transport: endpoints whose TLS certificates are bound to node identities (libp2p TLS),
+//! relay multiaddrs, and the checks that a peer is who the multiaddr says it is.
+//!
+//! There is no way to skip certificate verification: every connection to a relay names the
+//! PeerId it expects, and the handshake fails unless the relay proves it.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    str::FromStr,
+    sync::Arc,
+    time::Duration,
+};
+
+use libp2p_identity::{Keypair, PeerId};
+use multiaddr::{Multiaddr, Protocol};
+use quinn::{
+    ConnectionError, IdleTimeout, TransportConfig, VarInt,
+    crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig},
+};
+
+/// ALPN of client connections to a relay.
+pub const ALPN_CLIENT: &[u8] = tokengo_proto::frame::ALPN_CLIENT;
+/// ALPN of exit tunnel connections to a relay.
+pub const ALPN_EXIT: &[u8] = tokengo_proto::frame::ALPN_EXIT;
+
+/// Installs aws-lc-rs as the process's rustls provider. libp2p-tls builds its configurations
+/// with aws-lc-rs; installing the same one explicitly means nothing else (reqwest) can pick a
+/// different default. Calling it twice is harmless.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// A malformed relay address.
+#[derive(Debug, thiserror::Error)]
+pub enum AddrError {
+    /// Not a multiaddr at all.
+    #[error("`{0}` is not a multiaddr; expected /ip4/HOST/udp/PORT/quic-v1/p2p/PEERID")]
+    Syntax(String),
+    /// A multiaddr, but not of the QUIC-with-PeerId shape.
+    #[error("`{addr}` {problem}; expected /ip4/HOST/udp/PORT/quic-v1/p2p/PEERID")]
+    Shape {
+        /// The address.
+        addr: String,
+        /// What is missing.
+        problem: &'static str,
+    },
+}
+
+/// Where a relay's host is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Host {
+    Ip(IpAddr),
+    Dns(String),
+}
+
+/// A relay address: where to reach it and which identity it must prove.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayAddr {
+    host: Host,
+    port: u16,
+    peer_id: PeerId,
+}
+
+impl RelayAddr {
+    /// The address of a relay listening on `socket` with identity `peer_id`.
+    #[must_use]
+    pub fn new(socket: SocketAddr, peer_id: PeerId) -> Self {
+        Self {
+            host: Host::Ip(socket.ip()),
+            port: socket.port(),
+            peer_id,
+        }
+    }
+
+    /// The identity the relay must prove.
+    #[must_use]
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// Resolves the host (DNS names through the system resolver).
+    pub async fn resolve(&self) -> Result<SocketAddr, ConnectError> {
+        match &self.host {
+            Host::Ip(ip) => Ok(SocketAddr::new(*ip, self.port)),
+            Host::Dns(name) => tokio::net::lookup_host((name.as_str(), self.port))
+                .await
+                .map_err(|e| ConnectError::Resolve(format!("{name}: {e}")))?
+                .next()
+                .ok_or_else(|| ConnectError::Resolve(format!("{name}: no address"))),
+        }
+    }
+
+    /// The multiaddr form.
+    #[must_use]
+    pub fn to_multiaddr(&self) -> Multiaddr {
+        let host = match &self.host {
+            Host::Ip(IpAddr::V4(ip)) => Protocol::Ip4(*ip),
+            Host::Ip(IpAddr::V6(ip)) => Protocol::Ip6(*ip),
+            Host::Dns(name) => Protocol::Dns(name.clone().into()),
+        };
+        Multiaddr::empty()
+            .with(host)
+            .with(Protocol::Udp(self.port))
+            .with(Protocol::QuicV1)
+            .with(Protocol::P2p(self.peer_id))
+    }
+}
+
+impl std::fmt::Display for RelayAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.to_multiaddr().fmt(f)
+    }
+}
+
+impl FromStr for RelayAddr {
+    type Err = AddrError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let addr: Multiaddr = s
+            .trim()
+            .parse()
+            .map_err(|_| AddrError::Syntax(s.to_owned()))?;
+        let shape = |problem| AddrError::Shape {
+            addr: s.to_owned(),
+            problem,
+        };
+        let mut parts = addr.iter();
+        let host = match parts.next() {
+            Some(Protocol::Ip4(ip)) => Host::Ip(ip.into()),
+            Some(Protocol::Ip6(ip)) => Host::Ip(ip.into()),
+            Some(Protocol::Dns(n) | Protocol::Dns4(n) | Protocol::Dns6(n)) => {
+                Host::Dns(n.to_string())
+            }
+            _ => return Err(shape("does not start with /ip4, /ip6 or /dns")),
+        };
+        let port = match parts.next() {
+            Some(Protocol::Udp(port)) if port != 0 => port,
+            _ => return Err(shape("has no /udp/PORT")),
+        };
+        if !matches!(parts.next(), Some(Protocol::QuicV1)) {
+            return Err(shape("is not /quic-v1"));
+        }
+        let peer_id = match parts.next() {
+            Some(Protocol::P2p(peer_id)) => peer_id,
+            _ => {
+                return Err(shape(
+                    "has no /p2p/PEERID, so the relay could not be verified",
+                ));
+            }
+        };
+        if parts.next().is_some() {
+            return Err(shape("has extra components after /p2p"));
+        }
+        Ok(Self {
+            host,
+            port,
+            peer_id,
+        })
+    }
+}
+
+/// The address to print for a relay bound to `local`: an unspecified bind address is shown
+/// as loopback, which works on this machine; operators substitute their public address.
+#[must_use]
+pub fn dialable(local: SocketAddr) -> SocketAddr {
+    match local.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), local.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), local.port())
+        }
+        _ => local,
+    }
+}
+
+/// Why a connection to a relay failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The relay answered with a certificate for another identity.
+    #[error(
+        "relay at {addr} is not {expected}: its TLS certificate proves a different PeerId; check the /p2p/ part of the relay address"
+    )]
+    WrongPeer {
+        /// The address dialled.
+        addr: SocketAddr,
+        /// The PeerId the multiaddr named.
+        expected: PeerId,
+    },
+    /// The relay did not answer in time.
+    #[error("relay at {0} did not answer (is it running and is UDP reachable?)")]
+    Timeout(SocketAddr),
+    /// The handshake or connection failed for another reason.
+    #[error("connecting to relay at {addr}: {reason}")]
+    Failed {
+        /// The address dialled.
+        addr: SocketAddr,
+        /// The transport's explanation.
+        reason: String,
+    },
+    /// The relay's DNS name did not resolve.
+    #[error("cannot resolve relay host {0}")]
+    Resolve(String),
+    /// TLS configuration could not be built from the identity.
+    #[error("building TLS configuration: {0}")]
+    Tls(String),
+}
+
+/// Transport parameters of one side of a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct TransportParams {
+    /// Silence after which the connection is dead.
+    pub idle_timeout: Duration,
+    /// Concurrent bidirectional streams the peer may open to us.
+    pub max_incoming_streams: u32,
+    /// Whether we send keep-alives (a third of the idle timeout) to keep NAT mappings and
+    /// the connection alive without application heartbeats.
+    pub keep_alive: bool,
+}
+
+impl TransportParams {
+    fn build(self) -> Arc<TransportConfig> {
+        let mut config = TransportConfig::default();
+        // An idle timeout under 2^62 ms always converts; fall back to none only if it did not.
+        config.max_idle_timeout(IdleTimeout::try_from(self.idle_timeout).ok());
+        if self.keep_alive {
+            config.keep_alive_interval(Some(self.idle_timeout / 3));
+        }
+        config.max_concurrent_bidi_streams(VarInt::from_u32(self.max_incoming_streams));
+        config.max_concurrent_uni_streams(VarInt::from_u32(0));
+        Arc::new(config)
+    }
+}
+
+/// Binds a relay's server endpoint with the identity-bound certificate.
+pub fn server_endpoint(
+    listen: SocketAddr,
+    identity: &Keypair,
+    params: TransportParams,
+) -> Result<quinn::Endpoint, ServerError> {
+    let mut tls =
+        libp2p_tls::make_server_config(identity).map_err(|e| ServerError::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![ALPN_CLIENT.to_vec(), ALPN_EXIT.to_vec()];
+    // libp2p-tls honours SSLKEYLOGFILE; a relay must never write session keys anywhere.
+    tls.key_log = Arc::new(NoKeyLog);
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| ServerError::Tls(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(params.build());
+    quinn::Endpoint::server(config, listen).map_err(|source| ServerError::Bind { listen, source })
+}
+
+/// Never logs TLS secrets, whatever the environment says.
+#[derive(Debug)]
+struct NoKeyLog;
+
+impl rustls::KeyLog for NoKeyLog {
+    fn log(&self, _label: &str, _client_random: &[u8], _secret: &[u8]) {}
+}
+
+/// Why a server endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// TLS configuration could not be built from the identity.
+    #[error("building TLS configuration: {0}")]
+    Tls(String),
+    /// The UDP socket could not be bound.
+    #[error(
+        "cannot listen on UDP {listen}: {source} (is another relay running there? choose another port with --listen)"
+    )]
+    Bind {
+        /// The address.
+        listen: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A client-side endpoint (exits and clients dial out; nothing listens).
+pub fn client_endpoint(ipv6: bool) -> std::io::Result<quinn::Endpoint> {
+    let bind: SocketAddr = if ipv6 {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    quinn::Endpoint::client(bind)
+}
+
+/// Dials `relay` with `alpn`, presenting `identity`, and succeeds only if the relay proves the
+/// PeerId in its address.
+pub async fn connect(
+    endpoint: &quinn::Endpoint,
+    identity: &Keypair,
+    relay: &RelayAddr,
+    alpn: &[u8],
+    params: TransportParams,
+) -> Result<quinn::Connection, ConnectError> {
+    let addr = relay.resolve().await?;
+    let mut tls = libp2p_tls::make_client_config(identity, Some(relay.peer_id()))
+        .map_err(|e| ConnectError::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    tls.key_log = Arc::new(NoKeyLog);
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| ConnectError::Tls(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(params.build());
+    // The server name is not checked (identity comes from the certificate extension), but
+    // QUIC requires a syntactically valid one.
+    let connecting = endpoint
+        .connect_with(config, addr, "tokengo")
+        .map_err(|e| ConnectError::Failed {
+            addr,
+            reason: e.to_string(),
+        })?;
+    let handshake_deadline = params.idle_timeout.min(Duration::from_secs(10));
+    match tokio::time::timeout(handshake_deadline, connecting).await {
+        Err(_) => Err(ConnectError::Timeout(addr)),
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(error)) => Err(classify(error, addr, relay.peer_id())),
+    }
+}
+
+fn classify(error: ConnectionError, addr: SocketAddr, expected: PeerId) -> ConnectError {
+    // rustls reports a certificate for the wrong PeerId as ApplicationVerificationFailure,
+    // which TLS sends as the access_denied alert (49).
+    const ACCESS_DENIED: u8 = 49;
+    match &error {
+        ConnectionError::TransportError(e)
+            if e.code == quinn::TransportErrorCode::crypto(ACCESS_DENIED) =>
+        {
+            ConnectError::WrongPeer { addr, expected }
+        }
+        ConnectionError::TimedOut => ConnectError::Timeout(addr),
+        _ => ConnectError::Failed {
+            addr,
+            reason: error.to_string(),
+        },
+    }
+}
+
+/// The ALPN a connection negotiated.
+#[must_use]
+pub fn alpn(connection: &quinn::Connection) -> Option<Vec<u8>> {
+    connection
+        .handshake_data()?
+        .downcast::<HandshakeData>()
+        .ok()?
+        .protocol
+}
+
+/// The PeerId the peer proved with its certificate.
+#[must_use]
+pub fn peer_id(connection: &quinn::Connection) -> Option<PeerId> {
+    let certs = connection
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    let cert = libp2p_tls::certificate::parse(certs.first()?).ok()?;
+    Some(cert.peer_id())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_prints_relay_multiaddrs() {
+        let peer = Keypair::generate_ed25519().public().to_peer_id();
+        let text = format!("/ip4/127.0.0.1/udp/4433/quic-v1/p2p/{peer}");
+        let addr: RelayAddr = text.parse().unwrap();
+        assert_eq!(addr.peer_id(), peer);
+        assert_eq!(addr.to_string(), text);
+        let dns: RelayAddr = format!("/dns4/relay.example/udp/4433/quic-v1/p2p/{peer}")
+            .parse()
+            .unwrap();
+        assert_eq!(dns.port, 4433);
+    }
+
+    #[test]
+    fn rejects_addresses_that_cannot_be_verified() {
+        let peer = Keypair::generate_ed25519().public().to_peer_id();
+        for (text, needle) in [
+            ("127.0.0.1:4433".to_owned(), "not a multiaddr"),
+            ("/ip4/127.0.0.1/udp/4433/quic-v1".to_owned(), "/p2p/"),
+            (
+                format!("/ip4/127.0.0.1/tcp/4433/quic-v1/p2p/{peer}"),
+                "/udp/",
+            ),
+            (
+                format!("/ip4/127.0.0.1/udp/4433/quic/p2p/{peer}"),
+                "quic-v1",
+            ),
+            (format!("/ip4/127.0.0.1/udp/0/quic-v1/p2p/{peer}"), "/udp/"),
+        ] {
+            let error = text.parse::<RelayAddr>().unwrap_err().to_string();
+            assert!(error.contains(needle), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn unspecified_bind_prints_as_loopback() {
+        assert_eq!(
+            dialable("0.0.0.0:4433".parse().unwrap()),
+            "127.0.0.1:4433".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(
+            dialable("10.1.2.3:4433".parse().unwrap()),
+            "10.1.2.3:4433".parse::<SocketAddr>().unwrap()
+        );
+    }
+}

@@ -108,6 +108,14 @@ impl ChunkedRequestSealer {
         self.writer.seal(self.context.aead_mut(), plaintext, true)
     }
 
+    /// Seals plaintext of any length as as many chunks as it takes (at most
+    /// [`MAX_CHUNK_PLAINTEXT`] each), the last of them final if `last`. Empty non-final input
+    /// yields nothing.
+    pub fn seal_split(&mut self, plaintext: &[u8], last: bool) -> Result<Vec<u8>, OhttpError> {
+        self.writer
+            .seal_split(self.context.aead_mut(), plaintext, last)
+    }
+
     /// The opener for the response to this request, available from the start. (Reading
     /// response chunks before sending the whole request makes the exchange interactive, which
     /// lets the gateway measure round trips to the client: draft §7.2.)
@@ -249,6 +257,11 @@ impl ChunkedResponseSealer {
         self.writer.seal(&mut self.aead, plaintext, false)
     }
 
+    /// Seals plaintext of any length, as [`ChunkedRequestSealer::seal_split`].
+    pub fn seal_split(&mut self, plaintext: &[u8], last: bool) -> Result<Vec<u8>, OhttpError> {
+        self.writer.seal_split(&mut self.aead, plaintext, last)
+    }
+
     /// Seals the final chunk, as [`ChunkedRequestSealer::seal_final`].
     pub fn seal_final(&mut self, plaintext: &[u8]) -> Result<Vec<u8>, OhttpError> {
         self.writer.seal(&mut self.aead, plaintext, true)
@@ -339,6 +352,26 @@ struct ChunkWriter {
 }
 
 impl ChunkWriter {
+    fn seal_split(
+        &mut self,
+        aead: &mut SequencedAead,
+        plaintext: &[u8],
+        last: bool,
+    ) -> Result<Vec<u8>, OhttpError> {
+        let mut pieces = plaintext.chunks(MAX_CHUNK_PLAINTEXT).peekable();
+        let mut out = Vec::with_capacity(
+            plaintext.len() + TAG_LEN * (1 + plaintext.len() / MAX_CHUNK_PLAINTEXT) + 8,
+        );
+        if pieces.peek().is_none() && last {
+            return self.seal(aead, &[], true);
+        }
+        while let Some(piece) = pieces.next() {
+            let final_piece = last && pieces.peek().is_none();
+            out.extend_from_slice(&self.seal(aead, piece, final_piece)?);
+        }
+        Ok(out)
+    }
+
     fn seal(
         &mut self,
         aead: &mut SequencedAead,
@@ -513,6 +546,30 @@ mod tests {
         "12b348b5bd4c594c16b6170b07b475845d1f32",
         "00ed9d8a796617a5b27265f4d73247f639",
     ];
+
+    #[test]
+    fn seal_split_cuts_large_plaintext_into_bounded_chunks() {
+        let gateway = draft_gateway();
+        let (mut sealer, mut stream) = start_request(&draft_config()).unwrap();
+        assert!(sealer.seal_split(&[], false).unwrap().is_empty());
+        let plaintext: Vec<u8> = (0..3 * MAX_CHUNK_PLAINTEXT + 17).map(|i| i as u8).collect();
+        stream.extend(sealer.seal_split(&plaintext, true).unwrap());
+        let mut opener = gateway.chunked_request();
+        let mut buf = BytesMut::from(&stream[..]);
+        let mut chunks = Vec::new();
+        while let Some(chunk) = opener.decode(&mut buf).unwrap() {
+            chunks.push(chunk);
+        }
+        while let Some(chunk) = opener.decode_eof(&mut buf).unwrap() {
+            chunks.push(chunk);
+        }
+        assert_eq!(chunks.len(), 4);
+        assert!(chunks.iter().all(|c| c.data.len() <= MAX_CHUNK_PLAINTEXT));
+        assert_eq!(chunks.iter().filter(|c| c.last).count(), 1);
+        assert!(chunks[3].last);
+        let joined: Vec<u8> = chunks.into_iter().flat_map(|c| c.data).collect();
+        assert_eq!(joined, plaintext);
+    }
 
     fn draft_gateway() -> Gateway {
         Gateway::new(vec![KeyPair::from_secret(1, a(SK_R))])

@@ -212,8 +212,7 @@ mod tests {
     use super::*;
 
     /// RFC 9458 Appendix A key configuration (it lists AES-128-GCM and ChaCha20Poly1305).
-    const RFC9458_KEY_CONFIG: &str =
-        "01002031e1f05a740102115220e9af918f738674aec95f54db6e04eb705aae8e79815500080001000100010003";
+    const RFC9458_KEY_CONFIG: &str = "01002031e1f05a740102115220e9af918f738674aec95f54db6e04eb705aae8e79815500080001000100010003";
 
     #[test]
     fn decodes_rfc9458_appendix_a_config() {
@@ -234,8 +233,14 @@ mod tests {
 
     #[test]
     fn list_round_trip_and_skips_unsupported() {
-        let a = KeyConfig { key_id: 7, public_key: [1; 32] };
-        let b = KeyConfig { key_id: 8, public_key: [2; 32] };
+        let a = KeyConfig {
+            key_id: 7,
+            public_key: [1; 32],
+        };
+        let b = KeyConfig {
+            key_id: 8,
+            public_key: [2; 32],
+        };
         let list = KeyConfig::encode_list(&[a, b]);
         assert_eq!(KeyConfig::decode_list(&list).unwrap(), vec![a, b]);
 
@@ -253,16 +258,29 @@ mod tests {
     #[test]
     fn rejects_malformed() {
         assert_eq!(KeyConfig::decode(&[]), Err(KeyConfigError::Malformed));
-        let good = KeyConfig { key_id: 1, public_key: [9; 32] }.encode();
-        assert_eq!(KeyConfig::decode(&good[..good.len() - 1]), Err(KeyConfigError::Malformed));
+        let good = KeyConfig {
+            key_id: 1,
+            public_key: [9; 32],
+        }
+        .encode();
+        assert_eq!(
+            KeyConfig::decode(&good[..good.len() - 1]),
+            Err(KeyConfigError::Malformed)
+        );
         let mut trailing = good.clone();
         trailing.push(0);
         assert_eq!(KeyConfig::decode(&trailing), Err(KeyConfigError::Malformed));
         let mut other_kem = good;
         other_kem[2] = 0x21;
-        assert_eq!(KeyConfig::decode(&other_kem), Err(KeyConfigError::UnsupportedKem(0x21)));
+        assert_eq!(
+            KeyConfig::decode(&other_kem),
+            Err(KeyConfigError::UnsupportedKem(0x21))
+        );
         assert_eq!(KeyConfig::decode_list(&[]), Err(KeyConfigError::Empty));
-        assert_eq!(KeyConfig::decode_list(&[0, 5, 1]), Err(KeyConfigError::Malformed));
+        assert_eq!(
+            KeyConfig::decode_list(&[0, 5, 1]),
+            Err(KeyConfigError::Malformed)
+        );
     }
 
     proptest::proptest! {

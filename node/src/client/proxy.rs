@@ -199,7 +199,7 @@ async fn attempt(
                 .response_opener()
                 .map_err(|e| AttemptError::Fatal(ApiError::BadRequest(e.to_string())))?;
             let sealed = sealer
-                .seal_final(&message)
+                .seal_split(&message, true)
                 .map_err(|e| AttemptError::Fatal(ApiError::BadRequest(e.to_string())))?;
             out.extend_from_slice(&sealed);
             Opener::Chunked(Box::new(response))
@@ -366,18 +366,20 @@ struct PlainStream {
 impl PlainStream {
     async fn next(&mut self) -> Result<Option<ResponseEvent>, String> {
         loop {
+            if self.done {
+                // The final chunk opened, so the message is authentically complete: what is
+                // left must finish it (RFC 9292 lets empty trailing sections be omitted).
+                return self
+                    .decoder
+                    .decode_eof(&mut self.plain)
+                    .map_err(|e| format!("malformed response: {e}"));
+            }
             if let Some(event) = self
                 .decoder
                 .decode(&mut self.plain)
                 .map_err(|e| e.to_string())?
             {
                 return Ok(Some(event));
-            }
-            if self.done {
-                self.decoder
-                    .finish()
-                    .map_err(|e| format!("response truncated: {e}"))?;
-                return Ok(None);
             }
             let chunk = loop {
                 if let Some(chunk) = self

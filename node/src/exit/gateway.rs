@@ -245,10 +245,17 @@ impl Gateway {
             }
             finished = chunk.last;
             let mut plain = BytesMut::from(&chunk.data[..]);
-            while let Some(event) = decoder
-                .decode(&mut plain)
-                .map_err(|e| Refusal::Malformed(e.to_string()))?
-            {
+            loop {
+                // Only once the final chunk opened is the message known to be complete, and
+                // may what is left finish it (RFC 9292 lets empty sections be omitted).
+                let next = if finished {
+                    decoder.decode_eof(&mut plain)
+                } else {
+                    decoder.decode(&mut plain)
+                };
+                let Some(event) = next.map_err(|e| Refusal::Malformed(e.to_string()))? else {
+                    break;
+                };
                 match event {
                     RequestEvent::Head(h) => head = Some(h),
                     RequestEvent::Body(bytes) => {
@@ -349,7 +356,7 @@ impl ChunkedWriter<'_> {
         encoder.end(padded, &mut plain);
         let sealed = self
             .sealer
-            .seal_final(&plain)
+            .seal_split(&plain, true)
             .map_err(|e| Refusal::Malformed(e.to_string()))?;
         self.write(sealed).await?;
         let _ = self.send.finish();
@@ -365,7 +372,7 @@ impl ChunkedWriter<'_> {
     async fn seal(&mut self, plain: &[u8]) -> Result<(), Refusal> {
         let sealed = self
             .sealer
-            .seal_chunk(plain)
+            .seal_split(plain, false)
             .map_err(|e| Refusal::Malformed(e.to_string()))?;
         self.write(sealed).await
     }

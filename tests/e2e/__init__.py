@@ -1,0 +1,1 @@
+"""End-to-end tests: the official openai SDK and raw HTTP against tokengo."""

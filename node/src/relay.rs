@@ -30,6 +30,9 @@ const HEADER_DEADLINE: Duration = Duration::from_secs(10);
 const MAX_CONTROL_FRAME: usize = 32 * 1024;
 /// Concurrent request streams one client connection may have open.
 const MAX_CLIENT_STREAMS: u32 = 256;
+/// Most exits one relay keeps registered; beyond it new identities are refused, so a flood
+/// of throwaway identities cannot exhaust the relay's memory.
+const MAX_EXITS: usize = 10_000;
 /// How long shutdown waits for in-flight streams.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -366,6 +369,9 @@ fn register(
             "descriptor is for {} but the connection proved {peer}",
             descriptor.peer_id
         ));
+    }
+    if registry.len() >= MAX_EXITS && !registry.contains(&peer) {
+        return Err("relay is full; try another relay".into());
     }
     Ok(registry.register(peer, connection, Bytes::from(bytes), descriptor.expires_at))
 }

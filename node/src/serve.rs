@@ -31,7 +31,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
     let exit_stop = CancellationToken::new();
     let relay_task = tokio::spawn(relay.run(relay_stop.clone()));
     let (registered, mut on_registered) = watch::channel(false);
-    let exit_task = tokio::spawn(exit.run(relay_addr, registered, exit_stop.clone()));
+    let mut exit_task = tokio::spawn(exit.run(relay_addr, registered, exit_stop.clone()));
 
     tokio::select! {
         () = shutdown.cancelled() => {
@@ -41,6 +41,12 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         }
         ready = on_registered.wait_for(|r| *r) => {
             ready.context("the exit stopped before registering")?;
+        }
+        // The exit gave up before registering: its error says why.
+        finished = &mut exit_task => {
+            relay_stop.cancel();
+            finished.context("exit task panicked")??;
+            anyhow::bail!("the exit stopped before registering");
         }
     }
     println!(

@@ -308,3 +308,48 @@ async fn exit_disconnect_is_noticed_and_requests_fail_cleanly() {
         .unwrap();
     assert_eq!(response.status(), 503);
 }
+
+/// The exit notices a relay restart, reconnects with backoff and registers again; requests
+/// then flow through the new relay process.
+#[tokio::test]
+async fn exit_reregisters_after_a_relay_restart() {
+    common::init();
+    let backend = start_backend().await;
+    let identity = libp2p_identity::Keypair::generate_ed25519();
+    let relay =
+        common::start_relay_with(&identity, "127.0.0.1:0".parse().unwrap(), &limits(), None).await;
+    let port: u16 = relay
+        .addr
+        .to_string()
+        .split('/')
+        .nth(4)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut exit = common::start_exit(
+        &relay.addr,
+        common::backend_config(&backend.url, Duration::from_secs(30)),
+        &limits(),
+    )
+    .await;
+
+    relay.stop.cancel();
+    relay.task.await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), exit.registered.wait_for(|r| !*r))
+        .await
+        .expect("exit did not notice the relay going away")
+        .unwrap();
+
+    let listen = format!("127.0.0.1:{port}").parse().unwrap();
+    let relay = common::start_relay_with(&identity, listen, &limits(), None).await;
+    tokio::time::timeout(Duration::from_secs(30), exit.registered.wait_for(|r| *r))
+        .await
+        .expect("exit did not re-register")
+        .unwrap();
+    assert_eq!(relay.registry.len(), 1);
+    let client = common::start_client(&relay.addr, &limits()).await;
+    let response = reqwest::get(format!("{}/v1/after-restart", client.url))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}

@@ -121,6 +121,12 @@ impl Registry {
         self.count.subscribe()
     }
 
+    /// Whether `peer` is registered.
+    #[must_use]
+    pub fn contains(&self, peer: &PeerId) -> bool {
+        self.lock().contains_key(peer)
+    }
+
     /// Number of registered exits.
     #[must_use]
     pub fn len(&self) -> usize {

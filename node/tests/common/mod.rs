@@ -72,7 +72,16 @@ pub fn limits() -> Limits {
 
 pub async fn start_relay(limits: &Limits, tap: Option<Arc<dyn Tap>>) -> RelayHandle {
     let identity = libp2p_identity::Keypair::generate_ed25519();
-    let mut relay = Relay::bind("127.0.0.1:0".parse().unwrap(), &identity, limits).unwrap();
+    start_relay_with(&identity, "127.0.0.1:0".parse().unwrap(), limits, tap).await
+}
+
+pub async fn start_relay_with(
+    identity: &libp2p_identity::Keypair,
+    listen: SocketAddr,
+    limits: &Limits,
+    tap: Option<Arc<dyn Tap>>,
+) -> RelayHandle {
+    let mut relay = Relay::bind(listen, identity, limits).unwrap();
     if let Some(tap) = tap {
         relay = relay.with_tap(tap);
     }

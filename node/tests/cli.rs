@@ -1,0 +1,134 @@
+//! The `tokengo` binary's own behaviour: key generation and configuration errors, as an
+//! operator meets them.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+
+fn tokengo(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tokengo"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[cfg(unix)]
+#[test]
+fn keygen_writes_private_files_and_prints_public_parts() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let identity = dir.path().join("id.key");
+    let out = tokengo(&[
+        "keygen",
+        "--type",
+        "identity",
+        "--output",
+        identity.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let peer_id = String::from_utf8(out.stdout).unwrap();
+    assert!(peer_id.trim().starts_with("12D3Koo"), "{peer_id}");
+    assert_eq!(
+        std::fs::metadata(&identity).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    let ohttp = dir.path().join("ohttp.json");
+    let out = tokengo(&[
+        "keygen",
+        "--type",
+        "ohttp",
+        "--key-id",
+        "9",
+        "--output",
+        ohttp.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let hex_list = String::from_utf8(out.stdout).unwrap();
+    let configs =
+        tokengo_proto::key_config::KeyConfig::decode_list(&hex::decode(hex_list.trim()).unwrap())
+            .unwrap();
+    assert_eq!(configs.len(), 1);
+    assert_eq!(configs[0].key_id, 9);
+    assert_eq!(
+        std::fs::metadata(&ohttp).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    // Never overwrites an existing key.
+    let before = std::fs::read(&identity).unwrap();
+    let out = tokengo(&[
+        "keygen",
+        "--type",
+        "identity",
+        "--output",
+        identity.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to overwrite"));
+    assert_eq!(std::fs::read(&identity).unwrap(), before);
+}
+
+#[test]
+fn broken_configs_fail_before_starting_and_name_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("exit.yaml");
+    std::fs::write(
+        &config,
+        "relay: /ip4/127.0.0.1/udp/4433/quic-v1\nbackend: http://localhost:11434\n",
+    )
+    .unwrap();
+    let out = tokengo(&[
+        "exit",
+        "-c",
+        config.to_str().unwrap(),
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("`relay`") && stderr.contains("/p2p/"),
+        "{stderr}"
+    );
+
+    std::fs::write(&config, "listen: [not, an, address]\n").unwrap();
+    let out = tokengo(&[
+        "relay",
+        "-c",
+        config.to_str().unwrap(),
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("listen"));
+
+    // The environment fills in what flags do not give, and flags win over it.
+    let out = Command::new(env!("CARGO_BIN_EXE_tokengo"))
+        .args([
+            "client",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--relay",
+            "not-a-multiaddr",
+        ])
+        .env("TOKENGO_RELAY", "/ip4/127.0.0.1/udp/1/quic-v1")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not-a-multiaddr"));
+}
+
+#[test]
+fn version_is_printed() {
+    let out = tokengo(&["--version"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("tokengo "));
+}

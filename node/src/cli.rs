@@ -48,6 +48,8 @@ pub enum Command {
     Exit(ExitArgs),
     /// Creates a key file and prints its public part.
     Keygen(KeygenArgs),
+    /// Asks a running node's admin endpoint how it is doing and prints a short summary.
+    Status(StatusArgs),
 }
 
 /// Flags every long-running role shares.
@@ -59,6 +61,13 @@ pub struct CommonArgs {
     /// Directory for keys (default: $XDG_DATA_HOME/tokengo or ~/.local/share/tokengo).
     #[arg(long, env = "TOKENGO_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Admin endpoint (/metrics, /healthz, /readyz, /status), e.g. 127.0.0.1:9090 (default: off).
+    #[arg(long, env = "TOKENGO_ADMIN_LISTEN", value_name = "IP:PORT")]
+    pub admin_listen: Option<String>,
+    /// Export traces over OTLP HTTP/protobuf to this collector, e.g. http://127.0.0.1:4318
+    /// (default: off, or as the OTEL_* environment variables say).
+    #[arg(long, env = "TOKENGO_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Flags of `tokengo serve`.
@@ -120,6 +129,17 @@ pub struct BackendArgs {
     /// Extra header for the backend, `Name: value` (repeatable).
     #[arg(long = "header", value_name = "NAME:VALUE")]
     pub headers: Vec<String>,
+}
+
+/// Flags of `tokengo status`.
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// Base URL of the node's admin endpoint (its --admin-listen address).
+    #[arg(long, env = "TOKENGO_ADMIN", default_value = "http://127.0.0.1:9090")]
+    pub admin: String,
+    /// Print the raw JSON report instead of the summary.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// What `tokengo keygen` creates.

@@ -15,8 +15,11 @@ pub use directory::{Directory, ExitInfo};
 pub use relay_link::RelayLink;
 
 use crate::{
+    admin::{self, RoleProbe},
     api_error::ApiError,
     config::{ClientConfig, Limits},
+    metrics::ClientMetrics,
+    status::{ClientStatus, ExitSummary},
     transport::{ConnectError, RelayAddr, TransportParams},
 };
 
@@ -26,14 +29,88 @@ pub struct ClientState {
     link: RelayLink,
     directory: Directory,
     limits: Limits,
+    metrics: Arc<ClientMetrics>,
 }
 
 /// Runs `tokengo client` until shutdown.
 pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let client = Client::bind(config.listen, config.relay, config.limits).await?;
     client.check_relay().await?;
+    let admin = admin::start(
+        config.observability.admin_listen,
+        admin::Role::Client,
+        vec![RoleProbe::Client(client.probe())],
+        shutdown.clone(),
+    )
+    .await?;
     println!("client listening on http://{}", client.local_addr());
-    client.run(shutdown).await
+    let result = client.run(shutdown.clone()).await;
+    shutdown.cancel();
+    admin.stopped().await;
+    result
+}
+
+/// What the admin listener reads from a running client: readiness, status and metrics.
+#[derive(Debug, Clone)]
+pub struct ClientProbe {
+    state: Arc<ClientState>,
+}
+
+impl ClientProbe {
+    /// The client's metrics.
+    #[must_use]
+    pub fn metrics(&self) -> &ClientMetrics {
+        &self.state.metrics
+    }
+
+    /// Why the client is not ready: it is ready when the relay lists at least one exit whose
+    /// descriptor verifies. The list is fetched now, so an exit that went away shows at once.
+    pub async fn not_ready(&self) -> Vec<String> {
+        let outcome = self.state.directory.refresh(&self.state.link).await;
+        self.refresh();
+        match outcome {
+            Ok(exits) if exits.is_empty() => vec!["client: no usable exit".to_owned()],
+            Ok(_) => Vec::new(),
+            Err(error) => vec![format!("client: {error}")],
+        }
+    }
+
+    /// Mirrors the relay connection and the exit list into their gauges.
+    pub fn refresh(&self) {
+        let metrics = &self.state.metrics;
+        metrics
+            .relay_connected
+            .set(i64::from(self.state.link.is_connected()));
+        metrics
+            .exits_available
+            .set(i64::try_from(self.state.directory.current().len()).unwrap_or(i64::MAX));
+    }
+
+    /// The client's part of `/status`.
+    #[must_use]
+    pub fn status(&self, requests_per_sec: Option<f64>) -> ClientStatus {
+        let metrics = &self.state.metrics;
+        ClientStatus {
+            relay: self.state.link.relay().to_string(),
+            relay_connected: self.state.link.is_connected(),
+            exits: self
+                .state
+                .directory
+                .current()
+                .iter()
+                .map(|exit| ExitSummary {
+                    peer_id: exit.peer_id.to_string(),
+                    key_id: exit.key_config.key_id,
+                })
+                .collect(),
+            requests_total: metrics.requests_total(),
+            requests_per_sec,
+            errors_total: metrics.errors_total(),
+            requests_in_flight: metrics.requests_in_flight.get(),
+            gateway_overhead: (&metrics.overhead()).into(),
+            backend_latency: (&metrics.backend()).into(),
+        }
+    }
 }
 
 /// A bound client endpoint.
@@ -68,8 +145,24 @@ impl Client {
                 link,
                 directory: Directory::default(),
                 limits,
+                metrics: Arc::new(ClientMetrics::new()),
             }),
         })
+    }
+
+    /// The handle the admin listener reads.
+    #[must_use]
+    pub fn probe(&self) -> ClientProbe {
+        ClientProbe {
+            state: Arc::clone(&self.state),
+        }
+    }
+
+    /// The local UDP address the client dials the relay from (the address the relay sees,
+    /// with the host's IP); for tests that check what the relay logs.
+    #[must_use]
+    pub fn quic_local_addr(&self) -> Option<SocketAddr> {
+        self.state.link.local_addr()
     }
 
     /// The bound HTTP address.

@@ -13,7 +13,6 @@ use libp2p_identity::Keypair;
 use tokengo_proto::{
     descriptor::{Descriptor, SignedDescriptor},
     frame::{ControlFrame, Status},
-    ohttp,
 };
 use tokio::sync::watch;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -22,11 +21,13 @@ pub use backend::Backend;
 pub use gateway::Gateway;
 
 use crate::{
+    admin::{self, RoleProbe},
     clock::unix_now,
     config::{BackendConfig, ExitConfig, Limits},
     data_dir::DataDir,
     identity,
     keyring::Keyring,
+    metrics::{ConnectLabel, ConnectOutcome, ExitMetrics},
     stream::{self, StreamReader, code},
     transport::{self, ConnectError, RelayAddr, TransportParams},
 };
@@ -45,6 +46,15 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 pub async fn run(config: ExitConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let exit = Exit::load(&config.data_dir, &config.backend, config.limits.clone())?;
     let (registered, mut on_registered) = watch::channel(false);
+    let admin = admin::start(
+        config.observability.admin_listen,
+        admin::Role::Exit,
+        vec![RoleProbe::Exit(
+            exit.probe(config.relay.clone(), registered.subscribe()),
+        )],
+        shutdown.clone(),
+    )
+    .await?;
     let relay = config.relay.clone();
     let peer = exit.peer_id();
     tokio::spawn(async move {
@@ -52,7 +62,74 @@ pub async fn run(config: ExitConfig, shutdown: CancellationToken) -> anyhow::Res
             println!("exit {peer} registered with relay {relay}");
         }
     });
-    exit.run(config.relay, registered, shutdown).await
+    let result = exit.run(config.relay, registered, shutdown.clone()).await;
+    // The exit may stop on its own (a relay that refuses it): the admin listener goes too.
+    shutdown.cancel();
+    admin.stopped().await;
+    result
+}
+
+/// What the admin listener reads from a running exit: readiness, status and metrics.
+#[derive(Debug, Clone)]
+pub struct ExitProbe {
+    peer_id: libp2p_identity::PeerId,
+    relay: RelayAddr,
+    registered: watch::Receiver<bool>,
+    gateway: Arc<Gateway>,
+    metrics: Arc<ExitMetrics>,
+}
+
+impl ExitProbe {
+    /// The exit's metrics.
+    #[must_use]
+    pub fn metrics(&self) -> &ExitMetrics {
+        &self.metrics
+    }
+
+    /// Why the exit is not ready: it is ready while registered with its relay and while its
+    /// backend answers (probed now, so an outage shows at once).
+    pub async fn not_ready(&self) -> Vec<String> {
+        let mut reasons = Vec::new();
+        if !*self.registered.borrow() {
+            reasons.push("exit: not registered with a relay".to_owned());
+        }
+        let up = self.gateway.backend().probe().await;
+        self.metrics.backend_up.set(i64::from(up));
+        if !up {
+            reasons.push("exit: backend unreachable".to_owned());
+        }
+        reasons
+    }
+
+    /// Mirrors the registration state into its gauge, and probes the backend so
+    /// `backend_up` says how it is now, not how it was at the last request.
+    pub async fn refresh(&self) {
+        self.metrics
+            .relay_connected
+            .set(i64::from(*self.registered.borrow()));
+        let up = self.gateway.backend().probe().await;
+        self.metrics.backend_up.set(i64::from(up));
+    }
+
+    /// The exit's part of `/status`.
+    #[must_use]
+    pub fn status(&self, requests_per_sec: Option<f64>) -> crate::status::ExitStatus {
+        let expiry = self.metrics.descriptor_expiry.get();
+        crate::status::ExitStatus {
+            peer_id: self.peer_id.to_string(),
+            relay: self.relay.to_string(),
+            registered: *self.registered.borrow(),
+            backend_up: self.metrics.backend_up.get() == 1,
+            keys: self.gateway.key_status(),
+            descriptor_expires_at: u64::try_from(expiry).ok().filter(|at| *at > 0),
+            requests_total: self.metrics.requests_total(),
+            requests_per_sec,
+            errors_total: self.metrics.errors_total(),
+            streams_in_flight: self.metrics.streams_in_flight.get(),
+            gateway_overhead: (&self.metrics.overhead()).into(),
+            backend_latency: (&self.metrics.backend()).into(),
+        }
+    }
 }
 
 /// An exit with its keys and backend, not yet connected.
@@ -62,6 +139,7 @@ pub struct Exit {
     gateway: Arc<Gateway>,
     keyring: Keyring,
     limits: Limits,
+    metrics: Arc<ExitMetrics>,
 }
 
 impl Exit {
@@ -82,17 +160,28 @@ impl Exit {
             tracing::info!("created OHTTP key");
         }
         let backend = Backend::new(backend).context("building the backend HTTP client")?;
-        let gateway = Gateway::new(
-            ohttp::Gateway::new(keyring.key_pairs()),
-            backend,
-            limits.clone(),
-        );
+        let metrics = Arc::new(ExitMetrics::new());
+        let gateway = Gateway::new(&keyring, backend, limits.clone(), Arc::clone(&metrics));
         Ok(Self {
             identity,
             gateway: Arc::new(gateway),
             keyring,
             limits,
+            metrics,
         })
+    }
+
+    /// The handle the admin listener reads; `registered` is a receiver of the channel whose
+    /// sender [`Exit::run`] gets.
+    #[must_use]
+    pub fn probe(&self, relay: RelayAddr, registered: watch::Receiver<bool>) -> ExitProbe {
+        ExitProbe {
+            peer_id: self.peer_id(),
+            relay,
+            registered,
+            gateway: Arc::clone(&self.gateway),
+            metrics: Arc::clone(&self.metrics),
+        }
     }
 
     /// The exit's PeerId (its id at the relay).
@@ -136,18 +225,25 @@ impl Exit {
                     }
                     tracing::warn!(%relay, retry_in = ?backoff, "lost the relay; reconnecting");
                 }
-                Err(SessionError::Fatal(error)) => break Err(error),
+                Err(SessionError::Fatal(error)) => {
+                    self.connect_failed();
+                    break Err(error);
+                }
                 Err(SessionError::Retry(error)) => {
+                    self.connect_failed();
                     tracing::warn!(%relay, retry_in = ?backoff, "{error:#}");
                 }
             }
             let _ = registered.send(false);
+            self.metrics.relay_connected.set(0);
             tokio::select! {
                 () = shutdown.cancelled() => break Ok(()),
                 () = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
         };
+        let _ = registered.send(false);
+        self.metrics.relay_connected.set(0);
         tasks.close();
         if tokio::time::timeout(DRAIN_DEADLINE, tasks.wait())
             .await
@@ -160,7 +256,30 @@ impl Exit {
         result
     }
 
-    fn descriptor(&self, models: &[String]) -> anyhow::Result<SignedDescriptor> {
+    fn connect_failed(&self) {
+        self.metrics
+            .relay_connects
+            .get_or_create(&ConnectLabel {
+                outcome: ConnectOutcome::Failed,
+            })
+            .inc();
+    }
+
+    fn registered(&self, expires_at: u64) {
+        self.metrics
+            .relay_connects
+            .get_or_create(&ConnectLabel {
+                outcome: ConnectOutcome::Registered,
+            })
+            .inc();
+        self.metrics.relay_connected.set(1);
+        self.metrics
+            .descriptor_expiry
+            .set(i64::try_from(expires_at).unwrap_or(i64::MAX));
+    }
+
+    /// A freshly signed descriptor and its expiry (Unix seconds).
+    fn descriptor(&self, models: &[String]) -> anyhow::Result<(SignedDescriptor, u64)> {
         let now = unix_now();
         let descriptor = Descriptor {
             peer_id: self.peer_id(),
@@ -170,14 +289,17 @@ impl Exit {
             expires_at: now + DESCRIPTOR_LIFETIME.as_secs(),
             max_streams: MAX_TUNNEL_STREAMS,
         };
-        SignedDescriptor::sign(&descriptor, &self.identity).context("signing the exit descriptor")
+        let expires_at = descriptor.expires_at;
+        let signed = SignedDescriptor::sign(&descriptor, &self.identity)
+            .context("signing the exit descriptor")?;
+        Ok((signed, expires_at))
     }
 
     /// One connection to the relay: register, then serve streams until it ends.
     async fn session(
         &self,
         context: &SessionContext<'_>,
-        descriptor: &SignedDescriptor,
+        descriptor: &(SignedDescriptor, u64),
     ) -> Result<Session, SessionError> {
         let SessionContext {
             endpoint,
@@ -211,8 +333,9 @@ impl Exit {
             .await
             .map_err(|e| SessionError::Retry(e.into()))?;
         let mut control = StreamReader::new(control_recv);
-        register(&mut control_send, &mut control, descriptor).await?;
+        register(&mut control_send, &mut control, &descriptor.0).await?;
         tracing::info!(%relay, "registered");
+        self.registered(descriptor.1);
         let _ = registered.send(true);
         let mut refresh = tokio::time::interval_at(
             tokio::time::Instant::now() + DESCRIPTOR_LIFETIME / 2,
@@ -231,8 +354,11 @@ impl Exit {
                     tasks.spawn(Arc::clone(&self.gateway).handle(send, recv));
                 }
                 _ = refresh.tick() => {
-                    let fresh = self.descriptor(models).map_err(SessionError::Fatal)?;
+                    let (fresh, expires_at) = self.descriptor(models).map_err(SessionError::Fatal)?;
                     send_register(&mut control_send, &fresh).await?;
+                    self.metrics
+                        .descriptor_expiry
+                        .set(i64::try_from(expires_at).unwrap_or(i64::MAX));
                 }
                 ack = control.decode(MAX_ACK, Duration::MAX, |b| ControlFrame::decode(b, MAX_ACK)) => {
                     match ack {

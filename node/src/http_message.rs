@@ -27,6 +27,78 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(&name.as_str())
 }
 
+/// Distributed-tracing context headers (W3C Trace Context and Baggage, B3, Jaeger, Sentry,
+/// Datadog, AWS X-Ray, Google Cloud, OpenTracing). A trace id set by the user's tool or by the
+/// client's own tracing would let whoever sees it at the exit or the backend join their trace
+/// to the user's, so none of them leaves the client.
+const TRACE_CONTEXT: &[&str] = &[
+    "traceparent",
+    "tracestate",
+    "baggage",
+    "b3",
+    "uber-trace-id",
+    "sentry-trace",
+    "x-cloud-trace-context",
+    "x-amzn-trace-id",
+    "grpc-trace-bin",
+    "x-ot-span-context",
+];
+
+/// Prefixes of families of tracing headers (`x-b3-traceid`, `uberctx-…` Jaeger baggage,
+/// `ot-baggage-…`, `x-datadog-trace-id`, …).
+const TRACE_CONTEXT_PREFIXES: &[&str] = &[
+    "x-b3-",
+    "uberctx-",
+    "ot-baggage-",
+    "ot-tracer-",
+    "x-datadog-",
+];
+
+/// Whether `name` carries distributed-tracing context.
+#[must_use]
+pub fn is_trace_context(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    TRACE_CONTEXT.contains(&name) || TRACE_CONTEXT_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// Response field in which the exit tells the client how long the backend took (milliseconds,
+/// decimal). It travels inside the encrypted response, only between exit and client: the exit
+/// drops any copy the backend sent, and the client removes it before the user's tool sees the
+/// response. The client uses it to tell the backend's time from the gateway's overhead.
+pub const BACKEND_TIME_FIELD: &str = "tokengo-backend-ms";
+
+/// Whether `name` is [`BACKEND_TIME_FIELD`].
+#[must_use]
+pub fn is_backend_time(name: &HeaderName) -> bool {
+    name.as_str() == BACKEND_TIME_FIELD
+}
+
+/// The backend time from a response's fields, if the exit sent a plausible one.
+#[must_use]
+pub fn backend_time(fields: &[Field]) -> Option<std::time::Duration> {
+    let field = fields
+        .iter()
+        .rev()
+        .find(|f| f.name.eq_ignore_ascii_case(BACKEND_TIME_FIELD.as_bytes()))?;
+    let millis: f64 = std::str::from_utf8(&field.value)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    // A day is far beyond any idle timeout; anything outside is a broken or lying exit.
+    (millis.is_finite() && (0.0..=86_400_000.0).contains(&millis))
+        .then(|| std::time::Duration::from_secs_f64(millis / 1000.0))
+}
+
+/// The field that reports `duration` as the backend's time.
+#[must_use]
+pub fn backend_time_field(duration: std::time::Duration) -> Field {
+    Field {
+        name: BACKEND_TIME_FIELD.as_bytes().to_vec(),
+        value: format!("{:.3}", duration.as_secs_f64() * 1000.0).into_bytes(),
+    }
+}
+
 /// Converts headers to BHTTP fields, keeping order and repeated headers, skipping hop-by-hop
 /// headers, the names listed in `Connection`, and anything `drop` rejects.
 #[must_use]
@@ -99,6 +171,45 @@ mod tests {
         let back = to_header_map(&fields);
         let values: Vec<_> = back.get_all("x-a").iter().collect();
         assert_eq!(values, ["1", "2"]);
+    }
+
+    #[test]
+    fn trace_context_headers_are_recognised() {
+        for name in [
+            "traceparent",
+            "tracestate",
+            "baggage",
+            "b3",
+            "x-b3-traceid",
+            "x-b3-spanid",
+            "x-b3-sampled",
+            "uber-trace-id",
+            "uberctx-user",
+            "sentry-trace",
+            "x-datadog-trace-id",
+            "x-amzn-trace-id",
+            "x-cloud-trace-context",
+        ] {
+            assert!(is_trace_context(&HeaderName::from_static(name)), "{name}");
+        }
+        for name in ["content-type", "x-request-kind", "accept", "user-agent"] {
+            assert!(!is_trace_context(&HeaderName::from_static(name)), "{name}");
+        }
+    }
+
+    #[test]
+    fn backend_time_round_trips_and_rejects_nonsense() {
+        let field = backend_time_field(std::time::Duration::from_micros(12_345));
+        assert_eq!(field.value, b"12.345");
+        let time = backend_time(&[field]).unwrap();
+        assert_eq!(time.as_micros(), 12_345);
+        for bad in [&b"-1"[..], b"NaN", b"inf", b"1e12", b"soon"] {
+            let field = Field {
+                name: BACKEND_TIME_FIELD.as_bytes().to_vec(),
+                value: bad.to_vec(),
+            };
+            assert_eq!(backend_time(&[field]), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -136,6 +136,15 @@ impl Keyring {
         self.key_pairs().iter().map(KeyPair::config).collect()
     }
 
+    /// Key id and creation time (Unix seconds) of each key, current first.
+    #[must_use]
+    pub fn key_ids(&self) -> Vec<(u8, u64)> {
+        self.entries
+            .iter()
+            .map(|e| (e.key_id, e.created_at))
+            .collect()
+    }
+
     /// Unix time the current key was created.
     #[must_use]
     pub fn current_created_at(&self) -> u64 {

@@ -4,6 +4,7 @@
 //! through a relay that only ever sees ciphertext. The wire formats live in `tokengo-proto`;
 //! this crate holds the async shells that drive them over QUIC and HTTP.
 
+pub mod admin;
 pub mod api_error;
 pub mod cli;
 pub mod client;
@@ -16,44 +17,80 @@ pub mod identity;
 pub mod keygen;
 pub mod keyring;
 pub mod logging;
+pub mod metrics;
 pub mod relay;
 pub mod serve;
 pub mod shutdown;
+pub mod status;
 pub mod stream;
+pub mod telemetry;
 pub mod transport;
 
 use anyhow::Context as _;
 
+/// A command with its checked configuration.
+enum Resolved {
+    Relay(config::RelayConfig),
+    Exit(config::ExitConfig),
+    Client(config::ClientConfig),
+    Serve(config::ServeConfig),
+    Status(cli::StatusArgs),
+}
+
+impl Resolved {
+    fn traces(&self) -> &config::TraceExport {
+        match self {
+            Self::Relay(c) => &c.observability.traces,
+            Self::Exit(c) => &c.observability.traces,
+            Self::Client(c) => &c.observability.traces,
+            Self::Serve(c) => &c.observability.traces,
+            Self::Status(_) => &config::TraceExport::Off,
+        }
+    }
+}
+
 /// Runs the command the user chose until it finishes or a shutdown signal drains it.
 pub fn run(cli: cli::Cli) -> anyhow::Result<()> {
     transport::install_crypto_provider();
-    if let cli::Command::Keygen(args) = &cli.command {
-        return keygen::run(args);
-    }
+    let format = cli.log_format();
+    let resolved = match cli.command {
+        cli::Command::Keygen(args) => {
+            logging::init(format, None);
+            return keygen::run(&args);
+        }
+        cli::Command::Relay(args) => Resolved::Relay(config::RelayConfig::resolve(args)?),
+        cli::Command::Exit(args) => Resolved::Exit(config::ExitConfig::resolve(args)?),
+        cli::Command::Client(args) => Resolved::Client(config::ClientConfig::resolve(args)?),
+        cli::Command::Serve(args) => Resolved::Serve(config::ServeConfig::resolve(args)?),
+        cli::Command::Status(args) => Resolved::Status(args),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async move {
-        let shutdown = shutdown::on_signals();
-        match cli.command {
-            cli::Command::Relay(args) => {
-                let config = config::RelayConfig::resolve(args)?;
-                relay::run(config, shutdown).await
+    let tracing = telemetry::Tracing::start(resolved.traces(), runtime.handle().clone())?;
+    logging::init(format, tracing.as_ref().map(telemetry::Tracing::provider));
+    let result = runtime.block_on(async move {
+        let shutdown = || shutdown::on_signals();
+        match resolved {
+            Resolved::Relay(config) => relay::run(config, shutdown()).await,
+            Resolved::Exit(config) => exit::run(config, shutdown()).await,
+            Resolved::Client(config) => client::run(config, shutdown()).await,
+            Resolved::Serve(config) => serve::run(config, shutdown()).await,
+            Resolved::Status(args) => {
+                let report = status::fetch(&args.admin).await?;
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    print!("{}", status::summary(&report));
+                }
+                Ok(())
             }
-            cli::Command::Exit(args) => {
-                let config = config::ExitConfig::resolve(args)?;
-                exit::run(config, shutdown).await
-            }
-            cli::Command::Client(args) => {
-                let config = config::ClientConfig::resolve(args)?;
-                client::run(config, shutdown).await
-            }
-            cli::Command::Serve(args) => {
-                let config = config::ServeConfig::resolve(args)?;
-                serve::run(config, shutdown).await
-            }
-            cli::Command::Keygen(_) => Ok(()),
         }
-    })
+    });
+    // The batch exporter sends its last spans through this runtime, so flush before it goes.
+    if let Some(tracing) = tracing {
+        tracing.shutdown();
+    }
+    result
 }

@@ -1,24 +1,61 @@
 //! Structured logs on stderr (stdout is reserved for the few lines a user or script acts on,
-//! like the relay's multiaddr). `RUST_LOG` filters as usual; the default is `info`.
+//! like the relay's multiaddr). `RUST_LOG` filters as usual; the default is `info`. When trace
+//! export is on, the same spans also feed OpenTelemetry (see `telemetry`), filtered on their
+//! own so `RUST_LOG` does not decide what is exported.
+//!
+//! What is never logged, at any level: prompts, response bodies, request paths and headers,
+//! credentials, and (at the relay) client addresses. Errors are logged by their message, which
+//! carries no request content (backend URLs are cut out of HTTP errors).
 
 use std::io::IsTerminal as _;
 
-use tracing_subscriber::EnvFilter;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing::Level;
+use tracing_subscriber::{
+    EnvFilter, Layer as _,
+    filter::{FilterExt as _, Targets},
+    layer::Filter,
+    layer::SubscriberExt as _,
+    registry::LookupSpan,
+    util::SubscriberInitExt as _,
+};
 
 use crate::cli::LogFormat;
 
-/// Installs the global subscriber. Safe to call once per process.
-pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+/// Installs the global subscriber: the log output, plus the OpenTelemetry layer when
+/// `traces` is given. Safe to call once per process.
+pub fn init(format: LogFormat, traces: Option<&SdkTracerProvider>) {
+    let filter =
+        filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")));
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(std::io::stderr().is_terminal());
-    let result = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let logs = match format {
+        LogFormat::Text => fmt.with_filter(filter).boxed(),
+        LogFormat::Json => fmt.json().with_filter(filter).boxed(),
     };
+    let otel = traces.map(crate::telemetry::layer);
+    let result = tracing_subscriber::registry()
+        .with(logs)
+        .with(otel)
+        .try_init();
     // A second init (tests that run several roles) keeps the first subscriber.
     drop(result);
+}
+
+/// The log filter: `directives` (as `RUST_LOG` gives them), with the QUIC libraries capped at
+/// debug whatever the directives say. At trace level they log every packet with its peer's
+/// address, and a relay must never log a client's address; nothing at debug or above names
+/// one.
+pub fn filter<S>(directives: EnvFilter) -> impl Filter<S>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+{
+    let quic_cap = Targets::new()
+        .with_default(Level::TRACE)
+        .with_target("quinn", Level::DEBUG)
+        .with_target("quinn_proto", Level::DEBUG)
+        .with_target("quinn_udp", Level::DEBUG);
+    directives.and(quic_cap)
 }

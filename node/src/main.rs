@@ -1,10 +1,10 @@
-//! The `tokengo` binary: parses the command line, starts logging and runs the chosen role.
+//! The `tokengo` binary: parses the command line and runs the chosen role (which starts
+//! logging, and trace export when configured).
 
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = tokengo::cli::Cli::parse();
-    tokengo::logging::init(cli.log_format());
     match tokengo::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {

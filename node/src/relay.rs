@@ -12,14 +12,18 @@ use tokengo_proto::{
     descriptor::SignedDescriptor,
     frame::{self, ClientRequest, ControlFrame, ExitRequest, Status},
 };
+use tokio::sync::watch;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{Instrument as _, field::Empty};
 
 pub use registry::{Registered, Registry};
 
 use crate::{
+    admin::{self, RoleProbe},
     clock::unix_now,
     config::{Limits, RelayConfig},
     identity,
+    metrics::{ErrorClass, Flow, FlowLabel, InFlight, KindLabel, RelayMetrics, RelayRequest},
     stream::{self, StreamReader, code},
     transport::{self, RelayAddr, TransportParams},
 };
@@ -50,8 +54,16 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> anyhow::Re
             "listening on all interfaces; give clients and exits this address with your public IP in place of 127.0.0.1"
         );
     }
+    let admin = admin::start(
+        config.observability.admin_listen,
+        admin::Role::Relay,
+        vec![RoleProbe::Relay(relay.probe())],
+        shutdown.clone(),
+    )
+    .await?;
     println!("relay listening on {}", relay.addr());
     relay.run(shutdown).await;
+    admin.stopped().await;
     Ok(())
 }
 
@@ -78,6 +90,61 @@ pub struct Relay {
     addr: RelayAddr,
     registry: Arc<Registry>,
     tap: Option<Arc<dyn Tap>>,
+    metrics: Arc<RelayMetrics>,
+    accepting: watch::Sender<bool>,
+}
+
+/// What every connection task of one relay shares.
+#[derive(Debug)]
+struct Shared {
+    registry: Arc<Registry>,
+    tap: Option<Arc<dyn Tap>>,
+    metrics: Arc<RelayMetrics>,
+}
+
+/// What the admin listener reads from a running relay: readiness, status and metrics.
+#[derive(Debug, Clone)]
+pub struct RelayProbe {
+    addr: RelayAddr,
+    registry: Arc<Registry>,
+    metrics: Arc<RelayMetrics>,
+    /// True while the accept loop runs.
+    accepting: watch::Receiver<bool>,
+}
+
+impl RelayProbe {
+    /// The relay's metrics.
+    #[must_use]
+    pub fn metrics(&self) -> &RelayMetrics {
+        &self.metrics
+    }
+
+    /// Why the relay is not ready: it is ready while it accepts connections.
+    #[must_use]
+    pub fn not_ready(&self) -> Vec<String> {
+        if *self.accepting.borrow() {
+            Vec::new()
+        } else {
+            vec!["relay: not accepting connections".to_owned()]
+        }
+    }
+
+    /// The relay's part of `/status`.
+    #[must_use]
+    pub fn status(&self, requests_per_sec: Option<f64>) -> crate::status::RelayStatus {
+        crate::status::RelayStatus {
+            peer_id: self.addr.peer_id().to_string(),
+            address: self.addr.to_string(),
+            accepting: *self.accepting.borrow(),
+            exits_registered: self.registry.len() as u64,
+            client_connections: self.metrics.client_connections.get(),
+            streams_in_flight: self.metrics.streams_in_flight.get(),
+            requests_total: self.metrics.forwards_total(),
+            requests_per_sec,
+            errors_total: self.metrics.errors_total(),
+            exit_first_byte: (&self.metrics.exit_first_byte.snapshot()).into(),
+        }
+    }
 }
 
 impl Relay {
@@ -91,12 +158,28 @@ impl Relay {
         let endpoint = transport::server_endpoint(listen, identity, params)?;
         let local = endpoint.local_addr()?;
         let addr = RelayAddr::new(transport::dialable(local), identity::peer_id(identity));
+        let registry = Arc::new(Registry::default());
+        let mut metrics = RelayMetrics::new();
+        metrics.exits_registered = registry.gauge();
         Ok(Self {
             endpoint,
             addr,
-            registry: Arc::default(),
+            registry,
             tap: None,
+            metrics: Arc::new(metrics),
+            accepting: watch::Sender::new(false),
         })
+    }
+
+    /// The handle the admin listener reads.
+    #[must_use]
+    pub fn probe(&self) -> RelayProbe {
+        RelayProbe {
+            addr: self.addr.clone(),
+            registry: Arc::clone(&self.registry),
+            metrics: Arc::clone(&self.metrics),
+            accepting: self.accepting.subscribe(),
+        }
     }
 
     /// Installs a tap that sees all forwarded bytes.
@@ -121,26 +204,32 @@ impl Relay {
     /// Accepts connections until `shutdown`, then drains in-flight streams.
     pub async fn run(self, shutdown: CancellationToken) {
         let tasks = TaskTracker::new();
+        let shared = Arc::new(Shared {
+            registry: Arc::clone(&self.registry),
+            tap: self.tap.clone(),
+            metrics: Arc::clone(&self.metrics),
+        });
+        self.accepting.send_replace(true);
+        self.metrics.accepting.set(1);
         loop {
             let incoming = tokio::select! {
                 () = shutdown.cancelled() => break,
                 incoming = self.endpoint.accept() => incoming,
             };
             let Some(incoming) = incoming else { break };
-            let registry = Arc::clone(&self.registry);
-            let tap = self.tap.clone();
+            let shared = Arc::clone(&shared);
             let shutdown = shutdown.clone();
             let tracker = tasks.clone();
             tasks.spawn(async move {
                 match incoming.await {
-                    Ok(connection) => {
-                        serve_connection(connection, registry, tap, tracker, shutdown).await
-                    }
+                    Ok(connection) => serve_connection(connection, shared, tracker, shutdown).await,
                     // Handshake failures are the peer's problem; the relay keeps serving.
                     Err(error) => tracing::debug!(%error, "handshake failed"),
                 }
             });
         }
+        self.accepting.send_replace(false);
+        self.metrics.accepting.set(0);
         tasks.close();
         if tokio::time::timeout(DRAIN_DEADLINE, tasks.wait())
             .await
@@ -155,24 +244,26 @@ impl Relay {
 
 async fn serve_connection(
     connection: quinn::Connection,
-    registry: Arc<Registry>,
-    tap: Option<Arc<dyn Tap>>,
+    shared: Arc<Shared>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 ) {
     let alpn = transport::alpn(&connection);
     match alpn.as_deref() {
-        Some(frame::ALPN_CLIENT) => serve_client(connection, registry, tap, tasks, shutdown).await,
-        Some(frame::ALPN_EXIT) => serve_exit(connection, registry, shutdown).await,
+        Some(frame::ALPN_CLIENT) => {
+            let _open = InFlight::start(&shared.metrics.client_connections);
+            serve_client(connection, shared, tasks, shutdown).await;
+        }
+        Some(frame::ALPN_EXIT) => serve_exit(connection, &shared, shutdown).await,
         _ => connection.close(code::PROTOCOL, b"unknown ALPN"),
     }
 }
 
-/// One client connection: each bidirectional stream is one request. No address is logged.
+/// One client connection: each bidirectional stream is one request. No address is logged,
+/// and the per-stream spans carry no exit id, so neither logs nor traces can pair the two.
 async fn serve_client(
     connection: quinn::Connection,
-    registry: Arc<Registry>,
-    tap: Option<Arc<dyn Tap>>,
+    shared: Arc<Shared>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 ) {
@@ -182,10 +273,9 @@ async fn serve_client(
             accepted = connection.accept_bi() => accepted,
         };
         let Ok((send, recv)) = accepted else { break };
-        let registry = Arc::clone(&registry);
-        let tap = tap.clone();
+        let shared = Arc::clone(&shared);
         tasks.spawn(async move {
-            if let Err(error) = client_stream(send, recv, &registry, tap.as_deref()).await {
+            if let Err(error) = client_stream(send, recv, &shared).await {
                 tracing::debug!(%error, "client stream ended with an error");
             }
         });
@@ -195,9 +285,9 @@ async fn serve_client(
 async fn client_stream(
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
-    registry: &Registry,
-    tap: Option<&dyn Tap>,
+    shared: &Shared,
 ) -> anyhow::Result<()> {
+    let metrics = &shared.metrics;
     let mut reader = StreamReader::new(recv);
     let request = match reader
         .decode(
@@ -209,6 +299,7 @@ async fn client_stream(
     {
         Ok(request) => request,
         Err(error) => {
+            metrics.error(ErrorClass::Malformed);
             reader.stop(code::PROTOCOL);
             reply_status(&mut send, Status::Malformed).await;
             return Err(anyhow::anyhow!("bad request header: {error}"));
@@ -216,7 +307,13 @@ async fn client_stream(
     };
     match request {
         ClientRequest::ListExits => {
-            let descriptors = registry.descriptors(unix_now());
+            metrics
+                .requests
+                .get_or_create(&KindLabel {
+                    kind: RelayRequest::ListExits,
+                })
+                .inc();
+            let descriptors = shared.registry.descriptors(unix_now());
             let refs: Vec<&[u8]> = descriptors.iter().map(Bytes::as_ref).collect();
             let mut answer = vec![Status::Ok as u8];
             answer.extend_from_slice(&frame::encode_exit_list(&refs));
@@ -225,15 +322,47 @@ async fn client_stream(
             Ok(())
         }
         ClientRequest::Forward { exit_id, media } => {
-            let Ok(peer) = PeerId::from_bytes(&exit_id) else {
-                reply_status(&mut send, Status::NoSuchExit).await;
-                return Ok(());
-            };
-            let Some(exit) = registry.connection(&peer, unix_now()) else {
-                reply_status(&mut send, Status::NoSuchExit).await;
-                return Ok(());
-            };
-            forward(reader, send, &exit, media, tap).await
+            metrics
+                .requests
+                .get_or_create(&KindLabel {
+                    kind: RelayRequest::Forward,
+                })
+                .inc();
+            // A root span of its own: the relay continues no one's trace. It names neither the
+            // client nor the exit.
+            let span = tracing::info_span!(
+                parent: None,
+                "relay.forward",
+                otel.kind = "server",
+                tokengo.media = crate::metrics::Media::from(media).as_str(),
+                tokengo.outcome = Empty,
+                otel.status_code = Empty,
+            );
+            let outcome = async {
+                let Ok(peer) = PeerId::from_bytes(&exit_id) else {
+                    reply_status(&mut send, Status::NoSuchExit).await;
+                    return Err(ErrorClass::NoSuchExit);
+                };
+                let Some(exit) = shared.registry.connection(&peer, unix_now()) else {
+                    reply_status(&mut send, Status::NoSuchExit).await;
+                    return Err(ErrorClass::NoSuchExit);
+                };
+                forward(reader, send, &exit, media, shared).await
+            }
+            .instrument(span.clone())
+            .await;
+            match outcome {
+                Ok(()) => {
+                    span.record("tokengo.outcome", "ok");
+                    Ok(())
+                }
+                Err(class) => {
+                    metrics.error(class);
+                    span.record("tokengo.outcome", class.as_str());
+                    span.record("otel.status_code", "error");
+                    Ok(())
+                }
+            }
         }
     }
 }
@@ -244,47 +373,69 @@ async fn forward(
     mut client_send: quinn::SendStream,
     exit: &quinn::Connection,
     media: frame::MediaType,
-    tap: Option<&dyn Tap>,
-) -> anyhow::Result<()> {
-    let observe = |direction| {
-        move |bytes: &Bytes| {
-            if let Some(tap) = tap {
-                tap.forwarded(direction, bytes);
-            }
+    shared: &Shared,
+) -> Result<(), ErrorClass> {
+    let tap = shared.tap.as_deref();
+    let metrics = &shared.metrics;
+    let started = std::time::Instant::now();
+    let _in_flight = InFlight::start(&metrics.streams_in_flight);
+    let counter = |direction| {
+        metrics
+            .forwarded_bytes
+            .get_or_create_owned(&FlowLabel { direction })
+    };
+    let (to_exit, to_client) = (counter(Flow::ToExit), counter(Flow::ToClient));
+    let observe = |direction, bytes: &[u8]| {
+        if let Some(tap) = tap {
+            tap.forwarded(direction, bytes);
         }
+        let counter = match direction {
+            Direction::ToExit => &to_exit,
+            Direction::ToClient => &to_client,
+        };
+        counter.inc_by(bytes.len() as u64);
     };
     let Ok((mut exit_send, mut exit_recv)) = exit.open_bi().await else {
         reply_status(&mut client_send, Status::ExitUnavailable).await;
-        return Ok(());
+        return Err(ErrorClass::ExitUnavailable);
     };
     let (mut client_recv, already_read, client_done) = reader.into_parts();
     let mut head = Vec::with_capacity(2 + already_read.len());
     ExitRequest { media }.encode(&mut head);
     head.extend_from_slice(&already_read);
-    if let Some(tap) = tap {
-        tap.forwarded(Direction::ToExit, &head);
-    }
+    observe(Direction::ToExit, &head);
     if exit_send.write_all(&head).await.is_err() {
         reply_status(&mut client_send, Status::ExitUnavailable).await;
-        return Ok(());
+        return Err(ErrorClass::ExitUnavailable);
     }
     let upstream = async {
         if client_done {
             let _ = exit_send.finish();
             Ok(0)
         } else {
-            stream::pipe(&mut client_recv, &mut exit_send, observe(Direction::ToExit)).await
+            stream::pipe(&mut client_recv, &mut exit_send, |bytes| {
+                observe(Direction::ToExit, bytes);
+            })
+            .await
         }
     };
-    let downstream = stream::pipe(
-        &mut exit_recv,
-        &mut client_send,
-        observe(Direction::ToClient),
-    );
+    let mut first = true;
+    let downstream = stream::pipe(&mut exit_recv, &mut client_send, |bytes| {
+        if std::mem::take(&mut first) {
+            metrics.exit_first_byte.observe(started.elapsed());
+        }
+        observe(Direction::ToClient, bytes);
+    });
     let (up, down) = tokio::join!(upstream, downstream);
-    up?;
-    down?;
-    Ok(())
+    match (up, down) {
+        (Ok(_), Ok(_)) => Ok(()),
+        (up, down) => {
+            if let Some(error) = up.err().or(down.err()) {
+                tracing::debug!(%error, "forwarded stream failed");
+            }
+            Err(ErrorClass::StreamFailed)
+        }
+    }
 }
 
 async fn reply_status(send: &mut quinn::SendStream, status: Status) {
@@ -295,11 +446,8 @@ async fn reply_status(send: &mut quinn::SendStream, status: Status) {
 
 /// One exit tunnel: the first stream the exit opens is its control stream, on which it
 /// registers signed descriptors.
-async fn serve_exit(
-    connection: quinn::Connection,
-    registry: Arc<Registry>,
-    shutdown: CancellationToken,
-) {
+async fn serve_exit(connection: quinn::Connection, shared: &Shared, shutdown: CancellationToken) {
+    let registry = &shared.registry;
     let Some(peer) = transport::peer_id(&connection) else {
         connection.close(code::PROTOCOL, b"no identity certificate");
         return;
@@ -333,13 +481,28 @@ async fn serve_exit(
             connection.close(code::PROTOCOL, b"unexpected control frame");
             break;
         };
-        let (status, reason) = match register(&registry, peer, &connection, bytes) {
+        let (status, reason) = match register(registry, peer, &connection, bytes) {
             Ok(outcome) => {
                 registered = true;
+                shared
+                    .metrics
+                    .registrations
+                    .get_or_create(&crate::metrics::RegistrationLabel {
+                        outcome: (&outcome).into(),
+                    })
+                    .inc();
+                // The exit's own address, with its own id: an exit is not a user.
                 tracing::info!(%peer, addr = %connection.remote_address(), ?outcome, exits = registry.len(), "exit registered");
                 (Status::Ok, String::new())
             }
             Err(reason) => {
+                shared
+                    .metrics
+                    .registrations
+                    .get_or_create(&crate::metrics::RegistrationLabel {
+                        outcome: crate::metrics::Registration::Refused,
+                    })
+                    .inc();
                 tracing::info!(%peer, %reason, "exit registration refused");
                 (Status::Malformed, reason)
             }

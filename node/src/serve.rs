@@ -8,7 +8,14 @@ use anyhow::Context as _;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::{client::Client, config::ServeConfig, exit::Exit, identity, relay::Relay};
+use crate::{
+    admin::{self, RoleProbe},
+    client::Client,
+    config::ServeConfig,
+    exit::Exit,
+    identity,
+    relay::Relay,
+};
 
 /// Runs all three roles until shutdown.
 pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -29,14 +36,29 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
     // Stop order: the client stops taking requests, then the exit drains, then the relay.
     let relay_stop = CancellationToken::new();
     let exit_stop = CancellationToken::new();
-    let relay_task = tokio::spawn(relay.run(relay_stop.clone()));
     let (registered, mut on_registered) = watch::channel(false);
+    // One admin endpoint for the three roles; it starts before the exit registers, so a
+    // liveness probe answers while the node comes up (and readiness says why not yet).
+    let admin_stop = CancellationToken::new();
+    let admin = admin::start(
+        config.observability.admin_listen,
+        admin::Role::Serve,
+        vec![
+            RoleProbe::Relay(relay.probe()),
+            RoleProbe::Exit(exit.probe(relay_addr.clone(), registered.subscribe())),
+            RoleProbe::Client(client.probe()),
+        ],
+        admin_stop.clone(),
+    )
+    .await?;
+    let relay_task = tokio::spawn(relay.run(relay_stop.clone()));
     let mut exit_task = tokio::spawn(exit.run(relay_addr, registered, exit_stop.clone()));
 
     tokio::select! {
         () = shutdown.cancelled() => {
             exit_stop.cancel();
             relay_stop.cancel();
+            admin_stop.cancel();
             return Ok(());
         }
         ready = on_registered.wait_for(|r| *r) => {
@@ -45,6 +67,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         // The exit gave up before registering: its error says why.
         finished = &mut exit_task => {
             relay_stop.cancel();
+            admin_stop.cancel();
             finished.context("exit task panicked")??;
             anyhow::bail!("the exit stopped before registering");
         }
@@ -59,5 +82,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
     let exited = exit_task.await.context("exit task panicked")?;
     relay_stop.cancel();
     relay_task.await.context("relay task panicked")?;
+    admin_stop.cancel();
+    admin.stopped().await;
     served.and(exited)
 }

@@ -303,9 +303,17 @@ pub async fn connect(
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(params.build());
     // The server name is not checked (identity comes from the certificate extension), but
-    // QUIC requires a syntactically valid one.
-    let connecting = endpoint
-        .connect_with(config, addr, "tokengo")
+    // QUIC requires a syntactically valid one. The dial runs on a task of its own: quinn's
+    // connection driver keeps whatever span is current when it starts for the connection's
+    // whole life, and a user request's span (the client dials on first use) must neither be
+    // held open by a long-lived connection nor be its parent.
+    let dialer = endpoint.clone();
+    let connecting = tokio::spawn(async move { dialer.connect_with(config, addr, "tokengo") })
+        .await
+        .map_err(|e| ConnectError::Failed {
+            addr,
+            reason: e.to_string(),
+        })?
         .map_err(|e| ConnectError::Failed {
             addr,
             reason: e.to_string(),

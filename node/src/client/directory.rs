@@ -86,7 +86,9 @@ impl Directory {
         Ok(exits)
     }
 
-    fn current(&self) -> Arc<Vec<ExitInfo>> {
+    /// The exits of the last fetch (empty before the first).
+    #[must_use]
+    pub fn current(&self) -> Arc<Vec<ExitInfo>> {
         Arc::clone(
             &self
                 .exits

@@ -17,11 +17,15 @@ use tokengo_proto::{
     frame::{ClientRequest, MediaType, Status},
     ohttp, padding,
 };
+use tracing::{Instrument as _, field::Empty};
 
 use super::{ClientState, body, directory::ExitInfo};
 use crate::{
     api_error::ApiError,
     http_message,
+    metrics::{
+        ClientMetrics, ErrorClass, Flow, InFlight, Media, MediaLabel, StatusClass, StatusLabel,
+    },
     stream::{StreamReader, code},
 };
 
@@ -36,10 +40,64 @@ pub(super) async fn handle(
     State(state): State<Arc<ClientState>>,
     request: http::Request<Body>,
 ) -> Response {
-    match proxy(&state, request).await {
-        Ok(response) => response,
-        Err(error) => error_response(&error),
-    }
+    let started = Instant::now();
+    let metrics = &state.metrics;
+    // Counted until the response body ends, so a long stream stays in flight while it runs.
+    let in_flight = InFlight::start(&metrics.requests_in_flight);
+    // A root span: whatever trace context the user's tool sent is not continued here (and
+    // never forwarded: see `request_head`), and this span's ids never leave the client.
+    let span = tracing::info_span!(
+        parent: None,
+        "client.request",
+        otel.kind = "server",
+        http.request.method = %request.method(),
+        tokengo.media = Empty,
+        http.response.status_code = Empty,
+        otel.status_code = Empty,
+    );
+    let outcome = proxy(&state, request).instrument(span.clone()).await;
+    let response = match outcome {
+        Ok(Proxied {
+            response,
+            media,
+            backend,
+        }) => {
+            if let Some(backend) = backend {
+                let label = MediaLabel { media };
+                metrics
+                    .backend_latency
+                    .get_or_create(&label)
+                    .observe(backend);
+                metrics
+                    .gateway_overhead
+                    .get_or_create(&label)
+                    .observe(started.elapsed().saturating_sub(backend));
+            }
+            response
+        }
+        Err(error) => {
+            metrics.error(ErrorClass::from(&error));
+            span.record("otel.status_code", "error");
+            error_response(&error)
+        }
+    };
+    let status = response.status().as_u16();
+    span.record("http.response.status_code", i64::from(status));
+    metrics
+        .responses
+        .get_or_create(&StatusLabel {
+            status_class: StatusClass::of(status),
+        })
+        .inc();
+    response.map(|inner| Body::new(body::Tracked::new(inner, in_flight)))
+}
+
+/// A response on its way to the user, with what the metrics need to know about it.
+struct Proxied {
+    response: Response,
+    media: Media,
+    /// The backend's time as the exit reported it (until the response head when streamed).
+    backend: Option<Duration>,
 }
 
 /// The user's error as an HTTP response.
@@ -63,7 +121,7 @@ enum AttemptError {
     Fatal(ApiError),
 }
 
-async fn proxy(state: &ClientState, request: http::Request<Body>) -> Result<Response, ApiError> {
+async fn proxy(state: &ClientState, request: http::Request<Body>) -> Result<Proxied, ApiError> {
     let (parts, body) = request.into_parts();
     let limit = state.limits.max_request_body;
     let body = axum::body::to_bytes(body, limit)
@@ -74,12 +132,19 @@ async fn proxy(state: &ClientState, request: http::Request<Body>) -> Result<Resp
     } else {
         MediaType::Single
     };
+    let kind = Media::from(media);
+    tracing::Span::current().record("tokengo.media", kind.as_str());
+    state
+        .metrics
+        .requests
+        .get_or_create(&MediaLabel { media: kind })
+        .inc();
     let head = request_head(&parts);
     let model = model_of(&body);
     let mut excluded: Vec<PeerId> = Vec::new();
     let mut last_error = ApiError::NoExit;
     let mut refreshed = false;
-    for _ in 0..MAX_ATTEMPTS {
+    for number in 1..=MAX_ATTEMPTS {
         let exits = if refreshed {
             state.directory.refresh(&state.link).await?
         } else {
@@ -92,11 +157,25 @@ async fn proxy(state: &ClientState, request: http::Request<Body>) -> Result<Resp
             }
             break;
         };
-        match attempt(state, &exit, media, &head, &body).await {
-            Ok(response) => return Ok(response),
+        let span = tracing::info_span!(
+            "client.attempt",
+            tokengo.attempt = i64::try_from(number).unwrap_or(i64::MAX)
+        );
+        match attempt(state, &exit, media, &head, &body)
+            .instrument(span)
+            .await
+        {
+            Ok((response, backend)) => {
+                return Ok(Proxied {
+                    response,
+                    media: kind,
+                    backend,
+                });
+            }
             Err(AttemptError::Fatal(error)) => return Err(error),
             Err(AttemptError::Retry(error)) => {
                 tracing::debug!(exit = %exit.peer_id, %error, "retrying with fresh exit list");
+                state.metrics.retries.inc();
                 excluded.push(exit.peer_id);
                 refreshed = true;
                 last_error = error;
@@ -137,7 +216,9 @@ fn model_of(body: &[u8]) -> Option<String> {
 }
 
 /// The BHTTP request head. The user's `Authorization` and cookies stay here: the exit holds
-/// the backend credential, and the user's would identify them.
+/// the backend credential, and the user's would identify them. So does trace context: a trace
+/// or span id from the user's tool (or ours) would let the exit's or the backend's traces be
+/// joined to the user's.
 fn request_head(parts: &Parts) -> RequestHead {
     let identifying = |name: &HeaderName| {
         name == http::header::AUTHORIZATION
@@ -145,6 +226,8 @@ fn request_head(parts: &Parts) -> RequestHead {
             || name.as_str() == "x-forwarded-for"
             || name.as_str() == "forwarded"
             || name.as_str() == "x-real-ip"
+            || http_message::is_trace_context(name)
+            || http_message::is_backend_time(name)
     };
     RequestHead {
         method: parts.method.as_str().as_bytes().to_vec(),
@@ -166,7 +249,7 @@ async fn attempt(
     media: MediaType,
     head: &RequestHead,
     body: &[u8],
-) -> Result<Response, AttemptError> {
+) -> Result<(Response, Option<Duration>), AttemptError> {
     let started = Instant::now();
     let (mut send, recv) = state.link.open().await.map_err(AttemptError::Fatal)?;
     let mut out = Vec::with_capacity(body.len() + 512);
@@ -206,16 +289,19 @@ async fn attempt(
         }
     };
     let lost = |e: quinn::WriteError| AttemptError::Retry(ApiError::ExitUnavailable(e.to_string()));
+    state.metrics.bytes(Flow::ToRelay, out.len());
     send.write_chunk(Bytes::from(out)).await.map_err(lost)?;
     let _ = send.finish();
     let mut reader = StreamReader::new(recv);
     let status = read_status(&mut reader).await?;
+    state.metrics.bytes(Flow::FromRelay, 1);
     state
         .directory
         .record_latency(exit.peer_id, started.elapsed());
     match status {
         Status::Ok => {}
         Status::KeyUnknown => {
+            state.metrics.key_refreshes.inc();
             return Err(AttemptError::Retry(ApiError::ExitUnavailable(
                 "exit rotated its keys".into(),
             )));
@@ -241,7 +327,7 @@ async fn attempt(
         Opener::Single(opener) => single_response(state, reader, opener)
             .await
             .map_err(AttemptError::Fatal),
-        Opener::Chunked(opener) => chunked_response(reader, *opener)
+        Opener::Chunked(opener) => chunked_response(reader, *opener, Arc::clone(&state.metrics))
             .await
             .map_err(AttemptError::Fatal),
     }
@@ -280,12 +366,13 @@ async fn single_response(
     state: &ClientState,
     mut reader: StreamReader,
     opener: ohttp::ResponseOpener,
-) -> Result<Response, ApiError> {
+) -> Result<(Response, Option<Duration>), ApiError> {
     let max = state.limits.max_response_body.saturating_add(256 * 1024);
     let encapsulated = tokio::time::timeout(IDLE_TIMEOUT, reader.read_to_end(max))
         .await
         .map_err(|_| ApiError::GatewayTimeout)?
         .map_err(|e| ApiError::ExitUnavailable(format!("response: {e}")))?;
+    state.metrics.bytes(Flow::FromRelay, encapsulated.len());
     let message = opener
         .open(&encapsulated)
         .map_err(|e| ApiError::ExitUnavailable(format!("response does not decrypt: {e}")))?;
@@ -295,7 +382,10 @@ async fn single_response(
     };
     let (head, body) = bhttp::decode_response(&message, &limits)
         .map_err(|e| ApiError::ExitUnavailable(format!("malformed response: {e}")))?;
-    Ok(build_response(&head, Body::from(body)))
+    Ok((
+        build_response(&head, Body::from(body)),
+        http_message::backend_time(&head.fields),
+    ))
 }
 
 /// Waits for the response head, then streams the body from a task that opens each chunk as it
@@ -304,14 +394,19 @@ async fn single_response(
 async fn chunked_response(
     reader: StreamReader,
     opener: ChunkedResponseOpener,
-) -> Result<Response, ApiError> {
+    metrics: Arc<ClientMetrics>,
+) -> Result<(Response, Option<Duration>), ApiError> {
     let mut stream = PlainStream {
         reader,
         opener,
         plain: BytesMut::new(),
         decoder: ResponseDecoder::new(bhttp::Limits::default()),
         done: false,
+        metrics,
     };
+    // What arrived with the status byte and is buffered already was not counted yet.
+    let buffered = stream.reader.buffer().len();
+    stream.metrics.bytes(Flow::FromRelay, buffered);
     let head = match stream.next().await.map_err(ApiError::ExitUnavailable)? {
         Some(ResponseEvent::Head(head)) => head,
         Some(_) => {
@@ -345,13 +440,15 @@ async fn chunked_response(
                 Ok(Some(ResponseEvent::End) | None) => return,
                 Err(error) => {
                     tracing::info!(%error, "response stream broke");
+                    stream.metrics.error(ErrorClass::StreamFailed);
                     let _ = tx.send(Err(body::BodyError(error))).await;
                     return;
                 }
             }
         }
     });
-    Ok(build_response(&head, Body::new(body)))
+    let backend = http_message::backend_time(&head.fields);
+    Ok((build_response(&head, Body::new(body)), backend))
 }
 
 /// Decrypted BHTTP events from a chunked OHTTP response stream.
@@ -361,6 +458,7 @@ struct PlainStream {
     plain: BytesMut,
     decoder: ResponseDecoder,
     done: bool,
+    metrics: Arc<ClientMetrics>,
 }
 
 impl PlainStream {
@@ -389,10 +487,15 @@ impl PlainStream {
                 {
                     break chunk;
                 }
+                let before = self.reader.buffer().len();
                 let more = tokio::time::timeout(IDLE_TIMEOUT, self.reader.fill())
                     .await
                     .map_err(|_| "exit went silent".to_owned())?
                     .map_err(|e| format!("stream broke: {e}"))?;
+                self.metrics.bytes(
+                    Flow::FromRelay,
+                    self.reader.buffer().len().saturating_sub(before),
+                );
                 if !more {
                     match self
                         .opener
@@ -413,7 +516,10 @@ impl PlainStream {
 fn build_response(head: &ResponseHead, body: Body) -> Response {
     let mut response = Response::new(body);
     *response.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    *response.headers_mut() = http_message::to_header_map(&head.fields);
+    let mut headers = http_message::to_header_map(&head.fields);
+    // The exit's report of the backend's time is for the client's metrics, not the user.
+    headers.remove(http_message::BACKEND_TIME_FIELD);
+    *response.headers_mut() = headers;
     response
 }
 
@@ -457,6 +563,16 @@ mod tests {
         p.headers
             .insert("authorization", "Bearer user-key".parse().unwrap());
         p.headers.insert("cookie", "a=b".parse().unwrap());
+        p.headers.insert(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+                .parse()
+                .unwrap(),
+        );
+        p.headers.insert("tracestate", "vendor=x".parse().unwrap());
+        p.headers.insert("baggage", "user=alice".parse().unwrap());
+        p.headers
+            .insert("x-b3-traceid", "80f198ee56343ba8".parse().unwrap());
         p.headers.append("x-keep", "1".parse().unwrap());
         p.headers.append("x-keep", "2".parse().unwrap());
         let head = request_head(&p);

@@ -18,6 +18,8 @@ pub struct RelayLink {
     relay: RelayAddr,
     params: TransportParams,
     connection: Mutex<Option<quinn::Connection>>,
+    /// The last connection made, readable without waiting for a dial in progress (status).
+    last: std::sync::Mutex<Option<quinn::Connection>>,
 }
 
 impl RelayLink {
@@ -29,7 +31,24 @@ impl RelayLink {
             relay,
             params,
             connection: Mutex::new(None),
+            last: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Whether the last connection to the relay is still up.
+    #[must_use]
+    pub fn is_connected(&self) -> bool {
+        self.last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|c| c.close_reason().is_none())
+    }
+
+    /// The local UDP address.
+    #[must_use]
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.endpoint.local_addr().ok()
     }
 
     /// The relay's address.
@@ -53,6 +72,10 @@ impl RelayLink {
         )
         .await?;
         *slot = Some(connection.clone());
+        *self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(connection.clone());
         Ok(connection)
     }
 

@@ -9,6 +9,9 @@ use tokengo_proto::bhttp::RequestHead;
 
 use crate::{api_error::ApiError, config::BackendConfig, http_message};
 
+/// How long a readiness probe waits for the backend.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// A decapsulated request, ready for the backend.
 #[derive(Debug)]
 pub struct BackendRequest {
@@ -97,6 +100,16 @@ impl Backend {
             .send()
             .await
             .map_err(|e| classify(&e))
+    }
+
+    /// Whether the backend answers HTTP at all (any status counts): a GET of its base URL,
+    /// without the exit's credentials, bounded in time. For readiness.
+    pub async fn probe(&self) -> bool {
+        let url = format!("{}/", self.base);
+        matches!(
+            tokio::time::timeout(PROBE_TIMEOUT, self.client.get(url).send()).await,
+            Ok(Ok(_))
+        )
     }
 
     /// Fetches the backend's model ids (`GET /v1/models`) for the exit's descriptor; an empty

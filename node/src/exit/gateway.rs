@@ -2,7 +2,11 @@
 //! the backend, and send the answer back encrypted as it arrives. Nothing readable ever leaves
 //! here: backend failures travel as encrypted HTTP error responses.
 
-use std::{sync::Arc, sync::RwLock, time::Duration};
+use std::{
+    sync::Arc,
+    sync::RwLock,
+    time::{Duration, Instant},
+};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt as _;
@@ -13,6 +17,7 @@ use tokengo_proto::{
     ohttp::{self, OhttpError},
     padding,
 };
+use tracing::{Instrument as _, field::Empty};
 
 use super::{
     backend::{Backend, BackendRequest},
@@ -22,6 +27,12 @@ use crate::{
     api_error::ApiError,
     config::Limits,
     http_message,
+    keyring::Keyring,
+    metrics::{
+        ErrorClass, ExitMetrics, Flow, FlowLabel, InFlight, KeyLabel, KeySlot, Media, MediaLabel,
+        StatusClass, StatusLabel,
+    },
+    status::KeyStatus,
     stream::{StreamReader, code},
 };
 
@@ -32,12 +43,66 @@ const HEADER_DEADLINE: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct Gateway {
     ohttp: RwLock<Arc<ohttp::Gateway>>,
+    /// Ids and ages of the keys in `ohttp`, for `/status`.
+    key_ids: RwLock<Vec<KeyStatus>>,
     backend: Backend,
     replay: ReplayWindow,
     limits: Limits,
+    metrics: Arc<ExitMetrics>,
 }
 
-/// Why a request stream failed before a response could be encrypted; answered with a status.
+/// One request's bookkeeping. The request counts as in flight, and its timings are recorded,
+/// until [`Tally::done`], which runs just before the last bytes of the answer are written:
+/// whoever has received the end of an answer can rely on the metrics already showing it.
+struct Tally {
+    metrics: Arc<ExitMetrics>,
+    started: Instant,
+    media: Option<Media>,
+    in_flight: Option<InFlight>,
+}
+
+impl Tally {
+    fn start(metrics: &Arc<ExitMetrics>) -> Self {
+        Self {
+            metrics: Arc::clone(metrics),
+            started: Instant::now(),
+            media: None,
+            in_flight: Some(InFlight::start(&metrics.streams_in_flight)),
+        }
+    }
+
+    /// Records the request's times (when the backend answered: `backend` is the backend's
+    /// own time) and ends its in-flight count. Only the first call counts.
+    fn done(&mut self, backend: Option<Duration>) {
+        let Some(in_flight) = self.in_flight.take() else {
+            return;
+        };
+        if let (Some(media), Some(backend)) = (self.media, backend) {
+            let label = MediaLabel { media };
+            self.metrics
+                .backend_latency
+                .get_or_create(&label)
+                .observe(backend);
+            self.metrics
+                .gateway_overhead
+                .get_or_create(&label)
+                .observe(self.started.elapsed().saturating_sub(backend));
+        }
+        drop(in_flight);
+    }
+}
+
+/// Who wrote the (encrypted) answer.
+enum Answered {
+    /// The backend's response.
+    ByBackend,
+    /// An error response made by the exit (the backend was not reached, or the request was
+    /// unusable).
+    ByExit,
+}
+
+/// Why a request stream failed: before a response could be encrypted it is answered with a
+/// status; once the answer has begun, the stream is reset.
 #[derive(Debug, thiserror::Error)]
 enum Refusal {
     #[error("malformed stream: {0}")]
@@ -50,15 +115,29 @@ enum Refusal {
     Replay,
     #[error("stream failed")]
     Stream,
+    /// The backend failed after the response head was sent.
+    #[error("backend failed mid-response")]
+    Backend(ErrorClass),
 }
 
 impl Refusal {
+    fn class(&self) -> ErrorClass {
+        match self {
+            Self::Malformed(_) => ErrorClass::Malformed,
+            Self::UnknownKey(_) => ErrorClass::KeyUnknown,
+            Self::Undecryptable(_) => ErrorClass::Undecryptable,
+            Self::Replay => ErrorClass::Replay,
+            Self::Stream => ErrorClass::StreamFailed,
+            Self::Backend(class) => *class,
+        }
+    }
+
     fn status(&self) -> Option<Status> {
         match self {
             Self::Malformed(_) => Some(Status::Malformed),
             Self::UnknownKey(_) => Some(Status::KeyUnknown),
             Self::Undecryptable(_) | Self::Replay => Some(Status::Undecryptable),
-            Self::Stream => None,
+            Self::Stream | Self::Backend(_) => None,
         }
     }
 
@@ -71,23 +150,74 @@ impl Refusal {
 }
 
 impl Gateway {
-    /// A gateway with `ohttp` keys calling `backend`.
+    /// A gateway with the keys of `keyring` calling `backend`.
     #[must_use]
-    pub fn new(ohttp: ohttp::Gateway, backend: Backend, limits: Limits) -> Self {
-        Self {
-            ohttp: RwLock::new(Arc::new(ohttp)),
+    pub fn new(
+        keyring: &Keyring,
+        backend: Backend,
+        limits: Limits,
+        metrics: Arc<ExitMetrics>,
+    ) -> Self {
+        let gateway = Self {
+            ohttp: RwLock::new(Arc::new(ohttp::Gateway::new(keyring.key_pairs()))),
+            key_ids: RwLock::new(Vec::new()),
             backend,
             replay: ReplayWindow::new(Duration::from_secs(600), 1 << 18),
             limits,
-        }
+            metrics,
+        };
+        gateway.record_keys(keyring);
+        gateway
     }
 
-    /// Swaps in new keys (rotation); requests in flight keep the keys they started with.
-    pub fn set_keys(&self, ohttp: ohttp::Gateway) {
+    /// Swaps in the keys of a rotated `keyring`; requests in flight keep the keys they
+    /// started with.
+    pub fn set_keys(&self, keyring: &Keyring) {
         *self
             .ohttp
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(ohttp);
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Arc::new(ohttp::Gateway::new(keyring.key_pairs()));
+        self.record_keys(keyring);
+        self.metrics.key_rotations.inc();
+        tracing::info!(key_ids = ?keyring.key_ids().iter().map(|(id, _)| *id).collect::<Vec<_>>(), "OHTTP keys rotated");
+    }
+
+    fn record_keys(&self, keyring: &Keyring) {
+        self.metrics.ohttp_key_created.clear();
+        let mut keys = Vec::new();
+        for (index, (key_id, created_at)) in keyring.key_ids().into_iter().enumerate() {
+            let slot = if index == 0 {
+                KeySlot::Current
+            } else {
+                KeySlot::Previous
+            };
+            self.metrics
+                .ohttp_key_created
+                .get_or_create(&KeyLabel {
+                    key_id: u32::from(key_id),
+                    slot,
+                })
+                .set(i64::try_from(created_at).unwrap_or(i64::MAX));
+            keys.push(KeyStatus {
+                key_id,
+                slot: slot.as_str().to_owned(),
+                created_at,
+            });
+        }
+        *self
+            .key_ids
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = keys;
+    }
+
+    /// The keys held now, current first.
+    #[must_use]
+    pub fn key_status(&self) -> Vec<KeyStatus> {
+        self.key_ids
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     fn keys(&self) -> Arc<ohttp::Gateway> {
@@ -107,19 +237,53 @@ impl Gateway {
 
     /// Serves one request stream opened by the relay.
     pub async fn handle(self: Arc<Self>, mut send: quinn::SendStream, recv: quinn::RecvStream) {
+        let mut tally = Tally::start(&self.metrics);
+        // A root span: the exit starts its own trace and continues no one's (nothing that
+        // arrives from the relay or the client can name a parent).
+        let span = tracing::info_span!(
+            parent: None,
+            "exit.request",
+            otel.kind = "server",
+            tokengo.media = Empty,
+            http.request.method = Empty,
+            http.response.status_code = Empty,
+            tokengo.outcome = Empty,
+            otel.status_code = Empty,
+        );
         let mut reader = StreamReader::new(recv);
-        let outcome = match reader
-            .decode(16, HEADER_DEADLINE, ExitRequest::decode)
-            .await
-        {
-            Ok(ExitRequest {
-                media: MediaType::Single,
-            }) => self.single(&mut reader, &mut send).await,
-            Ok(ExitRequest {
-                media: MediaType::Chunked,
-            }) => self.chunked(&mut reader, &mut send).await,
-            Err(error) => Err(Refusal::Malformed(error.to_string())),
-        };
+        let outcome = async {
+            let header = reader
+                .decode(16, HEADER_DEADLINE, ExitRequest::decode)
+                .await
+                .map_err(|error| Refusal::Malformed(error.to_string()))?;
+            let media = Media::from(header.media);
+            tracing::Span::current().record("tokengo.media", media.as_str());
+            self.metrics
+                .requests
+                .get_or_create(&MediaLabel { media })
+                .inc();
+            tally.media = Some(media);
+            match header.media {
+                MediaType::Single => self.single(&mut reader, &mut send, &mut tally).await,
+                MediaType::Chunked => self.chunked(&mut reader, &mut send, &mut tally).await,
+            }
+        }
+        .instrument(span.clone())
+        .await;
+        match &outcome {
+            Ok(Answered::ByBackend) => {
+                span.record("tokengo.outcome", "ok");
+            }
+            Ok(Answered::ByExit) => {
+                span.record("tokengo.outcome", "answered_by_exit");
+            }
+            Err(refusal) => {
+                self.metrics.error(refusal.class());
+                tally.done(None);
+                span.record("tokengo.outcome", "refused");
+                span.record("otel.status_code", "error");
+            }
+        }
         if let Err(refusal) = outcome {
             tracing::debug!(%refusal, "request refused");
             reader.stop(code::PROTOCOL);
@@ -141,7 +305,8 @@ impl Gateway {
         &self,
         reader: &mut StreamReader,
         send: &mut quinn::SendStream,
-    ) -> Result<(), Refusal> {
+        tally: &mut Tally,
+    ) -> Result<Answered, Refusal> {
         let max = self.limits.max_request_body.saturating_add(64 * 1024);
         let encapsulated =
             tokio::time::timeout(self.backend.idle_timeout(), reader.read_to_end(max))
@@ -160,42 +325,125 @@ impl Gateway {
         let (head, body) = match bhttp::decode_request(&message, &limits) {
             Ok(request) => request,
             Err(error) => {
-                let (head, body) = error_response(&ApiError::BadRequest(error.to_string()));
-                return write_single(send, sealer, &head, &body).await;
+                let (head, body) = self.failed(&ApiError::BadRequest(error.to_string()));
+                write_single(send, sealer, &head, &body, tally, None).await?;
+                return Ok(Answered::ByExit);
             }
         };
-        let (head, body) = self.exchange_whole(&head, Bytes::from(body)).await;
-        write_single(send, sealer, &head, &body).await
+        let (head, body, backend) = self.exchange_whole(&head, Bytes::from(body)).await;
+        write_single(send, sealer, &head, &body, tally, backend).await?;
+        Ok(if backend.is_some() {
+            Answered::ByBackend
+        } else {
+            Answered::ByExit
+        })
     }
 
-    /// Calls the backend and collects the whole response (single-message mode).
-    async fn exchange_whole(&self, head: &RequestHead, body: Bytes) -> (ResponseHead, Bytes) {
+    /// Calls the backend and collects the whole response (single-message mode). The response
+    /// head tells the client the backend's time.
+    async fn exchange_whole(
+        &self,
+        head: &RequestHead,
+        body: Bytes,
+    ) -> (ResponseHead, Bytes, Option<Duration>) {
         let request = match BackendRequest::from_bhttp(head, body) {
             Ok(request) => request,
-            Err(error) => return error_response(&error),
+            Err(error) => {
+                let (head, body) = self.failed(&error);
+                return (head, body, None);
+            }
         };
-        let response = match self.backend.send(request).await {
-            Ok(response) => response,
-            Err(error) => return error_response(&error),
-        };
-        let head = response_head(&response);
-        let mut body = BytesMut::new();
-        let mut stream = response.bytes_stream();
-        while let Some(chunk) = stream.next().await {
-            match chunk {
-                Ok(chunk) if body.len() + chunk.len() <= self.limits.max_response_body => {
-                    body.extend_from_slice(&chunk);
+        tracing::Span::current().record("http.request.method", request.method.as_str());
+        let span = backend_span();
+        let exchange = async {
+            let started = Instant::now();
+            let response = self.call(request).await?;
+            let mut head = response_head(&response);
+            let mut body = BytesMut::new();
+            let mut stream = response.bytes_stream();
+            while let Some(chunk) = stream.next().await {
+                match chunk {
+                    Ok(chunk) if body.len() + chunk.len() <= self.limits.max_response_body => {
+                        self.received(chunk.len());
+                        body.extend_from_slice(&chunk);
+                    }
+                    Ok(_) => {
+                        return Err(ApiError::BackendFailed(format!(
+                            "response larger than {} bytes; use streaming",
+                            self.limits.max_response_body
+                        )));
+                    }
+                    Err(error) => return Err(super::backend::classify(&error)),
                 }
-                Ok(_) => {
-                    return error_response(&ApiError::BackendFailed(format!(
-                        "response larger than {} bytes; use streaming",
-                        self.limits.max_response_body
-                    )));
-                }
-                Err(error) => return error_response(&super::backend::classify(&error)),
+            }
+            let total = started.elapsed();
+            head.fields.push(http_message::backend_time_field(total));
+            Ok((head, body.freeze(), total))
+        }
+        .instrument(span.clone())
+        .await;
+        match exchange {
+            Ok((head, body, time)) => {
+                tracing::Span::current()
+                    .record("http.response.status_code", i64::from(head.status));
+                (head, body, Some(time))
+            }
+            Err(error) => {
+                span.record("otel.status_code", "error");
+                let (head, body) = self.failed(&error);
+                (head, body, None)
             }
         }
-        (head, body.freeze())
+    }
+
+    /// Sends a request to the backend, counting what it costs and whether the backend could
+    /// be reached.
+    async fn call(&self, request: BackendRequest) -> Result<reqwest::Response, ApiError> {
+        self.metrics
+            .forwarded_bytes
+            .get_or_create(&FlowLabel {
+                direction: Flow::ToBackend,
+            })
+            .inc_by(request.body.len() as u64);
+        match self.backend.send(request).await {
+            Ok(response) => {
+                self.metrics.backend_up.set(1);
+                let status = response.status().as_u16();
+                self.metrics
+                    .backend_responses
+                    .get_or_create(&StatusLabel {
+                        status_class: StatusClass::of(status),
+                    })
+                    .inc();
+                tracing::Span::current().record("http.response.status_code", i64::from(status));
+                Ok(response)
+            }
+            Err(error) => {
+                if error == ApiError::BackendUnreachable {
+                    self.metrics.backend_up.set(0);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    fn received(&self, len: usize) {
+        self.metrics
+            .forwarded_bytes
+            .get_or_create(&FlowLabel {
+                direction: Flow::FromBackend,
+            })
+            .inc_by(len as u64);
+    }
+
+    /// The encrypted error response for `error`, counted.
+    fn failed(&self, error: &ApiError) -> (ResponseHead, Bytes) {
+        self.metrics.error(ErrorClass::from(error));
+        tracing::Span::current().record(
+            "http.response.status_code",
+            i64::from(error.status().as_u16()),
+        );
+        error_response(error)
     }
 
     /// Chunked OHTTP: the request is read chunk by chunk; the response is sealed and sent one
@@ -204,7 +452,8 @@ impl Gateway {
         &self,
         reader: &mut StreamReader,
         send: &mut quinn::SendStream,
-    ) -> Result<(), Refusal> {
+        tally: &mut Tally,
+    ) -> Result<Answered, Refusal> {
         let keys = self.keys();
         let mut opener = keys.chunked_request();
         let mut decoder = RequestDecoder::new(self.bhttp_limits());
@@ -281,26 +530,54 @@ impl Gateway {
         out.start(&nonce).await?;
         let request = match BackendRequest::from_bhttp(&head, body.freeze()) {
             Ok(request) => request,
-            Err(error) => return out.whole(error_response(&error)).await,
+            Err(error) => {
+                out.whole(self.failed(&error), tally).await?;
+                return Ok(Answered::ByExit);
+            }
         };
-        let response = match self.backend.send(request).await {
+        tracing::Span::current().record("http.request.method", request.method.as_str());
+        let span = backend_span();
+        let started = Instant::now();
+        let response = match self.call(request).instrument(span.clone()).await {
             Ok(response) => response,
-            Err(error) => return out.whole(error_response(&error)).await,
+            Err(error) => {
+                span.record("otel.status_code", "error");
+                drop(span);
+                out.whole(self.failed(&error), tally).await?;
+                return Ok(Answered::ByExit);
+            }
         };
-        out.head(&response_head(&response)).await?;
-        let mut stream = response.bytes_stream();
-        while let Some(piece) = stream.next().await {
-            match piece {
-                Ok(bytes) => out.body(&bytes).await?,
-                Err(error) => {
-                    // The status is already sent: the only honest signal left is to break the
-                    // stream, which the client reports as a truncated response.
-                    tracing::info!(error = %super::backend::classify(&error), "backend stream failed mid-response");
-                    return Err(Refusal::Stream);
+        // The head goes out as soon as the backend's arrives, so the client learns the
+        // backend's time to its response head; the full time only the exit's metrics see.
+        let mut head = response_head(&response);
+        head.fields
+            .push(http_message::backend_time_field(started.elapsed()));
+        tracing::Span::current().record("http.response.status_code", i64::from(head.status));
+        let relayed = async {
+            out.head(&head).await?;
+            let mut stream = response.bytes_stream();
+            while let Some(piece) = stream.next().await {
+                match piece {
+                    Ok(bytes) => {
+                        self.received(bytes.len());
+                        out.body(&bytes).await?;
+                    }
+                    Err(error) => {
+                        // The status is already sent: the only honest signal left is to break
+                        // the stream, which the client reports as a truncated response.
+                        let error = super::backend::classify(&error);
+                        tracing::info!(%error, "backend stream failed mid-response");
+                        tracing::Span::current().record("otel.status_code", "error");
+                        return Err(Refusal::Backend(ErrorClass::from(&error)));
+                    }
                 }
             }
+            Ok(started.elapsed())
         }
-        out.finish().await
+        .instrument(span)
+        .await?;
+        out.finish(tally, Some(relayed)).await?;
+        Ok(Answered::ByBackend)
     }
 
     fn bhttp_limits(&self) -> bhttp::Limits {
@@ -347,7 +624,8 @@ impl ChunkedWriter<'_> {
         self.seal(&plain).await
     }
 
-    async fn finish(mut self) -> Result<(), Refusal> {
+    /// Seals and writes the final chunk; `tally` is completed right before it goes out.
+    async fn finish(mut self, tally: &mut Tally, backend: Option<Duration>) -> Result<(), Refusal> {
         let encoder = self.encoder.take().ok_or(Refusal::Stream)?;
         // The padding hides the total size in a bucket; per-chunk sizes still show timing
         // and event sizes to the relay, which is the price of streaming.
@@ -358,15 +636,20 @@ impl ChunkedWriter<'_> {
             .sealer
             .seal_split(&plain, true)
             .map_err(|e| Refusal::Malformed(e.to_string()))?;
+        tally.done(backend);
         self.write(sealed).await?;
         let _ = self.send.finish();
         Ok(())
     }
 
-    async fn whole(mut self, (head, body): (ResponseHead, Bytes)) -> Result<(), Refusal> {
+    async fn whole(
+        mut self,
+        (head, body): (ResponseHead, Bytes),
+        tally: &mut Tally,
+    ) -> Result<(), Refusal> {
         self.head(&head).await?;
         self.body(&body).await?;
-        self.finish().await
+        self.finish(tally, None).await
     }
 
     async fn seal(&mut self, plain: &[u8]) -> Result<(), Refusal> {
@@ -390,6 +673,8 @@ async fn write_single(
     sealer: ohttp::ResponseSealer,
     head: &ResponseHead,
     body: &[u8],
+    tally: &mut Tally,
+    backend: Option<Duration>,
 ) -> Result<(), Refusal> {
     let padded = padding::bucket(bhttp::encoded_response_len(head, body.len()));
     let message = bhttp::encode_response(head, body, padded)
@@ -400,6 +685,7 @@ async fn write_single(
     let mut out = Vec::with_capacity(1 + sealed.len());
     out.push(Status::Ok as u8);
     out.extend_from_slice(&sealed);
+    tally.done(backend);
     send.write_chunk(Bytes::from(out))
         .await
         .map_err(|_| Refusal::Stream)?;
@@ -407,10 +693,22 @@ async fn write_single(
     Ok(())
 }
 
+/// The span around one backend exchange (a child of `exit.request`).
+fn backend_span() -> tracing::Span {
+    tracing::info_span!(
+        "exit.backend",
+        otel.kind = "client",
+        http.response.status_code = Empty,
+        otel.status_code = Empty,
+    )
+}
+
 fn response_head(response: &reqwest::Response) -> ResponseHead {
     ResponseHead {
         status: response.status().as_u16(),
-        fields: http_message::to_fields(response.headers(), |_| false),
+        // The backend-time field is the exit's to set: a backend's own copy could mislead the
+        // client's metrics.
+        fields: http_message::to_fields(response.headers(), http_message::is_backend_time),
     }
 }
 
@@ -424,4 +722,49 @@ fn error_response(error: &ApiError) -> (ResponseHead, Bytes) {
         }],
     };
     (head, Bytes::from(error.body()))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::config::{BackendConfig, RedactedHeaders};
+
+    #[test]
+    fn key_rotation_is_counted_and_both_keys_are_reported() {
+        let backend = Backend::new(&BackendConfig {
+            url: "http://127.0.0.1:9".parse().unwrap(),
+            headers: RedactedHeaders::default(),
+            idle_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(1),
+        })
+        .unwrap();
+        let metrics = Arc::new(ExitMetrics::new());
+        let mut keyring = Keyring::generate(1, 100).unwrap();
+        let gateway = Gateway::new(&keyring, backend, Limits::default(), Arc::clone(&metrics));
+        assert_eq!(gateway.key_status().len(), 1);
+        assert_eq!(metrics.key_rotations.get(), 0);
+        keyring.rotate(200).unwrap();
+        gateway.set_keys(&keyring);
+        assert_eq!(metrics.key_rotations.get(), 1);
+        let keys = gateway.key_status();
+        assert_eq!(keys.len(), 2);
+        assert_eq!(
+            (keys[0].slot.as_str(), keys[0].created_at),
+            ("current", 200)
+        );
+        assert_eq!((keys[1].key_id, keys[1].slot.as_str()), (1, "previous"));
+        let created = |key_id, slot| {
+            metrics
+                .ohttp_key_created
+                .get(&KeyLabel { key_id, slot })
+                .map(|g| g.get())
+        };
+        assert_eq!(created(1, KeySlot::Previous), Some(100));
+        assert_eq!(created(1, KeySlot::Current), None, "stale series removed");
+        assert_eq!(
+            created(u32::from(keys[0].key_id), KeySlot::Current),
+            Some(200)
+        );
+    }
 }

@@ -6,6 +6,7 @@ use std::{collections::HashMap, sync::Mutex};
 
 use bytes::Bytes;
 use libp2p_identity::PeerId;
+use prometheus_client::metrics::gauge::Gauge;
 
 /// One registered exit.
 #[derive(Debug, Clone)]
@@ -21,6 +22,9 @@ pub struct Registry {
     exits: Mutex<HashMap<PeerId, Entry>>,
     /// Number of registered exits, for whoever waits on changes (readiness, tests).
     count: tokio::sync::watch::Sender<usize>,
+    /// The same number as a metric, set under the lock so concurrent changes cannot leave it
+    /// at a stale value.
+    gauge: Gauge,
 }
 
 impl Default for Registry {
@@ -28,6 +32,7 @@ impl Default for Registry {
         Self {
             exits: Mutex::default(),
             count: tokio::sync::watch::Sender::new(0),
+            gauge: Gauge::default(),
         }
     }
 }
@@ -62,7 +67,7 @@ impl Registry {
         let previous = {
             let mut exits = self.lock();
             let previous = exits.insert(peer, entry);
-            self.count.send_replace(exits.len());
+            self.counted(exits.len());
             previous
         };
         match previous {
@@ -89,7 +94,7 @@ impl Registry {
             .is_some_and(|e| e.connection.stable_id() == connection.stable_id())
         {
             exits.remove(peer);
-            self.count.send_replace(exits.len());
+            self.counted(exits.len());
             true
         } else {
             false
@@ -119,6 +124,17 @@ impl Registry {
     #[must_use]
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<usize> {
         self.count.subscribe()
+    }
+
+    /// The number of registered exits as a metric (`tokengo_relay_exits_registered`).
+    #[must_use]
+    pub fn gauge(&self) -> Gauge {
+        self.gauge.clone()
+    }
+
+    fn counted(&self, len: usize) {
+        self.count.send_replace(len);
+        self.gauge.set(i64::try_from(len).unwrap_or(i64::MAX));
     }
 
     /// Whether `peer` is registered.

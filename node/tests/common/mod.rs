@@ -20,14 +20,15 @@ use axum::{
     routing::{any, get},
 };
 use tokengo::{
-    client::Client,
+    admin::{self, RoleProbe},
+    client::{Client, ClientProbe},
     config::{BackendConfig, Limits, RedactedHeaders},
     data_dir::DataDir,
-    exit::Exit,
-    relay::{Direction, Registry, Relay, Tap},
+    exit::{Exit, ExitProbe},
+    relay::{Direction, Registry, Relay, RelayProbe, Tap},
     transport::RelayAddr,
 };
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 /// Installs the crypto provider and a test log subscriber once.
@@ -62,6 +63,7 @@ impl Tap for Recorder {
 pub struct RelayHandle {
     pub addr: RelayAddr,
     pub registry: Arc<Registry>,
+    pub probe: RelayProbe,
     pub stop: CancellationToken,
     pub task: tokio::task::JoinHandle<()>,
 }
@@ -87,11 +89,13 @@ pub async fn start_relay_with(
     }
     let addr = relay.addr().clone();
     let registry = relay.registry();
+    let probe = relay.probe();
     let stop = CancellationToken::new();
     let task = tokio::spawn(relay.run(stop.clone()));
     RelayHandle {
         addr,
         registry,
+        probe,
         stop,
         task,
     }
@@ -109,6 +113,7 @@ pub fn backend_config(url: &str, idle: Duration) -> BackendConfig {
 /// A running exit.
 pub struct ExitHandle {
     pub peer_id: libp2p_identity::PeerId,
+    pub probe: ExitProbe,
     pub stop: CancellationToken,
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
     pub registered: watch::Receiver<bool>,
@@ -121,6 +126,7 @@ pub async fn start_exit(relay: &RelayAddr, backend: BackendConfig, limits: &Limi
     let exit = Exit::load(&data_dir, &backend, limits.clone()).unwrap();
     let peer_id = exit.peer_id();
     let (tx, mut registered) = watch::channel(false);
+    let probe = exit.probe(relay.clone(), tx.subscribe());
     let stop = CancellationToken::new();
     let task = tokio::spawn(exit.run(relay.clone(), tx, stop.clone()));
     tokio::time::timeout(Duration::from_secs(20), registered.wait_for(|r| *r))
@@ -129,6 +135,7 @@ pub async fn start_exit(relay: &RelayAddr, backend: BackendConfig, limits: &Limi
         .unwrap();
     ExitHandle {
         peer_id,
+        probe,
         stop,
         task,
         registered,
@@ -139,6 +146,9 @@ pub async fn start_exit(relay: &RelayAddr, backend: BackendConfig, limits: &Limi
 /// A running client; `url` is its HTTP base.
 pub struct ClientHandle {
     pub url: String,
+    pub probe: ClientProbe,
+    /// The UDP address the client dials the relay from.
+    pub quic_addr: SocketAddr,
     pub stop: CancellationToken,
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -153,9 +163,17 @@ pub async fn start_client(relay: &RelayAddr, limits: &Limits) -> ClientHandle {
     .unwrap();
     client.check_relay().await.unwrap();
     let url = format!("http://{}", client.local_addr());
+    let probe = client.probe();
+    let quic_addr = client.quic_local_addr().unwrap();
     let stop = CancellationToken::new();
     let task = tokio::spawn(client.run(stop.clone()));
-    ClientHandle { url, stop, task }
+    ClientHandle {
+        url,
+        probe,
+        quic_addr,
+        stop,
+        task,
+    }
 }
 
 /// Relay, exit and client wired together.
@@ -186,6 +204,18 @@ pub async fn chain(
 pub struct Backend {
     pub url: String,
     pub stop: CancellationToken,
+    /// Ends when the server has stopped (its port is closed).
+    pub task: tokio::task::JoinHandle<()>,
+    /// Releases the second event of `/held` streams.
+    pub gate: Arc<Notify>,
+}
+
+impl Backend {
+    /// Stops the server and waits until its port no longer accepts connections.
+    pub async fn shut_down(self) {
+        self.stop.cancel();
+        self.task.await.unwrap();
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -256,6 +286,28 @@ async fn slow(Query(params): Query<SlowParams>) -> Response {
         .unwrap()
 }
 
+/// An SSE stream whose first event is sent at once and whose last waits until the test
+/// releases `gate`: the stream is certainly in flight between the two.
+async fn held(gate: Arc<Notify>) -> Response {
+    let stream = futures_util::stream::unfold(0u32, move |i| {
+        let gate = Arc::clone(&gate);
+        async move {
+            match i {
+                0 => Some((Ok::<_, std::io::Error>(Bytes::from("data: first\n\n")), 1)),
+                1 => {
+                    gate.notified().await;
+                    Some((Ok(Bytes::from("data: last\n\n")), 2))
+                }
+                _ => None,
+            }
+        }
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(Body::from_stream(stream))
+        .unwrap()
+}
+
 async fn big(Query(params): Query<std::collections::HashMap<String, usize>>) -> Response {
     let len = params.get("len").copied().unwrap_or(1 << 20);
     let body: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
@@ -263,21 +315,115 @@ async fn big(Query(params): Query<std::collections::HashMap<String, usize>>) -> 
 }
 
 pub async fn start_backend() -> Backend {
+    let gate = Arc::new(Notify::new());
+    let held_gate = Arc::clone(&gate);
     let router = Router::new()
         .route("/slow", any(slow))
         .route("/big", get(big))
+        .route("/held", any(move || held(Arc::clone(&held_gate))))
         .fallback(echo);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let stop = CancellationToken::new();
     let drain = stop.clone();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         axum::serve(listener, router)
             .with_graceful_shutdown(async move { drain.cancelled().await })
             .await
             .unwrap();
     });
-    Backend { url, stop }
+    Backend {
+        url,
+        stop,
+        task,
+        gate,
+    }
+}
+
+/// A running admin endpoint; `url` is its base.
+pub struct Admin {
+    pub url: String,
+    pub stop: CancellationToken,
+}
+
+pub async fn start_admin(role: admin::Role, probes: Vec<RoleProbe>) -> Admin {
+    let stop = CancellationToken::new();
+    let handle = admin::start(
+        Some("127.0.0.1:0".parse().unwrap()),
+        role,
+        probes,
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    Admin {
+        url: format!("http://{}", handle.local_addr().unwrap()),
+        stop,
+    }
+}
+
+impl Admin {
+    /// `GET path`: status and body.
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let response = reqwest::get(format!("{}{path}", self.url)).await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap())
+    }
+
+    /// The metrics, checked for the exposition's own syntax.
+    pub async fn scrape(&self) -> Scrape {
+        let response = reqwest::get(format!("{}/metrics", self.url)).await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(
+            response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("application/openmetrics-text"),
+        );
+        Scrape::parse(&response.text().await.unwrap())
+    }
+}
+
+/// Parsed OpenMetrics text: every sample by its series (`name{labels}` exactly as exposed).
+pub struct Scrape {
+    pub text: String,
+    pub samples: std::collections::BTreeMap<String, f64>,
+}
+
+impl Scrape {
+    pub fn parse(text: &str) -> Self {
+        assert!(text.ends_with("# EOF\n"), "no EOF marker:\n{text}");
+        let mut samples = std::collections::BTreeMap::new();
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let (series, value) = line.rsplit_once(' ').expect("sample line");
+            let value = match value {
+                "+Inf" => f64::INFINITY,
+                v => v
+                    .parse()
+                    .unwrap_or_else(|_| panic!("bad value in {line:?}")),
+            };
+            assert!(
+                samples.insert(series.to_owned(), value).is_none(),
+                "series twice: {series}"
+            );
+        }
+        Self {
+            text: text.to_owned(),
+            samples,
+        }
+    }
+
+    /// The value of a series, e.g. `tokengo_exit_requests_total{media="single"}`; the series
+    /// must exist.
+    pub fn get(&self, series: &str) -> f64 {
+        *self
+            .samples
+            .get(series)
+            .unwrap_or_else(|| panic!("no series {series} in:\n{}", self.text))
+    }
 }
 
 /// A loopback port with nothing listening (bound, then released).

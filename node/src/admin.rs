@@ -1,0 +1,298 @@
+//! The admin listener: a small HTTP server, separate from the user-facing endpoint and the
+//! relay's QUIC port, for operators and Kubernetes probes. Off unless `--admin-listen` is
+//! given; loopback is the expected address (a pod gives its own IP for kubelet probes).
+//!
+//! - `GET /metrics`: Prometheus metrics (OpenMetrics text) of every role the process runs.
+//! - `GET /healthz`: 200 while the process runs (liveness).
+//! - `GET /readyz`: 200 when every role can do its job, else 503 with the reasons (readiness):
+//!   relay: accepting connections; exit: registered with its relay and backend reachable;
+//!   client: at least one usable exit.
+//! - `GET /status`: a JSON [`StatusReport`] for `tokengo status`.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    client::ClientProbe,
+    exit::ExitProbe,
+    metrics::{ProcessInfo, RateWindow},
+    relay::RelayProbe,
+    status::StatusReport,
+};
+
+/// How often request counters are sampled for the per-minute rates in `/status`.
+const RATE_SAMPLE_EVERY: Duration = Duration::from_secs(5);
+
+/// Which command runs in this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `tokengo relay`.
+    Relay,
+    /// `tokengo exit`.
+    Exit,
+    /// `tokengo client`.
+    Client,
+    /// `tokengo serve` (all three).
+    Serve,
+}
+
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Relay => "relay",
+            Self::Exit => "exit",
+            Self::Client => "client",
+            Self::Serve => "serve",
+        }
+    }
+}
+
+/// A running role, as the admin listener sees it.
+#[derive(Debug, Clone)]
+pub enum RoleProbe {
+    /// A relay.
+    Relay(RelayProbe),
+    /// An exit.
+    Exit(ExitProbe),
+    /// A client.
+    Client(ClientProbe),
+}
+
+impl RoleProbe {
+    /// Why the role is not ready (empty when it is).
+    async fn not_ready(&self) -> Vec<String> {
+        match self {
+            Self::Relay(probe) => probe.not_ready(),
+            Self::Exit(probe) => probe.not_ready().await,
+            Self::Client(probe) => probe.not_ready().await,
+        }
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        match self {
+            Self::Relay(probe) => probe.metrics().register(registry),
+            Self::Exit(probe) => probe.metrics().register(registry),
+            Self::Client(probe) => probe.metrics().register(registry),
+        }
+    }
+
+    /// Sets the gauges that mirror live state (connections that may have died since the
+    /// last event, whether the backend answers) right before a scrape.
+    async fn refresh(&self) {
+        match self {
+            Self::Relay(_) => {}
+            Self::Exit(probe) => probe.refresh().await,
+            Self::Client(probe) => probe.refresh(),
+        }
+    }
+
+    fn requests_total(&self) -> u64 {
+        match self {
+            Self::Relay(probe) => probe.metrics().forwards_total(),
+            Self::Exit(probe) => probe.metrics().requests_total(),
+            Self::Client(probe) => probe.metrics().requests_total(),
+        }
+    }
+}
+
+/// Why the admin listener could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The TCP port could not be bound.
+    #[error(
+        "cannot listen on {listen} for the admin endpoint: {source} (choose another with --admin-listen)"
+    )]
+    Bind {
+        /// The address.
+        listen: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+struct AdminState {
+    role: Role,
+    probes: Vec<RoleProbe>,
+    registry: Registry,
+    process: ProcessInfo,
+    /// One per probe, same order.
+    rates: Vec<RateWindow>,
+}
+
+impl std::fmt::Debug for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminState")
+            .field("role", &self.role)
+            .field("probes", &self.probes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A running (or disabled) admin listener.
+#[derive(Debug)]
+pub struct AdminHandle {
+    addr: Option<SocketAddr>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl AdminHandle {
+    /// The bound address, if the listener is enabled.
+    #[must_use]
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.addr
+    }
+
+    /// Waits until the listener has stopped (after the shutdown token fired).
+    pub async fn stopped(self) {
+        if let Some(task) = self.task {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Starts the admin listener on `listen` (nothing when `None`) for `probes`, until `shutdown`.
+pub async fn start(
+    listen: Option<SocketAddr>,
+    role: Role,
+    probes: Vec<RoleProbe>,
+    shutdown: CancellationToken,
+) -> Result<AdminHandle, AdminError> {
+    let Some(listen) = listen else {
+        return Ok(AdminHandle {
+            addr: None,
+            task: None,
+        });
+    };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| AdminError::Bind { listen, source })?;
+    let addr = listener.local_addr().unwrap_or(listen);
+    if !listen.ip().is_loopback() {
+        tracing::warn!(%listen, "the admin endpoint is reachable from the network: /status shows this node's identities and relay addresses");
+    }
+    let mut registry = Registry::with_prefix("tokengo");
+    let process = ProcessInfo::default();
+    process.register(&mut registry);
+    for probe in &probes {
+        probe.register(&mut registry);
+    }
+    let rates = probes.iter().map(|_| RateWindow::default()).collect();
+    let state = Arc::new(AdminState {
+        role,
+        probes,
+        registry,
+        process,
+        rates,
+    });
+    let router = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/status", get(status))
+        .with_state(Arc::clone(&state));
+    // On stdout with the other lines a script acts on: with port 0 this is the only way to
+    // learn the address.
+    println!("admin endpoint on http://{addr}");
+    let task = tokio::spawn(async move {
+        let sampler = sample_rates(Arc::clone(&state), shutdown.clone());
+        let server = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await });
+        let (_, served) = tokio::join!(sampler, server);
+        if let Err(error) = served {
+            tracing::warn!(%error, "admin endpoint failed");
+        }
+    });
+    Ok(AdminHandle {
+        addr: Some(addr),
+        task: Some(task),
+    })
+}
+
+async fn sample_rates(state: Arc<AdminState>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(RATE_SAMPLE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for (probe, window) in state.probes.iter().zip(&state.rates) {
+            window.record(probe.requests_total());
+        }
+    }
+}
+
+async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
+    for probe in &state.probes {
+        probe.refresh().await;
+    }
+    let mut text = String::new();
+    if prometheus_client::encoding::text::encode(&mut text, &state.registry).is_err() {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn not_ready(state: &AdminState) -> Vec<String> {
+    let mut reasons = Vec::new();
+    for probe in &state.probes {
+        reasons.extend(probe.not_ready().await);
+    }
+    reasons
+}
+
+async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
+    let reasons = not_ready(&state).await;
+    if reasons.is_empty() {
+        (StatusCode::OK, "ready\n".to_owned()).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", reasons.join("; ")),
+        )
+            .into_response()
+    }
+}
+
+async fn status(State(state): State<Arc<AdminState>>) -> Response {
+    let not_ready = not_ready(&state).await;
+    let mut report = StatusReport {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        role: state.role.as_str().to_owned(),
+        uptime_secs: state.process.uptime().as_secs(),
+        ready: not_ready.is_empty(),
+        not_ready,
+        relay: None,
+        exit: None,
+        client: None,
+    };
+    for (probe, window) in state.probes.iter().zip(&state.rates) {
+        let rate = window.rate(probe.requests_total());
+        match probe {
+            RoleProbe::Relay(probe) => report.relay = Some(probe.status(rate)),
+            RoleProbe::Exit(probe) => report.exit = Some(probe.status(rate)),
+            RoleProbe::Client(probe) => report.client = Some(probe.status(rate)),
+        }
+    }
+    axum::Json(report).into_response()
+}

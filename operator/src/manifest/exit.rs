@@ -1,0 +1,354 @@
+//! Desired children of a `TokenGoExit`: its key Secret (identity and OHTTP keyring) and a
+//! Deployment whose pods run one `tokengo exit` container per relay, all with the same keys.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    ByteString,
+    api::{
+        apps::v1::{Deployment, DeploymentSpec},
+        core::v1::{
+            Container, ContainerPort, EnvVar, EnvVarSource, KeyToPath, PodSpec, PodTemplateSpec,
+            Secret, SecretKeySelector, SecretVolumeSource, Volume, VolumeMount,
+        },
+    },
+    apimachinery::pkg::apis::meta::v1::LabelSelector,
+};
+use kube::{Resource as _, ResourceExt as _, api::ObjectMeta};
+
+use super::{
+    DATA_DIR, KEYS_HASH_ANNOTATION, Settings, admin_probe, container_security, digest, labels,
+    owned, pod_security,
+    relay::{non_empty, non_empty_vec},
+    selector,
+};
+use crate::{keys::PublicKey, resource::TokenGoExit};
+
+/// The file the node reads the exit identity from.
+pub const IDENTITY_FILE: &str = "exit_identity.key";
+/// The file the node reads the OHTTP keyring from.
+pub const KEYRING_FILE: &str = "ohttp_keys.json";
+/// Annotation on the key Secret: the last `tokengo.io/rotate` value of the exit that was acted
+/// on, so a rotation request is carried out once.
+pub const ROTATION_HANDLED_ANNOTATION: &str = "tokengo.io/rotation-handled";
+/// Annotation a user sets (to any new value) on a `TokenGoExit` to rotate its key now.
+pub const ROTATE_ANNOTATION: &str = "tokengo.io/rotate";
+const COMPONENT: &str = "exit";
+
+/// Name of the Deployment.
+#[must_use]
+pub fn workload_name(exit: &TokenGoExit) -> String {
+    format!("{}-exit", exit.name_any())
+}
+
+/// Name of the key Secret.
+#[must_use]
+pub fn keys_secret_name(exit: &TokenGoExit) -> String {
+    format!("{}-exit-keys", exit.name_any())
+}
+
+fn meta(exit: &TokenGoExit, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: exit.namespace(),
+        labels: Some(labels(COMPONENT, &exit.name_any())),
+        owner_references: exit.controller_owner_ref(&()).and_then(owned),
+        ..Default::default()
+    }
+}
+
+/// The key Secret: identity and keyring in the files the node reads. `rotation_handled` is the
+/// rotation request already carried out (if any).
+#[must_use]
+pub fn keys_secret(
+    exit: &TokenGoExit,
+    identity: &[u8],
+    keyring: &[u8],
+    rotation_handled: Option<&str>,
+) -> Secret {
+    let mut metadata = meta(exit, keys_secret_name(exit));
+    metadata.annotations = rotation_handled
+        .map(|v| BTreeMap::from([(ROTATION_HANDLED_ANNOTATION.to_owned(), v.to_owned())]));
+    Secret {
+        metadata,
+        type_: Some("Opaque".to_owned()),
+        data: Some(BTreeMap::from([
+            (IDENTITY_FILE.to_owned(), ByteString(identity.to_vec())),
+            (KEYRING_FILE.to_owned(), ByteString(keyring.to_vec())),
+        ])),
+        ..Default::default()
+    }
+}
+
+/// Digest of the public key material: the pod-template annotation that rolls pods on rotation.
+#[must_use]
+pub fn keys_hash(peer_id: &str, keys: &[PublicKey]) -> String {
+    let encoded: Vec<Vec<u8>> = keys.iter().map(|k| k.config.encode()).collect();
+    digest(std::iter::once(peer_id.as_bytes()).chain(encoded.iter().map(Vec::as_slice)))
+}
+
+/// The exit Deployment: one container per relay address (`relays` is non-empty, at most
+/// [`crate::resource::exit::MAX_RELAYS`]).
+#[must_use]
+pub fn deployment(
+    exit: &TokenGoExit,
+    settings: &Settings,
+    relays: &[String],
+    keys_hash: &str,
+) -> Deployment {
+    let spec = &exit.spec;
+    let name = exit.name_any();
+    let image = spec
+        .image
+        .clone()
+        .unwrap_or_else(|| settings.node_image.clone());
+    let containers = relays
+        .iter()
+        .enumerate()
+        .map(|(index, relay)| {
+            // Each container needs its own admin port: containers of a pod share the network.
+            let admin_port = spec
+                .admin_port
+                .saturating_add(i32::try_from(index).unwrap_or(0));
+            let mut args = vec![
+                "exit".to_owned(),
+                "--relay".to_owned(),
+                relay.clone(),
+                "--backend".to_owned(),
+                spec.backend.url.clone(),
+                "--data-dir".to_owned(),
+                DATA_DIR.to_owned(),
+            ];
+            for header in &spec.backend.headers {
+                args.push("--header".to_owned());
+                args.push(format!("{}: {}", header.name, header.value));
+            }
+            let mut env = vec![
+                EnvVar {
+                    name: "TOKENGO_LOG_FORMAT".to_owned(),
+                    value: Some("json".to_owned()),
+                    ..Default::default()
+                },
+                EnvVar {
+                    name: "TOKENGO_ADMIN_LISTEN".to_owned(),
+                    value: Some(format!("0.0.0.0:{admin_port}")),
+                    ..Default::default()
+                },
+            ];
+            if let Some(secret) = &spec.backend.api_key_secret {
+                // From the Secret at start, so the key is never in the pod spec.
+                env.push(EnvVar {
+                    name: "TOKENGO_API_KEY".to_owned(),
+                    value_from: Some(EnvVarSource {
+                        secret_key_ref: Some(SecretKeySelector {
+                            name: secret.name.clone(),
+                            key: secret.key.clone(),
+                            optional: Some(false),
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                });
+            }
+            Container {
+                name: format!("exit-{index}"),
+                image: Some(image.clone()),
+                args: Some(args),
+                env: Some(env),
+                ports: Some(vec![ContainerPort {
+                    name: Some(format!("admin-{index}")),
+                    container_port: admin_port,
+                    protocol: Some("TCP".to_owned()),
+                    ..Default::default()
+                }]),
+                liveness_probe: Some(admin_probe("/healthz", admin_port, 10)),
+                readiness_probe: Some(admin_probe("/readyz", admin_port, 5)),
+                resources: spec.resources.clone(),
+                security_context: Some(container_security()),
+                volume_mounts: Some(vec![VolumeMount {
+                    name: "keys".to_owned(),
+                    mount_path: DATA_DIR.to_owned(),
+                    read_only: Some(true),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }
+        })
+        .collect();
+    let mut pod_labels = labels(COMPONENT, &name);
+    pod_labels.extend(selector(COMPONENT, &name));
+    Deployment {
+        metadata: meta(exit, workload_name(exit)),
+        spec: Some(DeploymentSpec {
+            replicas: Some(spec.replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector(COMPONENT, &name)),
+                ..Default::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(BTreeMap::from([(
+                        KEYS_HASH_ANNOTATION.to_owned(),
+                        keys_hash.to_owned(),
+                    )])),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers,
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    security_context: Some(pod_security()),
+                    node_selector: non_empty(spec.scheduling.node_selector.clone()),
+                    tolerations: non_empty_vec(spec.scheduling.tolerations.clone()),
+                    affinity: spec.scheduling.affinity.clone(),
+                    volumes: Some(vec![Volume {
+                        name: "keys".to_owned(),
+                        secret: Some(SecretVolumeSource {
+                            secret_name: Some(keys_secret_name(exit)),
+                            default_mode: Some(0o440),
+                            items: Some(
+                                [IDENTITY_FILE, KEYRING_FILE]
+                                    .iter()
+                                    .map(|file| KeyToPath {
+                                        key: (*file).to_owned(),
+                                        path: (*file).to_owned(),
+                                        ..Default::default()
+                                    })
+                                    .collect(),
+                            ),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::{keys::Keyring, resource::TokenGoExitSpec};
+    use serde_json::json;
+
+    fn exit(spec: serde_json::Value) -> TokenGoExit {
+        let spec: TokenGoExitSpec = serde_json::from_value(spec).unwrap();
+        let mut exit = TokenGoExit::new("llm", spec);
+        exit.metadata.namespace = Some("ai".into());
+        exit.metadata.uid = Some("uid-2".into());
+        exit
+    }
+
+    fn basic() -> TokenGoExit {
+        exit(json!({
+            "backend": {
+                "url": "http://ollama.models.svc:11434",
+                "apiKeySecret": {"name": "backend", "key": "token"},
+                "headers": [{"name": "X-Team", "value": "ml"}]
+            },
+            "relay": {"name": "edge"}
+        }))
+    }
+
+    const RELAYS: [&str; 2] = [
+        "/dns4/edge-relay.ai.svc.cluster.local/udp/4433/quic-v1/p2p/12D3KooWA",
+        "/ip4/203.0.113.7/udp/4433/quic-v1/p2p/12D3KooWB",
+    ];
+
+    #[test]
+    fn one_container_per_relay_with_backend_headers_and_secret_api_key() {
+        let exit = basic();
+        let relays: Vec<String> = RELAYS.iter().map(|s| (*s).to_owned()).collect();
+        let d = deployment(&exit, &Settings::default(), &relays, "hash");
+        let value = serde_json::to_value(&d).unwrap();
+        let pod = &value["spec"]["template"];
+        assert_eq!(
+            pod["metadata"]["annotations"]["tokengo.io/keys-hash"],
+            "hash"
+        );
+        let containers = pod["spec"]["containers"].as_array().unwrap();
+        assert_eq!(containers.len(), 2);
+        assert_eq!(
+            containers[0],
+            json!({
+                "name": "exit-0",
+                "image": "tokengo/node:latest",
+                "args": [
+                    "exit", "--relay", RELAYS[0], "--backend", "http://ollama.models.svc:11434",
+                    "--data-dir", "/var/lib/tokengo", "--header", "X-Team: ml"
+                ],
+                "env": [
+                    {"name": "TOKENGO_LOG_FORMAT", "value": "json"},
+                    {"name": "TOKENGO_ADMIN_LISTEN", "value": "0.0.0.0:9090"},
+                    {"name": "TOKENGO_API_KEY", "valueFrom": {"secretKeyRef": {"name": "backend", "key": "token", "optional": false}}}
+                ],
+                "ports": [{"name": "admin-0", "containerPort": 9090, "protocol": "TCP"}],
+                "livenessProbe": {"httpGet": {"path": "/healthz", "port": 9090}, "periodSeconds": 10, "failureThreshold": 3},
+                "readinessProbe": {"httpGet": {"path": "/readyz", "port": 9090}, "periodSeconds": 5, "failureThreshold": 3},
+                "securityContext": {
+                    "allowPrivilegeEscalation": false,
+                    "capabilities": {"drop": ["ALL"]},
+                    "readOnlyRootFilesystem": true,
+                    "runAsNonRoot": true
+                },
+                "volumeMounts": [{"name": "keys", "mountPath": "/var/lib/tokengo", "readOnly": true}]
+            })
+        );
+        assert_eq!(containers[1]["args"][2], RELAYS[1]);
+        assert_eq!(containers[1]["ports"][0]["containerPort"], 9091);
+        assert_eq!(containers[1]["readinessProbe"]["httpGet"]["port"], 9091);
+        assert_eq!(
+            pod["spec"]["volumes"],
+            json!([{"name": "keys", "secret": {
+                "secretName": "llm-exit-keys",
+                "defaultMode": 0o440,
+                "items": [
+                    {"key": "exit_identity.key", "path": "exit_identity.key"},
+                    {"key": "ohttp_keys.json", "path": "ohttp_keys.json"}
+                ]
+            }}])
+        );
+        assert_eq!(pod["spec"]["automountServiceAccountToken"], false);
+        assert_eq!(pod["spec"]["securityContext"]["runAsNonRoot"], true);
+        assert_eq!(value["metadata"]["name"], "llm-exit");
+        assert_eq!(
+            value["metadata"]["ownerReferences"][0]["kind"],
+            "TokenGoExit"
+        );
+        // The API key never appears as a literal anywhere in the pod spec.
+        assert!(!value.to_string().contains("Bearer"));
+    }
+
+    #[test]
+    fn keys_secret_holds_both_files_and_the_handled_rotation() {
+        let exit = basic();
+        let secret = keys_secret(&exit, b"id", b"ring", Some("r1"));
+        assert_eq!(secret.metadata.name.as_deref(), Some("llm-exit-keys"));
+        let data = secret.data.unwrap();
+        assert_eq!(data["exit_identity.key"].0, b"id");
+        assert_eq!(data["ohttp_keys.json"].0, b"ring");
+        assert_eq!(
+            secret.metadata.annotations.unwrap()[ROTATION_HANDLED_ANNOTATION],
+            "r1"
+        );
+        assert_eq!(
+            secret.immutable, None,
+            "rotation replaces the keyring in place"
+        );
+    }
+
+    #[test]
+    fn rotation_changes_the_keys_hash() {
+        let mut ring = Keyring::generate(1).unwrap();
+        let before = keys_hash("12D3KooWX", &ring.public_keys());
+        assert_eq!(before, keys_hash("12D3KooWX", &ring.public_keys()));
+        ring.rotate(2).unwrap();
+        assert_ne!(before, keys_hash("12D3KooWX", &ring.public_keys()));
+    }
+}

@@ -1,0 +1,503 @@
+//! Desired children of a `TokenGoRelay`: its identity Secret, a Deployment whose pods all mount
+//! that one identity, and a UDP Service; plus the addresses the status publishes.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use k8s_openapi::{
+    ByteString,
+    api::{
+        apps::v1::{Deployment, DeploymentSpec},
+        core::v1::{
+            Container, ContainerPort, EnvVar, KeyToPath, PodSpec, PodTemplateSpec, Secret,
+            SecretVolumeSource, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+        },
+    },
+    apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
+};
+use kube::{Resource as _, ResourceExt as _, api::ObjectMeta};
+
+use super::{
+    DATA_DIR, KEYS_HASH_ANNOTATION, Settings, admin_probe, container_security, digest, labels,
+    owned, pod_security, selector,
+};
+use crate::resource::{TokenGoRelay, relay::ServiceType};
+
+/// The file the node reads its identity from.
+pub const IDENTITY_FILE: &str = "relay_identity.key";
+const COMPONENT: &str = "relay";
+
+/// Name of the Deployment and the Service.
+#[must_use]
+pub fn workload_name(relay: &TokenGoRelay) -> String {
+    format!("{}-relay", relay.name_any())
+}
+
+/// Name of the identity Secret.
+#[must_use]
+pub fn identity_secret_name(relay: &TokenGoRelay) -> String {
+    format!("{}-relay-identity", relay.name_any())
+}
+
+fn meta(relay: &TokenGoRelay, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: relay.namespace(),
+        labels: Some(labels(COMPONENT, &relay.name_any())),
+        owner_references: relay.controller_owner_ref(&()).and_then(owned),
+        ..Default::default()
+    }
+}
+
+/// The identity Secret, made once: immutable, so nothing (this operator included) can replace
+/// the key under a running relay.
+#[must_use]
+pub fn identity_secret(relay: &TokenGoRelay, identity: &[u8]) -> Secret {
+    Secret {
+        metadata: meta(relay, identity_secret_name(relay)),
+        type_: Some("Opaque".to_owned()),
+        immutable: Some(true),
+        data: Some(BTreeMap::from([(
+            IDENTITY_FILE.to_owned(),
+            ByteString(identity.to_vec()),
+        )])),
+        ..Default::default()
+    }
+}
+
+/// The relay Deployment. `peer_id` feeds the pod-template hash, so a new identity rolls pods.
+#[must_use]
+pub fn deployment(relay: &TokenGoRelay, settings: &Settings, peer_id: &str) -> Deployment {
+    let spec = &relay.spec;
+    let name = relay.name_any();
+    let mut env = vec![
+        EnvVar {
+            name: "TOKENGO_LOG_FORMAT".to_owned(),
+            value: Some("json".to_owned()),
+            ..Default::default()
+        },
+        EnvVar {
+            name: "TOKENGO_ADMIN_LISTEN".to_owned(),
+            value: Some(format!("0.0.0.0:{}", spec.admin_port)),
+            ..Default::default()
+        },
+    ];
+    // Passed through for the node's coming DHT support; today's node ignores them.
+    if spec.dht.announce {
+        env.push(EnvVar {
+            name: "TOKENGO_DHT_ANNOUNCE".to_owned(),
+            value: Some("true".to_owned()),
+            ..Default::default()
+        });
+    }
+    if !spec.dht.bootstrap.is_empty() {
+        env.push(EnvVar {
+            name: "TOKENGO_BOOTSTRAP".to_owned(),
+            value: Some(spec.dht.bootstrap.join(",")),
+            ..Default::default()
+        });
+    }
+    let container = Container {
+        name: "relay".to_owned(),
+        image: Some(
+            spec.image
+                .clone()
+                .unwrap_or_else(|| settings.node_image.clone()),
+        ),
+        args: Some(vec![
+            "relay".to_owned(),
+            "--listen".to_owned(),
+            format!("0.0.0.0:{}", spec.port),
+            "--data-dir".to_owned(),
+            DATA_DIR.to_owned(),
+        ]),
+        env: Some(env),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("quic".to_owned()),
+                container_port: spec.port,
+                protocol: Some("UDP".to_owned()),
+                ..Default::default()
+            },
+            ContainerPort {
+                name: Some("admin".to_owned()),
+                container_port: spec.admin_port,
+                protocol: Some("TCP".to_owned()),
+                ..Default::default()
+            },
+        ]),
+        liveness_probe: Some(admin_probe("/healthz", spec.admin_port, 10)),
+        readiness_probe: Some(admin_probe("/readyz", spec.admin_port, 5)),
+        resources: spec.resources.clone(),
+        security_context: Some(container_security()),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "keys".to_owned(),
+            mount_path: DATA_DIR.to_owned(),
+            read_only: Some(true),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    };
+    let mut pod_labels = labels(COMPONENT, &name);
+    pod_labels.extend(selector(COMPONENT, &name));
+    Deployment {
+        metadata: meta(relay, workload_name(relay)),
+        spec: Some(DeploymentSpec {
+            replicas: Some(spec.replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector(COMPONENT, &name)),
+                ..Default::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(BTreeMap::from([(
+                        KEYS_HASH_ANNOTATION.to_owned(),
+                        digest([peer_id.as_bytes()]),
+                    )])),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    // The node never talks to the Kubernetes API.
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    security_context: Some(pod_security()),
+                    node_selector: non_empty(spec.scheduling.node_selector.clone()),
+                    tolerations: non_empty_vec(spec.scheduling.tolerations.clone()),
+                    affinity: spec.scheduling.affinity.clone(),
+                    volumes: Some(vec![Volume {
+                        name: "keys".to_owned(),
+                        secret: Some(SecretVolumeSource {
+                            secret_name: Some(identity_secret_name(relay)),
+                            // Group-readable only: the pod's fsGroup is the node's group.
+                            default_mode: Some(0o440),
+                            items: Some(vec![KeyToPath {
+                                key: IDENTITY_FILE.to_owned(),
+                                path: IDENTITY_FILE.to_owned(),
+                                ..Default::default()
+                            }]),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The relay Service: one UDP port.
+#[must_use]
+pub fn service(relay: &TokenGoRelay) -> Service {
+    let spec = &relay.spec;
+    let mut metadata = meta(relay, workload_name(relay));
+    metadata.annotations = non_empty(spec.service.annotations.clone());
+    let node_port = match spec.service.type_ {
+        ServiceType::ClusterIP => None,
+        ServiceType::NodePort | ServiceType::LoadBalancer => spec.service.node_port,
+    };
+    Service {
+        metadata,
+        spec: Some(ServiceSpec {
+            type_: Some(spec.service.type_.as_str().to_owned()),
+            selector: Some(selector(COMPONENT, &relay.name_any())),
+            ports: Some(vec![ServicePort {
+                name: Some("quic".to_owned()),
+                protocol: Some("UDP".to_owned()),
+                port: spec.port,
+                target_port: Some(IntOrString::String("quic".to_owned())),
+                node_port,
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The multiaddrs to publish: the in-cluster DNS name first, then the external address.
+#[must_use]
+pub fn addresses(relay: &TokenGoRelay, settings: &Settings, peer_id: &str) -> Vec<String> {
+    let spec = &relay.spec;
+    let namespace = relay.namespace().unwrap_or_else(|| "default".to_owned());
+    let mut out = vec![format!(
+        "/dns4/{}.{namespace}.svc.{}/udp/{}/quic-v1/p2p/{peer_id}",
+        workload_name(relay),
+        settings.cluster_domain,
+        spec.port
+    )];
+    if let Some(external) = &spec.external_address {
+        let port = match (spec.service.type_, spec.service.node_port) {
+            (ServiceType::NodePort, Some(node_port)) => node_port,
+            _ => spec.port,
+        };
+        let host = match external.parse::<IpAddr>() {
+            Ok(IpAddr::V4(ip)) => format!("/ip4/{ip}"),
+            Ok(IpAddr::V6(ip)) => format!("/ip6/{ip}"),
+            Err(_) => format!("/dns/{external}"),
+        };
+        out.push(format!("{host}/udp/{port}/quic-v1/p2p/{peer_id}"));
+    }
+    out
+}
+
+pub(crate) fn non_empty(map: BTreeMap<String, String>) -> Option<BTreeMap<String, String>> {
+    (!map.is_empty()).then_some(map)
+}
+
+pub(crate) fn non_empty_vec<T>(items: Vec<T>) -> Option<Vec<T>> {
+    (!items.is_empty()).then_some(items)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::resource::TokenGoRelaySpec;
+    use serde_json::json;
+
+    fn relay(spec: serde_json::Value) -> TokenGoRelay {
+        let spec: TokenGoRelaySpec = serde_json::from_value(spec).unwrap();
+        let mut relay = TokenGoRelay::new("edge", spec);
+        relay.metadata.namespace = Some("net".into());
+        relay.metadata.uid = Some("uid-1".into());
+        relay
+    }
+
+    const PEER: &str = "12D3KooWPeer";
+
+    #[test]
+    fn deployment_runs_the_relay_locked_down_with_its_identity() {
+        let relay = relay(json!({}));
+        let deployment =
+            serde_json::to_value(deployment(&relay, &Settings::default(), PEER)).unwrap();
+        let expected = json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {
+                "name": "edge-relay",
+                "namespace": "net",
+                "labels": {
+                    "app.kubernetes.io/component": "relay",
+                    "app.kubernetes.io/instance": "edge",
+                    "app.kubernetes.io/managed-by": "tokengo-operator",
+                    "app.kubernetes.io/name": "tokengo-relay"
+                },
+                "ownerReferences": [{
+                    "apiVersion": "tokengo.io/v1alpha1",
+                    "kind": "TokenGoRelay",
+                    "name": "edge",
+                    "uid": "uid-1",
+                    "controller": true
+                }]
+            },
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": {
+                    "app.kubernetes.io/instance": "edge",
+                    "app.kubernetes.io/name": "tokengo-relay"
+                }},
+                "template": {
+                    "metadata": {
+                        "annotations": {"tokengo.io/keys-hash": digest([PEER.as_bytes()])},
+                        "labels": {
+                            "app.kubernetes.io/component": "relay",
+                            "app.kubernetes.io/instance": "edge",
+                            "app.kubernetes.io/managed-by": "tokengo-operator",
+                            "app.kubernetes.io/name": "tokengo-relay"
+                        }
+                    },
+                    "spec": {
+                        "automountServiceAccountToken": false,
+                        "enableServiceLinks": false,
+                        "securityContext": {
+                            "fsGroup": 65532,
+                            "runAsGroup": 65532,
+                            "runAsNonRoot": true,
+                            "runAsUser": 65532,
+                            "seccompProfile": {"type": "RuntimeDefault"}
+                        },
+                        "containers": [{
+                            "name": "relay",
+                            "image": "tokengo/node:latest",
+                            "args": ["relay", "--listen", "0.0.0.0:4433", "--data-dir", "/var/lib/tokengo"],
+                            "env": [
+                                {"name": "TOKENGO_LOG_FORMAT", "value": "json"},
+                                {"name": "TOKENGO_ADMIN_LISTEN", "value": "0.0.0.0:9090"}
+                            ],
+                            "ports": [
+                                {"name": "quic", "containerPort": 4433, "protocol": "UDP"},
+                                {"name": "admin", "containerPort": 9090, "protocol": "TCP"}
+                            ],
+                            "livenessProbe": {"httpGet": {"path": "/healthz", "port": 9090}, "periodSeconds": 10, "failureThreshold": 3},
+                            "readinessProbe": {"httpGet": {"path": "/readyz", "port": 9090}, "periodSeconds": 5, "failureThreshold": 3},
+                            "securityContext": {
+                                "allowPrivilegeEscalation": false,
+                                "capabilities": {"drop": ["ALL"]},
+                                "readOnlyRootFilesystem": true,
+                                "runAsNonRoot": true
+                            },
+                            "volumeMounts": [{"name": "keys", "mountPath": "/var/lib/tokengo", "readOnly": true}]
+                        }],
+                        "volumes": [{
+                            "name": "keys",
+                            "secret": {
+                                "secretName": "edge-relay-identity",
+                                "defaultMode": 0o440,
+                                "items": [{"key": "relay_identity.key", "path": "relay_identity.key"}]
+                            }
+                        }]
+                    }
+                }
+            }
+        });
+        assert_eq!(
+            deployment,
+            expected,
+            "{}",
+            serde_json::to_string_pretty(&deployment).unwrap()
+        );
+    }
+
+    #[test]
+    fn deployment_carries_image_replicas_scheduling_and_dht() {
+        let relay = relay(json!({
+            "replicas": 3,
+            "image": "registry.example/tokengo:1.2",
+            "port": 5000,
+            "adminPort": 9191,
+            "dht": {"announce": true, "bootstrap": ["/ip4/10.0.0.1/udp/4001/quic-v1/p2p/12D3KooWB"]},
+            "resources": {"limits": {"memory": "128Mi"}},
+            "scheduling": {
+                "nodeSelector": {"pool": "edge"},
+                "tolerations": [{"key": "edge", "operator": "Exists"}]
+            }
+        }));
+        let d = deployment(&relay, &Settings::default(), PEER);
+        let spec = d.spec.unwrap();
+        assert_eq!(spec.replicas, Some(3));
+        let pod = spec.template.spec.unwrap();
+        assert_eq!(pod.node_selector.unwrap()["pool"], "edge");
+        assert_eq!(pod.tolerations.unwrap()[0].key.as_deref(), Some("edge"));
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some("registry.example/tokengo:1.2"));
+        assert_eq!(c.args.as_ref().unwrap()[2], "0.0.0.0:5000");
+        let env: BTreeMap<_, _> = c
+            .env
+            .clone()
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.name, e.value.unwrap()))
+            .collect();
+        assert_eq!(env["TOKENGO_ADMIN_LISTEN"], "0.0.0.0:9191");
+        assert_eq!(env["TOKENGO_DHT_ANNOUNCE"], "true");
+        assert_eq!(
+            env["TOKENGO_BOOTSTRAP"],
+            "/ip4/10.0.0.1/udp/4001/quic-v1/p2p/12D3KooWB"
+        );
+        assert!(c.resources.as_ref().unwrap().limits.is_some());
+    }
+
+    #[test]
+    fn a_new_identity_changes_the_pod_template() {
+        let relay = relay(json!({}));
+        let a = deployment(&relay, &Settings::default(), "12D3KooWA");
+        let b = deployment(&relay, &Settings::default(), "12D3KooWB");
+        assert_ne!(
+            a.spec.unwrap().template.metadata.unwrap().annotations,
+            b.spec.unwrap().template.metadata.unwrap().annotations
+        );
+    }
+
+    #[test]
+    fn service_is_udp_with_type_annotations_and_node_port() {
+        let relay = relay(json!({
+            "service": {"type": "NodePort", "nodePort": 30433, "annotations": {"a": "b"}}
+        }));
+        let service = serde_json::to_value(service(&relay)).unwrap();
+        assert_eq!(
+            service,
+            json!({
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {
+                    "name": "edge-relay",
+                    "namespace": "net",
+                    "annotations": {"a": "b"},
+                    "labels": {
+                        "app.kubernetes.io/component": "relay",
+                        "app.kubernetes.io/instance": "edge",
+                        "app.kubernetes.io/managed-by": "tokengo-operator",
+                        "app.kubernetes.io/name": "tokengo-relay"
+                    },
+                    "ownerReferences": [{
+                        "apiVersion": "tokengo.io/v1alpha1", "kind": "TokenGoRelay", "name": "edge",
+                        "uid": "uid-1", "controller": true
+                    }]
+                },
+                "spec": {
+                    "type": "NodePort",
+                    "selector": {"app.kubernetes.io/instance": "edge", "app.kubernetes.io/name": "tokengo-relay"},
+                    "ports": [{"name": "quic", "protocol": "UDP", "port": 4433, "targetPort": "quic", "nodePort": 30433}]
+                }
+            })
+        );
+        // A ClusterIP Service never carries a node port.
+        let internal = relay_with_cluster_ip();
+        let ports = service_ports(&internal);
+        assert_eq!(ports[0].node_port, None);
+    }
+
+    fn relay_with_cluster_ip() -> TokenGoRelay {
+        relay(json!({"service": {"type": "ClusterIP", "nodePort": 30433}}))
+    }
+
+    fn service_ports(relay: &TokenGoRelay) -> Vec<ServicePort> {
+        service(relay).spec.unwrap().ports.unwrap()
+    }
+
+    #[test]
+    fn identity_secret_is_immutable_and_owned() {
+        let relay = relay(json!({}));
+        let secret = identity_secret(&relay, b"key-bytes");
+        assert_eq!(secret.metadata.name.as_deref(), Some("edge-relay-identity"));
+        assert_eq!(secret.immutable, Some(true));
+        assert_eq!(secret.data.unwrap()["relay_identity.key"].0, b"key-bytes");
+        let owner = &secret.metadata.owner_references.unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.controller),
+            ("TokenGoRelay", Some(true))
+        );
+    }
+
+    #[test]
+    fn addresses_name_the_service_and_the_external_address() {
+        let settings = Settings::default();
+        assert_eq!(
+            addresses(&relay(json!({})), &settings, PEER),
+            vec![format!(
+                "/dns4/edge-relay.net.svc.cluster.local/udp/4433/quic-v1/p2p/{PEER}"
+            )]
+        );
+        let external = relay(json!({
+            "externalAddress": "203.0.113.7",
+            "service": {"type": "NodePort", "nodePort": 30433}
+        }));
+        assert_eq!(
+            addresses(&external, &settings, PEER)[1],
+            format!("/ip4/203.0.113.7/udp/30433/quic-v1/p2p/{PEER}")
+        );
+        let dns = relay(
+            json!({"externalAddress": "relay.example.org", "service": {"type": "LoadBalancer"}}),
+        );
+        assert_eq!(
+            addresses(&dns, &settings, PEER)[1],
+            format!("/dns/relay.example.org/udp/4433/quic-v1/p2p/{PEER}")
+        );
+        let v6 = relay(json!({"externalAddress": "2001:db8::1"}));
+        assert!(addresses(&v6, &settings, PEER)[1].starts_with("/ip6/2001:db8::1/udp/4433/"));
+    }
+}

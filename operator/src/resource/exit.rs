@@ -1,0 +1,207 @@
+//! `TokenGoExit`: an exit (decrypts requests, calls the AI backend) run as a Deployment that
+//! dials its relays. Each pod runs one `tokengo exit` container per relay address, all with the
+//! exit's one identity and OHTTP keyring from one Secret, so the exit is reachable through
+//! every relay it names.
+
+use k8s_openapi::{
+    api::core::v1::ResourceRequirements, apimachinery::pkg::apis::meta::v1::Condition,
+};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::relay::default_admin_port;
+use super::shared::{MULTIADDR_PATTERN, NAME_PATTERN, Scheduling, image_schema};
+
+/// `http://` or `https://` base URL without query or fragment (what the node accepts).
+const URL_PATTERN: &str = r"^https?://[^\s?#]+$";
+/// An HTTP header name (RFC 9110 token).
+const HEADER_NAME_PATTERN: &str = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$";
+/// A Secret data key.
+const SECRET_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
+/// Printable header value characters (no control characters, so no header injection).
+const HEADER_VALUE_PATTERN: &str = r"^[\x20-\x7e\t]*$";
+
+/// The most relays one exit registers with (one container each).
+pub const MAX_RELAYS: usize = 8;
+
+/// A TokenGo exit.
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "tokengo.io",
+    version = "v1alpha1",
+    kind = "TokenGoExit",
+    namespaced,
+    status = "TokenGoExitStatus",
+    shortname = "tgexit",
+    category = "tokengo",
+    printcolumn = r#"{"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name": "Reason", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name": "Backend", "type": "string", "jsonPath": ".spec.backend.url"}"#,
+    printcolumn = r#"{"name": "PeerId", "type": "string", "jsonPath": ".status.peerId", "priority": 1}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenGoExitSpec {
+    /// Pods; all share the exit's one identity and keys.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 20))]
+    pub replicas: i32,
+    /// Container image of the `tokengo` node (default: the operator's `--node-image`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "image_schema")]
+    pub image: Option<String>,
+    /// Port of the node's admin endpoint (`/healthz`, `/readyz`, `/metrics`) the probes use;
+    /// the n-th relay's container uses this port plus n.
+    #[serde(default = "default_admin_port")]
+    #[schemars(range(min = 1, max = 65000))]
+    pub admin_port: i32,
+    /// The AI backend the exit calls.
+    pub backend: ExitBackend,
+    /// Which relays the exit registers with.
+    pub relay: ExitRelay,
+    /// When the OHTTP key is replaced.
+    #[serde(default)]
+    pub key_rotation: KeyRotation,
+    /// CPU and memory requests and limits of each exit container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Where the pods may run.
+    #[serde(default)]
+    pub scheduling: Scheduling,
+}
+
+/// The backend: where requests go and with which credentials.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExitBackend {
+    /// Base URL, e.g. `http://ollama.models.svc:11434`.
+    #[schemars(length(min = 8, max = 2048), pattern(URL_PATTERN))]
+    pub url: String,
+    /// Secret key holding the API key, sent as `Authorization: Bearer …`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_secret: Option<SecretKeyRef>,
+    /// Extra headers for every backend request (not secret: they are in the pod spec).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub headers: Vec<Header>,
+}
+
+/// A key of a Secret in the exit's namespace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Secret name.
+    #[schemars(length(min = 1, max = 253), pattern(NAME_PATTERN))]
+    pub name: String,
+    /// Key in the Secret's data.
+    #[schemars(length(min = 1, max = 253), pattern(SECRET_KEY_PATTERN))]
+    pub key: String,
+}
+
+/// One extra backend header.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Header {
+    /// Header name.
+    #[schemars(length(min = 1, max = 128), pattern(HEADER_NAME_PATTERN))]
+    pub name: String,
+    /// Header value.
+    #[schemars(length(max = 4096), pattern(HEADER_VALUE_PATTERN))]
+    pub value: String,
+}
+
+/// Exactly one way to find relays: a `TokenGoRelay` by name, explicit multiaddrs, or the DHT.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("oneOf" = [
+    {"required": ["name"]},
+    {"required": ["addresses"]},
+    {"required": ["dht"]}
+]))]
+pub struct ExitRelay {
+    /// A `TokenGoRelay` in the exit's namespace; its PeerId and in-cluster address are used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), pattern(NAME_PATTERN))]
+    pub name: Option<String>,
+    /// Relay multiaddrs with `/p2p/PEERID`, e.g. `/dns4/relay.example/udp/4433/quic-v1/p2p/12D3Koo…`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 8), inner(pattern(MULTIADDR_PATTERN)))]
+    pub addresses: Option<Vec<String>>,
+    /// Find relays on the DHT (stored; the node has no DHT yet, so the exit is not started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dht: Option<ExitDht>,
+}
+
+/// DHT discovery settings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExitDht {
+    /// Bootstrap peers (multiaddrs with `/p2p/`); empty means the public Amino DHT.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(pattern(MULTIADDR_PATTERN)))]
+    pub bootstrap: Vec<String>,
+}
+
+/// OHTTP key rotation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyRotation {
+    /// Hours between rotations. The previous key stays valid until the next rotation, so
+    /// clients holding it have a whole interval to refresh.
+    #[serde(default = "default_interval_hours")]
+    #[schemars(range(min = 1, max = 8760))]
+    pub interval_hours: i32,
+}
+
+impl Default for KeyRotation {
+    fn default() -> Self {
+        Self {
+            interval_hours: default_interval_hours(),
+        }
+    }
+}
+
+/// What the operator reports about an exit.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenGoExitStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, with a reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The exit's PeerId (its id at the relays).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_id: Option<String>,
+    /// The OHTTP keys clients may use, current first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<PublishedKey>,
+    /// The relay addresses the exit registers with.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub relays: Vec<String>,
+    /// Pods that are ready.
+    #[serde(default)]
+    pub ready_replicas: i32,
+}
+
+/// The public part of one OHTTP key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PublishedKey {
+    /// OHTTP key id.
+    pub key_id: i32,
+    /// RFC 9458 key configuration, hex.
+    pub config: String,
+    /// When the key was created (RFC 3339).
+    pub created_at: String,
+}
+
+fn one() -> i32 {
+    1
+}
+
+fn default_interval_hours() -> i32 {
+    24 * 7
+}

@@ -1,0 +1,161 @@
+//! `TokenGoRelay`: a relay (blind QUIC forwarder) run as a Deployment behind a UDP Service.
+//!
+//! All replicas of one relay share one identity (one Secret): the relay's address names its
+//! PeerId, so every pod behind the Service must be able to prove that same PeerId, during rolling
+//! updates too. Registrations are held per process, though, so today an exit is reachable only
+//! through the replica it registered with; `replicas` above 1 is for hot standby until relays
+//! share registrations (see the README's Kubernetes section).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::core::v1::ResourceRequirements, apimachinery::pkg::apis::meta::v1::Condition,
+};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::shared::{MULTIADDR_PATTERN, Scheduling, image_schema};
+
+/// Host names and IP literals: what `externalAddress` may hold.
+const HOST_PATTERN: &str = r"^[A-Za-z0-9]([A-Za-z0-9.:-]*[A-Za-z0-9])?$";
+
+/// A TokenGo relay.
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "tokengo.io",
+    version = "v1alpha1",
+    kind = "TokenGoRelay",
+    namespaced,
+    status = "TokenGoRelayStatus",
+    shortname = "tgrelay",
+    category = "tokengo",
+    printcolumn = r#"{"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name": "Reason", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas"}"#,
+    printcolumn = r#"{"name": "PeerId", "type": "string", "jsonPath": ".status.peerId", "priority": 1}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenGoRelaySpec {
+    /// Pods; all share the relay's one identity.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 10))]
+    pub replicas: i32,
+    /// Container image of the `tokengo` node (default: the operator's `--node-image`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "image_schema")]
+    pub image: Option<String>,
+    /// UDP port the relay listens on and the Service exposes.
+    #[serde(default = "default_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Port of the node's admin endpoint (`/healthz`, `/readyz`, `/metrics`) the probes use.
+    #[serde(default = "default_admin_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub admin_port: i32,
+    /// How the relay is exposed.
+    #[serde(default)]
+    pub service: RelayService,
+    /// Host name or IP address clients and exits outside the cluster use to reach the Service;
+    /// published in `status.addresses`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), pattern(HOST_PATTERN))]
+    pub external_address: Option<String>,
+    /// DHT announcement. Stored and passed to the node (`TOKENGO_DHT_ANNOUNCE`,
+    /// `TOKENGO_BOOTSTRAP`); the node has no DHT yet.
+    #[serde(default)]
+    pub dht: RelayDht,
+    /// CPU and memory requests and limits of the relay container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Where the pods may run.
+    #[serde(default)]
+    pub scheduling: Scheduling,
+}
+
+/// How the relay's Service looks.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RelayService {
+    /// Service type.
+    #[serde(default, rename = "type")]
+    pub type_: ServiceType,
+    /// Annotations for the Service (e.g. for a cloud load balancer).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Fixed node port for `NodePort` and `LoadBalancer` Services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 30000, max = 32767))]
+    pub node_port: Option<i32>,
+}
+
+/// Kubernetes Service types a relay can use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum ServiceType {
+    /// Reachable inside the cluster only (the default: exposing is a choice).
+    #[default]
+    ClusterIP,
+    /// Reachable on every node's address.
+    NodePort,
+    /// Reachable through the cloud's load balancer.
+    LoadBalancer,
+}
+
+impl ServiceType {
+    /// The name Kubernetes uses.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClusterIP => "ClusterIP",
+            Self::NodePort => "NodePort",
+            Self::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+/// Announcing the relay on the DHT.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RelayDht {
+    /// Announce the relay as a provider of the TokenGo relay key.
+    #[serde(default)]
+    pub announce: bool,
+    /// Bootstrap peers (multiaddrs with `/p2p/`); empty means the public Amino DHT.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(pattern(MULTIADDR_PATTERN)))]
+    pub bootstrap: Vec<String>,
+}
+
+/// What the operator and the relay report.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenGoRelayStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, with a reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The relay's PeerId (public; derived from its identity key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_id: Option<String>,
+    /// Multiaddrs to hand to clients and exits: in-cluster DNS first, then the external address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+    /// Pods that are ready.
+    #[serde(default)]
+    pub ready_replicas: i32,
+}
+
+fn one() -> i32 {
+    1
+}
+
+fn default_port() -> i32 {
+    4433
+}
+
+pub(crate) fn default_admin_port() -> i32 {
+    9090
+}

@@ -1,0 +1,1193 @@
+//! The operator against a real control plane: etcd, kube-apiserver 1.20 (RBAC on) and
+//! kube-controller-manager (its garbage collector), started by `scripts/k8s-cluster` once for
+//! this test binary; each test works in its own namespace. The operator side always runs as the
+//! chart's ServiceAccount with exactly the chart's RBAC rules (impersonation), so a permission
+//! the chart lacks fails here. Every wait is a watch with a deadline.
+//!
+//! Run with `cargo test -p tokengo-operator --features apiserver-tests --test apiserver`
+//! (`.ci/k8s` does). If the control plane cannot be built or started, the tests fail.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex, OnceLock},
+    time::Duration,
+};
+
+use k8s_openapi::{
+    ByteString,
+    api::{
+        apps::v1::Deployment,
+        coordination::v1::Lease,
+        core::v1::{Namespace, Secret, Service, ServiceAccount},
+        events::v1::Event,
+        rbac::v1::{
+            ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
+        },
+    },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
+use kube::{
+    Api, Client, Config, Resource, ResourceExt as _,
+    api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams},
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::wait::{await_condition, conditions},
+};
+use serde_json::json;
+use tokengo_operator::{
+    keys::{self, Keyring},
+    lease::{Elector, LeaseTiming},
+    manifest::{KEYS_HASH_ANNOTATION, Settings, exit as exit_manifest, relay as relay_manifest},
+    metrics::Metrics,
+    reconcile::{self, Context},
+    resource::{self, TokenGoExit, TokenGoRelay},
+};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(60);
+const OPERATOR_NS: &str = "tokengo-system";
+const OPERATOR_SA: &str = "tokengo-operator";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The control plane, shared by the tests of this binary. Its supervisor script stops
+/// everything when our end of its stdin closes, i.e. when this test process exits.
+struct Cluster {
+    _supervisor: Mutex<Child>,
+    _dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+}
+
+fn cluster() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut crds: Vec<PathBuf> = std::fs::read_dir(repo().join("crds"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        crds.sort();
+        let mut child = Command::new(repo().join("scripts/k8s-cluster"))
+            .arg(dir.path())
+            .args(&crds)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("scripts/k8s-cluster");
+        // The script has its own deadlines (and may first build the API server).
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            line.starts_with("ready "),
+            "the local control plane did not start (scripts/k8s-cluster said {line:?}); this is a failure, not a skip"
+        );
+        Cluster {
+            kubeconfig: dir.path().join("kubeconfig"),
+            _supervisor: Mutex::new(child),
+            _dir: dir,
+        }
+    })
+}
+
+async fn config() -> Config {
+    let kubeconfig = Kubeconfig::read_from(&cluster().kubeconfig).unwrap();
+    Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .unwrap()
+}
+
+/// The cluster administrator (what a test uses to set the scene and to look).
+async fn admin() -> Client {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("tokengo_operator=info")
+        .try_init();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    Client::try_from(config().await).unwrap()
+}
+
+/// The operator: the chart's ServiceAccount, with exactly the chart's RBAC rules.
+async fn operator_client() -> Client {
+    install_chart_rbac().await;
+    let mut config = config().await;
+    config.auth_info.impersonate =
+        Some(format!("system:serviceaccount:{OPERATOR_NS}:{OPERATOR_SA}"));
+    Client::try_from(config).unwrap()
+}
+
+fn chart_rules(file: &str) -> Vec<PolicyRule> {
+    let text = std::fs::read_to_string(repo().join("charts/tokengo/files").join(file)).unwrap();
+    serde_yaml_ng::from_str(&text).unwrap()
+}
+
+async fn install_chart_rbac() {
+    static DONE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    DONE.get_or_init(|| async {
+        let client = admin().await;
+        let pp = PatchParams::apply("tokengo-tests").force();
+        apply(
+            &Api::<Namespace>::all(client.clone()),
+            OPERATOR_NS,
+            json!({
+                "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NS}
+            }),
+            &pp,
+        )
+        .await;
+        let sa = ServiceAccount {
+            metadata: ObjectMeta {
+                name: Some(OPERATOR_SA.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Api::<ServiceAccount>::namespaced(client.clone(), OPERATOR_NS)
+            .patch(OPERATOR_SA, &pp, &Patch::Apply(&sa))
+            .await
+            .unwrap();
+        let subject = vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: OPERATOR_SA.into(),
+            namespace: Some(OPERATOR_NS.into()),
+            ..Default::default()
+        }];
+        let role = ClusterRole {
+            metadata: ObjectMeta {
+                name: Some("tokengo-operator-test".into()),
+                ..Default::default()
+            },
+            rules: Some(chart_rules("operator-rules.yaml")),
+            ..Default::default()
+        };
+        Api::<ClusterRole>::all(client.clone())
+            .patch("tokengo-operator-test", &pp, &Patch::Apply(&role))
+            .await
+            .unwrap();
+        let binding = ClusterRoleBinding {
+            metadata: ObjectMeta {
+                name: Some("tokengo-operator-test".into()),
+                ..Default::default()
+            },
+            role_ref: RoleRef {
+                api_group: "rbac.authorization.k8s.io".into(),
+                kind: "ClusterRole".into(),
+                name: "tokengo-operator-test".into(),
+            },
+            subjects: Some(subject.clone()),
+        };
+        Api::<ClusterRoleBinding>::all(client.clone())
+            .patch("tokengo-operator-test", &pp, &Patch::Apply(&binding))
+            .await
+            .unwrap();
+        let lease_role = Role {
+            metadata: ObjectMeta {
+                name: Some("tokengo-operator-lease".into()),
+                ..Default::default()
+            },
+            rules: Some(chart_rules("lease-rules.yaml")),
+        };
+        Api::<Role>::namespaced(client.clone(), OPERATOR_NS)
+            .patch("tokengo-operator-lease", &pp, &Patch::Apply(&lease_role))
+            .await
+            .unwrap();
+        let lease_binding = RoleBinding {
+            metadata: ObjectMeta {
+                name: Some("tokengo-operator-lease".into()),
+                ..Default::default()
+            },
+            role_ref: RoleRef {
+                api_group: "rbac.authorization.k8s.io".into(),
+                kind: "Role".into(),
+                name: "tokengo-operator-lease".into(),
+            },
+            subjects: Some(subject),
+        };
+        Api::<RoleBinding>::namespaced(client, OPERATOR_NS)
+            .patch("tokengo-operator-lease", &pp, &Patch::Apply(&lease_binding))
+            .await
+            .unwrap();
+    })
+    .await;
+}
+
+async fn apply<K>(api: &Api<K>, name: &str, value: serde_json::Value, pp: &PatchParams) -> K
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.patch(name, pp, &Patch::Apply(value)).await.unwrap()
+}
+
+/// A fresh namespace for one test.
+async fn namespace(client: &Client, name: &str) -> String {
+    let ns = format!("{name}-{}", std::process::id());
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &Namespace {
+                metadata: ObjectMeta {
+                    name: Some(ns.clone()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    ns
+}
+
+/// Waits (a watch, with a deadline) until `cond` holds for the object.
+async fn wait_for<K>(api: &Api<K>, name: &str, what: &str, cond: impl Fn(&K) -> bool) -> K
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let found = tokio::time::timeout(
+        WAIT,
+        await_condition(api.clone(), name, move |obj: Option<&K>| {
+            obj.is_some_and(&cond)
+        }),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {name}: {what}"))
+    .unwrap();
+    found.unwrap()
+}
+
+async fn wait_deleted<K>(api: &Api<K>, name: &str)
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let Some(obj) = api.get_opt(name).await.unwrap() else {
+        return;
+    };
+    let uid = obj.uid().unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        await_condition(api.clone(), name, conditions::is_deleted(&uid)),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{name} was not garbage-collected"))
+    .unwrap();
+}
+
+fn ready(
+    conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+) -> Option<(&str, &str)> {
+    conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| (c.status.as_str(), c.reason.as_str()))
+}
+
+/// Stands in for the kubelet and the ReplicaSet controller (absent here): marks a Deployment's
+/// current generation rolled out with every replica ready.
+async fn mark_rolled_out(client: &Client, ns: &str, name: &str) {
+    let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let d = api.get(name).await.unwrap();
+    let replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {
+            "observedGeneration": d.metadata.generation,
+            "replicas": replicas, "updatedReplicas": replicas,
+            "readyReplicas": replicas, "availableReplicas": replicas
+        }})),
+    )
+    .await
+    .unwrap();
+}
+
+/// The controllers, running as the chart's ServiceAccount until stopped.
+struct Operator {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    metrics: Arc<Metrics>,
+}
+
+async fn start_operator() -> Operator {
+    let client = operator_client().await;
+    let metrics = Arc::new(Metrics::new());
+    let ctx = Arc::new(Context::new(
+        client,
+        Settings::default(),
+        metrics.clone(),
+        Some("test".into()),
+    ));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(reconcile::run(ctx, stop.clone()));
+    Operator {
+        stop,
+        task,
+        metrics,
+    }
+}
+
+impl Operator {
+    async fn stop(self) -> Arc<Metrics> {
+        self.stop.cancel();
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .unwrap()
+            .unwrap();
+        self.metrics
+    }
+}
+
+fn resource_versions<K: Resource>(items: &[K]) -> Vec<(String, String)> {
+    items
+        .iter()
+        .map(|o| {
+            (
+                o.meta().name.clone().unwrap_or_default(),
+                o.meta().resource_version.clone().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn crds_are_established_and_are_the_codes() {
+    let client = admin().await;
+    let crds: Api<CustomResourceDefinition> = Api::all(client);
+    for crd in resource::definitions() {
+        let name = crd.name_any();
+        // Applying the code's CRDs over the committed ones (installed at start) is a no-op.
+        let before = crds.get(&name).await.unwrap();
+        let after = crds
+            .patch(
+                &name,
+                &PatchParams::apply("tokengo-tests").force(),
+                &Patch::Apply(&crd),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            before.spec, after.spec,
+            "{name}: the committed CRD differs from the code"
+        );
+        tokio::time::timeout(
+            WAIT,
+            await_condition(crds.clone(), &name, conditions::is_crd_established()),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn invalid_specs_are_rejected_by_the_api_server() {
+    let client = admin().await;
+    let ns = namespace(&client, "invalid").await;
+    let exits: Api<TokenGoExit> = Api::namespaced(client.clone(), &ns);
+    let relays: Api<TokenGoRelay> = Api::namespaced(client.clone(), &ns);
+    let exit = |spec: serde_json::Value| json!({"apiVersion": "tokengo.io/v1alpha1", "kind": "TokenGoExit", "metadata": {"name": "x"}, "spec": spec});
+    let relay = |spec: serde_json::Value| json!({"apiVersion": "tokengo.io/v1alpha1", "kind": "TokenGoRelay", "metadata": {"name": "x"}, "spec": spec});
+    let pp = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let good_exit = json!({"backend": {"url": "http://ollama:11434"}, "relay": {"name": "edge"}});
+    exits
+        .create(&pp, &serde_json::from_value(exit(good_exit)).unwrap())
+        .await
+        .expect("a valid exit is accepted");
+    relays
+        .create(&pp, &serde_json::from_value(relay(json!({}))).unwrap())
+        .await
+        .expect("a valid relay is accepted");
+
+    let bad_exits = [
+        ("no backend", json!({"relay": {"name": "edge"}})),
+        (
+            "not http",
+            json!({"backend": {"url": "ftp://files.example"}, "relay": {"name": "edge"}}),
+        ),
+        (
+            "two relay sources",
+            json!({"backend": {"url": "http://o:1"}, "relay": {"name": "edge", "addresses": ["/ip4/1.2.3.4/udp/4433/quic-v1/p2p/12D3KooWA"]}}),
+        ),
+        (
+            "no relay source",
+            json!({"backend": {"url": "http://o:1"}, "relay": {}}),
+        ),
+        (
+            "not a multiaddr",
+            json!({"backend": {"url": "http://o:1"}, "relay": {"addresses": ["1.2.3.4:4433"]}}),
+        ),
+        (
+            "too many replicas",
+            json!({"backend": {"url": "http://o:1"}, "relay": {"name": "e"}, "replicas": 21}),
+        ),
+        (
+            "rotation of 0 h",
+            json!({"backend": {"url": "http://o:1"}, "relay": {"name": "e"}, "keyRotation": {"intervalHours": 0}}),
+        ),
+        (
+            "header injection",
+            json!({"backend": {"url": "http://o:1", "headers": [{"name": "X-A", "value": "a\r\nB: c"}]}, "relay": {"name": "e"}}),
+        ),
+        (
+            "bad secret name",
+            json!({"backend": {"url": "http://o:1", "apiKeySecret": {"name": "Not_A_Name", "key": "k"}}, "relay": {"name": "e"}}),
+        ),
+    ];
+    for (what, spec) in bad_exits {
+        let value = exit(spec);
+        let raw = client
+            .request::<serde_json::Value>(http_post(
+                &format!("/apis/tokengo.io/v1alpha1/namespaces/{ns}/tokengoexits?dryRun=All"),
+                &value,
+            ))
+            .await;
+        match raw {
+            Err(kube::Error::Api(status)) => assert_eq!(status.code, 422, "{what}: {status:?}"),
+            other => panic!("{what}: accepted: {other:?}"),
+        }
+    }
+    let bad_relays = [
+        ("zero replicas", json!({"replicas": 0})),
+        ("port out of range", json!({"port": 70000})),
+        (
+            "unknown service type",
+            json!({"service": {"type": "Ingress"}}),
+        ),
+        (
+            "node port out of range",
+            json!({"service": {"type": "NodePort", "nodePort": 80}}),
+        ),
+        (
+            "bad bootstrap",
+            json!({"dht": {"announce": true, "bootstrap": ["peer.example:4001"]}}),
+        ),
+        (
+            "bad external address",
+            json!({"externalAddress": "http://x"}),
+        ),
+    ];
+    for (what, spec) in bad_relays {
+        let raw = client
+            .request::<serde_json::Value>(http_post(
+                &format!("/apis/tokengo.io/v1alpha1/namespaces/{ns}/tokengorelays?dryRun=All"),
+                &relay(spec),
+            ))
+            .await;
+        match raw {
+            Err(kube::Error::Api(status)) => assert_eq!(status.code, 422, "{what}: {status:?}"),
+            other => panic!("{what}: accepted: {other:?}"),
+        }
+    }
+}
+
+fn http_post(path: &str, body: &serde_json::Value) -> http::Request<Vec<u8>> {
+    http::Request::post(path)
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(body).unwrap())
+        .unwrap()
+}
+
+/// The whole life of a relay and an exit: children with owner references, status, a no-op
+/// second reconcile, keys that survive an operator restart, rotation with overlap, events, and
+/// garbage collection on delete. All of it as the chart's ServiceAccount.
+#[tokio::test]
+async fn relay_and_exit_lifecycle() {
+    let client = admin().await;
+    let ns = namespace(&client, "life").await;
+    let relays: Api<TokenGoRelay> = Api::namespaced(client.clone(), &ns);
+    let exits: Api<TokenGoExit> = Api::namespaced(client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let operator = start_operator().await;
+
+    // --- Relay: children, owner references, status.
+    relays
+        .create(&PostParams::default(), &serde_json::from_value(json!({
+            "apiVersion": "tokengo.io/v1alpha1", "kind": "TokenGoRelay",
+            "metadata": {"name": "edge"},
+            "spec": {"service": {"type": "NodePort", "nodePort": 30433}, "externalAddress": "203.0.113.7"}
+        })).unwrap())
+        .await
+        .unwrap();
+    let relay = wait_for(&relays, "edge", "status with PeerId", |r: &TokenGoRelay| {
+        r.status
+            .as_ref()
+            .is_some_and(|s| s.peer_id.is_some() && s.observed_generation == r.metadata.generation)
+    })
+    .await;
+    let status = relay.status.clone().unwrap();
+    assert_eq!(ready(&status.conditions), Some(("False", "Progressing")));
+    let relay_peer = status.peer_id.clone().unwrap();
+    assert_eq!(
+        status.addresses,
+        vec![
+            format!("/dns4/edge-relay.{ns}.svc.cluster.local/udp/4433/quic-v1/p2p/{relay_peer}"),
+            format!("/ip4/203.0.113.7/udp/30433/quic-v1/p2p/{relay_peer}"),
+        ]
+    );
+    let identity = secrets.get("edge-relay-identity").await.unwrap();
+    assert_eq!(
+        keys::peer_id(&identity.data.as_ref().unwrap()["relay_identity.key"].0)
+            .unwrap()
+            .to_string(),
+        relay_peer
+    );
+    let service = services.get("edge-relay").await.unwrap();
+    let port = &service.spec.as_ref().unwrap().ports.as_ref().unwrap()[0];
+    assert_eq!(
+        (port.protocol.as_deref(), port.node_port),
+        (Some("UDP"), Some(30433))
+    );
+    let relay_deployment = deployments.get("edge-relay").await.unwrap();
+    for owners in [
+        identity.owner_references(),
+        service.owner_references(),
+        relay_deployment.owner_references(),
+    ] {
+        assert_eq!(owners.len(), 1);
+        assert_eq!(
+            (owners[0].kind.as_str(), owners[0].uid.as_str()),
+            ("TokenGoRelay", relay.uid().unwrap().as_str())
+        );
+        assert_eq!(owners[0].controller, Some(true));
+    }
+    mark_rolled_out(&client, &ns, "edge-relay").await;
+    wait_for(&relays, "edge", "Ready=True", |r: &TokenGoRelay| {
+        r.status.as_ref().and_then(|s| ready(&s.conditions)) == Some(("True", "Available"))
+    })
+    .await;
+
+    // --- Exit naming the relay.
+    exits
+        .create(&PostParams::default(), &serde_json::from_value(json!({
+            "apiVersion": "tokengo.io/v1alpha1", "kind": "TokenGoExit",
+            "metadata": {"name": "llm"},
+            "spec": {
+                "backend": {"url": "http://ollama.models.svc:11434", "apiKeySecret": {"name": "backend", "key": "token"}},
+                "relay": {"name": "edge"}
+            }
+        })).unwrap())
+        .await
+        .unwrap();
+    let exit = wait_for(&exits, "llm", "status with keys", |e: &TokenGoExit| {
+        e.status
+            .as_ref()
+            .is_some_and(|s| !s.keys.is_empty() && !s.relays.is_empty())
+    })
+    .await;
+    let exit_status = exit.status.clone().unwrap();
+    assert_eq!(exit_status.observed_generation, exit.metadata.generation);
+    assert_eq!(exit_status.relays, vec![status.addresses[0].clone()]);
+    assert_eq!(exit_status.keys.len(), 1);
+    let exit_deployment = deployments.get("llm-exit").await.unwrap();
+    let container = &exit_deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0];
+    assert_eq!(container.args.as_ref().unwrap()[2], status.addresses[0]);
+    let keys_secret = secrets.get("llm-exit-keys").await.unwrap();
+    for owners in [
+        keys_secret.owner_references(),
+        exit_deployment.owner_references(),
+    ] {
+        assert_eq!(
+            (owners[0].kind.as_str(), owners[0].uid.as_str()),
+            ("TokenGoExit", exit.uid().unwrap().as_str())
+        );
+    }
+    let ring = Keyring::parse(&keys_secret.data.as_ref().unwrap()["ohttp_keys.json"].0).unwrap();
+    assert_eq!(
+        exit_status.keys[0].config,
+        hex::encode(ring.public_keys()[0].config.encode()),
+        "status publishes the Secret's key"
+    );
+    mark_rolled_out(&client, &ns, "llm-exit").await;
+    let exit = wait_for(&exits, "llm", "Ready=True", |e: &TokenGoExit| {
+        e.status.as_ref().and_then(|s| ready(&s.conditions)) == Some(("True", "Available"))
+    })
+    .await;
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+    let reasons: Vec<String> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    assert!(
+        reasons.contains(&"IdentityCreated".to_owned()),
+        "{reasons:?}"
+    );
+    assert!(reasons.contains(&"KeysCreated".to_owned()), "{reasons:?}");
+
+    // --- A second reconcile of unchanged resources writes nothing.
+    let metrics = operator.stop().await;
+    let text = metrics.render();
+    assert!(
+        !text.contains(r#"result="error""#),
+        "the operator hit errors (RBAC?):\n{text}"
+    );
+    let snapshot = || async {
+        (
+            resource_versions(&relays.list(&ListParams::default()).await.unwrap().items),
+            resource_versions(&exits.list(&ListParams::default()).await.unwrap().items),
+            resource_versions(&secrets.list(&ListParams::default()).await.unwrap().items),
+            resource_versions(
+                &deployments
+                    .list(&ListParams::default())
+                    .await
+                    .unwrap()
+                    .items,
+            ),
+            resource_versions(&services.list(&ListParams::default()).await.unwrap().items),
+        )
+    };
+    let before = snapshot().await;
+    let ctx = Arc::new(Context::new(
+        operator_client().await,
+        Settings::default(),
+        Arc::new(Metrics::new()),
+        None,
+    ));
+    reconcile::relay::reconcile(Arc::new(relays.get("edge").await.unwrap()), ctx.clone())
+        .await
+        .unwrap();
+    reconcile::exit::reconcile(Arc::new(exits.get("llm").await.unwrap()), ctx.clone())
+        .await
+        .unwrap();
+    reconcile::relay::reconcile(Arc::new(relays.get("edge").await.unwrap()), ctx.clone())
+        .await
+        .unwrap();
+    reconcile::exit::reconcile(Arc::new(exits.get("llm").await.unwrap()), ctx)
+        .await
+        .unwrap();
+    assert_eq!(
+        snapshot().await,
+        before,
+        "re-reconciling unchanged resources changed something"
+    );
+
+    // --- A new operator (a restart) keeps every key: scale both to make it act, then compare.
+    let identity_before = secrets.get("edge-relay-identity").await.unwrap();
+    let keys_before = secrets.get("llm-exit-keys").await.unwrap();
+    let operator = start_operator().await;
+    let pp = PatchParams::default();
+    relays
+        .patch("edge", &pp, &Patch::Merge(json!({"spec": {"replicas": 2}})))
+        .await
+        .unwrap();
+    exits
+        .patch("llm", &pp, &Patch::Merge(json!({"spec": {"replicas": 2}})))
+        .await
+        .unwrap();
+    for name in ["edge-relay", "llm-exit"] {
+        wait_for(&deployments, name, "2 replicas", |d: &Deployment| {
+            d.spec.as_ref().and_then(|s| s.replicas) == Some(2)
+        })
+        .await;
+    }
+    let identity_after = secrets.get("edge-relay-identity").await.unwrap();
+    let keys_after = secrets.get("llm-exit-keys").await.unwrap();
+    assert_eq!(
+        identity_after.data, identity_before.data,
+        "relay identity changed on restart"
+    );
+    assert_eq!(
+        identity_after.resource_version(),
+        identity_before.resource_version()
+    );
+    assert_eq!(
+        keys_after.data, keys_before.data,
+        "exit keys changed on restart"
+    );
+    assert_eq!(
+        keys_after.resource_version(),
+        keys_before.resource_version()
+    );
+    // Both replicas of the relay mount the one identity Secret.
+    let relay_pod = deployments
+        .get("edge-relay")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap();
+    assert_eq!(
+        relay_pod.volumes.unwrap()[0]
+            .secret
+            .as_ref()
+            .unwrap()
+            .secret_name
+            .as_deref(),
+        Some("edge-relay-identity")
+    );
+
+    // --- Rotation on request: a new current key, the previous one kept; pods roll.
+    let hash_before = template_hash(&deployments, "llm-exit").await;
+    exits
+        .patch(
+            "llm",
+            &pp,
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {exit_manifest::ROTATE_ANNOTATION: "now"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let rotated = wait_for(&exits, "llm", "two keys", |e: &TokenGoExit| {
+        e.status.as_ref().is_some_and(|s| s.keys.len() == 2)
+    })
+    .await;
+    let rotated_keys = rotated.status.unwrap().keys;
+    assert_eq!(
+        rotated_keys[1],
+        exit.status.as_ref().unwrap().keys[0],
+        "the previous key is kept for the overlap"
+    );
+    assert_ne!(rotated_keys[0].key_id, rotated_keys[1].key_id);
+    let secret = secrets.get("llm-exit-keys").await.unwrap();
+    let ring = Keyring::parse(&secret.data.as_ref().unwrap()["ohttp_keys.json"].0).unwrap();
+    assert_eq!(ring.public_keys().len(), 2);
+    assert_eq!(
+        secret.data.as_ref().unwrap()["exit_identity.key"],
+        keys_before.data.as_ref().unwrap()["exit_identity.key"],
+        "rotation never touches the identity"
+    );
+    assert_eq!(
+        secret.annotations()[exit_manifest::ROTATION_HANDLED_ANNOTATION],
+        "now"
+    );
+    wait_for(
+        &deployments,
+        "llm-exit",
+        "new keys hash",
+        |d: &Deployment| {
+            d.spec
+                .as_ref()
+                .and_then(|s| s.template.metadata.as_ref())
+                .and_then(|m| m.annotations.as_ref())
+                .map(|a| a[KEYS_HASH_ANNOTATION].clone())
+                != Some(hash_before.clone())
+        },
+    )
+    .await;
+    // The request is carried out once: another reconcile does not rotate again.
+    let ctx = Arc::new(Context::new(
+        operator_client().await,
+        Settings::default(),
+        Arc::new(Metrics::new()),
+        None,
+    ));
+    reconcile::exit::reconcile(Arc::new(exits.get("llm").await.unwrap()), ctx)
+        .await
+        .unwrap();
+    assert_eq!(
+        secrets
+            .get("llm-exit-keys")
+            .await
+            .unwrap()
+            .resource_version(),
+        secret.resource_version()
+    );
+    let events = Api::<Event>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert!(
+        events
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("KeysRotated"))
+    );
+
+    // --- Least privilege: the operator cannot delete what it creates (the GC does that).
+    let as_operator: Api<Deployment> = Api::namespaced(operator_client().await, &ns);
+    match as_operator
+        .delete("edge-relay", &DeleteParams::default())
+        .await
+    {
+        Err(kube::Error::Api(status)) => assert_eq!(status.code, 403, "{status:?}"),
+        other => panic!("the operator may delete Deployments: {other:?}"),
+    }
+
+    // --- Deleting the resources garbage-collects every child (kube-controller-manager's GC).
+    relays
+        .delete("edge", &DeleteParams::default())
+        .await
+        .unwrap();
+    exits.delete("llm", &DeleteParams::default()).await.unwrap();
+    wait_deleted(&secrets, "edge-relay-identity").await;
+    wait_deleted(&services, "edge-relay").await;
+    wait_deleted(&deployments, "edge-relay").await;
+    wait_deleted(&secrets, "llm-exit-keys").await;
+    wait_deleted(&deployments, "llm-exit").await;
+    let metrics = operator.stop().await;
+    assert!(
+        !metrics.render().contains(r#"result="error""#),
+        "{}",
+        metrics.render()
+    );
+}
+
+async fn template_hash(deployments: &Api<Deployment>, name: &str) -> String {
+    deployments
+        .get(name)
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .template
+        .metadata
+        .unwrap()
+        .annotations
+        .unwrap()[KEYS_HASH_ANNOTATION]
+        .clone()
+}
+
+/// An exit naming a relay that does not exist waits with a reason and starts once it appears;
+/// explicit addresses need no relay; DHT discovery is reported as unavailable.
+#[tokio::test]
+async fn exit_relay_sources() {
+    let client = admin().await;
+    let ns = namespace(&client, "sources").await;
+    let exits: Api<TokenGoExit> = Api::namespaced(client.clone(), &ns);
+    let relays: Api<TokenGoRelay> = Api::namespaced(client.clone(), &ns);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let operator = start_operator().await;
+    let exit = |name: &str, relay: serde_json::Value| -> TokenGoExit {
+        serde_json::from_value(json!({
+            "apiVersion": "tokengo.io/v1alpha1", "kind": "TokenGoExit", "metadata": {"name": name},
+            "spec": {"backend": {"url": "http://backend:8000"}, "relay": relay}
+        }))
+        .unwrap()
+    };
+    let reason = |e: &TokenGoExit| {
+        e.status
+            .as_ref()
+            .and_then(|s| ready(&s.conditions))
+            .map(|(_, r)| r.to_owned())
+    };
+    exits
+        .create(
+            &PostParams::default(),
+            &exit("waits", json!({"name": "later"})),
+        )
+        .await
+        .unwrap();
+    wait_for(&exits, "waits", "RelayNotFound", move |e: &TokenGoExit| {
+        reason(e).as_deref() == Some("RelayNotFound")
+    })
+    .await;
+    assert!(deployments.get_opt("waits-exit").await.unwrap().is_none());
+    relays
+        .create(&PostParams::default(), &serde_json::from_value(json!({
+            "apiVersion": "tokengo.io/v1alpha1", "kind": "TokenGoRelay", "metadata": {"name": "later"}, "spec": {}
+        })).unwrap())
+        .await
+        .unwrap();
+    // The relay's status change triggers the exit (a watch, not a timer).
+    wait_for(
+        &deployments,
+        "waits-exit",
+        "created once the relay has a PeerId",
+        |_: &Deployment| true,
+    )
+    .await;
+
+    let addrs = vec![
+        "/dns4/relay-a.example/udp/4433/quic-v1/p2p/12D3KooWA".to_owned(),
+        "/ip4/198.51.100.2/udp/4433/quic-v1/p2p/12D3KooWB".to_owned(),
+    ];
+    exits
+        .create(
+            &PostParams::default(),
+            &exit("direct", json!({"addresses": addrs})),
+        )
+        .await
+        .unwrap();
+    let d = wait_for(&deployments, "direct-exit", "created", |_: &Deployment| {
+        true
+    })
+    .await;
+    let containers = d.spec.unwrap().template.spec.unwrap().containers;
+    assert_eq!(containers.len(), 2, "one exit container per relay");
+    assert_eq!(containers[1].args.as_ref().unwrap()[2], addrs[1]);
+
+    exits
+        .create(&PostParams::default(), &exit("dht", json!({"dht": {}})))
+        .await
+        .unwrap();
+    wait_for(
+        &exits,
+        "dht",
+        "DhtDiscoveryUnavailable",
+        move |e: &TokenGoExit| reason(e).as_deref() == Some("DhtDiscoveryUnavailable"),
+    )
+    .await;
+    let metrics = operator.stop().await;
+    assert!(
+        !metrics.render().contains(r#"result="error""#),
+        "{}",
+        metrics.render()
+    );
+}
+
+/// A key Secret that is not readable as keys is reported and left alone, never replaced.
+#[tokio::test]
+async fn a_broken_key_secret_is_never_overwritten() {
+    let client = admin().await;
+    let ns = namespace(&client, "broken").await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let relays: Api<TokenGoRelay> = Api::namespaced(client.clone(), &ns);
+    let junk = Secret {
+        metadata: ObjectMeta {
+            name: Some("odd-relay-identity".into()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            relay_manifest::IDENTITY_FILE.to_owned(),
+            ByteString(b"junk".to_vec()),
+        )])),
+        ..Default::default()
+    };
+    let junk = secrets.create(&PostParams::default(), &junk).await.unwrap();
+    let operator = start_operator().await;
+    relays
+        .create(&PostParams::default(), &serde_json::from_value(json!({
+            "apiVersion": "tokengo.io/v1alpha1", "kind": "TokenGoRelay", "metadata": {"name": "odd"}, "spec": {}
+        })).unwrap())
+        .await
+        .unwrap();
+    wait_for(&relays, "odd", "InvalidKeySecret", |r: &TokenGoRelay| {
+        r.status.as_ref().and_then(|s| ready(&s.conditions)) == Some(("False", "InvalidKeySecret"))
+    })
+    .await;
+    operator.stop().await;
+    let after = secrets.get("odd-relay-identity").await.unwrap();
+    assert_eq!(after.resource_version(), junk.resource_version());
+    assert!(
+        Api::<Deployment>::namespaced(client, &ns)
+            .get_opt("odd-relay")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+/// Two candidates for one Lease: one leads; the other takes over when it is released or when
+/// it expires unrenewed. As the chart's ServiceAccount (its lease Role).
+#[tokio::test]
+async fn leader_election_admits_one_leader() {
+    let client = operator_client().await;
+    let leases: Api<Lease> = Api::namespaced(client, OPERATOR_NS);
+    let timing = LeaseTiming {
+        duration: Duration::from_secs(2),
+        renew_every: Duration::from_millis(200),
+    };
+    let name = format!("election-{}", std::process::id());
+    let a = Elector::new(leases.clone(), &name, "a", timing.clone());
+    let b = Elector::new(leases.clone(), &name, "b", timing);
+    assert!(a.try_acquire_or_renew().await.unwrap());
+    assert!(!b.try_acquire_or_renew().await.unwrap(), "two leaders");
+    assert!(a.try_acquire_or_renew().await.unwrap(), "renewal");
+    a.release().await.unwrap();
+    assert!(
+        b.try_acquire_or_renew().await.unwrap(),
+        "released lease not taken over"
+    );
+    assert!(!a.try_acquire_or_renew().await.unwrap());
+    // b stops renewing: a takes over once b's lease has expired (bounded wait).
+    let cancel = CancellationToken::new();
+    let took = tokio::time::timeout(Duration::from_secs(15), a.acquire(&cancel))
+        .await
+        .unwrap();
+    assert!(took);
+    let lease = leases.get(&name).await.unwrap();
+    assert_eq!(
+        lease.spec.as_ref().unwrap().holder_identity.as_deref(),
+        Some("a")
+    );
+    assert_eq!(lease.spec.unwrap().lease_transitions, Some(2));
+}
+
+/// The real binary: waits for the lease, reconciles as the chart's ServiceAccount, answers its
+/// probes, and on SIGTERM stops, releasing the lease.
+#[tokio::test]
+async fn operator_binary_leads_serves_and_shuts_down() {
+    let client = admin().await;
+    install_chart_rbac().await;
+    let ns = namespace(&client, "binary").await;
+    // A kubeconfig that impersonates the ServiceAccount, as the pod's own token would name it.
+    let dir = tempfile::tempdir().unwrap();
+    let mut kubeconfig: serde_json::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(&cluster().kubeconfig).unwrap()).unwrap();
+    kubeconfig["users"][0]["user"]["as"] =
+        json!(format!("system:serviceaccount:{OPERATOR_NS}:{OPERATOR_SA}"));
+    let path = dir.path().join("kubeconfig");
+    std::fs::write(&path, serde_yaml_ng::to_string(&kubeconfig).unwrap()).unwrap();
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let lease_name = format!("binary-{}", std::process::id());
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokengo-operator"))
+        .env("KUBECONFIG", &path)
+        .env("POD_NAMESPACE", OPERATOR_NS)
+        .env("POD_NAME", "operator-0")
+        .env("TOKENGO_LEASE_NAME", &lease_name)
+        .env("TOKENGO_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let leases: Api<Lease> = Api::namespaced(client.clone(), OPERATOR_NS);
+    wait_for(&leases, &lease_name, "held by operator-0", |l: &Lease| {
+        l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some("operator-0")
+    })
+    .await;
+    let relays: Api<TokenGoRelay> = Api::namespaced(client.clone(), &ns);
+    relays
+        .create(&PostParams::default(), &serde_json::from_value(json!({
+            "apiVersion": "tokengo.io/v1alpha1", "kind": "TokenGoRelay", "metadata": {"name": "bin"}, "spec": {}
+        })).unwrap())
+        .await
+        .unwrap();
+    wait_for(&relays, "bin", "PeerId", |r: &TokenGoRelay| {
+        r.status.as_ref().is_some_and(|s| s.peer_id.is_some())
+    })
+    .await;
+    let metrics = http_get(admin_port, "/metrics").await;
+    assert!(metrics.contains("tokengo_operator_leader 1"), "{metrics}");
+    assert!(
+        metrics.contains(r#"kind="TokenGoRelay",result="success""#),
+        "{metrics}"
+    );
+    assert!(
+        http_get(admin_port, "/readyz")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+
+    let pid = child.id().unwrap().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let lease = leases.get(&lease_name).await.unwrap();
+    assert_eq!(
+        lease.spec.unwrap().holder_identity,
+        None,
+        "the lease is released on shutdown"
+    );
+}
+
+async fn http_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.unwrap();
+    text
+}
+
+/// Scheduled rotation: an exit whose key is older than its interval gets a new current key on
+/// the next reconcile, the old one kept as previous. The old key is set up by creating the key
+/// Secret before the exit (as a user bringing their own keys would), dated two hours back.
+#[tokio::test]
+async fn an_expired_key_is_rotated_on_schedule() {
+    let client = admin().await;
+    let ns = namespace(&client, "schedule").await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let exits: Api<TokenGoExit> = Api::namespaced(client.clone(), &ns);
+    let now = k8s_openapi::jiff::Timestamp::now()
+        .as_second()
+        .unsigned_abs();
+    let old = Keyring::generate(now - 7200).unwrap();
+    let old_config = hex::encode(old.public_keys()[0].config.encode());
+    let identity = keys::new_identity().unwrap();
+    secrets
+        .create(
+            &PostParams::default(),
+            &Secret {
+                metadata: ObjectMeta {
+                    name: Some("aged-exit-keys".into()),
+                    ..Default::default()
+                },
+                data: Some(BTreeMap::from([
+                    (
+                        exit_manifest::IDENTITY_FILE.to_owned(),
+                        ByteString(identity.to_vec()),
+                    ),
+                    (
+                        exit_manifest::KEYRING_FILE.to_owned(),
+                        ByteString(old.encode().to_vec()),
+                    ),
+                ])),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let operator = start_operator().await;
+    exits
+        .create(&PostParams::default(), &serde_json::from_value(json!({
+            "apiVersion": "tokengo.io/v1alpha1", "kind": "TokenGoExit", "metadata": {"name": "aged"},
+            "spec": {
+                "backend": {"url": "http://backend:8000"},
+                "relay": {"addresses": ["/ip4/198.51.100.2/udp/4433/quic-v1/p2p/12D3KooWB"]},
+                "keyRotation": {"intervalHours": 1}
+            }
+        })).unwrap())
+        .await
+        .unwrap();
+    let exit = wait_for(&exits, "aged", "rotated keys", |e: &TokenGoExit| {
+        e.status.as_ref().is_some_and(|s| s.keys.len() == 2)
+    })
+    .await;
+    let status = exit.status.unwrap();
+    assert_eq!(
+        status.keys[1].config, old_config,
+        "the old key stays as the previous one"
+    );
+    assert_eq!(status.keys[1].key_id, 1);
+    assert_eq!(status.keys[0].key_id, 2);
+    assert_eq!(
+        status.peer_id.unwrap(),
+        keys::peer_id(&identity).unwrap().to_string(),
+        "the identity is kept"
+    );
+    operator.stop().await;
+}

@@ -48,6 +48,8 @@ pub enum Command {
     Exit(ExitArgs),
     /// Creates a key file and prints its public part.
     Keygen(KeygenArgs),
+    /// Runs a DHT server (bootstrap) node for a private TokenGo network and prints its multiaddr.
+    Bootstrap(BootstrapArgs),
     /// Asks a running node's admin endpoint how it is doing and prints a short summary.
     Status(StatusArgs),
 }
@@ -70,6 +72,37 @@ pub struct CommonArgs {
     pub otlp_endpoint: Option<String>,
 }
 
+/// Where relays are discovered: the DHT to join and what discovery may dial.
+#[derive(Debug, Clone, Default, Args)]
+pub struct DhtArgs {
+    /// DHT bootstrap peer, /ip4/HOST/udp/PORT/quic-v1/p2p/PEERID (repeatable; comma-separated
+    /// in TOKENGO_BOOTSTRAP). Default: the public IPFS bootstrap peers.
+    #[arg(long = "bootstrap", env = "TOKENGO_BOOTSTRAP", value_delimiter = ',', value_name = "MULTIADDR")]
+    pub bootstrap: Vec<String>,
+    /// Kademlia protocol name (default /ipfs/kad/1.0.0, the public IPFS DHT).
+    #[arg(long, env = "TOKENGO_DHT_PROTOCOL", value_name = "PROTOCOL")]
+    pub dht_protocol: Option<String>,
+    /// Addresses discovery may dial: public, loopback or any (default: public on the public
+    /// DHT, any with --bootstrap).
+    #[arg(long, env = "TOKENGO_ADDRESS_POLICY", value_name = "POLICY")]
+    pub address_policy: Option<String>,
+}
+
+/// Flags of `tokengo bootstrap`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct BootstrapArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub dht: DhtArgs,
+    /// UDP address of the DHT server (default 0.0.0.0:4001).
+    #[arg(short = 'l', long, env = "TOKENGO_LISTEN")]
+    pub listen: Option<String>,
+    /// This node's public IP, e.g. /ip4/203.0.113.7 (repeatable).
+    #[arg(long = "external-addr", env = "TOKENGO_EXTERNAL_ADDRS", value_delimiter = ',', value_name = "MULTIADDR")]
+    pub external_addrs: Vec<String>,
+}
+
 /// Flags of `tokengo serve`.
 #[derive(Debug, Clone, Default, Args)]
 pub struct ServeArgs {
@@ -88,11 +121,14 @@ pub struct ClientArgs {
     #[command(flatten)]
     pub common: CommonArgs,
     /// Relay multiaddr, e.g. /ip4/203.0.113.7/udp/4433/quic-v1/p2p/12D3Koo...
+    /// (default: discover relays on the DHT).
     #[arg(short = 'r', long, env = "TOKENGO_RELAY")]
     pub relay: Option<String>,
     /// Address of the local HTTP endpoint (default 127.0.0.1:8080).
     #[arg(short = 'l', long, env = "TOKENGO_LISTEN")]
     pub listen: Option<String>,
+    #[command(flatten)]
+    pub dht: DhtArgs,
 }
 
 /// Flags of `tokengo relay`.
@@ -103,6 +139,18 @@ pub struct RelayArgs {
     /// UDP address to accept QUIC on (default 0.0.0.0:4433).
     #[arg(short = 'l', long, env = "TOKENGO_LISTEN")]
     pub listen: Option<String>,
+    #[command(flatten)]
+    pub dht: DhtArgs,
+    /// Announce this relay on the DHT (default: off).
+    #[arg(long, env = "TOKENGO_DHT_ANNOUNCE")]
+    pub dht_announce: bool,
+    /// UDP address of the relay's DHT node (default 0.0.0.0:4001).
+    #[arg(long, env = "TOKENGO_DHT_LISTEN", value_name = "IP:PORT")]
+    pub dht_listen: Option<String>,
+    /// The relay's public IP, e.g. /ip4/203.0.113.7 (repeatable). Required to announce on the
+    /// public DHT: a relay without a confirmed external address is invisible.
+    #[arg(long = "external-addr", env = "TOKENGO_EXTERNAL_ADDRS", value_delimiter = ',', value_name = "MULTIADDR")]
+    pub external_addrs: Vec<String>,
 }
 
 /// Flags of `tokengo exit`.
@@ -113,8 +161,14 @@ pub struct ExitArgs {
     #[command(flatten)]
     pub backend: BackendArgs,
     /// Relay multiaddr to register with, e.g. /ip4/203.0.113.7/udp/4433/quic-v1/p2p/12D3Koo...
+    /// (default: discover relays on the DHT).
     #[arg(short = 'r', long, env = "TOKENGO_RELAY")]
     pub relay: Option<String>,
+    #[command(flatten)]
+    pub dht: DhtArgs,
+    /// Most discovered relays to register with (default 3).
+    #[arg(long, env = "TOKENGO_MAX_RELAYS")]
+    pub max_relays: Option<usize>,
 }
 
 /// Where the exit sends requests and with which credentials.

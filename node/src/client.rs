@@ -32,9 +32,31 @@ pub struct ClientState {
     metrics: Arc<ClientMetrics>,
 }
 
-/// Runs `tokengo client` until shutdown.
+/// Runs `tokengo client` until shutdown. Without a configured relay, relays are discovered on
+/// the DHT (and the relay cache in the data directory) first.
 pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let client = Client::bind(config.listen, config.relay, config.limits).await?;
+    let dht = crate::metrics::DhtMetrics::default();
+    let relays = match config.relay {
+        Some(relay) => vec![relay],
+        None => {
+            config.data_dir.ensure()?;
+            let seek = crate::discovery::Seek {
+                cache: Some(crate::discovery::RelayCache::new(
+                    config.data_dir.file(crate::discovery::CACHE_FILE),
+                )),
+                want: crate::discovery::CLIENT_RELAYS,
+                params: transport_params(&config.limits),
+                guard: crate::discovery::DialGuard {
+                    refused: dht.dials_refused.clone(),
+                    observer: None,
+                },
+                metrics: dht.clone(),
+            };
+            let found = crate::discovery::discover(&config.dht, seek, &shutdown).await?;
+            found.relays.into_iter().map(|r| r.addr).collect()
+        }
+    };
+    let client = Client::bind_with(config.listen, relays, config.limits, dht).await?;
     client.check_relay().await?;
     let admin = admin::start(
         config.observability.admin_listen,
@@ -127,25 +149,34 @@ impl Client {
         relay: RelayAddr,
         limits: Limits,
     ) -> anyhow::Result<Self> {
+        Self::bind_with(listen, vec![relay], limits, crate::metrics::DhtMetrics::default()).await
+    }
+
+    /// Binds the local HTTP listener for `relays` (best first, failing over in order); the
+    /// first is dialled on first use. `dht` are the metrics discovery filled in.
+    pub async fn bind_with(
+        listen: SocketAddr,
+        relays: Vec<RelayAddr>,
+        limits: Limits,
+        dht: crate::metrics::DhtMetrics,
+    ) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| {
             format!("cannot listen on {listen} (is something else using it? choose another with --listen)")
         })?;
         if !listen.ip().is_loopback() {
             tracing::warn!(%listen, "the endpoint is reachable from the network: anyone who can reach it can use your exits");
         }
-        let params = TransportParams {
-            idle_timeout: limits.quic_idle_timeout,
-            max_incoming_streams: 0,
-            keep_alive: true,
-        };
-        let link = RelayLink::new(relay, params).context("binding a UDP socket")?;
+        let link = RelayLink::with_failover(relays, transport_params(&limits))
+            .context("binding a UDP socket")?;
+        let mut metrics = ClientMetrics::new();
+        metrics.dht = dht;
         Ok(Self {
             listener,
             state: Arc::new(ClientState {
                 link,
                 directory: Directory::default(),
                 limits,
-                metrics: Arc::new(ClientMetrics::new()),
+                metrics: Arc::new(metrics),
             }),
         })
     }
@@ -178,7 +209,9 @@ impl Client {
     /// retry it.
     pub async fn check_relay(&self) -> anyhow::Result<()> {
         match self.state.link.connection().await {
-            Err(error @ (ConnectError::WrongPeer { .. } | ConnectError::Tls(_))) => {
+            Err(error @ (ConnectError::WrongPeer { .. } | ConnectError::Tls(_)))
+                if self.state.link.relays().len() == 1 =>
+            {
                 return Err(error).context("refusing to use this relay");
             }
             Err(error) => {
@@ -210,6 +243,15 @@ impl Client {
         // Give the QUIC connection a moment to say goodbye; never block shutdown on it.
         let _ = tokio::time::timeout(Duration::from_secs(2), self.state.link.close()).await;
         Ok(())
+    }
+}
+
+/// QUIC parameters of a client's relay connection.
+fn transport_params(limits: &Limits) -> TransportParams {
+    TransportParams {
+        idle_timeout: limits.quic_idle_timeout,
+        max_incoming_streams: 0,
+        keep_alive: true,
     }
 }
 

@@ -2,14 +2,21 @@
 //! file, merged in that order of precedence) and the checked, typed configuration each role
 //! runs with. Every error names the field that is wrong and what would be right.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde::Deserialize;
 
+use libp2p::{Multiaddr, StreamProtocol};
+
 use crate::{
-    cli::{BackendArgs, ClientArgs, CommonArgs, ExitArgs, RelayArgs, ServeArgs},
+    cli::{BackendArgs, BootstrapArgs, ClientArgs, CommonArgs, DhtArgs, ExitArgs, RelayArgs, ServeArgs},
     data_dir::DataDir,
+    discovery::{AddressPolicy, DhtConfig},
     transport::RelayAddr,
 };
 
@@ -19,6 +26,8 @@ pub const DEFAULT_CLIENT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_RELAY_LISTEN: &str = "0.0.0.0:4433";
 /// Default backend: a local Ollama, as in the original TokenGo.
 pub const DEFAULT_BACKEND: &str = "http://localhost:11434";
+/// Default UDP address of a relay's or bootstrap node's DHT swarm (the IPFS port).
+pub const DEFAULT_DHT_LISTEN: &str = "0.0.0.0:4001";
 /// Default time an OTLP export request may take (the OpenTelemetry default).
 pub const DEFAULT_OTLP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -94,6 +103,24 @@ struct FileConfig {
     admin_listen: Option<String>,
     /// OTLP collector base URL for traces (off when absent, unless `OTEL_*` says otherwise).
     otlp_endpoint: Option<String>,
+    /// DHT bootstrap peers (multiaddrs with /p2p/).
+    #[serde(default)]
+    bootstrap: Vec<String>,
+    /// Kademlia protocol name.
+    dht_protocol: Option<String>,
+    /// Addresses discovery may dial: public, loopback, any.
+    address_policy: Option<String>,
+    /// Seconds discovery may take at start.
+    discovery_timeout_secs: Option<u64>,
+    /// Whether a relay announces itself on the DHT.
+    dht_announce: Option<bool>,
+    /// UDP address of the relay's DHT node.
+    dht_listen: Option<String>,
+    /// The node's public IPs (`/ip4/X`, `/ip6/X`).
+    #[serde(default)]
+    external_addrs: Vec<String>,
+    /// Most discovered relays an exit registers with.
+    max_relays: Option<usize>,
 }
 
 impl FileConfig {
@@ -285,13 +312,94 @@ fn parse_listen(field: &'static str, raw: &str) -> Result<SocketAddr, ConfigErro
     })
 }
 
-fn parse_relay(raw: Option<String>) -> Result<RelayAddr, ConfigError> {
-    let raw = raw.ok_or(ConfigError::Missing {
-        field: "relay",
-        hint: "pass --relay /ip4/HOST/udp/4433/quic-v1/p2p/PEERID (the relay prints it at start)",
+fn parse_relay(raw: Option<String>) -> Result<Option<RelayAddr>, ConfigError> {
+    raw.map(|raw| {
+        raw.parse()
+            .map_err(|e: crate::transport::AddrError| invalid("relay", e.to_string()))
+    })
+    .transpose()
+}
+
+/// The DHT to join: flags win over the file; no bootstrap peers given means the public IPFS
+/// DHT with the `public` address policy, given ones mean a private network (policy `any`
+/// unless set).
+fn dht_config(args: &DhtArgs, file: &FileConfig) -> Result<DhtConfig, ConfigError> {
+    let mut config = DhtConfig::public();
+    let raw = if args.bootstrap.is_empty() {
+        &file.bootstrap
+    } else {
+        &args.bootstrap
+    };
+    if !raw.is_empty() {
+        config.bootstrap = raw
+            .iter()
+            .map(|a| parse_bootstrap(a))
+            .collect::<Result<_, _>>()?;
+        config.policy = AddressPolicy::Any;
+    }
+    if let Some(name) = args.dht_protocol.as_ref().or(file.dht_protocol.as_ref()) {
+        let name = name.trim();
+        if !name.starts_with('/') {
+            return Err(invalid(
+                "dht_protocol",
+                format!("`{name}` must start with `/`, e.g. /ipfs/kad/1.0.0 or /mynet/kad/1.0.0"),
+            ));
+        }
+        config.protocol = StreamProtocol::try_from_owned(name.to_owned())
+            .map_err(|e| invalid("dht_protocol", e.to_string()))?;
+    }
+    if let Some(policy) = args.address_policy.as_ref().or(file.address_policy.as_ref()) {
+        config.policy = policy.parse().map_err(|e: String| invalid("address_policy", e))?;
+    }
+    config.timeout = match file.discovery_timeout_secs {
+        None => crate::discovery::DEFAULT_DISCOVERY_TIMEOUT,
+        Some(secs @ 1..=600) => Duration::from_secs(secs),
+        Some(_) => return Err(invalid("discovery_timeout_secs", "must be 1 to 600 seconds")),
+    };
+    Ok(config)
+}
+
+fn parse_bootstrap(raw: &str) -> Result<Multiaddr, ConfigError> {
+    let addr: Multiaddr = raw.trim().parse().map_err(|_| {
+        invalid(
+            "bootstrap",
+            format!("`{raw}` is not a multiaddr; expected /ip4/HOST/udp/4001/quic-v1/p2p/PEERID"),
+        )
     })?;
-    raw.parse()
-        .map_err(|e: crate::transport::AddrError| invalid("relay", e.to_string()))
+    if !matches!(addr.iter().last(), Some(libp2p::multiaddr::Protocol::P2p(_))) {
+        return Err(invalid(
+            "bootstrap",
+            format!("`{raw}` has no /p2p/PEERID (`tokengo bootstrap` prints its full address)"),
+        ));
+    }
+    Ok(addr)
+}
+
+/// External addresses as IPs: `/ip4/X`, `/ip6/X` (anything after the IP is ignored: the
+/// ports are the node's own) or a bare IP.
+fn parse_external(raw: &[String]) -> Result<Vec<IpAddr>, ConfigError> {
+    raw.iter()
+        .map(|a| {
+            let a = a.trim();
+            if let Ok(ip) = a.parse::<IpAddr>() {
+                return Ok(ip);
+            }
+            a.parse::<Multiaddr>()
+                .ok()
+                .and_then(|m| crate::discovery::policy::ip_of(&m))
+                .filter(|ip| !ip.is_unspecified())
+                .ok_or_else(|| {
+                    invalid(
+                        "external_addrs",
+                        format!("`{a}` is not /ip4/IP or /ip6/IP (the node's public address)"),
+                    )
+                })
+        })
+        .collect()
+}
+
+fn dht_listen(raw: Option<&str>) -> Result<SocketAddr, ConfigError> {
+    parse_listen("dht_listen", raw.unwrap_or(DEFAULT_DHT_LISTEN))
 }
 
 /// The standard OpenTelemetry environment variables that decide whether and how traces are
@@ -525,18 +633,89 @@ pub struct RelayConfig {
     pub limits: Limits,
     /// Admin endpoint and trace export.
     pub observability: ObservabilityConfig,
+    /// DHT announcement; `None` (the default) means the relay does not announce.
+    pub dht: Option<RelayDhtConfig>,
+}
+
+/// How a relay announces itself on the DHT.
+#[derive(Debug, Clone)]
+pub struct RelayDhtConfig {
+    /// The DHT.
+    pub config: DhtConfig,
+    /// UDP address of the relay's libp2p swarm (not the QUIC port). Default `0.0.0.0:4001`.
+    pub listen: SocketAddr,
+    /// The relay's confirmed public IPs. Default none: then the relay is announced only
+    /// under the `loopback` policy (single-host networks) and otherwise reported as invisible.
+    pub external_ips: Vec<IpAddr>,
 }
 
 impl RelayConfig {
     /// Merges flags, environment and file into a checked configuration.
     pub fn resolve(args: RelayArgs) -> Result<Self, ConfigError> {
         let file = FileConfig::load(args.common.config.as_ref())?;
-        let listen = args.listen.or_else(|| file.listen.clone());
+        let listen = args.listen.clone().or_else(|| file.listen.clone());
+        let announce = args.dht_announce || file.dht_announce.unwrap_or(false);
+        let dht = if announce {
+            let external = if args.external_addrs.is_empty() {
+                &file.external_addrs
+            } else {
+                &args.external_addrs
+            };
+            Some(RelayDhtConfig {
+                config: dht_config(&args.dht, &file)?,
+                listen: dht_listen(args.dht_listen.as_deref().or(file.dht_listen.as_deref()))?,
+                external_ips: parse_external(external)?,
+            })
+        } else {
+            None
+        };
         Ok(Self {
             listen: parse_listen("listen", listen.as_deref().unwrap_or(DEFAULT_RELAY_LISTEN))?,
             data_dir: data_dir(&args.common, &file)?,
             limits: Limits::from_file(&file)?,
             observability: observability(&args.common, &file, "relay")?,
+            dht,
+        })
+    }
+}
+
+/// Checked configuration of `tokengo bootstrap`.
+#[derive(Debug, Clone)]
+pub struct BootstrapConfig {
+    /// The DHT (its bootstrap peers are the other servers of the private network).
+    pub dht: DhtConfig,
+    /// UDP address of the DHT server. Default `0.0.0.0:4001`.
+    pub listen: SocketAddr,
+    /// Its public IPs.
+    pub external_ips: Vec<IpAddr>,
+    /// Where its identity lives (`bootstrap_identity.key`).
+    pub data_dir: DataDir,
+}
+
+impl BootstrapConfig {
+    /// Merges flags, environment and file into a checked configuration.
+    pub fn resolve(args: BootstrapArgs) -> Result<Self, ConfigError> {
+        let file = FileConfig::load(args.common.config.as_ref())?;
+        let mut dht = dht_config(&args.dht, &file)?;
+        // A bootstrap node without peers is the first of a private network, never a member
+        // of the public DHT.
+        if args.dht.bootstrap.is_empty() && file.bootstrap.is_empty() {
+            dht.bootstrap.clear();
+            if args.dht.address_policy.is_none() && file.address_policy.is_none() {
+                dht.policy = AddressPolicy::Any;
+            }
+        }
+        let listen = args.listen.or_else(|| file.listen.clone());
+        let external = if args.external_addrs.is_empty() {
+            &file.external_addrs
+        } else {
+            &args.external_addrs
+        };
+        Ok(Self {
+            dht,
+            listen: dht_listen(listen.as_deref())?,
+            external_ips: parse_external(external)?,
+            data_dir: data_dir(&args.common, &file)?,
         })
     }
 }
@@ -544,8 +723,12 @@ impl RelayConfig {
 /// Checked configuration of `tokengo exit`.
 #[derive(Debug, Clone)]
 pub struct ExitConfig {
-    /// The relay to register with.
-    pub relay: RelayAddr,
+    /// The relay to register with; `None` (the default) discovers relays on the DHT.
+    pub relay: Option<RelayAddr>,
+    /// The DHT to discover relays on when no relay is given.
+    pub dht: DhtConfig,
+    /// Most discovered relays to register with. Default 3.
+    pub max_relays: usize,
     /// The AI backend.
     pub backend: BackendConfig,
     /// Where the identity and OHTTP keys live.
@@ -560,8 +743,15 @@ impl ExitConfig {
     /// Merges flags, environment and file into a checked configuration.
     pub fn resolve(args: ExitArgs) -> Result<Self, ConfigError> {
         let file = FileConfig::load(args.common.config.as_ref())?;
+        let max_relays = match args.max_relays.or(file.max_relays) {
+            None => crate::discovery::DEFAULT_MAX_RELAYS,
+            Some(n @ 1..=16) => n,
+            Some(_) => return Err(invalid("max_relays", "must be 1 to 16")),
+        };
         Ok(Self {
             relay: parse_relay(args.relay.or_else(|| file.relay.clone()))?,
+            dht: dht_config(&args.dht, &file)?,
+            max_relays,
             backend: BackendConfig::resolve(args.backend, &file)?,
             data_dir: data_dir(&args.common, &file)?,
             limits: Limits::from_file(&file)?,
@@ -573,8 +763,12 @@ impl ExitConfig {
 /// Checked configuration of `tokengo client`.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// The relay to send requests through.
-    pub relay: RelayAddr,
+    /// The relay to send requests through; `None` (the default) discovers relays on the DHT.
+    pub relay: Option<RelayAddr>,
+    /// The DHT to discover relays on when no relay is given.
+    pub dht: DhtConfig,
+    /// Where the relay cache (`relays.json`) lives.
+    pub data_dir: DataDir,
     /// Local HTTP endpoint. Default `127.0.0.1:8080`.
     pub listen: SocketAddr,
     /// Timeouts and sizes.
@@ -590,6 +784,8 @@ impl ClientConfig {
         let listen = args.listen.or_else(|| file.listen.clone());
         Ok(Self {
             relay: parse_relay(args.relay.or_else(|| file.relay.clone()))?,
+            dht: dht_config(&args.dht, &file)?,
+            data_dir: data_dir(&args.common, &file)?,
             listen: parse_listen("listen", listen.as_deref().unwrap_or(DEFAULT_CLIENT_LISTEN))?,
             limits: Limits::from_file(&file)?,
             observability: observability(&args.common, &file, "client")?,
@@ -695,7 +891,7 @@ mod tests {
             file_with("admin_listen: 127.0.0.1:9095\notlp_endpoint: http://127.0.0.1:4318\n");
         let args = RelayArgs {
             common: common(file.path(), dir.path()),
-            listen: None,
+            ..RelayArgs::default()
         };
         let config = RelayConfig::resolve(args).unwrap();
         assert_eq!(
@@ -705,7 +901,7 @@ mod tests {
         let file = file_with("otlp_endpoint: collector:4318\n");
         let args = RelayArgs {
             common: common(file.path(), dir.path()),
-            listen: None,
+            ..RelayArgs::default()
         };
         let error = RelayConfig::resolve(args).unwrap_err().to_string();
         assert!(error.contains("otlp_endpoint"), "{error}");
@@ -790,7 +986,7 @@ mod tests {
         let file = file_with("backnd: http://x\n");
         let args = RelayArgs {
             common: common(file.path(), dir.path()),
-            listen: None,
+            ..RelayArgs::default()
         };
         let error = RelayConfig::resolve(args).unwrap_err().to_string();
         assert!(error.contains("backnd"), "{error}");
@@ -818,15 +1014,72 @@ mod tests {
     }
 
     #[test]
-    fn exit_requires_a_relay_and_explains_how() {
+    fn exit_without_a_relay_discovers_on_the_public_dht() {
         let dir = tempfile::tempdir().unwrap();
         let file = file_with("");
         let args = ExitArgs {
             common: common(file.path(), dir.path()),
             ..ExitArgs::default()
         };
-        let error = ExitConfig::resolve(args).unwrap_err().to_string();
-        assert!(error.contains("--relay"), "{error}");
+        let config = ExitConfig::resolve(args).unwrap();
+        assert!(config.relay.is_none());
+        assert_eq!(config.max_relays, crate::discovery::DEFAULT_MAX_RELAYS);
+        assert_eq!(config.dht.protocol.as_ref(), "/ipfs/kad/1.0.0");
+        assert_eq!(config.dht.policy, AddressPolicy::Public);
+        assert!(!config.dht.bootstrap.is_empty());
+    }
+
+    #[test]
+    fn private_dht_settings_come_from_file_and_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let peer = libp2p_identity::Keypair::generate_ed25519().public().to_peer_id();
+        let file = file_with(&format!(
+            "bootstrap: ['/ip4/127.0.0.1/udp/4001/quic-v1/p2p/{peer}']\ndht_protocol: /mynet/kad/1.0.0\ndht_announce: true\nexternal_addrs: ['/ip4/203.0.113.7']\ndht_listen: 127.0.0.1:4101\n"
+        ));
+        let args = RelayArgs {
+            common: common(file.path(), dir.path()),
+            ..RelayArgs::default()
+        };
+        let config = RelayConfig::resolve(args).unwrap().dht.unwrap();
+        assert_eq!(config.config.bootstrap.len(), 1);
+        assert_eq!(config.config.protocol.as_ref(), "/mynet/kad/1.0.0");
+        assert_eq!(config.config.policy, AddressPolicy::Any);
+        assert_eq!(config.external_ips, vec!["203.0.113.7".parse::<IpAddr>().unwrap()]);
+        assert_eq!(config.listen, "127.0.0.1:4101".parse().unwrap());
+        let args = ClientArgs {
+            common: common(file.path(), dir.path()),
+            dht: DhtArgs {
+                address_policy: Some("loopback".into()),
+                ..DhtArgs::default()
+            },
+            ..ClientArgs::default()
+        };
+        assert_eq!(
+            ClientConfig::resolve(args).unwrap().dht.policy,
+            AddressPolicy::Loopback
+        );
+        for (yaml, field) in [
+            ("bootstrap: ['/ip4/127.0.0.1/udp/4001/quic-v1']\n", "bootstrap"),
+            ("dht_protocol: kad\n", "dht_protocol"),
+            ("address_policy: lan\n", "address_policy"),
+            ("dht_announce: true\nexternal_addrs: ['nowhere']\n", "external_addrs"),
+            ("max_relays: 0\n", "max_relays"),
+        ] {
+            let file = file_with(yaml);
+            let args = ExitArgs {
+                common: common(file.path(), dir.path()),
+                ..ExitArgs::default()
+            };
+            let relay_args = RelayArgs {
+                common: common(file.path(), dir.path()),
+                ..RelayArgs::default()
+            };
+            let error = match ExitConfig::resolve(args) {
+                Err(e) => e.to_string(),
+                Ok(_) => RelayConfig::resolve(relay_args).unwrap_err().to_string(),
+            };
+            assert!(error.contains(field), "{yaml} -> {error}");
+        }
     }
 
     #[test]

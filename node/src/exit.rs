@@ -42,38 +42,73 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How long shutdown waits for requests in flight.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
-/// Runs `tokengo exit` until shutdown.
+/// Runs `tokengo exit` until shutdown. Without a configured relay, relays are discovered on
+/// the DHT and the exit registers with up to `max_relays` of them, one tunnel each.
 pub async fn run(config: ExitConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let exit = Exit::load(&config.data_dir, &config.backend, config.limits.clone())?;
-    let (registered, mut on_registered) = watch::channel(false);
+    let mut exit = Exit::load(&config.data_dir, &config.backend, config.limits.clone())?;
+    let relays = match config.relay.clone() {
+        Some(relay) => vec![relay],
+        None => {
+            let dht = exit.metrics.dht.clone();
+            let seek = crate::discovery::Seek {
+                cache: Some(crate::discovery::RelayCache::new(
+                    config.data_dir.file(crate::discovery::CACHE_FILE),
+                )),
+                want: config.max_relays,
+                params: TransportParams {
+                    idle_timeout: config.limits.quic_idle_timeout,
+                    max_incoming_streams: 0,
+                    keep_alive: false,
+                },
+                guard: crate::discovery::DialGuard {
+                    refused: dht.dials_refused.clone(),
+                    observer: None,
+                },
+                metrics: dht,
+            };
+            let found = crate::discovery::discover(&config.dht, seek, &shutdown).await?;
+            found
+                .relays
+                .into_iter()
+                .take(config.max_relays)
+                .map(|r| r.addr)
+                .collect()
+        }
+    };
+    exit.relays_label = relays
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let (registered, _) = watch::channel(false);
     let admin = admin::start(
         config.observability.admin_listen,
         admin::Role::Exit,
-        vec![RoleProbe::Exit(
-            exit.probe(config.relay.clone(), registered.subscribe()),
-        )],
+        vec![RoleProbe::Exit(exit.probe_all(registered.subscribe()))],
         shutdown.clone(),
     )
     .await?;
-    let relay = config.relay.clone();
     let peer = exit.peer_id();
-    tokio::spawn(async move {
-        if on_registered.wait_for(|r| *r).await.is_ok() {
-            println!("exit {peer} registered with relay {relay}");
-        }
+    let announce: RegisteredHook = Arc::new(move |relay: &RelayAddr| {
+        println!("exit {peer} registered with relay {relay}");
     });
-    let result = exit.run(config.relay, registered, shutdown.clone()).await;
+    let result = exit
+        .run_many(relays, registered, Some(announce), shutdown.clone())
+        .await;
     // The exit may stop on its own (a relay that refuses it): the admin listener goes too.
     shutdown.cancel();
     admin.stopped().await;
     result
 }
 
+/// Called the first time the exit registers with each relay.
+pub type RegisteredHook = Arc<dyn Fn(&RelayAddr) + Send + Sync>;
+
 /// What the admin listener reads from a running exit: readiness, status and metrics.
 #[derive(Debug, Clone)]
 pub struct ExitProbe {
     peer_id: libp2p_identity::PeerId,
-    relay: RelayAddr,
+    relay: String,
     registered: watch::Receiver<bool>,
     gateway: Arc<Gateway>,
     metrics: Arc<ExitMetrics>,
@@ -117,7 +152,7 @@ impl ExitProbe {
         let expiry = self.metrics.descriptor_expiry.get();
         crate::status::ExitStatus {
             peer_id: self.peer_id.to_string(),
-            relay: self.relay.to_string(),
+            relay: self.relay.clone(),
             registered: *self.registered.borrow(),
             backend_up: self.metrics.backend_up.get() == 1,
             keys: self.gateway.key_status(),
@@ -140,6 +175,8 @@ pub struct Exit {
     keyring: Keyring,
     limits: Limits,
     metrics: Arc<ExitMetrics>,
+    /// The relays it registers with, for `/status`.
+    relays_label: String,
 }
 
 impl Exit {
@@ -168,6 +205,7 @@ impl Exit {
             keyring,
             limits,
             metrics,
+            relays_label: String::new(),
         })
     }
 
@@ -176,8 +214,18 @@ impl Exit {
     #[must_use]
     pub fn probe(&self, relay: RelayAddr, registered: watch::Receiver<bool>) -> ExitProbe {
         ExitProbe {
+            relay: relay.to_string(),
+            ..self.probe_all(registered)
+        }
+    }
+
+    /// The probe for an exit registering with the relays given to [`Exit::run_many`] (as
+    /// `tokengo exit` knows them after discovery).
+    #[must_use]
+    pub fn probe_all(&self, registered: watch::Receiver<bool>) -> ExitProbe {
+        ExitProbe {
             peer_id: self.peer_id(),
-            relay,
+            relay: self.relays_label.clone(),
             registered,
             gateway: Arc::clone(&self.gateway),
             metrics: Arc::clone(&self.metrics),
@@ -199,8 +247,76 @@ impl Exit {
         registered: watch::Sender<bool>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
+        self.run_many(vec![relay], registered, None, shutdown).await
+    }
+
+    /// Keeps a registered tunnel to each of `relays` until shutdown. `registered` is true
+    /// while at least one tunnel is registered; `hook` is called at each relay's first
+    /// registration. Fails when every relay failed with an error retrying cannot fix.
+    pub async fn run_many(
+        self,
+        relays: Vec<RelayAddr>,
+        registered: watch::Sender<bool>,
+        hook: Option<RegisteredHook>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
         let models = self.gateway.backend().models().await;
-        tracing::info!(models = models.len(), "backend models discovered");
+        tracing::info!(models = models.len(), relays = relays.len(), "backend models discovered");
+        let states = Arc::new(std::sync::Mutex::new(vec![false; relays.len()]));
+        let registered = Arc::new(registered);
+        let mut runs = Vec::with_capacity(relays.len());
+        for (index, relay) in relays.iter().enumerate() {
+            let (tx, mut rx) = watch::channel(false);
+            let states = Arc::clone(&states);
+            let registered = Arc::clone(&registered);
+            let hook = hook.clone();
+            let relay_for_hook = relay.clone();
+            // Folds this relay's state into the exit's: registered while any tunnel is.
+            tokio::spawn(async move {
+                let mut announced = false;
+                while rx.changed().await.is_ok() {
+                    let now = *rx.borrow_and_update();
+                    let any = {
+                        let mut states = states
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        states[index] = now;
+                        states.iter().any(|s| *s)
+                    };
+                    registered.send_replace(any);
+                    if now
+                        && !announced
+                        && let Some(hook) = &hook
+                    {
+                        announced = true;
+                        hook(&relay_for_hook);
+                    }
+                }
+            });
+            runs.push(self.run_one(relay, &models, tx, &shutdown));
+        }
+        let results = futures_util::future::join_all(runs).await;
+        registered.send_replace(false);
+        self.metrics.relay_connected.set(0);
+        let failures = results.iter().filter(|r| r.is_err()).count();
+        match results.into_iter().find_map(Result::err) {
+            Some(error) if failures == relays.len() => Err(error),
+            Some(error) => {
+                tracing::warn!("{error:#}");
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// One relay's tunnel, reconnecting with backoff until shutdown or a fatal error.
+    async fn run_one(
+        &self,
+        relay: &RelayAddr,
+        models: &[String],
+        registered: watch::Sender<bool>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
         let endpoint = transport::client_endpoint(false).context("binding a UDP socket")?;
         let tasks = TaskTracker::new();
         let mut backoff = BACKOFF_MIN;
@@ -208,14 +324,14 @@ impl Exit {
             if shutdown.is_cancelled() {
                 break Ok(());
             }
-            let descriptor = self.descriptor(&models)?;
+            let descriptor = self.descriptor(models)?;
             let context = SessionContext {
                 endpoint: &endpoint,
-                relay: &relay,
-                models: &models,
+                relay,
+                models,
                 registered: &registered,
                 tasks: &tasks,
-                shutdown: &shutdown,
+                shutdown,
             };
             match self.session(&context, &descriptor).await {
                 Ok(Session::Shutdown) => break Ok(()),
@@ -235,7 +351,6 @@ impl Exit {
                 }
             }
             let _ = registered.send(false);
-            self.metrics.relay_connected.set(0);
             tokio::select! {
                 () = shutdown.cancelled() => break Ok(()),
                 () = tokio::time::sleep(backoff) => {}
@@ -243,7 +358,6 @@ impl Exit {
             backoff = (backoff * 2).min(BACKOFF_MAX);
         };
         let _ = registered.send(false);
-        self.metrics.relay_connected.set(0);
         tasks.close();
         if tokio::time::timeout(DRAIN_DEADLINE, tasks.wait())
             .await

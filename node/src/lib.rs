@@ -6,11 +6,13 @@
 
 pub mod admin;
 pub mod api_error;
+pub mod bootstrap;
 pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod config;
 pub mod data_dir;
+pub mod discovery;
 pub mod exit;
 pub mod http_message;
 pub mod identity;
@@ -34,6 +36,7 @@ enum Resolved {
     Exit(config::ExitConfig),
     Client(config::ClientConfig),
     Serve(config::ServeConfig),
+    Bootstrap(config::BootstrapConfig),
     Status(cli::StatusArgs),
 }
 
@@ -44,7 +47,7 @@ impl Resolved {
             Self::Exit(c) => &c.observability.traces,
             Self::Client(c) => &c.observability.traces,
             Self::Serve(c) => &c.observability.traces,
-            Self::Status(_) => &config::TraceExport::Off,
+            Self::Bootstrap(_) | Self::Status(_) => &config::TraceExport::Off,
         }
     }
 }
@@ -62,6 +65,9 @@ pub fn run(cli: cli::Cli) -> anyhow::Result<()> {
         cli::Command::Exit(args) => Resolved::Exit(config::ExitConfig::resolve(args)?),
         cli::Command::Client(args) => Resolved::Client(config::ClientConfig::resolve(args)?),
         cli::Command::Serve(args) => Resolved::Serve(config::ServeConfig::resolve(args)?),
+        cli::Command::Bootstrap(args) => {
+            Resolved::Bootstrap(config::BootstrapConfig::resolve(args)?)
+        }
         cli::Command::Status(args) => Resolved::Status(args),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -77,6 +83,7 @@ pub fn run(cli: cli::Cli) -> anyhow::Result<()> {
             Resolved::Exit(config) => exit::run(config, shutdown()).await,
             Resolved::Client(config) => client::run(config, shutdown()).await,
             Resolved::Serve(config) => serve::run(config, shutdown()).await,
+            Resolved::Bootstrap(config) => bootstrap::run(config, shutdown()).await,
             Resolved::Status(args) => {
                 let report = status::fetch(&args.admin).await?;
                 if args.json {

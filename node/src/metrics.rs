@@ -125,6 +125,55 @@ const CLIENT_ERRORS: &[ErrorClass] = &[
     ErrorClass::StreamFailed,
 ];
 
+/// Discovery on the DHT (`tokengo_<role>_dht_*`). No labels: no series names a peer.
+#[derive(Debug, Clone, Default)]
+pub struct DhtMetrics {
+    /// 1 when the relay has a confirmed external address to announce (configured
+    /// `external_addrs`, or loopback under the `loopback` policy); 0 means it is invisible.
+    pub external_address_confirmed: Gauge,
+    /// 1 after the provider record was published (and while it is republished).
+    pub provider_published: Gauge,
+    /// Dials the address policy refused.
+    pub dials_refused: Counter,
+    /// Relays that passed verification in the last discovery.
+    pub relays_verified: Gauge,
+}
+
+impl DhtMetrics {
+    /// The relay's view: announcement state and refused dials.
+    pub fn register_announcer(&self, r: &mut Registry) {
+        r.register(
+            "dht_external_address_confirmed",
+            "1 when the relay has a confirmed external address to announce on the DHT",
+            self.external_address_confirmed.clone(),
+        );
+        r.register(
+            "dht_provider_published",
+            "1 after the relay's provider record was published on the DHT",
+            self.provider_published.clone(),
+        );
+        r.register(
+            "dht_dials_refused",
+            "Dials the DHT address policy refused",
+            self.dials_refused.clone(),
+        );
+    }
+
+    /// A client's or exit's view: verified relays and refused dials.
+    pub fn register_seeker(&self, r: &mut Registry) {
+        r.register(
+            "dht_relays_verified",
+            "Relays that passed verification in the last DHT discovery",
+            self.relays_verified.clone(),
+        );
+        r.register(
+            "dht_dials_refused",
+            "Dials the DHT address policy refused",
+            self.dials_refused.clone(),
+        );
+    }
+}
+
 /// The relay's metrics (`tokengo_relay_*`).
 #[derive(Debug, Clone, Default)]
 pub struct RelayMetrics {
@@ -146,6 +195,8 @@ pub struct RelayMetrics {
     pub exit_first_byte: LatencyHistogram,
     /// 1 while the relay accepts connections.
     pub accepting: Gauge,
+    /// DHT announcement (all zero while the relay does not announce).
+    pub dht: DhtMetrics,
 }
 
 impl RelayMetrics {
@@ -226,6 +277,7 @@ impl RelayMetrics {
             "1 while the relay accepts connections",
             self.accepting.clone(),
         );
+        self.dht.register_announcer(r);
     }
 
     /// Forward requests so far.
@@ -276,6 +328,8 @@ pub struct ExitMetrics {
     pub ohttp_key_created: Family<KeyLabel, TimestampGauge>,
     /// Expiry (Unix seconds) of the descriptor last registered.
     pub descriptor_expiry: TimestampGauge,
+    /// Relay discovery.
+    pub dht: DhtMetrics,
 }
 
 impl ExitMetrics {
@@ -307,6 +361,7 @@ impl ExitMetrics {
     /// Registers every metric under `tokengo_exit_`.
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("exit");
+        self.dht.register_seeker(r);
         r.register(
             "requests",
             "Request streams, by media type",
@@ -429,6 +484,8 @@ pub struct ClientMetrics {
     pub relay_connected: Gauge,
     /// Exits in the last verified exit list.
     pub exits_available: Gauge,
+    /// Relay discovery.
+    pub dht: DhtMetrics,
 }
 
 impl ClientMetrics {
@@ -462,6 +519,7 @@ impl ClientMetrics {
     /// Registers every metric under `tokengo_client_`.
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("client");
+        self.dht.register_seeker(r);
         r.register(
             "requests",
             "Requests from the user's tools, by media type",

@@ -62,9 +62,64 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> anyhow::Re
     )
     .await?;
     println!("relay listening on {}", relay.addr());
-    relay.run(shutdown).await;
+    let dht = match &config.dht {
+        Some(dht) => Some(tokio::spawn(announce(
+            dht.clone(),
+            &relay,
+            identity.clone(),
+            shutdown.clone(),
+        ))),
+        None => None,
+    };
+    relay.run(shutdown.clone()).await;
+    if let Some(task) = dht {
+        shutdown.cancel();
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "DHT announcement stopped"),
+            Err(error) => tracing::warn!(%error, "DHT announcement task failed"),
+        }
+    }
     admin.stopped().await;
     Ok(())
+}
+
+/// Announces `relay` on the DHT with its own identity (one PeerId for the QUIC certificate
+/// and the DHT). The QUIC addresses it advertises are its external IPs with the QUIC port, or
+/// its loopback address under the `loopback` policy.
+fn announce(
+    dht: crate::config::RelayDhtConfig,
+    relay: &Relay,
+    identity: Keypair,
+    shutdown: CancellationToken,
+) -> impl std::future::Future<Output = Result<(), crate::discovery::DiscoveryError>> + use<> {
+    let port = relay.addr().to_multiaddr().iter().find_map(|p| match p {
+        multiaddr::Protocol::Udp(port) => Some(port),
+        _ => None,
+    });
+    let peer = relay.addr().peer_id();
+    let mut quic: Vec<RelayAddr> = dht
+        .external_ips
+        .iter()
+        .filter_map(|ip| Some(RelayAddr::new(SocketAddr::new(*ip, port?), peer)))
+        .collect();
+    if quic.is_empty() && dht.config.policy == crate::discovery::AddressPolicy::Loopback {
+        quic.push(relay.addr().clone());
+    }
+    let metrics = relay.metrics();
+    let announcer = crate::discovery::Announcer {
+        identity,
+        listen: dht.listen,
+        external_ips: dht.external_ips.clone(),
+        info: crate::discovery::relay_info_source(quic, relay.registry()),
+        status: relay.dht_status(),
+        metrics: metrics.dht.clone(),
+        guard: crate::discovery::DialGuard {
+            refused: metrics.dht.dials_refused.clone(),
+            observer: None,
+        },
+    };
+    async move { crate::discovery::announce(&dht.config, announcer, shutdown).await }
 }
 
 /// Which way forwarded bytes travel.
@@ -92,6 +147,8 @@ pub struct Relay {
     tap: Option<Arc<dyn Tap>>,
     metrics: Arc<RelayMetrics>,
     accepting: watch::Sender<bool>,
+    /// The DHT announcement's state; `None` while the relay does not announce.
+    dht: Arc<watch::Sender<Option<crate::status::DhtStatus>>>,
 }
 
 /// What every connection task of one relay shares.
@@ -110,6 +167,7 @@ pub struct RelayProbe {
     metrics: Arc<RelayMetrics>,
     /// True while the accept loop runs.
     accepting: watch::Receiver<bool>,
+    dht: watch::Receiver<Option<crate::status::DhtStatus>>,
 }
 
 impl RelayProbe {
@@ -143,6 +201,7 @@ impl RelayProbe {
             requests_per_sec,
             errors_total: self.metrics.errors_total(),
             exit_first_byte: (&self.metrics.exit_first_byte.snapshot()).into(),
+            dht: self.dht.borrow().clone(),
         }
     }
 }
@@ -168,6 +227,7 @@ impl Relay {
             tap: None,
             metrics: Arc::new(metrics),
             accepting: watch::Sender::new(false),
+            dht: Arc::new(watch::Sender::new(None)),
         })
     }
 
@@ -179,7 +239,20 @@ impl Relay {
             registry: Arc::clone(&self.registry),
             metrics: Arc::clone(&self.metrics),
             accepting: self.accepting.subscribe(),
+            dht: self.dht.subscribe(),
         }
+    }
+
+    /// Where the DHT announcement reports its state (shown in `/status`).
+    #[must_use]
+    pub fn dht_status(&self) -> Arc<watch::Sender<Option<crate::status::DhtStatus>>> {
+        Arc::clone(&self.dht)
+    }
+
+    /// The relay's metrics.
+    #[must_use]
+    pub fn metrics(&self) -> Arc<RelayMetrics> {
+        Arc::clone(&self.metrics)
     }
 
     /// Installs a tap that sees all forwarded bytes.

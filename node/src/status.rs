@@ -58,6 +58,36 @@ pub struct RelayStatus {
     pub errors_total: u64,
     /// Time from a forwarded request to the exit's first answer byte.
     pub exit_first_byte: Percentiles,
+    /// Announcement on the DHT; absent when the relay does not announce.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dht: Option<DhtStatus>,
+}
+
+/// Where a relay's DHT announcement stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DhtState {
+    /// Started; the provider record is not published yet.
+    Starting,
+    /// No confirmed external address: the relay would be invisible, so it is not announced.
+    NoExternalAddress,
+    /// The provider record is published (kad republishes it on its own schedule).
+    Announced,
+    /// Publishing failed; it is retried.
+    PublishFailed,
+}
+
+/// A relay's DHT state in `/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DhtStatus {
+    /// Where the announcement stands.
+    pub state: DhtState,
+    /// The DHT protocol name (e.g. `/ipfs/kad/1.0.0`).
+    pub protocol: String,
+    /// Addresses the libp2p swarm listens on.
+    pub listen_addrs: Vec<String>,
+    /// Confirmed external addresses put in the provider record.
+    pub external_addrs: Vec<String>,
 }
 
 /// An exit's status.
@@ -455,6 +485,7 @@ mod tests {
                 requests_per_sec: Some(0.12),
                 errors_total: 0,
                 exit_first_byte: percent(7),
+                dht: None,
             }),
             exit: Some(ExitStatus {
                 peer_id: "12D3KooExit".into(),

@@ -1,0 +1,924 @@
+//! Relay discovery on a Kademlia DHT (the public IPFS "Amino" DHT by default, or a private one).
+//!
+//! - Relays *announce*: they provide the sha2-256 multihash of `/tokengo/relay/v1`
+//!   ([`tokengo_proto::relay_info::provider_key`]) with a confirmed external address, and answer
+//!   `/tokengo/relay-info/1` with their QUIC addresses, ALPNs and the exits they host. kad
+//!   republishes the record on its own schedule (12 h; records live 48 h).
+//! - Clients and exits *seek*: with a fresh libp2p identity they look the key up, ask each
+//!   provider for its relay-info while the lookup runs (kad knows a provider's addresses only
+//!   then), and verify each relay before use: identity-bound QUIC TLS to an address naming the
+//!   provider's PeerId, and a health probe (the exit list) that gives the latency.
+//!   Known-good relays are cached in the data directory for the next start.
+//! - `tokengo bootstrap` runs a DHT *server* for private networks.
+//!
+//! Every dial passes the [`policy::AddressPolicy`] (a transport wrapper), so a DHT full of
+//! private addresses cannot make a node scan its own network. The protocol logic without I/O
+//! (key, messages, ranking, cache format, address policy) lives in `tokengo_proto::relay_info`
+//! and the submodules; this file is the async shell around the libp2p swarm.
+
+pub mod cache;
+mod codec;
+pub mod policy;
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures_util::StreamExt as _;
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, identify,
+    identity::Keypair,
+    kad::{self, store::MemoryStore},
+    multiaddr::Protocol,
+    request_response::{self, ProtocolSupport},
+    swarm::{NetworkBehaviour, SwarmEvent},
+};
+use tokengo_proto::relay_info::{self, RelayInfo};
+use tokio::{sync::watch, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+
+pub use cache::{CACHE_FILE, RelayCache, VerifiedRelay, rank};
+pub use policy::{AddressPolicy, DialGuard, DialRecord};
+
+use crate::{
+    clock::unix_now,
+    client::{Directory, RelayLink},
+    metrics::DhtMetrics,
+    status::{DhtState, DhtStatus},
+    transport::{self, RelayAddr, TransportParams},
+};
+
+/// The DHT protocol of the public IPFS network.
+pub const DEFAULT_DHT_PROTOCOL: &str = "/ipfs/kad/1.0.0";
+/// Default UDP port of the libp2p swarm (relay and bootstrap node), as IPFS uses.
+pub const DEFAULT_DHT_PORT: u16 = 4001;
+/// Public bootstrap peers, as literal IP multiaddrs: the `/dnsaddr/bootstrap.libp2p.io` peers
+/// need a DNS transport (libp2p-dns pulls a whole resolver), so only the long-lived peer with
+/// a fixed IP is listed. Pass `--bootstrap` to add others.
+pub const PUBLIC_BOOTSTRAP: &[&str] =
+    &["/ip4/104.131.131.82/udp/4001/quic-v1/p2p/QmaCpDMGvV2BGHeYERUEnRQAwe3N8SzbUtfsmvsqQLuvuJ"];
+/// How long a start may look for relays before giving up.
+pub const DEFAULT_DISCOVERY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Relays an exit registers with at most (it keeps one tunnel to each).
+pub const DEFAULT_MAX_RELAYS: usize = 3;
+/// Relays a client keeps for failover.
+pub const CLIENT_RELAYS: usize = 3;
+/// kad republishes provider records this often (Amino's schedule: records expire after 48 h).
+const PROVIDER_PUBLICATION_INTERVAL: Duration = Duration::from_secs(12 * 3600);
+/// Provider record lifetime (Amino's).
+const PROVIDER_RECORD_TTL: Duration = Duration::from_secs(48 * 3600);
+/// After the first verified relay, how long to wait for better ones.
+const SETTLE: Duration = Duration::from_secs(1);
+/// A lookup that found nothing is repeated after this (a relay may announce a moment later).
+const REQUERY: Duration = Duration::from_secs(2);
+/// Verification of one relay (QUIC handshake and exit list) may take this long.
+const VERIFY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Retry bounds for a failed announcement.
+const PUBLISH_RETRY_MIN: Duration = Duration::from_secs(5);
+const PUBLISH_RETRY_MAX: Duration = Duration::from_secs(300);
+/// Identify's protocol name (the standard one; kad learns peers' protocols through it).
+const IDENTIFY_PROTOCOL: &str = "/ipfs/id/1.0.0";
+
+/// A discovery failure.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    /// The swarm could not be built.
+    #[error("starting the DHT node: {0}")]
+    Swarm(String),
+    /// The swarm could not listen.
+    #[error("cannot listen for DHT peers on {addr}: {reason} (choose another port with --dht-listen)")]
+    Listen {
+        /// The address.
+        addr: Multiaddr,
+        /// Why.
+        reason: String,
+    },
+    /// Nothing usable was found in time.
+    #[error(
+        "no relay found via DHT after {secs} s; pass --relay, or --bootstrap for a private network (and check that a relay announces on it)"
+    )]
+    NoRelay {
+        /// The time spent.
+        secs: u64,
+    },
+    /// Shutdown came first.
+    #[error("discovery cancelled by shutdown")]
+    Cancelled,
+}
+
+/// The DHT a node joins.
+#[derive(Debug, Clone)]
+pub struct DhtConfig {
+    /// Bootstrap peers (each with `/p2p/`). Default: [`PUBLIC_BOOTSTRAP`].
+    pub bootstrap: Vec<Multiaddr>,
+    /// The kad protocol name. Default `/ipfs/kad/1.0.0`; private networks may use their own.
+    pub protocol: StreamProtocol,
+    /// Which addresses may be dialled. Default `public`.
+    pub policy: AddressPolicy,
+    /// How long a start looks for relays. Default 30 s.
+    pub timeout: Duration,
+}
+
+impl DhtConfig {
+    /// The public IPFS DHT with its defaults.
+    #[must_use]
+    pub fn public() -> Self {
+        Self {
+            bootstrap: PUBLIC_BOOTSTRAP
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect(),
+            protocol: StreamProtocol::new(DEFAULT_DHT_PROTOCOL),
+            policy: AddressPolicy::Public,
+            timeout: DEFAULT_DISCOVERY_TIMEOUT,
+        }
+    }
+}
+
+/// What a relay says about itself on `/tokengo/relay-info/1`; `None` means "do not answer".
+pub type InfoSource = Arc<dyn Fn() -> Option<RelayInfo> + Send + Sync>;
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    kad: kad::Behaviour<MemoryStore>,
+    identify: identify::Behaviour,
+    info: request_response::Behaviour<codec::RelayInfoCodec>,
+}
+
+fn build_swarm(
+    identity: Keypair,
+    config: &DhtConfig,
+    guard: DialGuard,
+    mode: kad::Mode,
+    info: ProtocolSupport,
+) -> Result<Swarm<Behaviour>, DiscoveryError> {
+    let policy = config.policy;
+    let protocol = config.protocol.clone();
+    let timeout = config.timeout;
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(identity)
+        .with_tokio()
+        .with_other_transport(move |key| {
+            let quic = libp2p::quic::tokio::Transport::new(libp2p::quic::Config::new(key));
+            policy::PolicyTransport::new(quic, policy, guard)
+        })
+        .map_err(|e| DiscoveryError::Swarm(e.to_string()))?
+        .with_behaviour(move |key| {
+            let peer = key.public().to_peer_id();
+            let mut kad_config = kad::Config::new(protocol);
+            kad_config.set_query_timeout(timeout);
+            kad_config.set_provider_publication_interval(Some(PROVIDER_PUBLICATION_INTERVAL));
+            kad_config.set_provider_record_ttl(Some(PROVIDER_RECORD_TTL));
+            let mut kad = kad::Behaviour::with_config(peer, MemoryStore::new(peer), kad_config);
+            kad.set_mode(Some(mode));
+            Behaviour {
+                kad,
+                identify: identify::Behaviour::new(identify::Config::new(
+                    IDENTIFY_PROTOCOL.to_owned(),
+                    key.public(),
+                )),
+                info: request_response::Behaviour::with_codec(
+                    codec::RelayInfoCodec::default(),
+                    [(StreamProtocol::new(relay_info::PROTOCOL), info)],
+                    request_response::Config::default()
+                        .with_request_timeout(Duration::from_secs(10)),
+                ),
+            }
+        })
+        .map_err(|e| DiscoveryError::Swarm(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    Ok(swarm)
+}
+
+/// Splits `/…/p2p/ID` into the PeerId and the address without it.
+fn split_peer(addr: &Multiaddr) -> Option<(PeerId, Multiaddr)> {
+    let mut base = addr.clone();
+    match base.pop() {
+        Some(Protocol::P2p(peer)) => Some((peer, base)),
+        _ => None,
+    }
+}
+
+/// Adds the bootstrap peers to kad's routing table; returns how many were usable.
+fn add_bootstrap(swarm: &mut Swarm<Behaviour>, config: &DhtConfig) -> usize {
+    let mut added = 0;
+    for addr in &config.bootstrap {
+        match split_peer(addr) {
+            Some((peer, base)) if peer != *swarm.local_peer_id() => {
+                swarm.behaviour_mut().kad.add_address(&peer, base);
+                added += 1;
+            }
+            Some(_) => {}
+            None => tracing::warn!(%addr, "bootstrap address without /p2p/PEERID ignored"),
+        }
+    }
+    if added > 0 {
+        // Fills the routing table beyond the bootstrap peers; failures only mean fewer peers.
+        let _ = swarm.behaviour_mut().kad.bootstrap();
+    }
+    added
+}
+
+/// Feeds what identify learned into kad: the peer's listen addresses (those the policy
+/// allows) when it speaks our DHT protocol. kad does not learn addresses on its own.
+fn on_identify(swarm: &mut Swarm<Behaviour>, config: &DhtConfig, event: identify::Event) {
+    if let identify::Event::Received { peer_id, info, .. } = event
+        && info.protocols.contains(&config.protocol)
+    {
+        for addr in info.listen_addrs {
+            if config.policy.allows(&addr) {
+                swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+            }
+        }
+    }
+}
+
+/// The libp2p listen multiaddr of a UDP socket address.
+#[must_use]
+pub fn quic_multiaddr(addr: SocketAddr) -> Multiaddr {
+    Multiaddr::empty()
+        .with(addr.ip().into())
+        .with(Protocol::Udp(addr.port()))
+        .with(Protocol::QuicV1)
+}
+
+fn udp_port(addr: &Multiaddr) -> Option<u16> {
+    addr.iter().find_map(|p| match p {
+        Protocol::Udp(port) => Some(port),
+        _ => None,
+    })
+}
+
+/// Whether a listen address counts as confirmed without configuration: only loopback under
+/// the `loopback` policy (a private network on one host, as in the tests). Anything else
+/// needs `external_addrs`, because a wrong address makes the relay silently unreachable.
+fn auto_confirmed(policy: AddressPolicy, addr: &Multiaddr) -> bool {
+    policy == AddressPolicy::Loopback && policy::ip_of(addr).is_some_and(|ip| ip.is_loopback())
+}
+
+// ------------------------------------------------------------------------------------ servers
+
+/// A DHT server node (`tokengo bootstrap`): kad in server mode, a persisted identity.
+pub struct DhtServer {
+    swarm: Swarm<Behaviour>,
+    config: DhtConfig,
+    addrs: Vec<Multiaddr>,
+}
+
+impl std::fmt::Debug for DhtServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DhtServer")
+            .field("peer_id", self.swarm.local_peer_id())
+            .field("addrs", &self.addrs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DhtServer {
+    /// Listens on `listen` and waits until the socket is bound. `external_ips` are announced
+    /// with the bound port; under the `loopback` policy loopback addresses count as external.
+    pub async fn start(
+        config: &DhtConfig,
+        identity: Keypair,
+        listen: SocketAddr,
+        external_ips: &[IpAddr],
+        guard: DialGuard,
+    ) -> Result<Self, DiscoveryError> {
+        let mut swarm = build_swarm(
+            identity,
+            config,
+            guard,
+            kad::Mode::Server,
+            ProtocolSupport::Outbound,
+        )?;
+        let addr = quic_multiaddr(listen);
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| DiscoveryError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+        let bound = loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::NewListenAddr { address, .. } => break address,
+                SwarmEvent::ListenerError { error, .. }
+                | SwarmEvent::ListenerClosed {
+                    reason: Err(error), ..
+                } => {
+                    return Err(DiscoveryError::Listen {
+                        addr,
+                        reason: error.to_string(),
+                    });
+                }
+                _ => {}
+            }
+        };
+        let port = udp_port(&bound).unwrap_or(listen.port());
+        for ip in external_ips {
+            swarm.add_external_address(quic_multiaddr(SocketAddr::new(*ip, port)));
+        }
+        if auto_confirmed(config.policy, &bound) {
+            swarm.add_external_address(bound.clone());
+        } else if bound_is_unspecified_loopback(config, &bound) {
+            swarm.add_external_address(printable(bound.clone()));
+        }
+        add_bootstrap(&mut swarm, config);
+        let peer = *swarm.local_peer_id();
+        let mut addrs: Vec<Multiaddr> = swarm.external_addresses().cloned().collect();
+        if addrs.is_empty() {
+            addrs.push(bound);
+        }
+        let addrs = addrs
+            .into_iter()
+            .map(|a| printable(a).with(Protocol::P2p(peer)))
+            .collect();
+        Ok(Self {
+            swarm,
+            config: config.clone(),
+            addrs,
+        })
+    }
+
+    /// The server's multiaddrs with `/p2p/<PeerId>`, what other nodes pass as `--bootstrap`.
+    #[must_use]
+    pub fn addrs(&self) -> &[Multiaddr] {
+        &self.addrs
+    }
+
+    /// The server's PeerId.
+    #[must_use]
+    pub fn peer_id(&self) -> PeerId {
+        *self.swarm.local_peer_id()
+    }
+
+    /// Serves the DHT until `shutdown`.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        loop {
+            let event = tokio::select! {
+                () = shutdown.cancelled() => break,
+                event = self.swarm.select_next_some() => event,
+            };
+            if let SwarmEvent::Behaviour(BehaviourEvent::Identify(event)) = event {
+                on_identify(&mut self.swarm, &self.config, event);
+            }
+        }
+    }
+}
+
+/// An unspecified bind under the loopback policy: peers reach it on loopback.
+fn bound_is_unspecified_loopback(config: &DhtConfig, bound: &Multiaddr) -> bool {
+    config.policy == AddressPolicy::Loopback
+        && policy::ip_of(bound).is_some_and(|ip| ip.is_unspecified())
+}
+
+/// An unspecified address printed as loopback (which works on this host).
+fn printable(addr: Multiaddr) -> Multiaddr {
+    let Some(ip) = policy::ip_of(&addr).filter(IpAddr::is_unspecified) else {
+        return addr;
+    };
+    let port = udp_port(&addr).unwrap_or(0);
+    quic_multiaddr(SocketAddr::new(policy::loopback_like(ip), port))
+}
+
+// ---------------------------------------------------------------------------------- announcer
+
+/// What a relay announces with.
+pub struct Announcer {
+    /// The relay's identity: the same key as its QUIC certificate, so one PeerId for both.
+    pub identity: Keypair,
+    /// UDP address of the libp2p swarm. Default `0.0.0.0:4001`.
+    pub listen: SocketAddr,
+    /// Confirmed external IPs (configured `external_addrs`).
+    pub external_ips: Vec<IpAddr>,
+    /// Answers relay-info requests.
+    pub info: InfoSource,
+    /// Where the announcement stands (read by `/status`).
+    pub status: Arc<watch::Sender<Option<DhtStatus>>>,
+    /// The relay's DHT metrics.
+    pub metrics: DhtMetrics,
+    /// Address policy bookkeeping (refused dials, test observer).
+    pub guard: DialGuard,
+}
+
+impl std::fmt::Debug for Announcer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Announcer")
+            .field("listen", &self.listen)
+            .field("external_ips", &self.external_ips)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Announces a relay until `shutdown`: publishes the provider record once it has a confirmed
+/// external address and a reachable DHT, retries failures with backoff, answers relay-info.
+/// A relay without a confirmed address is reported (warning, metric, `/status`), not hidden.
+pub async fn announce(
+    config: &DhtConfig,
+    announcer: Announcer,
+    shutdown: CancellationToken,
+) -> Result<(), DiscoveryError> {
+    let Announcer {
+        identity,
+        listen,
+        external_ips,
+        info,
+        status,
+        metrics,
+        guard,
+    } = announcer;
+    let mut swarm = build_swarm(
+        identity,
+        config,
+        guard,
+        kad::Mode::Client,
+        ProtocolSupport::Inbound,
+    )?;
+    let listen_addr = quic_multiaddr(listen);
+    swarm
+        .listen_on(listen_addr.clone())
+        .map_err(|e| DiscoveryError::Listen {
+            addr: listen_addr,
+            reason: e.to_string(),
+        })?;
+    let bootstrap_peers = add_bootstrap(&mut swarm, config);
+    if bootstrap_peers == 0 {
+        tracing::warn!("no usable bootstrap peer: the relay cannot announce itself");
+    }
+    let key = kad::RecordKey::new(&relay_info::provider_key(relay_info::RELAY_NAMESPACE));
+    let mut state = DhtStatus {
+        state: DhtState::Starting,
+        protocol: config.protocol.to_string(),
+        listen_addrs: Vec::new(),
+        external_addrs: Vec::new(),
+    };
+    status.send_replace(Some(state.clone()));
+    let started = Instant::now();
+    let mut next_publish: Option<tokio::time::Instant> = None;
+    let mut retry = PUBLISH_RETRY_MIN;
+    let mut publishing = false;
+    let mut warned = false;
+    loop {
+        let event = tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = sleep_until(next_publish) => {
+                next_publish = None;
+                if !swarm.external_addresses().any(|_| true) {
+                    continue;
+                }
+                match swarm.behaviour_mut().kad.start_providing(key.clone()) {
+                    Ok(_) => publishing = true,
+                    Err(error) => tracing::warn!(%error, "cannot store the provider record"),
+                }
+                continue;
+            }
+            event = swarm.select_next_some() => event,
+        };
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                let port = udp_port(&address).unwrap_or(listen.port());
+                for ip in &external_ips {
+                    swarm.add_external_address(quic_multiaddr(SocketAddr::new(*ip, port)));
+                }
+                if auto_confirmed(config.policy, &address) {
+                    swarm.add_external_address(address.clone());
+                }
+                state.listen_addrs.push(address.to_string());
+                state.external_addrs = swarm.external_addresses().map(ToString::to_string).collect();
+                let confirmed = !state.external_addrs.is_empty();
+                metrics.external_address_confirmed.set(i64::from(confirmed));
+                if confirmed {
+                    if !publishing && next_publish.is_none() {
+                        next_publish = Some(tokio::time::Instant::now());
+                    }
+                } else {
+                    state.state = DhtState::NoExternalAddress;
+                    if !warned {
+                        warned = true;
+                        tracing::warn!(
+                            policy = %config.policy,
+                            "relay has no confirmed external address, so it is NOT announced on the DHT (nobody would store its record); set external_addrs / --external-addr to its public IP"
+                        );
+                    }
+                }
+                status.send_replace(Some(state.clone()));
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(event)) => {
+                on_identify(&mut swarm, config, event);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                result, stats, ..
+            })) => {
+                let outcome = match result {
+                    kad::QueryResult::StartProviding(r) => Some((r.is_ok(), false)),
+                    kad::QueryResult::RepublishProvider(r) => Some((r.is_ok(), true)),
+                    _ => None,
+                };
+                let Some((ok, republish)) = outcome else { continue };
+                publishing = false;
+                // A lookup that reached no peer "succeeds" with nobody storing the record.
+                if ok && stats.num_successes() > 0 {
+                    metrics.provider_published.set(1);
+                    retry = PUBLISH_RETRY_MIN;
+                    if state.state != DhtState::Announced {
+                        tracing::info!(
+                            after = ?started.elapsed(),
+                            republish,
+                            "relay announced on the DHT (kad republishes every 12 h)"
+                        );
+                    }
+                    state.state = DhtState::Announced;
+                } else {
+                    metrics.provider_published.set(0);
+                    state.state = DhtState::PublishFailed;
+                    tracing::warn!(retry_in = ?retry, "announcing on the DHT failed: no DHT peer stored the record");
+                    next_publish = Some(tokio::time::Instant::now() + retry);
+                    retry = (retry * 2).min(PUBLISH_RETRY_MAX);
+                }
+                status.send_replace(Some(state.clone()));
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Info(request_response::Event::Message {
+                message: request_response::Message::Request { channel, .. },
+                ..
+            })) => {
+                if let Some(answer) = info() {
+                    let _ = swarm.behaviour_mut().info.send_response(channel, answer);
+                }
+                // `None`: the channel is dropped unanswered (only tests do this).
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+// ------------------------------------------------------------------------------------- seeker
+
+/// What a client or exit looks for.
+#[derive(Debug, Clone)]
+pub struct Seek {
+    /// Cache of known-good relays (read first, rewritten with what verified).
+    pub cache: Option<RelayCache>,
+    /// Stop once this many relays verified.
+    pub want: usize,
+    /// QUIC parameters of the verification probe.
+    pub params: TransportParams,
+    /// Address policy bookkeeping (refused dials, test observer).
+    pub guard: DialGuard,
+    /// The caller's DHT metrics.
+    pub metrics: DhtMetrics,
+}
+
+/// What a discovery found.
+#[derive(Debug, Clone)]
+pub struct Discovered {
+    /// Verified relays, best first (see [`rank`]).
+    pub relays: Vec<VerifiedRelay>,
+    /// From the start until the first relay verified.
+    pub first_usable: Duration,
+    /// From the start until discovery ended.
+    pub elapsed: Duration,
+    /// Providers skipped (no relay-info answer, or verification failed).
+    pub skipped: usize,
+}
+
+/// Where a verification candidate came from.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    Cache,
+    Dht,
+}
+
+/// Finds and verifies relays: the cache and the DHT in parallel. The libp2p identity is
+/// fresh for every call, so nothing on the DHT links two starts of the same user.
+pub async fn discover(
+    config: &DhtConfig,
+    seek: Seek,
+    shutdown: &CancellationToken,
+) -> Result<Discovered, DiscoveryError> {
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + config.timeout;
+    let mut swarm = build_swarm(
+        Keypair::generate_ed25519(),
+        config,
+        seek.guard.clone(),
+        kad::Mode::Client,
+        ProtocolSupport::Outbound,
+    )?;
+    let mut probes: JoinSet<(Source, PeerId, Result<VerifiedRelay, String>)> = JoinSet::new();
+    let mut tried: HashSet<PeerId> = HashSet::new();
+    let cached = seek
+        .cache
+        .as_ref()
+        .map(|c| c.load(unix_now()))
+        .unwrap_or_default();
+    for addr in cached {
+        if tried.insert(addr.peer_id()) {
+            spawn_verify(&mut probes, Source::Cache, addr, &seek, config.policy);
+        }
+    }
+    let peers = add_bootstrap(&mut swarm, config);
+    tracing::info!(
+        bootstrap_peers = peers,
+        cached = probes.len(),
+        protocol = %config.protocol,
+        "discovering relays on the DHT"
+    );
+    let key = kad::RecordKey::new(&relay_info::provider_key(relay_info::RELAY_NAMESPACE));
+    let mut lookup = (peers > 0).then(|| swarm.behaviour_mut().kad.get_providers(key.clone()));
+    let mut requery: Option<tokio::time::Instant> = None;
+    let mut pending: HashMap<request_response::OutboundRequestId, PeerId> = HashMap::new();
+    let mut verified: Vec<VerifiedRelay> = Vec::new();
+    let mut first_usable: Option<Instant> = None;
+    let mut found = 0usize;
+    let mut skipped = 0usize;
+    loop {
+        if verified.len() >= seek.want.max(1) {
+            break;
+        }
+        if !verified.is_empty() && lookup.is_none() && pending.is_empty() && probes.is_empty() {
+            break;
+        }
+        let settle = first_usable.map(|t| tokio::time::Instant::from_std(t + SETTLE));
+        tokio::select! {
+            () = shutdown.cancelled() => return Err(DiscoveryError::Cancelled),
+            () = tokio::time::sleep_until(deadline) => break,
+            () = sleep_until(settle) => break,
+            () = sleep_until(requery) => {
+                requery = None;
+                lookup = Some(swarm.behaviour_mut().kad.get_providers(key.clone()));
+            }
+            Some(done) = probes.join_next(), if !probes.is_empty() => {
+                let Ok((source, peer, outcome)) = done else { continue };
+                match outcome {
+                    Ok(relay) => {
+                        tracing::info!(relay = %peer, ?source, rtt = ?relay.rtt, exits = relay.exits, "relay verified");
+                        first_usable.get_or_insert_with(Instant::now);
+                        verified.push(relay);
+                    }
+                    Err(reason) => {
+                        skipped += 1;
+                        tracing::info!(relay = %peer, ?source, "relay skipped: {reason}");
+                    }
+                }
+            }
+            event = swarm.select_next_some() => match event {
+                SwarmEvent::Behaviour(BehaviourEvent::Identify(event)) => {
+                    on_identify(&mut swarm, config, event);
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                    id, result: kad::QueryResult::GetProviders(result), step, ..
+                })) if Some(id) == lookup => {
+                    if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = &result {
+                        for peer in providers {
+                            if tried.insert(*peer) {
+                                found += 1;
+                                // Ask now: kad knows the provider's addresses only while
+                                // the lookup runs.
+                                let request = swarm.behaviour_mut().info.send_request(peer, ());
+                                pending.insert(request, *peer);
+                            }
+                        }
+                    }
+                    let finished = step.last
+                        || !matches!(result, Ok(kad::GetProvidersOk::FoundProviders { .. }));
+                    if finished {
+                        if let Some(mut query) = swarm.behaviour_mut().kad.query_mut(&id) {
+                            query.finish();
+                        }
+                        lookup = None;
+                        tracing::info!(providers = found, after = ?started.elapsed(), "DHT lookup finished");
+                        if verified.is_empty() && pending.is_empty() && probes.is_empty() {
+                            requery = Some(tokio::time::Instant::now() + REQUERY);
+                        }
+                    }
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Info(request_response::Event::Message {
+                    peer,
+                    message: request_response::Message::Response { request_id, response },
+                    ..
+                })) => {
+                    pending.remove(&request_id);
+                    match quic_candidates(&response, peer, config.policy, &seek.guard) {
+                        Ok(addr) => spawn_verify(&mut probes, Source::Dht, addr, &seek, config.policy),
+                        Err(reason) => {
+                            skipped += 1;
+                            tracing::info!(relay = %peer, "relay skipped: {reason}");
+                        }
+                    }
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Info(request_response::Event::OutboundFailure {
+                    peer, request_id, error, ..
+                })) => {
+                    pending.remove(&request_id);
+                    skipped += 1;
+                    tracing::info!(relay = %peer, "relay skipped: no relay-info answer ({error})");
+                }
+                _ => {}
+            },
+        }
+    }
+    let elapsed = started.elapsed();
+    rank(&mut verified);
+    seek.metrics
+        .relays_verified
+        .set(i64::try_from(verified.len()).unwrap_or(i64::MAX));
+    let Some(first) = first_usable else {
+        return Err(DiscoveryError::NoRelay {
+            secs: elapsed.as_secs(),
+        });
+    };
+    if let Some(cache) = &seek.cache
+        && let Err(error) = cache.save(&verified, unix_now())
+    {
+        tracing::warn!(%error, "cannot write the relay cache");
+    }
+    tracing::info!(
+        relays = verified.len(),
+        skipped,
+        first_usable = ?first.duration_since(started),
+        elapsed = ?elapsed,
+        "discovery done"
+    );
+    Ok(Discovered {
+        relays: verified,
+        first_usable: first.duration_since(started),
+        elapsed,
+        skipped,
+    })
+}
+
+/// The QUIC address to verify from a relay-info answer: the first one that names the
+/// provider's own PeerId (anything else could never pass the TLS check, or would be a
+/// different relay vouched for by this one) and that the policy allows.
+fn quic_candidates(
+    info: &RelayInfo,
+    provider: PeerId,
+    policy: AddressPolicy,
+    guard: &DialGuard,
+) -> Result<RelayAddr, String> {
+    if !info.alpns.iter().any(|a| a == transport::ALPN_CLIENT) {
+        return Err("relay-info lists no tokengo/1 ALPN".to_owned());
+    }
+    let mut refused = 0;
+    for bytes in &info.quic_addrs {
+        let Ok(addr) = Multiaddr::try_from(bytes.clone()) else {
+            continue;
+        };
+        let Ok(relay) = addr.to_string().parse::<RelayAddr>() else {
+            continue;
+        };
+        if relay.peer_id() != provider {
+            continue;
+        }
+        if !policy.allows(&addr) {
+            refused += 1;
+            if let Some(observer) = &guard.observer {
+                observer(&addr, false);
+            }
+            guard.refused.inc();
+            continue;
+        }
+        return Ok(relay);
+    }
+    Err(format!(
+        "relay-info has no usable QUIC address for this PeerId ({} listed, {refused} outside the address policy)",
+        info.quic_addrs.len()
+    ))
+}
+
+fn spawn_verify(
+    probes: &mut JoinSet<(Source, PeerId, Result<VerifiedRelay, String>)>,
+    source: Source,
+    addr: RelayAddr,
+    seek: &Seek,
+    policy: AddressPolicy,
+) {
+    let peer = addr.peer_id();
+    let allowed = policy.allows(&addr.to_multiaddr());
+    if let Some(observer) = &seek.guard.observer {
+        observer(&addr.to_multiaddr(), allowed);
+    }
+    if !allowed {
+        seek.guard.refused.inc();
+        probes.spawn(async move {
+            (
+                source,
+                peer,
+                Err("address outside the address policy".to_owned()),
+            )
+        });
+        return;
+    }
+    let params = seek.params;
+    probes.spawn(async move {
+        let outcome = tokio::time::timeout(VERIFY_TIMEOUT, verify(addr, params))
+            .await
+            .unwrap_or_else(|_| Err("verification timed out".to_owned()));
+        (source, peer, outcome)
+    });
+}
+
+/// Verifies one relay: QUIC with identity-bound TLS (the handshake fails unless the relay
+/// proves the PeerId in `addr`), then its exit list, each descriptor's signature checked.
+/// The probe's time is the relay's latency.
+pub async fn verify(addr: RelayAddr, params: TransportParams) -> Result<VerifiedRelay, String> {
+    let started = Instant::now();
+    let link = RelayLink::new(addr.clone(), params).map_err(|e| e.to_string())?;
+    let directory = Directory::default();
+    let outcome = directory.refresh(&link).await;
+    let rtt = started.elapsed();
+    // Never wait long for the goodbye.
+    let _ = tokio::time::timeout(Duration::from_millis(500), link.close()).await;
+    let exits = outcome.map_err(|e| e.to_string())?;
+    Ok(VerifiedRelay {
+        addr,
+        rtt,
+        exits: exits.len(),
+    })
+}
+
+/// What a real relay answers on relay-info: its QUIC addresses, both ALPNs, and the signed
+/// descriptors of the exits registered with it now.
+#[must_use]
+pub fn relay_info_source(
+    quic_addrs: Vec<RelayAddr>,
+    registry: Arc<crate::relay::Registry>,
+) -> InfoSource {
+    let quic_addrs: Vec<Vec<u8>> = quic_addrs.iter().map(|a| a.to_multiaddr().to_vec()).collect();
+    Arc::new(move || {
+        Some(RelayInfo {
+            quic_addrs: quic_addrs.clone(),
+            alpns: vec![transport::ALPN_CLIENT.to_vec(), transport::ALPN_EXIT.to_vec()],
+            exits: registry
+                .descriptors(unix_now())
+                .into_iter()
+                .map(|d| d.to_vec())
+                .collect(),
+        })
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quic_candidates_require_the_providers_peer_id_and_the_policy() {
+        let provider = Keypair::generate_ed25519().public().to_peer_id();
+        let other = Keypair::generate_ed25519().public().to_peer_id();
+        let addr = |ip: [u8; 4], peer| RelayAddr::new((ip, 4433).into(), peer).to_multiaddr().to_vec();
+        let alpns = vec![transport::ALPN_CLIENT.to_vec()];
+        let guard = DialGuard::default();
+        let info = RelayInfo {
+            quic_addrs: vec![addr([127, 0, 0, 1], other), addr([10, 0, 0, 1], provider), addr([127, 0, 0, 1], provider)],
+            alpns: alpns.clone(),
+            exits: vec![],
+        };
+        let chosen = quic_candidates(&info, provider, AddressPolicy::Loopback, &guard).unwrap();
+        assert_eq!(chosen.peer_id(), provider);
+        assert_eq!(chosen.to_multiaddr().to_vec(), addr([127, 0, 0, 1], provider));
+        assert_eq!(guard.refused.get(), 1);
+        let only_other = RelayInfo {
+            quic_addrs: vec![addr([127, 0, 0, 1], other)],
+            alpns,
+            exits: vec![],
+        };
+        assert!(quic_candidates(&only_other, provider, AddressPolicy::Any, &guard).is_err());
+        let no_alpn = RelayInfo {
+            alpns: vec![],
+            ..info
+        };
+        assert!(quic_candidates(&no_alpn, provider, AddressPolicy::Any, &guard).is_err());
+    }
+
+    #[test]
+    fn bootstrap_addresses_split_and_public_defaults_parse() {
+        let config = DhtConfig::public();
+        assert_eq!(config.bootstrap.len(), PUBLIC_BOOTSTRAP.len());
+        assert!(config.bootstrap.iter().all(|a| split_peer(a).is_some()));
+        assert_eq!(config.protocol.as_ref(), "/ipfs/kad/1.0.0");
+        assert_eq!(config.policy, AddressPolicy::Public);
+        assert!(split_peer(&"/ip4/1.2.3.4/udp/1/quic-v1".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn only_loopback_under_the_loopback_policy_confirms_itself() {
+        let lo: Multiaddr = "/ip4/127.0.0.1/udp/4001/quic-v1".parse().unwrap();
+        let lan: Multiaddr = "/ip4/10.0.0.1/udp/4001/quic-v1".parse().unwrap();
+        assert!(auto_confirmed(AddressPolicy::Loopback, &lo));
+        assert!(!auto_confirmed(AddressPolicy::Loopback, &lan));
+        assert!(!auto_confirmed(AddressPolicy::Any, &lo));
+        assert!(!auto_confirmed(AddressPolicy::Public, &lo));
+    }
+}

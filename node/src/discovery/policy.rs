@@ -1,0 +1,297 @@
+//! Which addresses discovery may dial, enforced where every dial passes: a wrapper around the
+//! libp2p transport. A DHT hands out whatever addresses peers claim, LAN and loopback ones
+//! included; dialling those from a server scans its provider's network and earns abuse
+//! reports, so on the public DHT only global addresses are dialled. Tests use `loopback`.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+};
+
+use libp2p::{
+    Multiaddr,
+    core::transport::{DialOpts, ListenerId, TransportError, TransportEvent},
+    multiaddr::Protocol,
+};
+use prometheus_client::metrics::counter::Counter;
+
+/// Which addresses may be dialled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AddressPolicy {
+    /// Globally routable addresses only (the default; right for the public DHT).
+    #[default]
+    Public,
+    /// Loopback only (tests and single-host private networks).
+    Loopback,
+    /// Anything (private networks on a LAN).
+    Any,
+}
+
+impl std::str::FromStr for AddressPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "public" => Ok(Self::Public),
+            "loopback" => Ok(Self::Loopback),
+            "any" => Ok(Self::Any),
+            other => Err(format!(
+                "`{other}` is not an address policy; use public, loopback or any"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for AddressPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Public => "public",
+            Self::Loopback => "loopback",
+            Self::Any => "any",
+        })
+    }
+}
+
+impl AddressPolicy {
+    /// Whether an IP address may be dialled.
+    #[must_use]
+    pub fn allows_ip(self, ip: IpAddr) -> bool {
+        match self {
+            Self::Any => !ip.is_unspecified() && !ip.is_multicast(),
+            Self::Loopback => ip.is_loopback(),
+            Self::Public => is_global(ip),
+        }
+    }
+
+    /// Whether a multiaddr may be dialled: it must start with an IP address the policy allows
+    /// (DNS names are not resolved by discovery, so they are refused too).
+    #[must_use]
+    pub fn allows(self, addr: &Multiaddr) -> bool {
+        match addr.iter().next() {
+            Some(Protocol::Ip4(ip)) => self.allows_ip(ip.into()),
+            Some(Protocol::Ip6(ip)) => self.allows_ip(ip.into()),
+            _ => false,
+        }
+    }
+}
+
+fn is_global(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(ip) => is_global_v4(ip),
+        IpAddr::V6(ip) => {
+            if let Some(v4) = ip.to_ipv4_mapped() {
+                return is_global_v4(v4);
+            }
+            let first = ip.segments()[0];
+            !(ip.is_unspecified()
+                || ip.is_loopback()
+                || ip.is_multicast()
+                || (first & 0xfe00) == 0xfc00 // unique local
+                || (first & 0xffc0) == 0xfe80 // link local
+                || (first == 0x2001 && ip.segments()[1] == 0x0db8)) // documentation
+        }
+    }
+}
+
+fn is_global_v4(ip: Ipv4Addr) -> bool {
+    let [a, b, ..] = ip.octets();
+    !(ip.is_unspecified()
+        || ip.is_private()
+        || ip.is_loopback()
+        || ip.is_link_local()
+        || ip.is_broadcast()
+        || ip.is_documentation()
+        || ip.is_multicast()
+        || (a == 100 && (64..128).contains(&b)) // shared address space (carrier-grade NAT)
+        || (a == 192 && b == 0) // IETF protocol assignments
+        || (a == 198 && (18..20).contains(&b)) // benchmarking
+        || a >= 240) // reserved
+}
+
+/// Sees every address discovery dials or refuses (tests assert on it).
+pub type DialObserver = Arc<dyn Fn(&Multiaddr, bool) + Send + Sync>;
+
+/// What the transport wrapper reports to.
+#[derive(Clone, Default)]
+pub struct DialGuard {
+    /// Dials refused by the policy.
+    pub refused: Counter,
+    /// Called with every address and whether it was allowed.
+    pub observer: Option<DialObserver>,
+}
+
+impl std::fmt::Debug for DialGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DialGuard")
+            .field("refused", &self.refused.get())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A transport that refuses dials the policy does not allow.
+#[derive(Debug)]
+pub struct PolicyTransport<T> {
+    inner: T,
+    policy: AddressPolicy,
+    guard: DialGuard,
+}
+
+impl<T> PolicyTransport<T> {
+    /// Wraps `inner`.
+    pub fn new(inner: T, policy: AddressPolicy, guard: DialGuard) -> Self {
+        Self {
+            inner,
+            policy,
+            guard,
+        }
+    }
+}
+
+impl<T: libp2p::core::Transport + Unpin> libp2p::core::Transport for PolicyTransport<T> {
+    type Output = T::Output;
+    type Error = T::Error;
+    type ListenerUpgrade = T::ListenerUpgrade;
+    type Dial = T::Dial;
+
+    fn listen_on(
+        &mut self,
+        id: ListenerId,
+        addr: Multiaddr,
+    ) -> Result<(), TransportError<Self::Error>> {
+        self.inner.listen_on(id, addr)
+    }
+
+    fn remove_listener(&mut self, id: ListenerId) -> bool {
+        self.inner.remove_listener(id)
+    }
+
+    fn dial(
+        &mut self,
+        addr: Multiaddr,
+        opts: DialOpts,
+    ) -> Result<Self::Dial, TransportError<Self::Error>> {
+        let allowed = self.policy.allows(&addr);
+        if let Some(observer) = &self.guard.observer {
+            observer(&addr, allowed);
+        }
+        if !allowed {
+            self.guard.refused.inc();
+            tracing::debug!(policy = %self.policy, "refusing to dial an address outside the policy");
+            return Err(TransportError::MultiaddrNotSupported(addr));
+        }
+        self.inner.dial(addr, opts)
+    }
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<TransportEvent<Self::ListenerUpgrade, Self::Error>> {
+        Pin::new(&mut self.inner).poll(cx)
+    }
+}
+
+/// Records addresses for tests: every dial attempt, allowed or not.
+#[derive(Debug, Default)]
+pub struct DialRecord(pub Mutex<Vec<(Multiaddr, bool)>>);
+
+impl DialRecord {
+    /// An observer that appends to this record.
+    #[must_use]
+    pub fn observer(self: &Arc<Self>) -> DialObserver {
+        let record = Arc::clone(self);
+        Arc::new(move |addr, allowed| {
+            record
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push((addr.clone(), allowed));
+        })
+    }
+
+    /// Every address recorded so far.
+    #[must_use]
+    pub fn addrs(&self) -> Vec<(Multiaddr, bool)> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// The first IP of a multiaddr, if it starts with one.
+#[must_use]
+pub fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    match addr.iter().next() {
+        Some(Protocol::Ip4(ip)) => Some(ip.into()),
+        Some(Protocol::Ip6(ip)) => Some(ip.into()),
+        _ => None,
+    }
+}
+
+/// Loopback in the address family of `ip` (for printing unspecified listen addresses).
+#[must_use]
+pub fn loopback_like(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+        IpAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn ma(s: &str) -> Multiaddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn public_refuses_private_loopback_and_dns() {
+        let p = AddressPolicy::Public;
+        assert!(p.allows(&ma("/ip4/104.131.131.82/udp/4001/quic-v1")));
+        assert!(p.allows(&ma("/ip6/2604:a880:1:20::203:d001/udp/4001/quic-v1")));
+        for no in [
+            "/ip4/127.0.0.1/udp/4001/quic-v1",
+            "/ip4/10.1.2.3/udp/4001/quic-v1",
+            "/ip4/192.168.1.1/udp/4001/quic-v1",
+            "/ip4/172.16.0.1/udp/4001/quic-v1",
+            "/ip4/100.64.0.1/udp/4001/quic-v1",
+            "/ip4/169.254.1.1/udp/4001/quic-v1",
+            "/ip4/0.0.0.0/udp/4001/quic-v1",
+            "/ip6/::1/udp/4001/quic-v1",
+            "/ip6/fd00::1/udp/4001/quic-v1",
+            "/ip6/fe80::1/udp/4001/quic-v1",
+            "/ip6/::ffff:10.0.0.1/udp/4001/quic-v1",
+            "/dns4/example.com/udp/4001/quic-v1",
+        ] {
+            assert!(!p.allows(&ma(no)), "{no}");
+        }
+    }
+
+    #[test]
+    fn loopback_allows_only_loopback_and_any_allows_lan() {
+        let l = AddressPolicy::Loopback;
+        assert!(l.allows(&ma("/ip4/127.0.0.1/udp/1/quic-v1")));
+        assert!(l.allows(&ma("/ip6/::1/udp/1/quic-v1")));
+        assert!(!l.allows(&ma("/ip4/10.0.0.1/udp/1/quic-v1")));
+        assert!(!l.allows(&ma("/ip4/104.131.131.82/udp/1/quic-v1")));
+        let a = AddressPolicy::Any;
+        assert!(a.allows(&ma("/ip4/10.0.0.1/udp/1/quic-v1")));
+        assert!(!a.allows(&ma("/ip4/0.0.0.0/udp/1/quic-v1")));
+    }
+
+    #[test]
+    fn policy_parses_and_prints() {
+        for p in [
+            AddressPolicy::Public,
+            AddressPolicy::Loopback,
+            AddressPolicy::Any,
+        ] {
+            assert_eq!(p.to_string().parse::<AddressPolicy>().unwrap(), p);
+        }
+        assert!("lan".parse::<AddressPolicy>().unwrap_err().contains("public"));
+    }
+}

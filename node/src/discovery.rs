@@ -71,7 +71,7 @@ const PROVIDER_PUBLICATION_INTERVAL: Duration = Duration::from_secs(12 * 3600);
 /// Provider record lifetime (Amino's).
 const PROVIDER_RECORD_TTL: Duration = Duration::from_secs(48 * 3600);
 /// After the first verified relay, how long to wait for better ones.
-const SETTLE: Duration = Duration::from_secs(1);
+pub const DEFAULT_SETTLE: Duration = Duration::from_secs(1);
 /// A lookup that found nothing is repeated after this (a relay may announce a moment later).
 const REQUERY: Duration = Duration::from_secs(2);
 /// Verification of one relay (QUIC handshake and exit list) may take this long.
@@ -570,6 +570,8 @@ pub struct Seek {
     pub cache: Option<RelayCache>,
     /// Stop once this many relays verified.
     pub want: usize,
+    /// After the first relay verified, wait at most this long for more. Default 1 s.
+    pub settle: Duration,
     /// QUIC parameters of the verification probe.
     pub params: TransportParams,
     /// Address policy bookkeeping (refused dials, test observer).
@@ -648,7 +650,7 @@ pub async fn discover(
         if !verified.is_empty() && lookup.is_none() && pending.is_empty() && probes.is_empty() {
             break;
         }
-        let settle = first_usable.map(|t| tokio::time::Instant::from_std(t + SETTLE));
+        let settle = first_usable.map(|t| tokio::time::Instant::from_std(t + seek.settle));
         tokio::select! {
             () = shutdown.cancelled() => return Err(DiscoveryError::Cancelled),
             () = tokio::time::sleep_until(deadline) => break,

@@ -55,6 +55,7 @@ pub async fn run(config: ExitConfig, shutdown: CancellationToken) -> anyhow::Res
                     config.data_dir.file(crate::discovery::CACHE_FILE),
                 )),
                 want: config.max_relays,
+                settle: crate::discovery::DEFAULT_SETTLE,
                 params: TransportParams {
                     idle_timeout: config.limits.quic_idle_timeout,
                     max_incoming_streams: 0,

@@ -1,0 +1,422 @@
+//! Relay discovery on a private DHT on loopback: three DHT servers, announcing relays, an exit
+//! and a client that are given no relay, all with a test protocol name. Every dial any of
+//! them attempts is recorded; the tests fail if one leaves loopback. Nothing here touches the
+//! public network.
+
+mod common;
+
+use std::{sync::Arc, time::Duration};
+
+use libp2p::{Multiaddr, StreamProtocol};
+use libp2p_identity::Keypair;
+use tokengo::{
+    admin::{self, RoleProbe},
+    client::Client,
+    config::Limits,
+    data_dir::DataDir,
+    discovery::{
+        self, AddressPolicy, Announcer, DhtConfig, DhtServer, DialGuard, DialRecord, InfoSource,
+        RelayCache, Seek,
+    },
+    exit::Exit,
+    metrics::DhtMetrics,
+    relay::{Registry, Relay, RelayProbe},
+    status::{DhtState, DhtStatus},
+    transport::{RelayAddr, TransportParams},
+};
+use tokengo_proto::relay_info::RelayInfo;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+const TEST_PROTOCOL: &str = "/tokengo-test/kad/1.0.0";
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Everything a test started, and the record of every dial.
+struct Net {
+    record: Arc<DialRecord>,
+    refused: prometheus_client::metrics::counter::Counter,
+    servers: Vec<(CancellationToken, tokio::task::JoinHandle<()>)>,
+    bootstrap: Vec<Multiaddr>,
+}
+
+impl Net {
+    fn guard(&self) -> DialGuard {
+        DialGuard {
+            refused: self.refused.clone(),
+            observer: Some(self.record.observer()),
+        }
+    }
+
+    fn config(&self) -> DhtConfig {
+        DhtConfig {
+            bootstrap: self.bootstrap.clone(),
+            protocol: StreamProtocol::new(TEST_PROTOCOL),
+            policy: AddressPolicy::Loopback,
+            timeout: WAIT,
+        }
+    }
+
+    /// Three DHT servers, each bootstrapping from those started before it.
+    async fn start() -> Self {
+        common::init();
+        let mut net = Self {
+            record: Arc::new(DialRecord::default()),
+            refused: Default::default(),
+            servers: Vec::new(),
+            bootstrap: Vec::new(),
+        };
+        for _ in 0..3 {
+            let server = DhtServer::start(
+                &net.config(),
+                Keypair::generate_ed25519(),
+                "127.0.0.1:0".parse().unwrap(),
+                &[],
+                net.guard(),
+            )
+            .await
+            .unwrap();
+            let addrs = server.addrs().to_vec();
+            assert!(!addrs.is_empty());
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(server.run(stop.clone()));
+            net.servers.push((stop, task));
+            net.bootstrap.extend(addrs);
+        }
+        net
+    }
+
+    async fn stop_servers(&mut self) {
+        for (stop, task) in self.servers.drain(..) {
+            stop.cancel();
+            task.await.unwrap();
+        }
+    }
+
+    /// Asserts every dial so far stayed on loopback and the policy refused nothing.
+    fn assert_loopback_only(&self) {
+        let dials = self.record.addrs();
+        assert!(!dials.is_empty(), "nothing was dialled at all");
+        for (addr, _) in &dials {
+            let ip = discovery::policy::ip_of(addr);
+            assert!(
+                ip.is_some_and(|ip| ip.is_loopback()),
+                "dialled a non-loopback address: {addr}"
+            );
+        }
+        assert_eq!(self.refused.get(), 0, "the address policy refused dials");
+    }
+
+    fn seek(&self, cache: Option<RelayCache>, want: usize) -> Seek {
+        Seek {
+            cache,
+            want,
+            settle: Duration::from_secs(5),
+            params: params(),
+            guard: self.guard(),
+            metrics: DhtMetrics::default(),
+        }
+    }
+}
+
+fn params() -> TransportParams {
+    TransportParams {
+        idle_timeout: Duration::from_secs(30),
+        max_incoming_streams: 0,
+        keep_alive: false,
+    }
+}
+
+/// A relay on loopback that announces itself, with the relay-info `info` says (the real one
+/// when `None`).
+struct AnnouncedRelay {
+    addr: RelayAddr,
+    registry: Arc<Registry>,
+    probe: RelayProbe,
+    metrics: Arc<tokengo::metrics::RelayMetrics>,
+    status: watch::Receiver<Option<DhtStatus>>,
+    stop: CancellationToken,
+}
+
+async fn start_relay(
+    net: &Net,
+    config: DhtConfig,
+    identity: Keypair,
+    info: Option<InfoSource>,
+) -> AnnouncedRelay {
+    let relay = Relay::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        &identity,
+        &Limits::default(),
+    )
+    .unwrap();
+    let addr = relay.addr().clone();
+    let registry = relay.registry();
+    let probe = relay.probe();
+    let metrics = relay.metrics();
+    let status_tx = relay.dht_status();
+    let status = status_tx.subscribe();
+    let info = info
+        .unwrap_or_else(|| discovery::relay_info_source(vec![addr.clone()], relay.registry()));
+    let stop = CancellationToken::new();
+    tokio::spawn(relay.run(stop.clone()));
+    let announcer = Announcer {
+        identity,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        external_ips: Vec::new(),
+        info,
+        status: status_tx,
+        metrics: metrics.dht.clone(),
+        guard: net.guard(),
+    };
+    let announce_stop = stop.clone();
+    tokio::spawn(async move { discovery::announce(&config, announcer, announce_stop).await });
+    AnnouncedRelay {
+        addr,
+        registry,
+        probe,
+        metrics,
+        status,
+        stop,
+    }
+}
+
+async fn wait_state(relay: &mut AnnouncedRelay, state: DhtState) {
+    let reached = tokio::time::timeout(
+        WAIT,
+        relay
+            .status
+            .wait_for(|s| s.as_ref().is_some_and(|s| s.state == state)),
+    )
+    .await
+    .is_ok();
+    assert!(
+        reached,
+        "relay never reached {state:?}: {:?}",
+        relay.status.borrow()
+    );
+}
+
+/// An exit that discovers its relays, registered with all of them.
+async fn start_exit(
+    net: &Net,
+    backend_url: &str,
+    dir: &tempfile::TempDir,
+) -> (libp2p_identity::PeerId, Vec<RelayAddr>, CancellationToken) {
+    let data_dir = DataDir::resolve(Some(dir.path().to_path_buf())).unwrap();
+    let backend = common::backend_config(backend_url, Duration::from_secs(10));
+    let exit = Exit::load(&data_dir, &backend, Limits::default()).unwrap();
+    let peer = exit.peer_id();
+    let found = discovery::discover(&net.config(), net.seek(None, 2), &CancellationToken::new())
+        .await
+        .unwrap();
+    let relays: Vec<RelayAddr> = found.relays.into_iter().map(|r| r.addr).collect();
+    let (tx, mut registered) = watch::channel(false);
+    let stop = CancellationToken::new();
+    tokio::spawn(exit.run_many(relays.clone(), tx, None, stop.clone()));
+    tokio::time::timeout(WAIT, registered.wait_for(|r| *r))
+        .await
+        .expect("exit did not register")
+        .unwrap();
+    (peer, relays, stop)
+}
+
+/// A client on the relays discovery found; returns its HTTP base URL.
+async fn start_client(relays: Vec<RelayAddr>) -> (String, CancellationToken) {
+    let client = Client::bind_with(
+        "127.0.0.1:0".parse().unwrap(),
+        relays,
+        Limits::default(),
+        DhtMetrics::default(),
+    )
+    .await
+    .unwrap();
+    client.check_relay().await.unwrap();
+    let url = format!("http://{}", client.local_addr());
+    let stop = CancellationToken::new();
+    tokio::spawn(client.run(stop.clone()));
+    (url, stop)
+}
+
+async fn chat(url: &str) -> serde_json::Value {
+    let response = reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&serde_json::json!({
+            "model": "test",
+            "messages": [{"role": "user", "content": "found through the DHT"}],
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+async fn wait_registered(registry: &Registry, peer: &libp2p_identity::PeerId) {
+    tokio::time::timeout(WAIT, async {
+        while !registry.contains(peer) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("exit never registered with the relay");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn client_and_exit_find_relays_on_a_private_dht_and_a_request_goes_through() {
+    let net = Net::start().await;
+    let backend = common::start_backend().await;
+    let mut relay_a = start_relay(&net, net.config(), Keypair::generate_ed25519(), None).await;
+    let mut relay_b = start_relay(&net, net.config(), Keypair::generate_ed25519(), None).await;
+    wait_state(&mut relay_a, DhtState::Announced).await;
+    wait_state(&mut relay_b, DhtState::Announced).await;
+    assert_eq!(relay_a.metrics.dht.external_address_confirmed.get(), 1);
+    assert_eq!(relay_a.metrics.dht.provider_published.get(), 1);
+
+    let exit_dir = tempfile::tempdir().unwrap();
+    let (exit_peer, exit_relays, exit_stop) = start_exit(&net, &backend.url, &exit_dir).await;
+    assert_eq!(exit_relays.len(), 2, "the exit registers with both relays");
+    wait_registered(&relay_a.registry, &exit_peer).await;
+    wait_registered(&relay_b.registry, &exit_peer).await;
+
+    let client_dir = tempfile::tempdir().unwrap();
+    let cache = RelayCache::new(client_dir.path().join(discovery::CACHE_FILE));
+    let found = discovery::discover(
+        &net.config(),
+        net.seek(Some(cache.clone()), 3),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(found.relays.len(), 2);
+    assert!(found.relays.iter().all(|r| r.exits == 1), "{found:?}");
+    assert!(found.first_usable <= found.elapsed);
+    assert_eq!(cache.load(tokengo::clock::unix_now()).len(), 2);
+
+    let (url, client_stop) = start_client(found.relays.into_iter().map(|r| r.addr).collect()).await;
+    let echoed = chat(&url).await;
+    assert_eq!(echoed["path"], "/v1/chat/completions");
+    assert!(echoed["body"].as_str().unwrap().contains("found through the DHT"));
+
+    // The relay reports its DHT state in /status.
+    let status = relay_a.probe.status(None);
+    assert_eq!(status.dht.unwrap().state, DhtState::Announced);
+    net.assert_loopback_only();
+    client_stop.cancel();
+    exit_stop.cancel();
+    relay_a.stop.cancel();
+    relay_b.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn relay_without_external_address_is_reported_not_silently_invisible() {
+    common::init();
+    let net = Net {
+        record: Arc::new(DialRecord::default()),
+        refused: Default::default(),
+        servers: Vec::new(),
+        bootstrap: Vec::new(),
+    };
+    // Policy `any` confirms nothing by itself, and no external address is configured.
+    let config = DhtConfig {
+        policy: AddressPolicy::Any,
+        ..net.config()
+    };
+    let mut relay = start_relay(&net, config, Keypair::generate_ed25519(), None).await;
+    wait_state(&mut relay, DhtState::NoExternalAddress).await;
+    let admin = common::start_admin(admin::Role::Relay, vec![RoleProbe::Relay(relay.probe.clone())]).await;
+    let scrape = admin.scrape().await;
+    assert_eq!(scrape.get("tokengo_relay_dht_external_address_confirmed"), 0.0);
+    assert_eq!(scrape.get("tokengo_relay_dht_provider_published"), 0.0);
+    let (code, body) = admin.get("/status").await;
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["relay"]["dht"]["state"], "no_external_address", "{body}");
+    assert_eq!(status["relay"]["dht"]["external_addrs"], serde_json::json!([]));
+    relay.stop.cancel();
+    admin.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn silent_and_lying_providers_are_skipped_and_the_good_relay_is_found() {
+    let net = Net::start().await;
+    let mut good = start_relay(&net, net.config(), Keypair::generate_ed25519(), None).await;
+    // A provider that never answers relay-info.
+    let silent: InfoSource = Arc::new(|| None);
+    let mut quiet = start_relay(&net, net.config(), Keypair::generate_ed25519(), Some(silent)).await;
+    // A provider whose relay-info names its own PeerId at the good relay's QUIC socket: the
+    // certificate there proves another identity, so the TLS check must refuse it.
+    let liar_key = Keypair::generate_ed25519();
+    let liar_peer = liar_key.public().to_peer_id();
+    let good_socket = good.addr.resolve().await.unwrap();
+    let lie = RelayAddr::new(good_socket, liar_peer).to_multiaddr().to_vec();
+    let lying: InfoSource = Arc::new(move || {
+        Some(RelayInfo {
+            quic_addrs: vec![lie.clone()],
+            alpns: vec![b"tokengo/1".to_vec(), b"tokengo-exit/1".to_vec()],
+            exits: vec![],
+        })
+    });
+    let mut liar = start_relay(&net, net.config(), liar_key, Some(lying)).await;
+    for relay in [&mut good, &mut quiet, &mut liar] {
+        wait_state(relay, DhtState::Announced).await;
+    }
+    let found = discovery::discover(&net.config(), net.seek(None, 3), &CancellationToken::new())
+        .await
+        .unwrap();
+    let peers: Vec<_> = found.relays.iter().map(|r| r.addr.peer_id()).collect();
+    assert_eq!(peers, vec![good.addr.peer_id()], "{found:?}");
+    assert_eq!(found.skipped, 2, "{found:?}");
+    net.assert_loopback_only();
+    for relay in [good, quiet, liar] {
+        relay.stop.cancel();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cached_relay_is_used_when_the_dht_is_unreachable() {
+    let mut net = Net::start().await;
+    let backend = common::start_backend().await;
+    let mut relay = start_relay(&net, net.config(), Keypair::generate_ed25519(), None).await;
+    wait_state(&mut relay, DhtState::Announced).await;
+    let exit = common::start_exit(
+        &relay.addr,
+        common::backend_config(&backend.url, Duration::from_secs(10)),
+        &Limits::default(),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = RelayCache::new(dir.path().join(discovery::CACHE_FILE));
+    let first = discovery::discover(
+        &net.config(),
+        net.seek(Some(cache.clone()), 1),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(first.relays[0].addr, relay.addr);
+
+    // The DHT goes away; a second start still gets its relay from the cache.
+    net.stop_servers().await;
+    let mut seek = net.seek(Some(cache), 1);
+    seek.settle = Duration::from_millis(200);
+    let second = discovery::discover(&net.config(), seek, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(second.relays.len(), 1);
+    assert_eq!(second.relays[0].addr, relay.addr);
+    let (url, client_stop) = start_client(vec![second.relays[0].addr.clone()]).await;
+    assert_eq!(chat(&url).await["path"], "/v1/chat/completions");
+
+    // Without cache and without DHT, discovery says what to do.
+    let mut config = net.config();
+    config.timeout = Duration::from_secs(2);
+    let error = discovery::discover(&config, net.seek(None, 1), &CancellationToken::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("--relay") && error.contains("--bootstrap"), "{error}");
+    net.assert_loopback_only();
+    client_stop.cancel();
+    exit.stop.cancel();
+    relay.stop.cancel();
+}

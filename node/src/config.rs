@@ -1083,6 +1083,20 @@ mod tests {
     }
 
     #[test]
+    fn example_configs_use_only_known_keys() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                FileConfig::load(Some(&path)).unwrap_or_else(|e| panic!("{e}"));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 8, "{seen} example configs");
+    }
+
+    #[test]
     fn api_key_becomes_a_sensitive_bearer_header() {
         let dir = tempfile::tempdir().unwrap();
         let file = file_with("api_key: sk-secret\nheaders: ['X-Org: acme']\n");

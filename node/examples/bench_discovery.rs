@@ -89,7 +89,10 @@ async fn main() -> anyhow::Result<()> {
     }
     times.sort_by(f64::total_cmp);
     let median = (times[RUNS / 2 - 1] + times[RUNS / 2]) / 2.0;
-    println!("median over {RUNS} runs: {median:.1} ms (refused dials: {})", refused.refused.get());
+    println!(
+        "median over {RUNS} runs: {median:.1} ms (refused dials: {})",
+        refused.refused.get()
+    );
     stop.cancel();
     Ok(())
 }

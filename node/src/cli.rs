@@ -77,7 +77,12 @@ pub struct CommonArgs {
 pub struct DhtArgs {
     /// DHT bootstrap peer, /ip4/HOST/udp/PORT/quic-v1/p2p/PEERID (repeatable; comma-separated
     /// in TOKENGO_BOOTSTRAP). Default: the public IPFS bootstrap peers.
-    #[arg(long = "bootstrap", env = "TOKENGO_BOOTSTRAP", value_delimiter = ',', value_name = "MULTIADDR")]
+    #[arg(
+        long = "bootstrap",
+        env = "TOKENGO_BOOTSTRAP",
+        value_delimiter = ',',
+        value_name = "MULTIADDR"
+    )]
     pub bootstrap: Vec<String>,
     /// Kademlia protocol name (default /ipfs/kad/1.0.0, the public IPFS DHT).
     #[arg(long, env = "TOKENGO_DHT_PROTOCOL", value_name = "PROTOCOL")]
@@ -99,7 +104,12 @@ pub struct BootstrapArgs {
     #[arg(short = 'l', long, env = "TOKENGO_LISTEN")]
     pub listen: Option<String>,
     /// This node's public IP, e.g. /ip4/203.0.113.7 (repeatable).
-    #[arg(long = "external-addr", env = "TOKENGO_EXTERNAL_ADDRS", value_delimiter = ',', value_name = "MULTIADDR")]
+    #[arg(
+        long = "external-addr",
+        env = "TOKENGO_EXTERNAL_ADDRS",
+        value_delimiter = ',',
+        value_name = "MULTIADDR"
+    )]
     pub external_addrs: Vec<String>,
 }
 
@@ -149,7 +159,12 @@ pub struct RelayArgs {
     pub dht_listen: Option<String>,
     /// The relay's public IP, e.g. /ip4/203.0.113.7 (repeatable). Required to announce on the
     /// public DHT: a relay without a confirmed external address is invisible.
-    #[arg(long = "external-addr", env = "TOKENGO_EXTERNAL_ADDRS", value_delimiter = ',', value_name = "MULTIADDR")]
+    #[arg(
+        long = "external-addr",
+        env = "TOKENGO_EXTERNAL_ADDRS",
+        value_delimiter = ',',
+        value_name = "MULTIADDR"
+    )]
     pub external_addrs: Vec<String>,
 }
 

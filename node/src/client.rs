@@ -150,7 +150,13 @@ impl Client {
         relay: RelayAddr,
         limits: Limits,
     ) -> anyhow::Result<Self> {
-        Self::bind_with(listen, vec![relay], limits, crate::metrics::DhtMetrics::default()).await
+        Self::bind_with(
+            listen,
+            vec![relay],
+            limits,
+            crate::metrics::DhtMetrics::default(),
+        )
+        .await
     }
 
     /// Binds the local HTTP listener for `relays` (best first, failing over in order); the

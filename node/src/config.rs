@@ -14,7 +14,9 @@ use serde::Deserialize;
 use libp2p::{Multiaddr, StreamProtocol};
 
 use crate::{
-    cli::{BackendArgs, BootstrapArgs, ClientArgs, CommonArgs, DhtArgs, ExitArgs, RelayArgs, ServeArgs},
+    cli::{
+        BackendArgs, BootstrapArgs, ClientArgs, CommonArgs, DhtArgs, ExitArgs, RelayArgs, ServeArgs,
+    },
     data_dir::DataDir,
     discovery::{AddressPolicy, DhtConfig},
     transport::RelayAddr,
@@ -348,13 +350,24 @@ fn dht_config(args: &DhtArgs, file: &FileConfig) -> Result<DhtConfig, ConfigErro
         config.protocol = StreamProtocol::try_from_owned(name.to_owned())
             .map_err(|e| invalid("dht_protocol", e.to_string()))?;
     }
-    if let Some(policy) = args.address_policy.as_ref().or(file.address_policy.as_ref()) {
-        config.policy = policy.parse().map_err(|e: String| invalid("address_policy", e))?;
+    if let Some(policy) = args
+        .address_policy
+        .as_ref()
+        .or(file.address_policy.as_ref())
+    {
+        config.policy = policy
+            .parse()
+            .map_err(|e: String| invalid("address_policy", e))?;
     }
     config.timeout = match file.discovery_timeout_secs {
         None => crate::discovery::DEFAULT_DISCOVERY_TIMEOUT,
         Some(secs @ 1..=600) => Duration::from_secs(secs),
-        Some(_) => return Err(invalid("discovery_timeout_secs", "must be 1 to 600 seconds")),
+        Some(_) => {
+            return Err(invalid(
+                "discovery_timeout_secs",
+                "must be 1 to 600 seconds",
+            ));
+        }
     };
     Ok(config)
 }
@@ -366,7 +379,10 @@ fn parse_bootstrap(raw: &str) -> Result<Multiaddr, ConfigError> {
             format!("`{raw}` is not a multiaddr; expected /ip4/HOST/udp/4001/quic-v1/p2p/PEERID"),
         )
     })?;
-    if !matches!(addr.iter().last(), Some(libp2p::multiaddr::Protocol::P2p(_))) {
+    if !matches!(
+        addr.iter().last(),
+        Some(libp2p::multiaddr::Protocol::P2p(_))
+    ) {
         return Err(invalid(
             "bootstrap",
             format!("`{raw}` has no /p2p/PEERID (`tokengo bootstrap` prints its full address)"),
@@ -1032,7 +1048,9 @@ mod tests {
     #[test]
     fn private_dht_settings_come_from_file_and_flags() {
         let dir = tempfile::tempdir().unwrap();
-        let peer = libp2p_identity::Keypair::generate_ed25519().public().to_peer_id();
+        let peer = libp2p_identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id();
         let file = file_with(&format!(
             "bootstrap: ['/ip4/127.0.0.1/udp/4001/quic-v1/p2p/{peer}']\ndht_protocol: /mynet/kad/1.0.0\ndht_announce: true\nexternal_addrs: ['/ip4/203.0.113.7']\ndht_listen: 127.0.0.1:4101\n"
         ));
@@ -1044,7 +1062,10 @@ mod tests {
         assert_eq!(config.config.bootstrap.len(), 1);
         assert_eq!(config.config.protocol.as_ref(), "/mynet/kad/1.0.0");
         assert_eq!(config.config.policy, AddressPolicy::Any);
-        assert_eq!(config.external_ips, vec!["203.0.113.7".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            config.external_ips,
+            vec!["203.0.113.7".parse::<IpAddr>().unwrap()]
+        );
         assert_eq!(config.listen, "127.0.0.1:4101".parse().unwrap());
         let args = ClientArgs {
             common: common(file.path(), dir.path()),
@@ -1059,10 +1080,16 @@ mod tests {
             AddressPolicy::Loopback
         );
         for (yaml, field) in [
-            ("bootstrap: ['/ip4/127.0.0.1/udp/4001/quic-v1']\n", "bootstrap"),
+            (
+                "bootstrap: ['/ip4/127.0.0.1/udp/4001/quic-v1']\n",
+                "bootstrap",
+            ),
             ("dht_protocol: kad\n", "dht_protocol"),
             ("address_policy: lan\n", "address_policy"),
-            ("dht_announce: true\nexternal_addrs: ['nowhere']\n", "external_addrs"),
+            (
+                "dht_announce: true\nexternal_addrs: ['nowhere']\n",
+                "external_addrs",
+            ),
             ("max_relays: 0\n", "max_relays"),
         ] {
             let file = file_with(yaml);

@@ -44,8 +44,8 @@ pub use cache::{CACHE_FILE, RelayCache, VerifiedRelay, rank};
 pub use policy::{AddressPolicy, DialGuard, DialRecord};
 
 use crate::{
-    clock::unix_now,
     client::{Directory, RelayLink},
+    clock::unix_now,
     metrics::DhtMetrics,
     status::{DhtState, DhtStatus},
     transport::{self, RelayAddr, TransportParams},
@@ -89,7 +89,9 @@ pub enum DiscoveryError {
     #[error("starting the DHT node: {0}")]
     Swarm(String),
     /// The swarm could not listen.
-    #[error("cannot listen for DHT peers on {addr}: {reason} (choose another port with --dht-listen)")]
+    #[error(
+        "cannot listen for DHT peers on {addr}: {reason} (choose another port with --dht-listen)"
+    )]
     Listen {
         /// The address.
         addr: Multiaddr,
@@ -486,7 +488,10 @@ pub async fn announce(
                     swarm.add_external_address(address.clone());
                 }
                 state.listen_addrs.push(address.to_string());
-                state.external_addrs = swarm.external_addresses().map(ToString::to_string).collect();
+                state.external_addrs = swarm
+                    .external_addresses()
+                    .map(ToString::to_string)
+                    .collect();
                 let confirmed = !state.external_addrs.is_empty();
                 metrics.external_address_confirmed.set(i64::from(confirmed));
                 if confirmed {
@@ -509,14 +514,18 @@ pub async fn announce(
                 on_identify(&mut swarm, config, event);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
-                result, stats, ..
+                result,
+                stats,
+                ..
             })) => {
                 let outcome = match result {
                     kad::QueryResult::StartProviding(r) => Some((r.is_ok(), false)),
                     kad::QueryResult::RepublishProvider(r) => Some((r.is_ok(), true)),
                     _ => None,
                 };
-                let Some((ok, republish)) = outcome else { continue };
+                let Some((ok, republish)) = outcome else {
+                    continue;
+                };
                 publishing = false;
                 // A lookup that reached no peer "succeeds" with nobody storing the record.
                 if ok && stats.num_successes() > 0 {
@@ -856,11 +865,17 @@ pub fn relay_info_source(
     quic_addrs: Vec<RelayAddr>,
     registry: Arc<crate::relay::Registry>,
 ) -> InfoSource {
-    let quic_addrs: Vec<Vec<u8>> = quic_addrs.iter().map(|a| a.to_multiaddr().to_vec()).collect();
+    let quic_addrs: Vec<Vec<u8>> = quic_addrs
+        .iter()
+        .map(|a| a.to_multiaddr().to_vec())
+        .collect();
     Arc::new(move || {
         Some(RelayInfo {
             quic_addrs: quic_addrs.clone(),
-            alpns: vec![transport::ALPN_CLIENT.to_vec(), transport::ALPN_EXIT.to_vec()],
+            alpns: vec![
+                transport::ALPN_CLIENT.to_vec(),
+                transport::ALPN_EXIT.to_vec(),
+            ],
             exits: registry
                 .descriptors(unix_now())
                 .into_iter()
@@ -879,17 +894,28 @@ mod tests {
     fn quic_candidates_require_the_providers_peer_id_and_the_policy() {
         let provider = Keypair::generate_ed25519().public().to_peer_id();
         let other = Keypair::generate_ed25519().public().to_peer_id();
-        let addr = |ip: [u8; 4], peer| RelayAddr::new((ip, 4433).into(), peer).to_multiaddr().to_vec();
+        let addr = |ip: [u8; 4], peer| {
+            RelayAddr::new((ip, 4433).into(), peer)
+                .to_multiaddr()
+                .to_vec()
+        };
         let alpns = vec![transport::ALPN_CLIENT.to_vec()];
         let guard = DialGuard::default();
         let info = RelayInfo {
-            quic_addrs: vec![addr([127, 0, 0, 1], other), addr([10, 0, 0, 1], provider), addr([127, 0, 0, 1], provider)],
+            quic_addrs: vec![
+                addr([127, 0, 0, 1], other),
+                addr([10, 0, 0, 1], provider),
+                addr([127, 0, 0, 1], provider),
+            ],
             alpns: alpns.clone(),
             exits: vec![],
         };
         let chosen = quic_candidates(&info, provider, AddressPolicy::Loopback, &guard).unwrap();
         assert_eq!(chosen.peer_id(), provider);
-        assert_eq!(chosen.to_multiaddr().to_vec(), addr([127, 0, 0, 1], provider));
+        assert_eq!(
+            chosen.to_multiaddr().to_vec(),
+            addr([127, 0, 0, 1], provider)
+        );
         assert_eq!(guard.refused.get(), 1);
         let only_other = RelayInfo {
             quic_addrs: vec![addr([127, 0, 0, 1], other)],

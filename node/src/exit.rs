@@ -262,7 +262,11 @@ impl Exit {
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
         let models = self.gateway.backend().models().await;
-        tracing::info!(models = models.len(), relays = relays.len(), "backend models discovered");
+        tracing::info!(
+            models = models.len(),
+            relays = relays.len(),
+            "backend models discovered"
+        );
         let states = Arc::new(std::sync::Mutex::new(vec![false; relays.len()]));
         let registered = Arc::new(registered);
         let mut runs = Vec::with_capacity(relays.len());

@@ -62,15 +62,14 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> anyhow::Re
     )
     .await?;
     println!("relay listening on {}", relay.addr());
-    let dht = match &config.dht {
-        Some(dht) => Some(tokio::spawn(announce(
+    let dht = config.dht.as_ref().map(|dht| {
+        tokio::spawn(announce(
             dht.clone(),
             &relay,
             identity.clone(),
             shutdown.clone(),
-        ))),
-        None => None,
-    };
+        ))
+    });
     relay.run(shutdown.clone()).await;
     if let Some(task) = dht {
         shutdown.cancel();

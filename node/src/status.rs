@@ -314,6 +314,15 @@ pub fn summary(report: &StatusReport) -> String {
             relay.errors_total,
             percentiles(&relay.exit_first_byte)
         );
+        if let Some(dht) = &relay.dht {
+            let state = match dht.state {
+                DhtState::Starting => "starting",
+                DhtState::NoExternalAddress => "NOT announced: no confirmed external address",
+                DhtState::Announced => "announced",
+                DhtState::PublishFailed => "announcement failed, retrying",
+            };
+            let _ = writeln!(out, "        DHT {}: {state}", dht.protocol);
+        }
     }
     if let Some(exit) = &report.exit {
         let _ = writeln!(out, "exit    {}", exit.peer_id);
@@ -485,7 +494,12 @@ mod tests {
                 requests_per_sec: Some(0.12),
                 errors_total: 0,
                 exit_first_byte: percent(7),
-                dht: None,
+                dht: Some(DhtStatus {
+                    state: DhtState::NoExternalAddress,
+                    protocol: "/ipfs/kad/1.0.0".into(),
+                    listen_addrs: vec!["/ip4/0.0.0.0/udp/4001/quic-v1".into()],
+                    external_addrs: vec![],
+                }),
             }),
             exit: Some(ExitStatus {
                 peer_id: "12D3KooExit".into(),
@@ -535,6 +549,7 @@ mod tests {
             "0.12/s over the last minute",
             "1 exits usable: 12D3KooExit (key 1)",
             "no samples yet",
+            "DHT /ipfs/kad/1.0.0: NOT announced: no confirmed external address",
         ] {
             assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
         }

@@ -3,6 +3,8 @@
 //! them attempts is recorded; the tests fail if one leaves loopback. Nothing here touches the
 //! public network.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::{sync::Arc, time::Duration};
@@ -155,8 +157,8 @@ async fn start_relay(
     let metrics = relay.metrics();
     let status_tx = relay.dht_status();
     let status = status_tx.subscribe();
-    let info = info
-        .unwrap_or_else(|| discovery::relay_info_source(vec![addr.clone()], relay.registry()));
+    let info =
+        info.unwrap_or_else(|| discovery::relay_info_source(vec![addr.clone()], relay.registry()));
     let stop = CancellationToken::new();
     tokio::spawn(relay.run(stop.clone()));
     let announcer = Announcer {
@@ -295,7 +297,12 @@ async fn client_and_exit_find_relays_on_a_private_dht_and_a_request_goes_through
     let (url, client_stop) = start_client(found.relays.into_iter().map(|r| r.addr).collect()).await;
     let echoed = chat(&url).await;
     assert_eq!(echoed["path"], "/v1/chat/completions");
-    assert!(echoed["body"].as_str().unwrap().contains("found through the DHT"));
+    assert!(
+        echoed["body"]
+            .as_str()
+            .unwrap()
+            .contains("found through the DHT")
+    );
 
     // The relay reports its DHT state in /status.
     let status = relay_a.probe.status(None);
@@ -323,15 +330,28 @@ async fn relay_without_external_address_is_reported_not_silently_invisible() {
     };
     let mut relay = start_relay(&net, config, Keypair::generate_ed25519(), None).await;
     wait_state(&mut relay, DhtState::NoExternalAddress).await;
-    let admin = common::start_admin(admin::Role::Relay, vec![RoleProbe::Relay(relay.probe.clone())]).await;
+    let admin = common::start_admin(
+        admin::Role::Relay,
+        vec![RoleProbe::Relay(relay.probe.clone())],
+    )
+    .await;
     let scrape = admin.scrape().await;
-    assert_eq!(scrape.get("tokengo_relay_dht_external_address_confirmed"), 0.0);
+    assert_eq!(
+        scrape.get("tokengo_relay_dht_external_address_confirmed"),
+        0.0
+    );
     assert_eq!(scrape.get("tokengo_relay_dht_provider_published"), 0.0);
     let (code, body) = admin.get("/status").await;
     assert_eq!(code, 200);
     let status: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(status["relay"]["dht"]["state"], "no_external_address", "{body}");
-    assert_eq!(status["relay"]["dht"]["external_addrs"], serde_json::json!([]));
+    assert_eq!(
+        status["relay"]["dht"]["state"], "no_external_address",
+        "{body}"
+    );
+    assert_eq!(
+        status["relay"]["dht"]["external_addrs"],
+        serde_json::json!([])
+    );
     relay.stop.cancel();
     admin.stop.cancel();
 }
@@ -342,13 +362,21 @@ async fn silent_and_lying_providers_are_skipped_and_the_good_relay_is_found() {
     let mut good = start_relay(&net, net.config(), Keypair::generate_ed25519(), None).await;
     // A provider that never answers relay-info.
     let silent: InfoSource = Arc::new(|| None);
-    let mut quiet = start_relay(&net, net.config(), Keypair::generate_ed25519(), Some(silent)).await;
+    let mut quiet = start_relay(
+        &net,
+        net.config(),
+        Keypair::generate_ed25519(),
+        Some(silent),
+    )
+    .await;
     // A provider whose relay-info names its own PeerId at the good relay's QUIC socket: the
     // certificate there proves another identity, so the TLS check must refuse it.
     let liar_key = Keypair::generate_ed25519();
     let liar_peer = liar_key.public().to_peer_id();
     let good_socket = good.addr.resolve().await.unwrap();
-    let lie = RelayAddr::new(good_socket, liar_peer).to_multiaddr().to_vec();
+    let lie = RelayAddr::new(good_socket, liar_peer)
+        .to_multiaddr()
+        .to_vec();
     let lying: InfoSource = Arc::new(move || {
         Some(RelayInfo {
             quic_addrs: vec![lie.clone()],
@@ -414,8 +442,33 @@ async fn cached_relay_is_used_when_the_dht_is_unreachable() {
         .await
         .unwrap_err()
         .to_string();
-    assert!(error.contains("--relay") && error.contains("--bootstrap"), "{error}");
+    assert!(
+        error.contains("--relay") && error.contains("--bootstrap"),
+        "{error}"
+    );
     net.assert_loopback_only();
+    client_stop.cancel();
+    exit.stop.cancel();
+    relay.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn client_fails_over_to_the_next_relay() {
+    common::init();
+    let backend = common::start_backend().await;
+    let limits = Limits::default();
+    let relay = common::start_relay(&limits, None).await;
+    let exit = common::start_exit(
+        &relay.addr,
+        common::backend_config(&backend.url, Duration::from_secs(10)),
+        &limits,
+    )
+    .await;
+    // First in line: the good relay's socket under another identity, which TLS refuses.
+    let impostor = Keypair::generate_ed25519().public().to_peer_id();
+    let wrong = RelayAddr::new(relay.addr.resolve().await.unwrap(), impostor);
+    let (url, client_stop) = start_client(vec![wrong, relay.addr.clone()]).await;
+    assert_eq!(chat(&url).await["path"], "/v1/chat/completions");
     client_stop.cancel();
     exit.stop.cancel();
     relay.stop.cancel();

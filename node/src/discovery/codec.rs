@@ -35,7 +35,9 @@ fn invalid(error: impl std::fmt::Display) -> io::Error {
 async fn read_bounded<T: AsyncRead + Unpin + Send>(io: &mut T, max: u64) -> io::Result<Vec<u8>> {
     let mut bytes = Vec::new();
     // One byte more than allowed, so an oversized message is detected rather than cut.
-    io.take(max.saturating_add(1)).read_to_end(&mut bytes).await?;
+    io.take(max.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .await?;
     Ok(bytes)
 }
 

@@ -292,6 +292,11 @@ mod tests {
         ] {
             assert_eq!(p.to_string().parse::<AddressPolicy>().unwrap(), p);
         }
-        assert!("lan".parse::<AddressPolicy>().unwrap_err().contains("public"));
+        assert!(
+            "lan"
+                .parse::<AddressPolicy>()
+                .unwrap_err()
+                .contains("public")
+        );
     }
 }

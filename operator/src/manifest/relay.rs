@@ -81,7 +81,8 @@ pub fn deployment(relay: &TokenGoRelay, settings: &Settings, peer_id: &str) -> D
             ..Default::default()
         },
     ];
-    // Passed through for the node's coming DHT support; today's node ignores them.
+    // The node reads these: TOKENGO_DHT_ANNOUNCE turns on the DHT announcement,
+    // TOKENGO_BOOTSTRAP (comma-separated) selects a private DHT.
     if spec.dht.announce {
         env.push(EnvVar {
             name: "TOKENGO_DHT_ANNOUNCE".to_owned(),

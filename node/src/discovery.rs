@@ -656,7 +656,10 @@ pub async fn discover(
         if verified.len() >= seek.want.max(1) {
             break;
         }
-        if !verified.is_empty() && lookup.is_none() && pending.is_empty() && probes.is_empty() {
+        let idle = lookup.is_none() && pending.is_empty() && probes.is_empty();
+        // Done: something verified and nothing is pending; or nothing can ever come (no DHT
+        // peer to ask and no cached relay left).
+        if idle && (!verified.is_empty() || peers == 0) {
             break;
         }
         let settle = first_usable.map(|t| tokio::time::Instant::from_std(t + seek.settle));

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -224,3 +225,24 @@ def test_cached_relay_connects_when_the_dht_is_down(
     assert "source=Cache" in stderr_text(second)
     assert metrics(admin)["tokengo_client_dht_dials_refused_total"] == 0
     second.stop()
+
+
+def test_bootstrap_uses_the_keygen_identity_across_restarts(
+    processes: Processes, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    exe = str(require_tokengo())
+    data_dir = tmp_path_factory.mktemp("dht-boot-identity")
+    keygen = subprocess.run(
+        [exe, "keygen", "--type", "identity", "--output", str(data_dir / "bootstrap_identity.key")],
+        capture_output=True, text=True, check=True,
+    )
+    peer_id = keygen.stdout.strip()
+    for run in range(2):
+        proc = processes.start(
+            f"dht-boot-identity-{run}",
+            [exe, "bootstrap", "--listen", "127.0.0.1:0", "--data-dir", str(data_dir),
+             "--dht-protocol", PROTOCOL, "--address-policy", "loopback"],
+        )
+        addr = proc.wait_for_line(RX_BOOTSTRAP, READY_TIMEOUT).group(1)
+        assert addr.endswith(f"/p2p/{peer_id}"), addr
+        proc.stop()

@@ -35,6 +35,11 @@ pub async fn run(config: BootstrapConfig, shutdown: CancellationToken) -> anyhow
         peers = config.dht.bootstrap.len(),
         "DHT server running (kad server mode)"
     );
+    if config.dht.protocol.as_ref() == crate::discovery::DEFAULT_DHT_PROTOCOL {
+        tracing::warn!(
+            "this DHT server speaks the public IPFS protocol name; a private network should choose its own with --dht-protocol (e.g. /mynet/kad/1.0.0)"
+        );
+    }
     if config.listen.ip().is_unspecified() && config.external_ips.is_empty() {
         tracing::info!(
             "listening on all interfaces; give other nodes this address with your public IP in place of 127.0.0.1 (or set --external-addr)"

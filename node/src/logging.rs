@@ -45,7 +45,7 @@ pub fn init(format: LogFormat, traces: Option<&SdkTracerProvider>) {
 }
 
 /// The log filter: `directives` (as `RUST_LOG` gives them), with the QUIC libraries capped at
-/// debug whatever the directives say. At trace level they log every packet with its peer's
+/// debug and libp2p at warn whatever the directives say. At trace level they log every packet with its peer's
 /// address, and a relay must never log a client's address; nothing at debug or above names
 /// one.
 pub fn filter<S>(directives: EnvFilter) -> impl Filter<S>
@@ -56,6 +56,11 @@ where
         .with_default(Level::TRACE)
         .with_target("quinn", Level::DEBUG)
         .with_target("quinn_proto", Level::DEBUG)
-        .with_target("quinn_udp", Level::DEBUG);
+        .with_target("quinn_udp", Level::DEBUG)
+        // libp2p (discovery) names peers' addresses from debug on, and clients reach a relay's
+        // swarm to ask for relay-info: its own logs stop at warnings. Discovery's progress is
+        // logged by `tokengo::discovery`.
+        .with_target("libp2p", Level::WARN)
+        .with_target("multistream_select", Level::WARN);
     directives.and(quic_cap)
 }

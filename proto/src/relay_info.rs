@@ -179,6 +179,25 @@ fn len_u64(len: usize) -> u64 {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_response_round_trips(
+            quic_addrs in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..8),
+            alpns in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..16), 0..4),
+            exits in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..512), 0..8),
+        ) {
+            let info = RelayInfo { quic_addrs, alpns, exits };
+            prop_assert_eq!(RelayInfo::decode(&info.encode(), MAX_RESPONSE_BYTES).unwrap(), info);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = RelayInfo::decode(&bytes, MAX_RESPONSE_BYTES);
+            let _ = decode_request(&bytes);
+        }
+    }
 
     #[test]
     fn provider_key_is_the_sha256_multihash_of_the_namespace() {

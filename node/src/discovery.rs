@@ -29,7 +29,9 @@ use std::{
 
 use futures_util::StreamExt as _;
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, Swarm, identify,
+    Multiaddr, PeerId, StreamProtocol, Swarm,
+    core::{Transport as _, muxing::StreamMuxerBox},
+    identify,
     identity::Keypair,
     kad::{self, store::MemoryStore},
     multiaddr::Protocol,
@@ -55,11 +57,17 @@ use crate::{
 pub const DEFAULT_DHT_PROTOCOL: &str = "/ipfs/kad/1.0.0";
 /// Default UDP port of the libp2p swarm (relay and bootstrap node), as IPFS uses.
 pub const DEFAULT_DHT_PORT: u16 = 4001;
-/// Public bootstrap peers, as literal IP multiaddrs: the `/dnsaddr/bootstrap.libp2p.io` peers
-/// need a DNS transport (libp2p-dns pulls a whole resolver), so only the long-lived peer with
-/// a fixed IP is listed. Pass `--bootstrap` to add others.
-pub const PUBLIC_BOOTSTRAP: &[&str] =
-    &["/ip4/104.131.131.82/udp/4001/quic-v1/p2p/QmaCpDMGvV2BGHeYERUEnRQAwe3N8SzbUtfsmvsqQLuvuJ"];
+/// The public IPFS (Amino) bootstrap peers, as Kubo ships them. The `/dnsaddr` entries are
+/// resolved at dial time (TXT records under `_dnsaddr.`), so the list follows the operators'
+/// changes; the literal-IP peer keeps a way in when DNS is unavailable.
+pub const PUBLIC_BOOTSTRAP: &[&str] = &[
+    "/dnsaddr/bootstrap.libp2p.io/p2p/QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN",
+    "/dnsaddr/bootstrap.libp2p.io/p2p/QmQCU2EcMqAqQPR2i9bChDtGNJchTbq5TbXJJ16u19uLTa",
+    "/dnsaddr/bootstrap.libp2p.io/p2p/QmbLHAnMoJPWSCR5Zhtx6BHJX9KiKNN6tpvbUcqanj75Nb",
+    "/dnsaddr/bootstrap.libp2p.io/p2p/QmcZf59bWwK5XFi76CZX8cbJ4BhTzzA3gU1ZjYZcYW3dwt",
+    "/dnsaddr/va1.bootstrap.libp2p.io/p2p/12D3KooWKnDdG3iXw9eTFijk3EWSunZcFi54Zka4wmtqtt6rPxc8",
+    "/ip4/104.131.131.82/udp/4001/quic-v1/p2p/QmaCpDMGvV2BGHeYERUEnRQAwe3N8SzbUtfsmvsqQLuvuJ",
+];
 /// How long a start may look for relays before giving up.
 pub const DEFAULT_DISCOVERY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Relays an exit registers with at most (it keeps one tunnel to each).
@@ -160,11 +168,28 @@ fn build_swarm(
     let policy = config.policy;
     let protocol = config.protocol.clone();
     let timeout = config.timeout;
+    let needs_dns = config.bootstrap.iter().any(is_dns_named);
     let swarm = libp2p::SwarmBuilder::with_existing_identity(identity)
         .with_tokio()
         .with_other_transport(move |key| {
             let quic = libp2p::quic::tokio::Transport::new(libp2p::quic::Config::new(key));
-            policy::PolicyTransport::new(quic, policy, guard)
+            let guarded = policy::PolicyTransport::new(quic, policy, guard)
+                .map(|(peer, conn), _| (peer, StreamMuxerBox::new(conn)));
+            // DNS sits outside the policy, so the policy judges the resolved IP addresses.
+            // Only networks that name a peer by DNS pay for reading the system resolver.
+            let transport: Result<_, Box<dyn std::error::Error + Send + Sync>> = if needs_dns {
+                match libp2p::dns::tokio::Transport::system(guarded) {
+                    Ok(resolving) => Ok(resolving.boxed()),
+                    Err(e) => Err(format!(
+                        "a bootstrap peer is named by DNS but the system resolver configuration \
+                         cannot be read ({e}); give --bootstrap addresses with IPs"
+                    )
+                    .into()),
+                }
+            } else {
+                Ok(guarded.boxed())
+            };
+            transport
         })
         .map_err(|e| DiscoveryError::Swarm(e.to_string()))?
         .with_behaviour(move |key| {
@@ -193,6 +218,14 @@ fn build_swarm(
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
         .build();
     Ok(swarm)
+}
+
+/// Whether an address names its host by DNS (`/dns`, `/dns4`, `/dns6`, `/dnsaddr`).
+fn is_dns_named(addr: &Multiaddr) -> bool {
+    matches!(
+        addr.iter().next(),
+        Some(Protocol::Dns(_) | Protocol::Dns4(_) | Protocol::Dns6(_) | Protocol::Dnsaddr(_))
+    )
 }
 
 /// Splits `/…/p2p/ID` into the PeerId and the address without it.
@@ -941,6 +974,32 @@ mod tests {
         assert_eq!(config.protocol.as_ref(), "/ipfs/kad/1.0.0");
         assert_eq!(config.policy, AddressPolicy::Public);
         assert!(split_peer(&"/ip4/1.2.3.4/udp/1/quic-v1".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn public_defaults_name_the_standard_peers_and_need_dns() {
+        let config = DhtConfig::public();
+        assert!(config.bootstrap.iter().filter(|a| is_dns_named(a)).count() >= 4);
+        assert!(config.bootstrap.iter().any(|a| !is_dns_named(a)));
+        assert!(!is_dns_named(
+            &"/ip4/127.0.0.1/udp/1/quic-v1".parse().unwrap()
+        ));
+        assert!(is_dns_named(
+            &"/dns4/relay.example/udp/1/quic-v1".parse().unwrap()
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_swarm_for_the_public_dht_builds_without_dialling() {
+        // Reads the system resolver configuration only; nothing is sent anywhere.
+        let swarm = build_swarm(
+            Keypair::generate_ed25519(),
+            &DhtConfig::public(),
+            DialGuard::default(),
+            kad::Mode::Client,
+            ProtocolSupport::Outbound,
+        );
+        assert!(swarm.is_ok(), "{:?}", swarm.err());
     }
 
     #[test]

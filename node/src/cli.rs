@@ -91,6 +91,15 @@ pub struct DhtArgs {
     /// DHT, any with --bootstrap).
     #[arg(long, env = "TOKENGO_ADDRESS_POLICY", value_name = "POLICY")]
     pub address_policy: Option<String>,
+    /// Relay used when neither the DHT nor the relay cache yields one (repeatable;
+    /// comma-separated in TOKENGO_FALLBACK_RELAYS). Default: none.
+    #[arg(
+        long = "fallback-relay",
+        env = "TOKENGO_FALLBACK_RELAYS",
+        value_delimiter = ',',
+        value_name = "MULTIADDR"
+    )]
+    pub fallback_relays: Vec<String>,
 }
 
 /// Flags of `tokengo bootstrap`.

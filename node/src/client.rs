@@ -53,8 +53,11 @@ pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> anyhow::R
                 },
                 metrics: dht.clone(),
             };
-            let found = crate::discovery::discover(&config.dht, seek, &shutdown).await?;
-            found.relays.into_iter().map(|r| r.addr).collect()
+            let found = crate::discovery::discover(&config.dht, seek, &shutdown).await;
+            crate::discovery::or_fallback(found, &config.fallback_relays)?
+                .into_iter()
+                .take(crate::discovery::CLIENT_RELAYS)
+                .collect()
         }
     };
     let client = Client::bind_with(config.listen, relays, config.limits, dht).await?;

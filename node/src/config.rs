@@ -123,6 +123,9 @@ struct FileConfig {
     external_addrs: Vec<String>,
     /// Most discovered relays an exit registers with.
     max_relays: Option<usize>,
+    /// Relays used when discovery and the cache yield none.
+    #[serde(default)]
+    fallback_relays: Vec<String>,
 }
 
 impl FileConfig {
@@ -320,6 +323,22 @@ fn parse_relay(raw: Option<String>) -> Result<Option<RelayAddr>, ConfigError> {
             .map_err(|e: crate::transport::AddrError| invalid("relay", e.to_string()))
     })
     .transpose()
+}
+
+/// Relays to fall back on when discovery finds none: flags win over the file.
+fn fallback_relays(args: &DhtArgs, file: &FileConfig) -> Result<Vec<RelayAddr>, ConfigError> {
+    let raw = if args.fallback_relays.is_empty() {
+        &file.fallback_relays
+    } else {
+        &args.fallback_relays
+    };
+    raw.iter()
+        .map(|r| {
+            r.trim()
+                .parse()
+                .map_err(|e: crate::transport::AddrError| invalid("fallback_relays", e.to_string()))
+        })
+        .collect()
 }
 
 /// The DHT to join: flags win over the file; no bootstrap peers given means the public IPFS
@@ -745,6 +764,8 @@ pub struct ExitConfig {
     pub dht: DhtConfig,
     /// Most discovered relays to register with. Default 3.
     pub max_relays: usize,
+    /// Relays registered with when the DHT and the cache yield none. Default none.
+    pub fallback_relays: Vec<RelayAddr>,
     /// The AI backend.
     pub backend: BackendConfig,
     /// Where the identity and OHTTP keys live.
@@ -767,6 +788,7 @@ impl ExitConfig {
         Ok(Self {
             relay: parse_relay(args.relay.or_else(|| file.relay.clone()))?,
             dht: dht_config(&args.dht, &file)?,
+            fallback_relays: fallback_relays(&args.dht, &file)?,
             max_relays,
             backend: BackendConfig::resolve(args.backend, &file)?,
             data_dir: data_dir(&args.common, &file)?,
@@ -783,6 +805,8 @@ pub struct ClientConfig {
     pub relay: Option<RelayAddr>,
     /// The DHT to discover relays on when no relay is given.
     pub dht: DhtConfig,
+    /// Relays used when the DHT and the cache yield none. Default none.
+    pub fallback_relays: Vec<RelayAddr>,
     /// Where the relay cache (`relays.json`) lives.
     pub data_dir: DataDir,
     /// Local HTTP endpoint. Default `127.0.0.1:8080`.
@@ -801,6 +825,7 @@ impl ClientConfig {
         Ok(Self {
             relay: parse_relay(args.relay.or_else(|| file.relay.clone()))?,
             dht: dht_config(&args.dht, &file)?,
+            fallback_relays: fallback_relays(&args.dht, &file)?,
             data_dir: data_dir(&args.common, &file)?,
             listen: parse_listen("listen", listen.as_deref().unwrap_or(DEFAULT_CLIENT_LISTEN))?,
             limits: Limits::from_file(&file)?,

@@ -108,7 +108,7 @@ pub enum DiscoveryError {
     },
     /// Nothing usable was found in time.
     #[error(
-        "no relay found via DHT after {secs} s; pass --relay, or --bootstrap for a private network (and check that a relay announces on it)"
+        "no relay found via DHT after {secs} s; pass --relay or --fallback-relay, or --bootstrap for a private network (and check that a relay announces on it)"
     )]
     NoRelay {
         /// The time spent.
@@ -635,6 +635,27 @@ pub struct Discovered {
     pub skipped: usize,
 }
 
+/// The relays to use after a discovery: the verified ones, best first; when neither the DHT
+/// nor the cache yielded any, the configured fallback relays (their identity is still proven
+/// by TLS when they are dialled). Other failures (shutdown) are passed on.
+pub fn or_fallback(
+    found: Result<Discovered, DiscoveryError>,
+    fallback: &[RelayAddr],
+) -> Result<Vec<RelayAddr>, DiscoveryError> {
+    match found {
+        Ok(found) => Ok(found.relays.into_iter().map(|r| r.addr).collect()),
+        Err(DiscoveryError::NoRelay { secs }) if !fallback.is_empty() => {
+            tracing::warn!(
+                secs,
+                fallback = fallback.len(),
+                "no relay found on the DHT or in the cache; using the configured fallback relays"
+            );
+            Ok(fallback.to_vec())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Where a verification candidate came from.
 #[derive(Debug, Clone, Copy)]
 enum Source {
@@ -974,6 +995,29 @@ mod tests {
         assert_eq!(config.protocol.as_ref(), "/ipfs/kad/1.0.0");
         assert_eq!(config.policy, AddressPolicy::Public);
         assert!(split_peer(&"/ip4/1.2.3.4/udp/1/quic-v1".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn fallback_relays_are_used_only_when_nothing_was_found() {
+        let peer = Keypair::generate_ed25519().public().to_peer_id();
+        let fallback = vec![RelayAddr::new(([127, 0, 0, 1], 4433).into(), peer)];
+        let none = || Err(DiscoveryError::NoRelay { secs: 3 });
+        assert_eq!(or_fallback(none(), &fallback).unwrap(), fallback);
+        assert!(matches!(
+            or_fallback(none(), &[]),
+            Err(DiscoveryError::NoRelay { secs: 3 })
+        ));
+        assert!(matches!(
+            or_fallback(Err(DiscoveryError::Cancelled), &fallback),
+            Err(DiscoveryError::Cancelled)
+        ));
+        let found = Discovered {
+            relays: vec![],
+            first_usable: Duration::ZERO,
+            elapsed: Duration::ZERO,
+            skipped: 0,
+        };
+        assert!(or_fallback(Ok(found), &fallback).unwrap().is_empty());
     }
 
     #[test]

@@ -67,12 +67,10 @@ pub async fn run(config: ExitConfig, shutdown: CancellationToken) -> anyhow::Res
                 },
                 metrics: dht,
             };
-            let found = crate::discovery::discover(&config.dht, seek, &shutdown).await?;
-            found
-                .relays
+            let found = crate::discovery::discover(&config.dht, seek, &shutdown).await;
+            crate::discovery::or_fallback(found, &config.fallback_relays)?
                 .into_iter()
                 .take(config.max_relays)
-                .map(|r| r.addr)
                 .collect()
         }
     };

@@ -438,14 +438,15 @@ async fn cached_relay_is_used_when_the_dht_is_unreachable() {
     // Without cache and without DHT, discovery says what to do.
     let mut config = net.config();
     config.timeout = Duration::from_secs(2);
-    let error = discovery::discover(&config, net.seek(None, 1), &CancellationToken::new())
-        .await
-        .unwrap_err()
-        .to_string();
+    let nothing = discovery::discover(&config, net.seek(None, 1), &CancellationToken::new()).await;
+    let error = nothing.as_ref().unwrap_err().to_string();
     assert!(
         error.contains("--relay") && error.contains("--bootstrap"),
         "{error}"
     );
+    // ... and a configured fallback relay is then what a start uses.
+    let relays = discovery::or_fallback(nothing, std::slice::from_ref(&relay.addr)).unwrap();
+    assert_eq!(relays, vec![relay.addr.clone()]);
     net.assert_loopback_only();
     client_stop.cancel();
     exit.stop.cancel();

@@ -83,6 +83,7 @@ class Net:
     bootstrap_procs: list[Proc]
     bootstrap: list[str]
     relay_admins: list[str]
+    relays: list[str]
 
     def dht_flags(self) -> list[str]:
         flags = ["--dht-protocol", PROTOCOL, "--address-policy", "loopback"]
@@ -112,7 +113,7 @@ def relay_dht_state(admin: str) -> str | None:
 @pytest.fixture(scope="module")
 def net(processes: Processes, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
     exe = str(require_tokengo())
-    n = Net(exe, processes, tmp_path_factory, [], [], [])
+    n = Net(exe, processes, tmp_path_factory, [], [], [], [])
     for i in range(3):
         proc = processes.start(
             f"dht-bootstrap-{i}",
@@ -129,7 +130,7 @@ def net(processes: Processes, tmp_path_factory: pytest.TempPathFactory) -> Itera
              "--data-dir", n.data_dir(f"relay{i}"), *n.dht_flags()],
         )
         admin = proc.wait_for_line(RX_ADMIN, READY_TIMEOUT).group(1)
-        proc.wait_for_line(RX_RELAY, READY_TIMEOUT)
+        n.relays.append(proc.wait_for_line(RX_RELAY, READY_TIMEOUT).group(1))
         n.relay_admins.append(admin)
     for admin in n.relay_admins:
         wait_until(f"relay {admin} announced", lambda: relay_dht_state(admin) == "announced")
@@ -225,6 +226,28 @@ def test_cached_relay_connects_when_the_dht_is_down(
     assert "source=Cache" in stderr_text(second)
     assert metrics(admin)["tokengo_client_dht_dials_refused_total"] == 0
     second.stop()
+
+
+def test_fallback_relay_is_used_when_dht_and_cache_yield_nothing(
+    net: Net, exit_proc: tuple[Proc, str], backend: Backend
+) -> None:
+    for proc in net.bootstrap_procs:
+        proc.stop()
+    data_dir = net.data_dir("client-fallback")  # fresh: no relay cache
+    config = Path(data_dir) / "client.yaml"
+    config.write_text(
+        "discovery_timeout_secs: 2\n"
+        f"fallback_relays: ['{net.relays[0]}']\n"
+    )
+    proc = net.processes.start(
+        "dht-client-fallback",
+        [net.exe, "client", "--listen", "127.0.0.1:0", "--data-dir", data_dir,
+         "--config", str(config), *net.dht_flags()],
+    )
+    url = proc.wait_for_line(RX_CLIENT, DHT_TIMEOUT).group(1)
+    assert chat(url, backend.model).strip()
+    assert "configured fallback relays" in stderr_text(proc)
+    proc.stop()
 
 
 def test_bootstrap_uses_the_keygen_identity_across_restarts(

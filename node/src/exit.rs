@@ -45,40 +45,9 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 /// Runs `tokengo exit` until shutdown. Without a configured relay, relays are discovered on
 /// the DHT and the exit registers with up to `max_relays` of them, one tunnel each.
 pub async fn run(config: ExitConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let mut exit = Exit::load(&config.data_dir, &config.backend, config.limits.clone())?;
-    let relays = match config.relay.clone() {
-        Some(relay) => vec![relay],
-        None => {
-            let dht = exit.metrics.dht.clone();
-            let seek = crate::discovery::Seek {
-                cache: Some(crate::discovery::RelayCache::new(
-                    config.data_dir.file(crate::discovery::CACHE_FILE),
-                )),
-                want: config.max_relays,
-                settle: crate::discovery::DEFAULT_SETTLE,
-                params: TransportParams {
-                    idle_timeout: config.limits.quic_idle_timeout,
-                    max_incoming_streams: 0,
-                    keep_alive: false,
-                },
-                guard: crate::discovery::DialGuard {
-                    refused: dht.dials_refused.clone(),
-                    observer: None,
-                },
-                metrics: dht,
-            };
-            let found = crate::discovery::discover(&config.dht, seek, &shutdown).await;
-            crate::discovery::or_fallback(found, &config.fallback_relays)?
-                .into_iter()
-                .take(config.max_relays)
-                .collect()
-        }
-    };
-    exit.relays_label = relays
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(" ");
+    let exit = Exit::load(&config.data_dir, &config.backend, config.limits.clone())?;
+    // The admin endpoint answers from the start (not ready while discovery runs), so a
+    // liveness probe does not kill an exit that is still looking for relays.
     let (registered, _) = watch::channel(false);
     let admin = admin::start(
         config.observability.admin_listen,
@@ -87,17 +56,65 @@ pub async fn run(config: ExitConfig, shutdown: CancellationToken) -> anyhow::Res
         shutdown.clone(),
     )
     .await?;
-    let peer = exit.peer_id();
-    let announce: RegisteredHook = Arc::new(move |relay: &RelayAddr| {
-        println!("exit {peer} registered with relay {relay}");
-    });
-    let result = exit
-        .run_many(relays, registered, Some(announce), shutdown.clone())
-        .await;
+    let result = match relays(&config, &exit, &shutdown).await {
+        Ok(relays) => {
+            exit.relays_label.send_replace(
+                relays
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            );
+            let peer = exit.peer_id();
+            let announce: RegisteredHook = Arc::new(move |relay: &RelayAddr| {
+                println!("exit {peer} registered with relay {relay}");
+            });
+            exit.run_many(relays, registered, Some(announce), shutdown.clone())
+                .await
+        }
+        Err(e) => Err(e.into()),
+    };
     // The exit may stop on its own (a relay that refuses it): the admin listener goes too.
     shutdown.cancel();
     admin.stopped().await;
     result
+}
+
+/// The relays to register with: the configured one, or what discovery (with the cache and
+/// the fallback relays) finds.
+async fn relays(
+    config: &ExitConfig,
+    exit: &Exit,
+    shutdown: &CancellationToken,
+) -> Result<Vec<RelayAddr>, crate::discovery::DiscoveryError> {
+    if let Some(relay) = &config.relay {
+        return Ok(vec![relay.clone()]);
+    }
+    let dht = exit.metrics.dht.clone();
+    let seek = crate::discovery::Seek {
+        cache: Some(crate::discovery::RelayCache::new(
+            config.data_dir.file(crate::discovery::CACHE_FILE),
+        )),
+        want: config.max_relays,
+        settle: crate::discovery::DEFAULT_SETTLE,
+        params: TransportParams {
+            idle_timeout: config.limits.quic_idle_timeout,
+            max_incoming_streams: 0,
+            keep_alive: false,
+        },
+        guard: crate::discovery::DialGuard {
+            refused: dht.dials_refused.clone(),
+            observer: None,
+        },
+        metrics: dht,
+    };
+    let found = crate::discovery::discover(&config.dht, seek, shutdown).await;
+    Ok(
+        crate::discovery::or_fallback(found, &config.fallback_relays)?
+            .into_iter()
+            .take(config.max_relays)
+            .collect(),
+    )
 }
 
 /// Called the first time the exit registers with each relay.
@@ -107,7 +124,7 @@ pub type RegisteredHook = Arc<dyn Fn(&RelayAddr) + Send + Sync>;
 #[derive(Debug, Clone)]
 pub struct ExitProbe {
     peer_id: libp2p_identity::PeerId,
-    relay: String,
+    relay: watch::Receiver<String>,
     registered: watch::Receiver<bool>,
     gateway: Arc<Gateway>,
     metrics: Arc<ExitMetrics>,
@@ -151,7 +168,7 @@ impl ExitProbe {
         let expiry = self.metrics.descriptor_expiry.get();
         crate::status::ExitStatus {
             peer_id: self.peer_id.to_string(),
-            relay: self.relay.clone(),
+            relay: self.relay.borrow().clone(),
             registered: *self.registered.borrow(),
             backend_up: self.metrics.backend_up.get() == 1,
             keys: self.gateway.key_status(),
@@ -174,8 +191,9 @@ pub struct Exit {
     keyring: Keyring,
     limits: Limits,
     metrics: Arc<ExitMetrics>,
-    /// The relays it registers with, for `/status`.
-    relays_label: String,
+    /// The relays it registers with, for `/status` (set once discovery has chosen them, so
+    /// the admin endpoint can answer while discovery runs).
+    relays_label: watch::Sender<String>,
 }
 
 impl Exit {
@@ -204,7 +222,7 @@ impl Exit {
             keyring,
             limits,
             metrics,
-            relays_label: String::new(),
+            relays_label: watch::Sender::new(String::new()),
         })
     }
 
@@ -213,7 +231,7 @@ impl Exit {
     #[must_use]
     pub fn probe(&self, relay: RelayAddr, registered: watch::Receiver<bool>) -> ExitProbe {
         ExitProbe {
-            relay: relay.to_string(),
+            relay: watch::Sender::new(relay.to_string()).subscribe(),
             ..self.probe_all(registered)
         }
     }
@@ -224,7 +242,7 @@ impl Exit {
     pub fn probe_all(&self, registered: watch::Receiver<bool>) -> ExitProbe {
         ExitProbe {
             peer_id: self.peer_id(),
-            relay: self.relays_label.clone(),
+            relay: self.relays_label.subscribe(),
             registered,
             gateway: Arc::clone(&self.gateway),
             metrics: Arc::clone(&self.metrics),

@@ -10,6 +10,7 @@ on stderr) only when a measurement cannot be produced. Standard library only.
 
 import argparse
 import http.client
+import http.server
 import json
 import os
 import platform
@@ -21,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -28,6 +30,9 @@ HOST = "127.0.0.1"
 CHAT_PATH = "/v1/chat/completions"
 STREAM_PATH = "/stream/events.sse"
 EVENTS = 1000
+PACED_PATH = "/paced/events"
+PACED_EVENTS = 50
+PACED_GAP_S = 0.002
 
 # nginx's fixed answer: an OpenAI chat completion of typical size.
 CHAT_RESPONSE = json.dumps(
@@ -215,7 +220,45 @@ def wait_ready(port, proc, timeout=60.0):
 # Setup: backend and TokenGo processes
 
 
-def write_backend(workdir, port):
+class PacedHandler(http.server.BaseHTTPRequestHandler):
+    """An SSE stream paced like a model's tokens: PACED_EVENTS small events PACED_GAP_S apart,
+    each flushed on its own. nginx proxies it unbuffered, so the direct and chained paths both
+    go through nginx."""
+
+    protocol_version = "HTTP/1.1"
+
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for n in range(PACED_EVENTS):
+            data = f"data: event {n}\n\n".encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+            time.sleep(PACED_GAP_S)
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+
+class PacedServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+
+def start_paced():
+    server = PacedServer((HOST, 0), PacedHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def write_backend(workdir, port, paced_port):
     root = os.path.join(workdir, "www")
     os.makedirs(os.path.join(root, "stream"), exist_ok=True)
     events = []
@@ -260,6 +303,11 @@ http {{
             return 200 '{MODELS_RESPONSE}';
         }}
         location /stream/ {{ root {root}; }}
+        location /paced/ {{
+            proxy_pass http://{HOST}:{paced_port};
+            proxy_http_version 1.1;
+            proxy_buffering off;
+        }}
         location / {{ return 404; }}
     }}
 }}
@@ -374,6 +422,38 @@ def stream_bench(port, expected, iterations):
         totals.append(total * 1e3)
     return {"ttfe_ms": statistics.median(ttfes), "total_ms": statistics.median(totals),
             "iterations": iterations}
+
+
+def paced_bench(port, iterations):
+    """Total time and the largest gap between two reads of a paced stream."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=30)
+    totals, gaps = [], []
+    try:
+        for iteration in range(iterations + 1):
+            started = last = time.perf_counter()
+            conn.request("GET", PACED_PATH, headers={"Accept": "text/event-stream"})
+            response = conn.getresponse()
+            if response.status != 200:
+                raise BenchError(f"paced stream: HTTP {response.status}")
+            body = b""
+            while True:
+                piece = response.read1(1 << 16)
+                if not piece:
+                    break
+                now = time.perf_counter()
+                gaps.append((now - last) * 1e3)
+                last = now
+                body += piece
+            totals.append((time.perf_counter() - started) * 1e3)
+            if body.count(b"data: ") != PACED_EVENTS:
+                raise BenchError(f"paced stream: {body.count(b'data: ')} of {PACED_EVENTS} events")
+            if iteration == 0:  # the first one only warms up
+                totals.clear()
+                gaps.clear()
+    finally:
+        conn.close()
+    return {"total_ms": statistics.median(totals), "max_gap_ms": max(gaps),
+            "gaps_over_10ms": sum(g > 10 for g in gaps), "iterations": iterations}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -549,6 +629,10 @@ def report(results):
     rows.append(("stream total (1000 events)", f"{st['direct']['total_ms']:.3f} ms",
                  f"{st['chain']['total_ms']:.3f} ms", f"x{total_ratio:.2f}", "<= x1.10",
                  verdict(total_ratio, TARGETS["stream_total_ratio"])))
+    pc = results["paced"]
+    rows.append((f"paced stream ({pc['events']} events {pc['gap_ms']:.0f} ms apart): max gap",
+                 f"{pc['direct']['max_gap_ms']:.1f} ms", f"{pc['chain']['max_gap_ms']:.1f} ms",
+                 f"total x{pc['chain']['total_ms'] / pc['direct']['total_ms']:.2f}", "", ""))
     fw = results["relay_forward"]
     rows.append(("relay forwarding, large bodies", "", f"{fw['gbit_s']:.2f} Gbit/s",
                  f"{fw['body_bytes'] >> 20} MiB bodies, both ways", ">= 1 Gbit/s",
@@ -596,8 +680,9 @@ def main():
     try:
         results["crypto_floor_us"] = crypto_floor(args.repo, quick)
 
+        paced = start_paced()
         nginx_port = free_port()
-        conf, sse = write_backend(workdir, nginx_port)
+        conf, sse = write_backend(workdir, nginx_port, paced.server_address[1])
         nginx = children.start("nginx", ["nginx", "-p", workdir, "-c", conf, "-e",
                                          os.path.join(workdir, "nginx-error.log")], workdir)
         wait_ready(nginx_port, nginx)
@@ -645,6 +730,10 @@ def main():
         results["streaming"] = {"direct": stream_direct, "chain": stream_chain, "events": EVENTS,
                                 "bytes": len(sse)}
         log(f"streaming: direct {stream_direct}, chain {stream_chain}")
+        results["paced"] = {"direct": paced_bench(nginx_port, stream_iterations),
+                            "chain": paced_bench(client_port, stream_iterations),
+                            "events": PACED_EVENTS, "gap_ms": PACED_GAP_S * 1e3}
+        log(f"paced stream: {results['paced']}")
 
         for proc in chain:
             children.stop(proc)

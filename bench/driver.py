@@ -652,6 +652,14 @@ def report(results):
     return "\n".join(lines), rows
 
 
+def markdown(rows):
+    """The same table in Markdown, for the README."""
+    header = ("measurement", "backend alone / base", "TokenGo", "added / ratio", "target", "verdict")
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    return "\n".join(out) + "\n"
+
+
 # ------------------------------------------------------------------------------------------------
 
 
@@ -767,17 +775,19 @@ def main():
         children.stop_all()
 
     results["machine"]["load_after"] = os.getloadavg()
-    table, _ = report(results)
+    table, rows = report(results)
     results["table"] = table.splitlines()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
+    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+        f.write(markdown(rows))
     print()
     print(f"TokenGo benchmarks ({'quick smoke run, numbers are rough' if quick else 'full run'}) "
           f"on {results['machine']['cpu']} x{results['machine']['cores']}, load before "
           f"{results['machine']['load_before'][0]:.2f}, after {results['machine']['load_after'][0]:.2f}")
     print(table)
-    print(f"\nresults: {args.out}")
+    print(f"\nresults: {args.out} (and the table in Markdown beside it, .md)")
     shutil.rmtree(workdir, ignore_errors=True)
     return 0
 

@@ -771,6 +771,9 @@ def main():
         log(f"process logs kept in {workdir}")
         children.stop_all()
         return 1
+    except Exception:
+        log(f"FAILED with an unexpected error; process logs kept in {workdir}")
+        raise
     finally:
         children.stop_all()
 

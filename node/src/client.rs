@@ -246,7 +246,16 @@ impl Client {
             .fallback(proxy::handle)
             .with_state(Arc::clone(&self.state));
         let drain = shutdown.clone();
-        axum::serve(self.listener, router)
+        // TCP_NODELAY on every accepted connection: a streamed response is written as a head
+        // and then one write per event, and with Nagle's algorithm each small write after the
+        // first waits for the user's tool to acknowledge the previous one, which a delayed ACK
+        // holds back by up to 40 ms.
+        let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(%error, "cannot set TCP_NODELAY");
+            }
+        });
+        axum::serve(listener, router)
             .with_graceful_shutdown(async move { drain.cancelled().await })
             .await
             .context("HTTP server failed")?;

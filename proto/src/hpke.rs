@@ -12,6 +12,7 @@
 use std::fmt;
 
 use aes_gcm::{AeadInOut, Aes128Gcm, KeyInit, aead::inout::InOutBuf};
+use aws_lc_rs::agreement;
 use hkdf::{Hkdf, HkdfExtract};
 use sha2::Sha256;
 use x25519_dalek::{PublicKey, StaticSecret};
@@ -87,6 +88,10 @@ pub enum HpkeError {
 pub struct PrivateKey {
     secret: StaticSecret,
     public: [u8; PUBLIC_KEY_LEN],
+    /// The same scalar as aws-lc holds it, made once so that a decapsulation is one scalar
+    /// multiplication (aws-lc derives the public key when it imports a private key). `None`
+    /// only if aws-lc refused the key, which it does only for a wrong length.
+    agreement: Option<agreement::PrivateKey>,
 }
 
 impl PrivateKey {
@@ -94,9 +99,14 @@ impl PrivateKey {
     /// happens inside every scalar multiplication).
     #[must_use]
     pub fn from_bytes(bytes: [u8; PRIVATE_KEY_LEN]) -> Self {
+        let agreement = dh_key(&bytes).ok();
         let secret = StaticSecret::from(bytes);
         let public = PublicKey::from(&secret).to_bytes();
-        Self { secret, public }
+        Self {
+            secret,
+            public,
+            agreement,
+        }
     }
 
     /// The serialized public key (`pkRm`).
@@ -142,7 +152,7 @@ pub fn setup_sender_with_ephemeral(
     info: &[u8],
     ephemeral_secret: [u8; PRIVATE_KEY_LEN],
 ) -> Result<([u8; ENC_LEN], SenderContext), HpkeError> {
-    let ephemeral = StaticSecret::from(ephemeral_secret);
+    let ephemeral = Zeroizing::new(ephemeral_secret);
     let (shared_secret, enc) = encap(recipient, &ephemeral)?;
     let context = key_schedule(&shared_secret, info).into_context();
     Ok((enc, SenderContext(context)))
@@ -341,14 +351,17 @@ pub(crate) fn fill_random(buf: &mut [u8]) {
 /// `Encap(pkR)` with the given ephemeral key: returns `(shared_secret, enc)`.
 fn encap(
     recipient: &[u8; PUBLIC_KEY_LEN],
-    ephemeral: &StaticSecret,
+    ephemeral: &[u8; PRIVATE_KEY_LEN],
 ) -> Result<(Zeroizing<[u8; SHARED_SECRET_LEN]>, [u8; ENC_LEN]), HpkeError> {
-    let enc = PublicKey::from(ephemeral).to_bytes();
-    let dh = ephemeral.diffie_hellman(&PublicKey::from(*recipient));
-    if !dh.was_contributory() {
-        return Err(HpkeError::InvalidPublicKey);
-    }
-    let shared_secret = extract_and_expand(dh.as_bytes(), &enc, recipient);
+    let ephemeral = dh_key(ephemeral)?;
+    let enc: [u8; ENC_LEN] = ephemeral
+        .compute_public_key()
+        .ok()
+        .and_then(|public| public.as_ref().try_into().ok())
+        .ok_or(HpkeError::InvalidPublicKey)?;
+    let shared_secret = dh(&ephemeral, recipient, |dh| {
+        extract_and_expand(dh, &enc, recipient)
+    })?;
     Ok((shared_secret, enc))
 }
 
@@ -357,11 +370,44 @@ fn decap(
     enc: &[u8; ENC_LEN],
     recipient: &PrivateKey,
 ) -> Result<Zeroizing<[u8; SHARED_SECRET_LEN]>, HpkeError> {
-    let dh = recipient.secret.diffie_hellman(&PublicKey::from(*enc));
-    if !dh.was_contributory() {
-        return Err(HpkeError::InvalidPublicKey);
-    }
-    Ok(extract_and_expand(dh.as_bytes(), enc, &recipient.public))
+    let imported;
+    let secret = match &recipient.agreement {
+        Some(secret) => secret,
+        None => {
+            imported = dh_key(&Zeroizing::new(recipient.secret.to_bytes()))?;
+            &imported
+        }
+    };
+    dh(secret, enc, |dh| {
+        extract_and_expand(dh, enc, &recipient.public)
+    })
+}
+
+/// An X25519 private key for [`dh`]. aws-lc holds (and clears) its copy of the scalar.
+fn dh_key(secret: &[u8; PRIVATE_KEY_LEN]) -> Result<agreement::PrivateKey, HpkeError> {
+    // Only a wrong length is refused, and the length is fixed here.
+    agreement::PrivateKey::from_private_key(&agreement::X25519, secret)
+        .map_err(|_| HpkeError::InvalidPublicKey)
+}
+
+/// `DH(sk, pk)` handed to `then`. The X25519 scalar multiplications are aws-lc's (the same
+/// library that already does the node's TLS), whose assembly ladder costs about a third of
+/// the portable one; the all-zero output of a small-order point is an error
+/// (RFC 9180 §7.1.4), which aws-lc reports as a failed agreement.
+fn dh<R>(
+    secret: &agreement::PrivateKey,
+    public: &[u8; PUBLIC_KEY_LEN],
+    then: impl FnOnce(&[u8; 32]) -> R,
+) -> Result<R, HpkeError> {
+    agreement::agree(
+        secret,
+        agreement::UnparsedPublicKey::new(&agreement::X25519, public),
+        HpkeError::InvalidPublicKey,
+        |shared| {
+            let shared: &[u8; 32] = shared.try_into().map_err(|_| HpkeError::InvalidPublicKey)?;
+            Ok(then(shared))
+        },
+    )
 }
 
 /// DHKEM's `ExtractAndExpand(dh, kem_context)` with `kem_context = enc || pkRm`.
@@ -552,8 +598,7 @@ mod tests {
         assert_eq!(recipient.secret.to_bytes(), h::<32>(SK_RM));
         assert_eq!(recipient.public_key(), &h::<32>(PK_RM));
 
-        let (shared_secret, enc) =
-            encap(recipient.public_key(), &StaticSecret::from(h::<32>(SK_EM))).unwrap();
+        let (shared_secret, enc) = encap(recipient.public_key(), &h::<32>(SK_EM)).unwrap();
         assert_eq!(enc, h::<32>(PK_EM));
         assert_eq!(*shared_secret, h::<32>(SHARED_SECRET));
         assert_eq!(*decap(&enc, &recipient).unwrap(), h::<32>(SHARED_SECRET));

@@ -438,6 +438,14 @@ async fn invalid_specs_are_rejected_by_the_api_server() {
             json!({"backend": {"url": "http://o:1", "headers": [{"name": "X-A", "value": "a\r\nB: c"}]}, "relay": {"name": "e"}}),
         ),
         (
+            "max relays of 0",
+            json!({"backend": {"url": "http://o:1"}, "relay": {"dht": {"maxRelays": 0}}}),
+        ),
+        (
+            "bad DHT protocol",
+            json!({"backend": {"url": "http://o:1"}, "relay": {"dht": {"protocol": "mynet kad"}}}),
+        ),
+        (
             "bad secret name",
             json!({"backend": {"url": "http://o:1", "apiKeySecret": {"name": "Not_A_Name", "key": "k"}}, "relay": {"name": "e"}}),
         ),
@@ -470,6 +478,7 @@ async fn invalid_specs_are_rejected_by_the_api_server() {
             "bad bootstrap",
             json!({"dht": {"announce": true, "bootstrap": ["peer.example:4001"]}}),
         ),
+        ("DHT port out of range", json!({"dhtPort": 0})),
         (
             "bad external address",
             json!({"externalAddress": "http://x"}),
@@ -863,7 +872,7 @@ async fn template_hash(deployments: &Api<Deployment>, name: &str) -> String {
 }
 
 /// An exit naming a relay that does not exist waits with a reason and starts once it appears;
-/// explicit addresses need no relay; DHT discovery is reported as unavailable.
+/// explicit addresses need no relay; DHT discovery runs one container that finds relays itself.
 #[tokio::test]
 async fn exit_relay_sources() {
     let client = admin().await;
@@ -931,16 +940,204 @@ async fn exit_relay_sources() {
     assert_eq!(containers.len(), 2, "one exit container per relay");
     assert_eq!(containers[1].args.as_ref().unwrap()[2], addrs[1]);
 
+    let bootstrap = "/ip4/10.0.0.5/udp/4001/quic-v1/p2p/12D3KooWBoot";
     exits
-        .create(&PostParams::default(), &exit("dht", json!({"dht": {}})))
+        .create(
+            &PostParams::default(),
+            &exit(
+                "dht",
+                json!({"dht": {"bootstrap": [bootstrap], "maxRelays": 2}}),
+            ),
+        )
         .await
         .unwrap();
-    wait_for(
-        &exits,
-        "dht",
-        "DhtDiscoveryUnavailable",
-        move |e: &TokenGoExit| reason(e).as_deref() == Some("DhtDiscoveryUnavailable"),
+    let d = wait_for(&deployments, "dht-exit", "created", |_: &Deployment| true).await;
+    let containers = d.spec.unwrap().template.spec.unwrap().containers;
+    assert_eq!(containers.len(), 1, "one discovering exit container");
+    assert_eq!(
+        containers[0].args.as_deref().unwrap(),
+        [
+            "exit",
+            "--backend",
+            "http://backend:8000",
+            "--data-dir",
+            "/var/lib/tokengo"
+        ],
+        "no --relay: the node discovers relays"
+    );
+    let env: Vec<(String, String)> = containers[0]
+        .env
+        .clone()
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.name, e.value.unwrap_or_default()))
+        .collect();
+    assert!(
+        env.contains(&("TOKENGO_BOOTSTRAP".to_owned(), bootstrap.to_owned())),
+        "{env:?}"
+    );
+    assert!(
+        env.contains(&("TOKENGO_MAX_RELAYS".to_owned(), "2".to_owned())),
+        "{env:?}"
+    );
+    // Readiness comes from the Deployment, as in the other modes; no relays are listed.
+    wait_for(&exits, "dht", "Progressing", move |e: &TokenGoExit| {
+        reason(e).as_deref() == Some("Progressing")
+    })
+    .await;
+    mark_rolled_out(&client, &ns, "dht-exit").await;
+    let done = wait_for(&exits, "dht", "Available", move |e: &TokenGoExit| {
+        reason(e).as_deref() == Some("Available")
+    })
+    .await;
+    let status = done.status.unwrap();
+    assert!(status.relays.is_empty(), "{:?}", status.relays);
+    assert!(status.peer_id.is_some());
+    let metrics = operator.stop().await;
+    assert!(
+        !metrics.render().contains(r#"result="error""#),
+        "{}",
+        metrics.render()
+    );
+}
+
+/// A relay asked to announce itself on the DHT without an IP to announce runs but reports
+/// `NoExternalAddress` (and a Warning event); given an IP, it listens on the DHT port, the
+/// Service exposes it, and readiness comes from the Deployment again.
+#[tokio::test]
+async fn an_announcing_relay_needs_an_external_ip() {
+    let client = admin().await;
+    let ns = namespace(&client, "announce").await;
+    let relays: Api<TokenGoRelay> = Api::namespaced(client.clone(), &ns);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let operator = start_operator().await;
+    let reason = |r: &TokenGoRelay| {
+        r.status
+            .as_ref()
+            .and_then(|s| ready(&s.conditions))
+            .map(|(status, reason)| (status.to_owned(), reason.to_owned()))
+    };
+    relays
+        .create(&PostParams::default(), &serde_json::from_value(json!({
+            "apiVersion": "tokengo.io/v1alpha1", "kind": "TokenGoRelay", "metadata": {"name": "dark"},
+            "spec": {"dht": {"announce": true}}
+        })).unwrap())
+        .await
+        .unwrap();
+    let dark = wait_for(
+        &relays,
+        "dark",
+        "NoExternalAddress",
+        move |r: &TokenGoRelay| {
+            reason(r) == Some(("False".to_owned(), "NoExternalAddress".to_owned()))
+        },
     )
+    .await;
+    let condition = &dark.status.as_ref().unwrap().conditions[0];
+    assert!(
+        condition.message.contains("externalAddress"),
+        "{}",
+        condition.message
+    );
+    // It still runs (its in-cluster address works), and still gets its status facts.
+    assert!(deployments.get_opt("dark-relay").await.unwrap().is_some());
+    assert!(dark.status.as_ref().unwrap().peer_id.is_some());
+    // Even once its pods are ready.
+    mark_rolled_out(&client, &ns, "dark-relay").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        reason(&relays.get("dark").await.unwrap()),
+        Some(("False".to_owned(), "NoExternalAddress".to_owned()))
+    );
+    let events = Api::<Event>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    let warnings: Vec<_> = events
+        .items
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("NoExternalAddress"))
+        .collect();
+    assert!(!warnings.is_empty(), "no NoExternalAddress event");
+    assert!(
+        warnings
+            .iter()
+            .all(|e| e.type_.as_deref() == Some("Warning"))
+    );
+
+    // A host name is no better: the node announces IPs only.
+    relays
+        .patch(
+            "dark",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"externalAddress": "relay.example.org"}})),
+        )
+        .await
+        .unwrap();
+    wait_for(&relays, "dark", "host name reported", |r: &TokenGoRelay| {
+        r.status.as_ref().is_some_and(|s| {
+            s.observed_generation == r.metadata.generation
+                && s.conditions
+                    .iter()
+                    .any(|c| c.reason == "NoExternalAddress" && c.message.contains("host name"))
+        })
+    })
+    .await;
+
+    // An IP: announced with the DHT port, and Ready from the Deployment again.
+    relays
+        .patch(
+            "dark",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"externalAddress": "203.0.113.9", "dhtPort": 4101}})),
+        )
+        .await
+        .unwrap();
+    let d = wait_for(
+        &deployments,
+        "dark-relay",
+        "external address",
+        |d: &Deployment| {
+            d.spec
+                .as_ref()
+                .and_then(|s| s.template.spec.as_ref())
+                .and_then(|p| p.containers[0].env.as_ref())
+                .is_some_and(|env| env.iter().any(|e| e.name == "TOKENGO_EXTERNAL_ADDRS"))
+        },
+    )
+    .await;
+    let container = &d.spec.unwrap().template.spec.unwrap().containers[0];
+    let env: BTreeMap<String, String> = container
+        .env
+        .clone()
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.name, e.value.unwrap_or_default()))
+        .collect();
+    assert_eq!(env["TOKENGO_DHT_ANNOUNCE"], "true");
+    assert_eq!(env["TOKENGO_DHT_LISTEN"], "0.0.0.0:4101");
+    assert_eq!(
+        env["TOKENGO_EXTERNAL_ADDRS"],
+        "/ip4/203.0.113.9/udp/4101/quic-v1"
+    );
+    let ports = services
+        .get("dark-relay")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .ports
+        .unwrap();
+    let dht = ports
+        .iter()
+        .find(|p| p.name.as_deref() == Some("dht"))
+        .expect("the Service exposes the DHT port");
+    assert_eq!((dht.port, dht.protocol.as_deref()), (4101, Some("UDP")));
+    mark_rolled_out(&client, &ns, "dark-relay").await;
+    wait_for(&relays, "dark", "Ready=True", move |r: &TokenGoRelay| {
+        reason(r) == Some(("True".to_owned(), "Available".to_owned()))
+    })
     .await;
     let metrics = operator.stop().await;
     assert!(

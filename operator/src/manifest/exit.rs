@@ -1,5 +1,6 @@
 //! Desired children of a `TokenGoExit`: its key Secret (identity and OHTTP keyring) and a
-//! Deployment whose pods run one `tokengo exit` container per relay, all with the same keys.
+//! Deployment whose pods run one `tokengo exit` container per relay, all with the same keys, or
+//! with DHT discovery one container that finds its relays itself.
 
 use std::collections::BTreeMap;
 
@@ -19,10 +20,13 @@ use kube::{Resource as _, ResourceExt as _, api::ObjectMeta};
 use super::{
     DATA_DIR, KEYS_HASH_ANNOTATION, Settings, admin_probe, container_security, digest, labels,
     owned, pod_security,
-    relay::{non_empty, non_empty_vec},
+    relay::{dht_env, non_empty, non_empty_vec, plain_env},
     selector,
 };
-use crate::{keys::PublicKey, resource::TokenGoExit};
+use crate::{
+    keys::PublicKey,
+    resource::{TokenGoExit, exit::ExitDht},
+};
 
 /// The file the node reads the exit identity from.
 pub const IDENTITY_FILE: &str = "exit_identity.key";
@@ -87,94 +91,40 @@ pub fn keys_hash(peer_id: &str, keys: &[PublicKey]) -> String {
     digest(std::iter::once(peer_id.as_bytes()).chain(encoded.iter().map(Vec::as_slice)))
 }
 
-/// The exit Deployment: one container per relay address (`relays` is non-empty, at most
-/// [`crate::resource::exit::MAX_RELAYS`]).
+/// Where the exit's containers find their relays.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RelaySource<'a> {
+    /// One container per relay multiaddr (non-empty, at most
+    /// [`crate::resource::exit::MAX_RELAYS`]).
+    Addresses(&'a [String]),
+    /// One container without `--relay`: the node discovers relays on this DHT.
+    Dht(&'a ExitDht),
+}
+
+/// The exit Deployment: one container per relay address, or one discovering relays on the DHT.
 #[must_use]
 pub fn deployment(
     exit: &TokenGoExit,
     settings: &Settings,
-    relays: &[String],
+    relays: RelaySource<'_>,
     keys_hash: &str,
 ) -> Deployment {
     let spec = &exit.spec;
     let name = exit.name_any();
-    let image = spec
-        .image
-        .clone()
-        .unwrap_or_else(|| settings.node_image.clone());
-    let containers = relays
-        .iter()
-        .enumerate()
-        .map(|(index, relay)| {
-            // Each container needs its own admin port: containers of a pod share the network.
-            let admin_port = spec
-                .admin_port
-                .saturating_add(i32::try_from(index).unwrap_or(0));
-            let mut args = vec![
-                "exit".to_owned(),
-                "--relay".to_owned(),
-                relay.clone(),
-                "--backend".to_owned(),
-                spec.backend.url.clone(),
-                "--data-dir".to_owned(),
-                DATA_DIR.to_owned(),
-            ];
-            for header in &spec.backend.headers {
-                args.push("--header".to_owned());
-                args.push(format!("{}: {}", header.name, header.value));
+    let containers = match relays {
+        RelaySource::Addresses(addresses) => addresses
+            .iter()
+            .enumerate()
+            .map(|(index, relay)| container(exit, settings, index, Some(relay), Vec::new()))
+            .collect(),
+        RelaySource::Dht(dht) => {
+            let mut env = dht_env(&dht.bootstrap, dht.protocol.as_deref());
+            if let Some(max) = dht.max_relays {
+                env.push(plain_env("TOKENGO_MAX_RELAYS", max.to_string()));
             }
-            let mut env = vec![
-                EnvVar {
-                    name: "TOKENGO_LOG_FORMAT".to_owned(),
-                    value: Some("json".to_owned()),
-                    ..Default::default()
-                },
-                EnvVar {
-                    name: "TOKENGO_ADMIN_LISTEN".to_owned(),
-                    value: Some(format!("0.0.0.0:{admin_port}")),
-                    ..Default::default()
-                },
-            ];
-            if let Some(secret) = &spec.backend.api_key_secret {
-                // From the Secret at start, so the key is never in the pod spec.
-                env.push(EnvVar {
-                    name: "TOKENGO_API_KEY".to_owned(),
-                    value_from: Some(EnvVarSource {
-                        secret_key_ref: Some(SecretKeySelector {
-                            name: secret.name.clone(),
-                            key: secret.key.clone(),
-                            optional: Some(false),
-                        }),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                });
-            }
-            Container {
-                name: format!("exit-{index}"),
-                image: Some(image.clone()),
-                args: Some(args),
-                env: Some(env),
-                ports: Some(vec![ContainerPort {
-                    name: Some(format!("admin-{index}")),
-                    container_port: admin_port,
-                    protocol: Some("TCP".to_owned()),
-                    ..Default::default()
-                }]),
-                liveness_probe: Some(admin_probe("/healthz", admin_port, 10)),
-                readiness_probe: Some(admin_probe("/readyz", admin_port, 5)),
-                resources: spec.resources.clone(),
-                security_context: Some(container_security()),
-                volume_mounts: Some(vec![VolumeMount {
-                    name: "keys".to_owned(),
-                    mount_path: DATA_DIR.to_owned(),
-                    read_only: Some(true),
-                    ..Default::default()
-                }]),
-                ..Default::default()
-            }
-        })
-        .collect();
+            vec![container(exit, settings, 0, None, env)]
+        }
+    };
     let mut pod_labels = labels(COMPONENT, &name);
     pod_labels.extend(selector(COMPONENT, &name));
     Deployment {
@@ -230,6 +180,92 @@ pub fn deployment(
     }
 }
 
+/// The `index`-th exit container: registers with `relay`, or discovers relays when `None`;
+/// `extra_env` follows the log and admin settings.
+fn container(
+    exit: &TokenGoExit,
+    settings: &Settings,
+    index: usize,
+    relay: Option<&String>,
+    extra_env: Vec<EnvVar>,
+) -> Container {
+    let spec = &exit.spec;
+    // Each container needs its own admin port: containers of a pod share the network.
+    let admin_port = spec
+        .admin_port
+        .saturating_add(i32::try_from(index).unwrap_or(0));
+    let mut args = vec!["exit".to_owned()];
+    if let Some(relay) = relay {
+        args.push("--relay".to_owned());
+        args.push(relay.clone());
+    }
+    args.extend([
+        "--backend".to_owned(),
+        spec.backend.url.clone(),
+        "--data-dir".to_owned(),
+        DATA_DIR.to_owned(),
+    ]);
+    for header in &spec.backend.headers {
+        args.push("--header".to_owned());
+        args.push(format!("{}: {}", header.name, header.value));
+    }
+    let mut env = vec![
+        EnvVar {
+            name: "TOKENGO_LOG_FORMAT".to_owned(),
+            value: Some("json".to_owned()),
+            ..Default::default()
+        },
+        EnvVar {
+            name: "TOKENGO_ADMIN_LISTEN".to_owned(),
+            value: Some(format!("0.0.0.0:{admin_port}")),
+            ..Default::default()
+        },
+    ];
+    env.extend(extra_env);
+    if let Some(secret) = &spec.backend.api_key_secret {
+        // From the Secret at start, so the key is never in the pod spec.
+        env.push(EnvVar {
+            name: "TOKENGO_API_KEY".to_owned(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: secret.name.clone(),
+                    key: secret.key.clone(),
+                    optional: Some(false),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    Container {
+        name: format!("exit-{index}"),
+        image: Some(
+            spec.image
+                .clone()
+                .unwrap_or_else(|| settings.node_image.clone()),
+        ),
+        args: Some(args),
+        env: Some(env),
+        ports: Some(vec![ContainerPort {
+            name: Some(format!("admin-{index}")),
+            container_port: admin_port,
+            protocol: Some("TCP".to_owned()),
+            ..Default::default()
+        }]),
+        liveness_probe: Some(admin_probe("/healthz", admin_port, 10)),
+        readiness_probe: Some(admin_probe("/readyz", admin_port, 5)),
+        resources: spec.resources.clone(),
+        security_context: Some(container_security()),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "keys".to_owned(),
+            mount_path: DATA_DIR.to_owned(),
+            read_only: Some(true),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -265,7 +301,12 @@ mod tests {
     fn one_container_per_relay_with_backend_headers_and_secret_api_key() {
         let exit = basic();
         let relays: Vec<String> = RELAYS.iter().map(|s| (*s).to_owned()).collect();
-        let d = deployment(&exit, &Settings::default(), &relays, "hash");
+        let d = deployment(
+            &exit,
+            &Settings::default(),
+            RelaySource::Addresses(&relays),
+            "hash",
+        );
         let value = serde_json::to_value(&d).unwrap();
         let pod = &value["spec"]["template"];
         assert_eq!(
@@ -323,6 +364,74 @@ mod tests {
         );
         // The API key never appears as a literal anywhere in the pod spec.
         assert!(!value.to_string().contains("Bearer"));
+    }
+
+    #[test]
+    fn dht_discovery_runs_one_container_without_a_relay() {
+        let exit = exit(json!({
+            "backend": {
+                "url": "http://ollama.models.svc:11434",
+                "apiKeySecret": {"name": "backend", "key": "token"}
+            },
+            "relay": {"dht": {
+                "bootstrap": ["/ip4/10.0.0.1/udp/4001/quic-v1/p2p/12D3KooWB", "/ip4/10.0.0.2/udp/4001/quic-v1/p2p/12D3KooWC"],
+                "protocol": "/mynet/kad/1.0.0",
+                "maxRelays": 5
+            }}
+        }));
+        let dht = exit.spec.relay.dht.clone().unwrap();
+        let d = deployment(&exit, &Settings::default(), RelaySource::Dht(&dht), "hash");
+        let value = serde_json::to_value(&d).unwrap();
+        assert_eq!(
+            value["spec"]["template"]["spec"]["containers"],
+            json!([{
+                "name": "exit-0",
+                "image": "tokengo/node:latest",
+                "args": ["exit", "--backend", "http://ollama.models.svc:11434", "--data-dir", "/var/lib/tokengo"],
+                "env": [
+                    {"name": "TOKENGO_LOG_FORMAT", "value": "json"},
+                    {"name": "TOKENGO_ADMIN_LISTEN", "value": "0.0.0.0:9090"},
+                    {"name": "TOKENGO_BOOTSTRAP", "value": "/ip4/10.0.0.1/udp/4001/quic-v1/p2p/12D3KooWB,/ip4/10.0.0.2/udp/4001/quic-v1/p2p/12D3KooWC"},
+                    {"name": "TOKENGO_DHT_PROTOCOL", "value": "/mynet/kad/1.0.0"},
+                    {"name": "TOKENGO_MAX_RELAYS", "value": "5"},
+                    {"name": "TOKENGO_API_KEY", "valueFrom": {"secretKeyRef": {"name": "backend", "key": "token", "optional": false}}}
+                ],
+                "ports": [{"name": "admin-0", "containerPort": 9090, "protocol": "TCP"}],
+                "livenessProbe": {"httpGet": {"path": "/healthz", "port": 9090}, "periodSeconds": 10, "failureThreshold": 3},
+                "readinessProbe": {"httpGet": {"path": "/readyz", "port": 9090}, "periodSeconds": 5, "failureThreshold": 3},
+                "securityContext": {
+                    "allowPrivilegeEscalation": false,
+                    "capabilities": {"drop": ["ALL"]},
+                    "readOnlyRootFilesystem": true,
+                    "runAsNonRoot": true
+                },
+                "volumeMounts": [{"name": "keys", "mountPath": "/var/lib/tokengo", "readOnly": true}]
+            }])
+        );
+        // The public DHT with the node's defaults: no DHT variables at all.
+        let public = ExitDht::default();
+        let d = deployment(
+            &exit,
+            &Settings::default(),
+            RelaySource::Dht(&public),
+            "hash",
+        );
+        let c = &d.spec.unwrap().template.spec.unwrap().containers;
+        let env: Vec<&str> = c[0]
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|e| e.name.as_str())
+            .collect();
+        assert_eq!(
+            env,
+            [
+                "TOKENGO_LOG_FORMAT",
+                "TOKENGO_ADMIN_LISTEN",
+                "TOKENGO_API_KEY"
+            ]
+        );
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Desired children of a `TokenGoRelay`: its identity Secret, a Deployment whose pods all mount
-//! that one identity, and a UDP Service; plus the addresses the status publishes.
+//! that one identity, and a UDP Service (QUIC, plus the libp2p port when the relay announces
+//! itself on the DHT); plus the addresses the status publishes and whether an announcing relay
+//! has an address to announce.
 
 use std::{collections::BTreeMap, net::IpAddr};
 
@@ -81,22 +83,38 @@ pub fn deployment(relay: &TokenGoRelay, settings: &Settings, peer_id: &str) -> D
             ..Default::default()
         },
     ];
-    // The node reads these: TOKENGO_DHT_ANNOUNCE turns on the DHT announcement,
-    // TOKENGO_BOOTSTRAP (comma-separated) selects a private DHT.
+    let mut ports = vec![ContainerPort {
+        name: Some("quic".to_owned()),
+        container_port: spec.port,
+        protocol: Some("UDP".to_owned()),
+        ..Default::default()
+    }];
     if spec.dht.announce {
-        env.push(EnvVar {
-            name: "TOKENGO_DHT_ANNOUNCE".to_owned(),
-            value: Some("true".to_owned()),
+        // The node's DHT settings (node/src/cli.rs): the swarm's UDP port, the public IP it
+        // announces (ports after the IP are ignored by the node: it announces its own), and
+        // a private DHT's bootstrap peers (comma-separated) and protocol name.
+        env.push(plain_env("TOKENGO_DHT_ANNOUNCE", "true".to_owned()));
+        env.push(plain_env(
+            "TOKENGO_DHT_LISTEN",
+            format!("0.0.0.0:{}", spec.dht_port),
+        ));
+        if let Some(external) = external_multiaddr(relay) {
+            env.push(plain_env("TOKENGO_EXTERNAL_ADDRS", external));
+        }
+        env.extend(dht_env(&spec.dht.bootstrap, spec.dht.protocol.as_deref()));
+        ports.push(ContainerPort {
+            name: Some("dht".to_owned()),
+            container_port: spec.dht_port,
+            protocol: Some("UDP".to_owned()),
             ..Default::default()
         });
     }
-    if !spec.dht.bootstrap.is_empty() {
-        env.push(EnvVar {
-            name: "TOKENGO_BOOTSTRAP".to_owned(),
-            value: Some(spec.dht.bootstrap.join(",")),
-            ..Default::default()
-        });
-    }
+    ports.push(ContainerPort {
+        name: Some("admin".to_owned()),
+        container_port: spec.admin_port,
+        protocol: Some("TCP".to_owned()),
+        ..Default::default()
+    });
     let container = Container {
         name: "relay".to_owned(),
         image: Some(
@@ -112,20 +130,7 @@ pub fn deployment(relay: &TokenGoRelay, settings: &Settings, peer_id: &str) -> D
             DATA_DIR.to_owned(),
         ]),
         env: Some(env),
-        ports: Some(vec![
-            ContainerPort {
-                name: Some("quic".to_owned()),
-                container_port: spec.port,
-                protocol: Some("UDP".to_owned()),
-                ..Default::default()
-            },
-            ContainerPort {
-                name: Some("admin".to_owned()),
-                container_port: spec.admin_port,
-                protocol: Some("TCP".to_owned()),
-                ..Default::default()
-            },
-        ]),
+        ports: Some(ports),
         liveness_probe: Some(admin_probe("/healthz", spec.admin_port, 10)),
         readiness_probe: Some(admin_probe("/readyz", spec.admin_port, 5)),
         resources: spec.resources.clone(),
@@ -190,7 +195,8 @@ pub fn deployment(relay: &TokenGoRelay, settings: &Settings, peer_id: &str) -> D
     }
 }
 
-/// The relay Service: one UDP port.
+/// The relay Service: the UDP port `quic`, and the UDP port `dht` when the relay announces
+/// itself (its node port, if any, is left to Kubernetes).
 #[must_use]
 pub fn service(relay: &TokenGoRelay) -> Service {
     let spec = &relay.spec;
@@ -200,19 +206,29 @@ pub fn service(relay: &TokenGoRelay) -> Service {
         ServiceType::ClusterIP => None,
         ServiceType::NodePort | ServiceType::LoadBalancer => spec.service.node_port,
     };
+    let mut ports = vec![ServicePort {
+        name: Some("quic".to_owned()),
+        protocol: Some("UDP".to_owned()),
+        port: spec.port,
+        target_port: Some(IntOrString::String("quic".to_owned())),
+        node_port,
+        ..Default::default()
+    }];
+    if spec.dht.announce {
+        ports.push(ServicePort {
+            name: Some("dht".to_owned()),
+            protocol: Some("UDP".to_owned()),
+            port: spec.dht_port,
+            target_port: Some(IntOrString::String("dht".to_owned())),
+            ..Default::default()
+        });
+    }
     Service {
         metadata,
         spec: Some(ServiceSpec {
             type_: Some(spec.service.type_.as_str().to_owned()),
             selector: Some(selector(COMPONENT, &relay.name_any())),
-            ports: Some(vec![ServicePort {
-                name: Some("quic".to_owned()),
-                protocol: Some("UDP".to_owned()),
-                port: spec.port,
-                target_port: Some(IntOrString::String("quic".to_owned())),
-                node_port,
-                ..Default::default()
-            }]),
+            ports: Some(ports),
             ..Default::default()
         }),
         ..Default::default()
@@ -243,6 +259,61 @@ pub fn addresses(relay: &TokenGoRelay, settings: &Settings, peer_id: &str) -> Ve
         out.push(format!("{host}/udp/{port}/quic-v1/p2p/{peer_id}"));
     }
     out
+}
+
+/// The external address the node announces on the DHT: `externalAddress` as
+/// `/ip4|ip6/IP/udp/DHTPORT/quic-v1`. `None` when it is unset or a host name (the node takes
+/// IPs only: `external_addrs` in node/src/config.rs).
+#[must_use]
+pub fn external_multiaddr(relay: &TokenGoRelay) -> Option<String> {
+    let spec = &relay.spec;
+    let ip = spec.external_address.as_deref()?.parse::<IpAddr>().ok()?;
+    let host = match ip {
+        IpAddr::V4(ip) => format!("/ip4/{ip}"),
+        IpAddr::V6(ip) => format!("/ip6/{ip}"),
+    };
+    Some(format!("{host}/udp/{}/quic-v1", spec.dht_port))
+}
+
+/// Why a relay asked to announce itself cannot be found on the DHT: it has no IP address to
+/// announce. `None` when it does not announce or has one.
+#[must_use]
+pub fn announce_problem(relay: &TokenGoRelay) -> Option<String> {
+    let spec = &relay.spec;
+    if !spec.dht.announce || external_multiaddr(relay).is_some() {
+        return None;
+    }
+    Some(match &spec.external_address {
+        None => "dht.announce is set but externalAddress is not: the relay has no address to \
+                 announce, so nobody can find it on the DHT; set externalAddress to its public IP"
+            .to_owned(),
+        Some(host) => format!(
+            "dht.announce is set but externalAddress {host} is a host name: the node announces \
+             IP addresses only, so nobody can find it on the DHT; set externalAddress to its IP"
+        ),
+    })
+}
+
+/// A literal environment variable.
+pub(crate) fn plain_env(name: &str, value: String) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: Some(value),
+        ..Default::default()
+    }
+}
+
+/// The DHT the node joins: `TOKENGO_BOOTSTRAP` (comma-separated; none = the public DHT) and
+/// `TOKENGO_DHT_PROTOCOL`, each only when set.
+pub(crate) fn dht_env(bootstrap: &[String], protocol: Option<&str>) -> Vec<EnvVar> {
+    let mut env = Vec::new();
+    if !bootstrap.is_empty() {
+        env.push(plain_env("TOKENGO_BOOTSTRAP", bootstrap.join(",")));
+    }
+    if let Some(protocol) = protocol {
+        env.push(plain_env("TOKENGO_DHT_PROTOCOL", protocol.to_owned()));
+    }
+    env
 }
 
 pub(crate) fn non_empty(map: BTreeMap<String, String>) -> Option<BTreeMap<String, String>> {
@@ -400,6 +471,144 @@ mod tests {
             "/ip4/10.0.0.1/udp/4001/quic-v1/p2p/12D3KooWB"
         );
         assert!(c.resources.as_ref().unwrap().limits.is_some());
+    }
+
+    #[test]
+    fn an_announcing_relay_listens_on_the_dht_port_and_announces_its_ip() {
+        let relay = relay(json!({
+            "externalAddress": "203.0.113.7",
+            "dhtPort": 4101,
+            "service": {"type": "LoadBalancer"},
+            "dht": {
+                "announce": true,
+                "bootstrap": ["/ip4/10.0.0.1/udp/4001/quic-v1/p2p/12D3KooWB", "/dns4/b.example/udp/4001/quic-v1/p2p/12D3KooWC"],
+                "protocol": "/mynet/kad/1.0.0"
+            }
+        }));
+        let d = serde_json::to_value(deployment(&relay, &Settings::default(), PEER)).unwrap();
+        assert_eq!(
+            d["spec"]["template"]["spec"]["containers"],
+            json!([{
+                "name": "relay",
+                "image": "tokengo/node:latest",
+                "args": ["relay", "--listen", "0.0.0.0:4433", "--data-dir", "/var/lib/tokengo"],
+                "env": [
+                    {"name": "TOKENGO_LOG_FORMAT", "value": "json"},
+                    {"name": "TOKENGO_ADMIN_LISTEN", "value": "0.0.0.0:9090"},
+                    {"name": "TOKENGO_DHT_ANNOUNCE", "value": "true"},
+                    {"name": "TOKENGO_DHT_LISTEN", "value": "0.0.0.0:4101"},
+                    {"name": "TOKENGO_EXTERNAL_ADDRS", "value": "/ip4/203.0.113.7/udp/4101/quic-v1"},
+                    {"name": "TOKENGO_BOOTSTRAP", "value": "/ip4/10.0.0.1/udp/4001/quic-v1/p2p/12D3KooWB,/dns4/b.example/udp/4001/quic-v1/p2p/12D3KooWC"},
+                    {"name": "TOKENGO_DHT_PROTOCOL", "value": "/mynet/kad/1.0.0"}
+                ],
+                "ports": [
+                    {"name": "quic", "containerPort": 4433, "protocol": "UDP"},
+                    {"name": "dht", "containerPort": 4101, "protocol": "UDP"},
+                    {"name": "admin", "containerPort": 9090, "protocol": "TCP"}
+                ],
+                "livenessProbe": {"httpGet": {"path": "/healthz", "port": 9090}, "periodSeconds": 10, "failureThreshold": 3},
+                "readinessProbe": {"httpGet": {"path": "/readyz", "port": 9090}, "periodSeconds": 5, "failureThreshold": 3},
+                "securityContext": {
+                    "allowPrivilegeEscalation": false,
+                    "capabilities": {"drop": ["ALL"]},
+                    "readOnlyRootFilesystem": true,
+                    "runAsNonRoot": true
+                },
+                "volumeMounts": [{"name": "keys", "mountPath": "/var/lib/tokengo", "readOnly": true}]
+            }])
+        );
+        let service = serde_json::to_value(service(&relay)).unwrap();
+        assert_eq!(
+            service["spec"],
+            json!({
+                "type": "LoadBalancer",
+                "selector": {"app.kubernetes.io/instance": "edge", "app.kubernetes.io/name": "tokengo-relay"},
+                "ports": [
+                    {"name": "quic", "protocol": "UDP", "port": 4433, "targetPort": "quic"},
+                    {"name": "dht", "protocol": "UDP", "port": 4101, "targetPort": "dht"}
+                ]
+            })
+        );
+        assert_eq!(announce_problem(&relay), None);
+        // The published relay addresses stay QUIC addresses.
+        assert_eq!(
+            addresses(&relay, &Settings::default(), PEER)[1],
+            format!("/ip4/203.0.113.7/udp/4433/quic-v1/p2p/{PEER}")
+        );
+    }
+
+    #[test]
+    fn the_dht_port_is_default_4001_and_unused_without_announce() {
+        let quiet = relay(
+            json!({"externalAddress": "203.0.113.7", "dht": {"bootstrap": ["/ip4/10.0.0.1/udp/4001/quic-v1/p2p/12D3KooWB"]}}),
+        );
+        assert_eq!(quiet.spec.dht_port, 4001);
+        let c = deployment(&quiet, &Settings::default(), PEER)
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap()
+            .containers;
+        let env: Vec<String> = c[0]
+            .env
+            .clone()
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(env, ["TOKENGO_LOG_FORMAT", "TOKENGO_ADMIN_LISTEN"]);
+        assert_eq!(c[0].ports.as_ref().unwrap().len(), 2);
+        assert_eq!(service_ports(&quiet).len(), 1);
+        assert_eq!(announce_problem(&quiet), None);
+
+        let v6 = relay(json!({"externalAddress": "2001:db8::1", "dht": {"announce": true}}));
+        assert_eq!(
+            external_multiaddr(&v6).as_deref(),
+            Some("/ip6/2001:db8::1/udp/4001/quic-v1")
+        );
+        assert_eq!(service_ports(&v6)[1].port, 4001);
+    }
+
+    #[test]
+    fn an_announcing_relay_without_an_ip_is_reported() {
+        let missing = relay(json!({"dht": {"announce": true}}));
+        let problem = announce_problem(&missing).unwrap();
+        assert!(problem.contains("externalAddress is not"), "{problem}");
+        let host =
+            relay(json!({"externalAddress": "relay.example.org", "dht": {"announce": true}}));
+        let problem = announce_problem(&host).unwrap();
+        assert!(
+            problem.contains("relay.example.org is a host name"),
+            "{problem}"
+        );
+        for relay in [&missing, &host] {
+            // It still runs and listens for libp2p, but announces no address of its own.
+            let c = deployment(relay, &Settings::default(), PEER)
+                .spec
+                .unwrap()
+                .template
+                .spec
+                .unwrap()
+                .containers;
+            let env: Vec<String> = c[0]
+                .env
+                .clone()
+                .unwrap()
+                .into_iter()
+                .map(|e| e.name)
+                .collect();
+            assert_eq!(
+                env,
+                [
+                    "TOKENGO_LOG_FORMAT",
+                    "TOKENGO_ADMIN_LISTEN",
+                    "TOKENGO_DHT_ANNOUNCE",
+                    "TOKENGO_DHT_LISTEN"
+                ]
+            );
+            assert_eq!(external_multiaddr(relay), None);
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Reconciles one `TokenGoExit`: key Secret (created once; rotated on schedule or on request,
-//! keeping the previous key), relay resolution, Deployment, status.
+//! keeping the previous key), relay resolution (a named relay, addresses, or DHT discovery left
+//! to the node), Deployment, status.
 
 use std::{sync::Arc, time::Duration};
 
@@ -18,10 +19,14 @@ use super::{
 };
 use crate::{
     keys::{self, Keyring},
-    manifest::{MAX_NAME_LEN, exit as desired, relay as relay_manifest},
+    manifest::{
+        MAX_NAME_LEN,
+        exit::{self as desired, RelaySource},
+        relay as relay_manifest,
+    },
     resource::{
         TokenGoExit, TokenGoExitStatus, TokenGoRelay,
-        exit::{MAX_RELAYS, PublishedKey},
+        exit::{ExitDht, MAX_RELAYS, PublishedKey},
         shared::{ReadyReason, ready_condition},
     },
 };
@@ -50,12 +55,17 @@ pub async fn reconcile(
 }
 
 /// Where the exit's relays come from, once resolved.
-enum Relays {
+enum Relays<'a> {
     Resolved(Vec<String>),
+    /// The pods discover relays on this DHT themselves.
+    Dht(&'a ExitDht),
     Unavailable(ReadyReason, String),
 }
 
-async fn resolve_relays(exit: &TokenGoExit, ctx: &Context) -> Result<Relays, ReconcileError> {
+async fn resolve_relays<'a>(
+    exit: &'a TokenGoExit,
+    ctx: &Context,
+) -> Result<Relays<'a>, ReconcileError> {
     let spec = &exit.spec.relay;
     if let Some(name) = &spec.name {
         let relays: Api<TokenGoRelay> = namespaced(&ctx.client, exit)?;
@@ -83,11 +93,39 @@ async fn resolve_relays(exit: &TokenGoExit, ctx: &Context) -> Result<Relays, Rec
             addresses.iter().take(MAX_RELAYS).cloned().collect(),
         ));
     }
-    Ok(Relays::Unavailable(
-        ReadyReason::DhtDiscoveryUnavailable,
-        "DHT discovery is not implemented by the node yet: name a TokenGoRelay or give relay addresses"
-            .to_owned(),
-    ))
+    // The schema's oneOf leaves `dht` as the only other source; an empty `addresses` list
+    // (which the schema also rejects) falls back to discovery on the public DHT.
+    Ok(Relays::Dht(spec.dht.as_ref().unwrap_or(&PUBLIC_DHT)))
+}
+
+/// DHT settings meaning the public DHT with the node's defaults.
+static PUBLIC_DHT: ExitDht = ExitDht {
+    bootstrap: Vec::new(),
+    protocol: None,
+    max_relays: None,
+};
+
+/// Applies the Deployment and reads its rollout: the reason, message and ready pods.
+async fn deploy(
+    exit: &TokenGoExit,
+    ctx: &Context,
+    relays: RelaySource<'_>,
+    keys_hash: &str,
+) -> Result<(ReadyReason, String, i32), ReconcileError> {
+    let deployments: Api<Deployment> = namespaced(&ctx.client, exit)?;
+    let deployment = apply(
+        &deployments,
+        &desired::deployment(exit, &ctx.settings, relays, keys_hash),
+    )
+    .await?;
+    let (ready, complete) = rollout(&deployment);
+    let message = format!("{ready}/{} replicas ready", exit.spec.replicas);
+    let reason = if complete {
+        ReadyReason::Available
+    } else {
+        ReadyReason::Progressing
+    };
+    Ok((reason, message, ready))
 }
 
 async fn reconcile_inner(exit: &TokenGoExit, ctx: &Context) -> Result<Action, ReconcileError> {
@@ -244,23 +282,22 @@ async fn reconcile_inner(exit: &TokenGoExit, ctx: &Context) -> Result<Action, Re
     let next_rotation = Duration::from_secs(keyring.seconds_until_rotation(now, interval).max(1));
     let requeue = Action::requeue(next_rotation.min(RESYNC));
 
+    let hash = desired::keys_hash(&peer_id, &public);
     let (relays, reason, message, ready) = match resolve_relays(exit, ctx).await? {
         Relays::Resolved(relays) => {
-            let deployments: Api<Deployment> = namespaced(&ctx.client, exit)?;
-            let hash = desired::keys_hash(&peer_id, &public);
-            let deployment = apply(
-                &deployments,
-                &desired::deployment(exit, &ctx.settings, &relays, &hash),
-            )
-            .await?;
-            let (ready, complete) = rollout(&deployment);
-            let message = format!("{ready}/{} replicas ready", exit.spec.replicas);
-            let reason = if complete {
-                ReadyReason::Available
-            } else {
-                ReadyReason::Progressing
-            };
+            let (reason, message, ready) =
+                deploy(exit, ctx, RelaySource::Addresses(&relays), &hash).await?;
             (relays, reason, message, ready)
+        }
+        Relays::Dht(dht) => {
+            // status.relays stays empty: each pod chooses its relays at start.
+            let (reason, message, ready) = deploy(exit, ctx, RelaySource::Dht(dht), &hash).await?;
+            (
+                Vec::new(),
+                reason,
+                format!("{message}; relays discovered on the DHT"),
+                ready,
+            )
         }
         Relays::Unavailable(reason, message) => (Vec::new(), reason, message, 0),
     };

@@ -1,4 +1,5 @@
-//! Reconciles one `TokenGoRelay`: identity Secret (created once), Service, Deployment, status.
+//! Reconciles one `TokenGoRelay`: identity Secret (created once), Service, Deployment, status
+//! (including whether a relay asked to announce itself on the DHT has an address to announce).
 
 use std::{sync::Arc, time::Duration};
 
@@ -22,7 +23,7 @@ use crate::{
     manifest::{MAX_NAME_LEN, relay as desired},
     resource::{
         TokenGoRelay, TokenGoRelayStatus,
-        shared::{ReadyReason, ready_condition},
+        shared::{READY, ReadyReason, ready_condition},
     },
 };
 
@@ -128,16 +129,32 @@ async fn reconcile_inner(relay: &TokenGoRelay, ctx: &Context) -> Result<Action, 
     .await?;
 
     let (ready, complete) = rollout(&deployment);
-    let (reason, message) = if complete {
+    let replicas = format!("{ready}/{} replicas ready", relay.spec.replicas);
+    let (reason, message) = if let Some(problem) = desired::announce_problem(relay) {
+        // It runs (reachable at its addresses) but cannot be found on the DHT: not Ready,
+        // and one Warning event when it starts being so.
+        let previous = relay
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == READY))
+            .map(|c| c.reason.as_str());
+        if previous != Some(ReadyReason::NoExternalAddress.as_str()) {
+            ctx.event(
+                relay,
+                EventType::Warning,
+                ReadyReason::NoExternalAddress.as_str(),
+                problem.clone(),
+            )
+            .await;
+        }
         (
-            ReadyReason::Available,
-            format!("{ready}/{} replicas ready", relay.spec.replicas),
+            ReadyReason::NoExternalAddress,
+            format!("{problem} ({replicas})"),
         )
+    } else if complete {
+        (ReadyReason::Available, replicas)
     } else {
-        (
-            ReadyReason::Progressing,
-            format!("{ready}/{} replicas ready", relay.spec.replicas),
-        )
+        (ReadyReason::Progressing, replicas)
     };
     let addresses = desired::addresses(relay, &ctx.settings, &peer_id);
     let status = status_of(reason, message, Some(peer_id), addresses, ready);

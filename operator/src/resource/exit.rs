@@ -1,7 +1,8 @@
 //! `TokenGoExit`: an exit (decrypts requests, calls the AI backend) run as a Deployment that
 //! dials its relays. Each pod runs one `tokengo exit` container per relay address, all with the
 //! exit's one identity and OHTTP keyring from one Secret, so the exit is reachable through
-//! every relay it names.
+//! every relay it names; with DHT discovery, one container that finds and registers with up to
+//! `maxRelays` relays itself.
 
 use k8s_openapi::{
     api::core::v1::ResourceRequirements, apimachinery::pkg::apis::meta::v1::Condition,
@@ -11,7 +12,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::relay::default_admin_port;
-use super::shared::{MULTIADDR_PATTERN, NAME_PATTERN, Scheduling, image_schema};
+use super::shared::{
+    DHT_PROTOCOL_PATTERN, MULTIADDR_PATTERN, NAME_PATTERN, Scheduling, image_schema,
+};
 
 /// `http://` or `https://` base URL without query or fragment (what the node accepts).
 const URL_PATTERN: &str = r"^https?://[^\s?#]+$";
@@ -128,7 +131,8 @@ pub struct ExitRelay {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 8), inner(pattern(MULTIADDR_PATTERN)))]
     pub addresses: Option<Vec<String>>,
-    /// Find relays on the DHT (stored; the node has no DHT yet, so the exit is not started).
+    /// Find relays on the DHT: one exit container without a relay address discovers them at
+    /// start. `status.relays` stays empty (the pods choose; see their `/status`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dht: Option<ExitDht>,
 }
@@ -137,10 +141,21 @@ pub struct ExitRelay {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ExitDht {
-    /// Bootstrap peers (multiaddrs with `/p2p/`); empty means the public Amino DHT.
+    /// Bootstrap peers (multiaddrs with `/p2p/`), passed as `TOKENGO_BOOTSTRAP`. Default empty:
+    /// the public Amino DHT.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32), inner(pattern(MULTIADDR_PATTERN)))]
     pub bootstrap: Vec<String>,
+    /// Kademlia protocol name (`TOKENGO_DHT_PROTOCOL`), e.g. `/mynet/kad/1.0.0` for a private
+    /// network. Default: the node's, `/ipfs/kad/1.0.0` (the public DHT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 2, max = 128), pattern(DHT_PROTOCOL_PATTERN))]
+    pub protocol: Option<String>,
+    /// Most discovered relays each pod registers with (`TOKENGO_MAX_RELAYS`). Default: the
+    /// node's, 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 16))]
+    pub max_relays: Option<i32>,
 }
 
 /// OHTTP key rotation.
@@ -178,7 +193,8 @@ pub struct TokenGoExitStatus {
     /// The OHTTP keys clients may use, current first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub keys: Vec<PublishedKey>,
-    /// The relay addresses the exit registers with.
+    /// The relay addresses the exit registers with; empty with DHT discovery (each pod finds
+    /// its relays at start).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub relays: Vec<String>,
     /// Pods that are ready.

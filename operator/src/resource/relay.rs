@@ -15,7 +15,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::shared::{MULTIADDR_PATTERN, Scheduling, image_schema};
+use super::shared::{DHT_PROTOCOL_PATTERN, MULTIADDR_PATTERN, Scheduling, image_schema};
 
 /// Host names and IP literals: what `externalAddress` may hold.
 const HOST_PATTERN: &str = r"^[A-Za-z0-9]([A-Za-z0-9.:-]*[A-Za-z0-9])?$";
@@ -58,12 +58,21 @@ pub struct TokenGoRelaySpec {
     #[serde(default)]
     pub service: RelayService,
     /// Host name or IP address clients and exits outside the cluster use to reach the Service;
-    /// published in `status.addresses`.
+    /// published in `status.addresses`. With `dht.announce` it must be an IP address (the node
+    /// announces IPs only, with its own ports: `port` and `dhtPort` must reach the pods there
+    /// unchanged, e.g. a `LoadBalancer` Service); it is passed as `TOKENGO_EXTERNAL_ADDRS`.
+    /// Default: none (with `dht.announce` the relay then reports `NoExternalAddress`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253), pattern(HOST_PATTERN))]
     pub external_address: Option<String>,
-    /// DHT announcement. Stored and passed to the node (`TOKENGO_DHT_ANNOUNCE`,
-    /// `TOKENGO_BOOTSTRAP`); the node has no DHT yet.
+    /// UDP port of the node's libp2p (DHT) swarm, separate from `port`; used only with
+    /// `dht.announce`, when the container listens on it (`TOKENGO_DHT_LISTEN`) and the Service
+    /// exposes it as the UDP port `dht`. Default 4001.
+    #[serde(default = "default_dht_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub dht_port: i32,
+    /// DHT announcement, passed to the node (`TOKENGO_DHT_ANNOUNCE`, `TOKENGO_BOOTSTRAP`,
+    /// `TOKENGO_DHT_PROTOCOL`). Default: not announced.
     #[serde(default)]
     pub dht: RelayDht,
     /// CPU and memory requests and limits of the relay container.
@@ -118,13 +127,19 @@ impl ServiceType {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RelayDht {
-    /// Announce the relay as a provider of the TokenGo relay key.
+    /// Announce the relay as a provider of the TokenGo relay key, so clients and exits find it
+    /// on the DHT. Needs `externalAddress` as an IP address. Default false.
     #[serde(default)]
     pub announce: bool,
-    /// Bootstrap peers (multiaddrs with `/p2p/`); empty means the public Amino DHT.
+    /// Bootstrap peers (multiaddrs with `/p2p/`). Default empty: the public Amino DHT.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32), inner(pattern(MULTIADDR_PATTERN)))]
     pub bootstrap: Vec<String>,
+    /// Kademlia protocol name, e.g. `/mynet/kad/1.0.0` for a private network. Default: the
+    /// node's, `/ipfs/kad/1.0.0` (the public DHT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 2, max = 128), pattern(DHT_PROTOCOL_PATTERN))]
+    pub protocol: Option<String>,
 }
 
 /// What the operator and the relay report.
@@ -140,7 +155,8 @@ pub struct TokenGoRelayStatus {
     /// The relay's PeerId (public; derived from its identity key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_id: Option<String>,
-    /// Multiaddrs to hand to clients and exits: in-cluster DNS first, then the external address.
+    /// Multiaddrs to hand to clients and exits: in-cluster DNS first, then the external address
+    /// (the QUIC port; the DHT port is not a relay address).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<String>,
     /// Pods that are ready.
@@ -154,6 +170,10 @@ fn one() -> i32 {
 
 fn default_port() -> i32 {
     4433
+}
+
+fn default_dht_port() -> i32 {
+    4001
 }
 
 pub(crate) fn default_admin_port() -> i32 {

@@ -41,8 +41,9 @@ pub enum ReadyReason {
     RelayNotFound,
     /// The TokenGoRelay the exit names has no identity yet.
     RelayNotReady,
-    /// The exit asks for DHT discovery, which the node does not implement yet.
-    DhtDiscoveryUnavailable,
+    /// The relay is to announce itself on the DHT but has no external IP address to announce,
+    /// so nobody would find it; it runs (its pods may be ready) but is not `Ready`.
+    NoExternalAddress,
     /// The operator-managed key Secret exists but cannot be read as keys; it is never
     /// overwritten, so a person must look.
     InvalidKeySecret,
@@ -59,7 +60,7 @@ impl ReadyReason {
             Self::Progressing => "Progressing",
             Self::RelayNotFound => "RelayNotFound",
             Self::RelayNotReady => "RelayNotReady",
-            Self::DhtDiscoveryUnavailable => "DhtDiscoveryUnavailable",
+            Self::NoExternalAddress => "NoExternalAddress",
             Self::InvalidKeySecret => "InvalidKeySecret",
             Self::ReconcileFailed => "ReconcileFailed",
         }
@@ -110,6 +111,9 @@ pub(crate) fn image_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schem
 
 /// A multiaddr the node can dial or announce: `/ip4|ip6|dns|dns4|dns6/HOST/…`.
 pub(crate) const MULTIADDR_PATTERN: &str = r"^/(ip4|ip6|dns|dns4|dns6)/[^/\s]+(/[^/\s]+)+$";
+
+/// A Kademlia protocol name: starts with `/`, no whitespace.
+pub(crate) const DHT_PROTOCOL_PATTERN: &str = r"^/[^\s]+$";
 
 /// A Kubernetes object name (RFC 1123 label, as Secrets, Services and relays need).
 pub(crate) const NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";

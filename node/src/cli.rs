@@ -91,6 +91,12 @@ pub struct DhtArgs {
     /// DHT, any with --bootstrap).
     #[arg(long, env = "TOKENGO_ADDRESS_POLICY", value_name = "POLICY")]
     pub address_policy: Option<String>,
+}
+
+/// Relays a discovering role (client, exit) uses when discovery finds none; a relay or
+/// bootstrap node has no use for them, so they do not take the flag.
+#[derive(Debug, Clone, Default, Args)]
+pub struct FallbackArgs {
     /// Relay used when neither the DHT nor the relay cache yields one (repeatable;
     /// comma-separated in TOKENGO_FALLBACK_RELAYS). Default: none.
     #[arg(
@@ -148,6 +154,8 @@ pub struct ClientArgs {
     pub listen: Option<String>,
     #[command(flatten)]
     pub dht: DhtArgs,
+    #[command(flatten)]
+    pub fallback: FallbackArgs,
 }
 
 /// Flags of `tokengo relay`.
@@ -190,6 +198,8 @@ pub struct ExitArgs {
     pub relay: Option<String>,
     #[command(flatten)]
     pub dht: DhtArgs,
+    #[command(flatten)]
+    pub fallback: FallbackArgs,
     /// Most discovered relays to register with (default 3).
     #[arg(long, env = "TOKENGO_MAX_RELAYS")]
     pub max_relays: Option<usize>,
@@ -251,5 +261,19 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn only_discovering_roles_take_fallback_relays() {
+        use clap::Parser as _;
+        let flag = ["--fallback-relay", "/ip4/127.0.0.1/udp/1/quic-v1"];
+        for role in ["client", "exit"] {
+            let args = [&["tokengo", role][..], &flag[..]].concat();
+            assert!(Cli::try_parse_from(args).is_ok(), "{role}");
+        }
+        for role in ["relay", "bootstrap"] {
+            let args = [&["tokengo", role][..], &flag[..]].concat();
+            assert!(Cli::try_parse_from(args).is_err(), "{role}");
+        }
     }
 }

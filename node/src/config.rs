@@ -15,7 +15,8 @@ use libp2p::{Multiaddr, StreamProtocol};
 
 use crate::{
     cli::{
-        BackendArgs, BootstrapArgs, ClientArgs, CommonArgs, DhtArgs, ExitArgs, RelayArgs, ServeArgs,
+        BackendArgs, BootstrapArgs, ClientArgs, CommonArgs, DhtArgs, ExitArgs, FallbackArgs,
+        RelayArgs, ServeArgs,
     },
     data_dir::DataDir,
     discovery::{AddressPolicy, DhtConfig},
@@ -326,7 +327,7 @@ fn parse_relay(raw: Option<String>) -> Result<Option<RelayAddr>, ConfigError> {
 }
 
 /// Relays to fall back on when discovery finds none: flags win over the file.
-fn fallback_relays(args: &DhtArgs, file: &FileConfig) -> Result<Vec<RelayAddr>, ConfigError> {
+fn fallback_relays(args: &FallbackArgs, file: &FileConfig) -> Result<Vec<RelayAddr>, ConfigError> {
     let raw = if args.fallback_relays.is_empty() {
         &file.fallback_relays
     } else {
@@ -788,7 +789,7 @@ impl ExitConfig {
         Ok(Self {
             relay: parse_relay(args.relay.or_else(|| file.relay.clone()))?,
             dht: dht_config(&args.dht, &file)?,
-            fallback_relays: fallback_relays(&args.dht, &file)?,
+            fallback_relays: fallback_relays(&args.fallback, &file)?,
             max_relays,
             backend: BackendConfig::resolve(args.backend, &file)?,
             data_dir: data_dir(&args.common, &file)?,
@@ -825,7 +826,7 @@ impl ClientConfig {
         Ok(Self {
             relay: parse_relay(args.relay.or_else(|| file.relay.clone()))?,
             dht: dht_config(&args.dht, &file)?,
-            fallback_relays: fallback_relays(&args.dht, &file)?,
+            fallback_relays: fallback_relays(&args.fallback, &file)?,
             data_dir: data_dir(&args.common, &file)?,
             listen: parse_listen("listen", listen.as_deref().unwrap_or(DEFAULT_CLIENT_LISTEN))?,
             limits: Limits::from_file(&file)?,

@@ -15,11 +15,11 @@ use k8s_openapi::{
     },
     apimachinery::pkg::apis::meta::v1::LabelSelector,
 };
-use kube::{Resource as _, ResourceExt as _, api::ObjectMeta};
+use kube::{ResourceExt as _, api::ObjectMeta};
 
 use super::{
-    DATA_DIR, KEYS_HASH_ANNOTATION, Settings, admin_probe, container_security, digest, labels,
-    owned, pod_security,
+    DATA_DIR, KEYS_HASH_ANNOTATION, Settings, admin_probe, child_meta, container_security, digest,
+    labels, pod_security,
     relay::{dht_env, non_empty, non_empty_vec, plain_env},
     selector,
 };
@@ -51,16 +51,6 @@ pub fn keys_secret_name(exit: &TokenGoExit) -> String {
     format!("{}-exit-keys", exit.name_any())
 }
 
-fn meta(exit: &TokenGoExit, name: String) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name),
-        namespace: exit.namespace(),
-        labels: Some(labels(COMPONENT, &exit.name_any())),
-        owner_references: exit.controller_owner_ref(&()).and_then(owned),
-        ..Default::default()
-    }
-}
-
 /// The key Secret: identity and keyring in the files the node reads. `rotation_handled` is the
 /// rotation request already carried out (if any).
 #[must_use]
@@ -70,7 +60,7 @@ pub fn keys_secret(
     keyring: &[u8],
     rotation_handled: Option<&str>,
 ) -> Secret {
-    let mut metadata = meta(exit, keys_secret_name(exit));
+    let mut metadata = child_meta(exit, COMPONENT, keys_secret_name(exit));
     metadata.annotations = rotation_handled
         .map(|v| BTreeMap::from([(ROTATION_HANDLED_ANNOTATION.to_owned(), v.to_owned())]));
     Secret {
@@ -128,7 +118,7 @@ pub fn deployment(
     let mut pod_labels = labels(COMPONENT, &name);
     pod_labels.extend(selector(COMPONENT, &name));
     Deployment {
-        metadata: meta(exit, workload_name(exit)),
+        metadata: child_meta(exit, COMPONENT, workload_name(exit)),
         spec: Some(DeploymentSpec {
             replicas: Some(spec.replicas),
             selector: LabelSelector {

@@ -11,8 +11,9 @@ use k8s_openapi::{
     api::core::v1::{
         Capabilities, HTTPGetAction, PodSecurityContext, Probe, SeccompProfile, SecurityContext,
     },
-    apimachinery::pkg::{apis::meta::v1::OwnerReference, util::intstr::IntOrString},
+    apimachinery::pkg::util::intstr::IntOrString,
 };
+use kube::{Resource, ResourceExt as _, api::ObjectMeta};
 use sha2::{Digest as _, Sha256};
 
 /// The one field manager for server-side apply.
@@ -131,10 +132,20 @@ pub(crate) fn admin_probe(path: &str, port: i32, period: i32) -> Probe {
     }
 }
 
-/// Every child is owned by its resource (controller reference), so deleting the resource
-/// lets Kubernetes' garbage collector delete the children.
-pub(crate) fn owned(owner: OwnerReference) -> Option<Vec<OwnerReference>> {
-    Some(vec![owner])
+/// Metadata of a child: in its resource's namespace, labelled as the resource's `component`,
+/// and owned by the resource (controller reference), so deleting the resource lets
+/// Kubernetes' garbage collector delete the children.
+pub(crate) fn child_meta<K>(owner: &K, component: &str, name: String) -> ObjectMeta
+where
+    K: Resource<DynamicType = ()>,
+{
+    ObjectMeta {
+        name: Some(name),
+        namespace: owner.namespace(),
+        labels: Some(labels(component, &owner.name_any())),
+        owner_references: owner.controller_owner_ref(&()).map(|owner| vec![owner]),
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]

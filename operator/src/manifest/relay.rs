@@ -16,11 +16,11 @@ use k8s_openapi::{
     },
     apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
 };
-use kube::{Resource as _, ResourceExt as _, api::ObjectMeta};
+use kube::{ResourceExt as _, api::ObjectMeta};
 
 use super::{
-    DATA_DIR, KEYS_HASH_ANNOTATION, Settings, admin_probe, container_security, digest, labels,
-    owned, pod_security, selector,
+    DATA_DIR, KEYS_HASH_ANNOTATION, Settings, admin_probe, child_meta, container_security, digest,
+    labels, pod_security, selector,
 };
 use crate::resource::{TokenGoRelay, relay::ServiceType};
 
@@ -40,22 +40,12 @@ pub fn identity_secret_name(relay: &TokenGoRelay) -> String {
     format!("{}-relay-identity", relay.name_any())
 }
 
-fn meta(relay: &TokenGoRelay, name: String) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name),
-        namespace: relay.namespace(),
-        labels: Some(labels(COMPONENT, &relay.name_any())),
-        owner_references: relay.controller_owner_ref(&()).and_then(owned),
-        ..Default::default()
-    }
-}
-
 /// The identity Secret, made once: immutable, so nothing (this operator included) can replace
 /// the key under a running relay.
 #[must_use]
 pub fn identity_secret(relay: &TokenGoRelay, identity: &[u8]) -> Secret {
     Secret {
-        metadata: meta(relay, identity_secret_name(relay)),
+        metadata: child_meta(relay, COMPONENT, identity_secret_name(relay)),
         type_: Some("Opaque".to_owned()),
         immutable: Some(true),
         data: Some(BTreeMap::from([(
@@ -146,7 +136,7 @@ pub fn deployment(relay: &TokenGoRelay, settings: &Settings, peer_id: &str) -> D
     let mut pod_labels = labels(COMPONENT, &name);
     pod_labels.extend(selector(COMPONENT, &name));
     Deployment {
-        metadata: meta(relay, workload_name(relay)),
+        metadata: child_meta(relay, COMPONENT, workload_name(relay)),
         spec: Some(DeploymentSpec {
             replicas: Some(spec.replicas),
             selector: LabelSelector {
@@ -200,7 +190,7 @@ pub fn deployment(relay: &TokenGoRelay, settings: &Settings, peer_id: &str) -> D
 #[must_use]
 pub fn service(relay: &TokenGoRelay) -> Service {
     let spec = &relay.spec;
-    let mut metadata = meta(relay, workload_name(relay));
+    let mut metadata = child_meta(relay, COMPONENT, workload_name(relay));
     metadata.annotations = non_empty(spec.service.annotations.clone());
     let node_port = match spec.service.type_ {
         ServiceType::ClusterIP => None,

@@ -76,7 +76,10 @@ pub fn run(cli: cli::Cli) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     let tracing = telemetry::Tracing::start(resolved.traces(), runtime.handle().clone())?;
     logging::init(format, tracing.as_ref().map(telemetry::Tracing::provider));
-    let result = runtime.block_on(async move {
+    // The role runs in a spawned task, not in `block_on`: a future polled by `block_on` lives on
+    // the main thread, outside the worker pool, so every wake-up of it (an exit's tunnel
+    // accepting a request stream, say) would cross threads twice, out and back.
+    let role = runtime.spawn(async move {
         let shutdown = || shutdown::on_signals();
         match resolved {
             Resolved::Relay(config) => relay::run(config, shutdown()).await,
@@ -95,6 +98,9 @@ pub fn run(cli: cli::Cli) -> anyhow::Result<()> {
             }
         }
     });
+    let result = runtime
+        .block_on(role)
+        .unwrap_or_else(|panicked| Err(anyhow::anyhow!("the role's task failed: {panicked}")));
     // The batch exporter sends its last spans through this runtime, so flush before it goes.
     if let Some(tracing) = tracing {
         tracing.shutdown();

@@ -70,6 +70,10 @@ pub struct CommonArgs {
     /// (default: off, or as the OTEL_* environment variables say).
     #[arg(long, env = "TOKENGO_OTLP_ENDPOINT", value_name = "URL")]
     pub otlp_endpoint: Option<String>,
+    /// Threads that run the role's tasks (default: one per CPU core; 1 is faster on a small
+    /// host that several TokenGo processes share, see README "Performance").
+    #[arg(long, env = "TOKENGO_WORKER_THREADS", value_name = "N")]
+    pub worker_threads: Option<usize>,
 }
 
 /// Where relays are discovered: the DHT to join and what discovery may dial.

@@ -4,6 +4,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
+    num::NonZeroUsize,
     path::PathBuf,
     time::Duration,
 };
@@ -127,6 +128,8 @@ struct FileConfig {
     /// Relays used when discovery and the cache yield none.
     #[serde(default)]
     fallback_relays: Vec<String>,
+    /// Threads that run the role's tasks.
+    worker_threads: Option<usize>,
 }
 
 impl FileConfig {
@@ -189,6 +192,45 @@ impl Limits {
                 .unwrap_or(defaults.max_response_body),
             quic_idle_timeout,
         })
+    }
+}
+
+/// How many threads run a role's async tasks. Default: one per CPU core the process may use.
+///
+/// A role's own work per request is tens of microseconds, so one thread carries thousands of
+/// requests a second, and on a host that many processes share (all roles on one small
+/// machine) one thread each is faster: every extra thread costs cross-thread wake-ups at low
+/// load. README "Performance" has the measurements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerThreads(NonZeroUsize);
+
+impl WorkerThreads {
+    /// One thread.
+    pub const ONE: Self = Self(NonZeroUsize::MIN);
+    /// Most threads accepted.
+    const MAX: usize = 1024;
+
+    /// One per CPU core the process may use (cgroup limits included), at least one.
+    #[must_use]
+    pub fn per_core() -> Self {
+        Self(std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN))
+    }
+
+    /// The count.
+    #[must_use]
+    pub fn get(self) -> usize {
+        self.0.get()
+    }
+
+    fn resolve(common: &CommonArgs, file: &FileConfig) -> Result<Self, ConfigError> {
+        match common.worker_threads.or(file.worker_threads) {
+            None => Ok(Self::per_core()),
+            Some(n @ 1..=Self::MAX) => Ok(Self(NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN))),
+            Some(_) => Err(invalid(
+                "worker_threads",
+                format!("must be 1 to {}", Self::MAX),
+            )),
+        }
     }
 }
 
@@ -671,6 +713,8 @@ pub struct RelayConfig {
     pub observability: ObservabilityConfig,
     /// DHT announcement; `None` (the default) means the relay does not announce.
     pub dht: Option<RelayDhtConfig>,
+    /// Threads that run its tasks. Default: one per CPU core.
+    pub worker_threads: WorkerThreads,
 }
 
 /// How a relay announces itself on the DHT.
@@ -711,6 +755,7 @@ impl RelayConfig {
             limits: Limits::from_file(&file)?,
             observability: observability(&args.common, &file, "relay")?,
             dht,
+            worker_threads: WorkerThreads::resolve(&args.common, &file)?,
         })
     }
 }
@@ -726,6 +771,8 @@ pub struct BootstrapConfig {
     pub external_ips: Vec<IpAddr>,
     /// Where its identity lives (`bootstrap_identity.key`).
     pub data_dir: DataDir,
+    /// Threads that run its tasks. Default: one per CPU core.
+    pub worker_threads: WorkerThreads,
 }
 
 impl BootstrapConfig {
@@ -752,6 +799,7 @@ impl BootstrapConfig {
             listen: dht_listen(listen.as_deref())?,
             external_ips: parse_external(external)?,
             data_dir: data_dir(&args.common, &file)?,
+            worker_threads: WorkerThreads::resolve(&args.common, &file)?,
         })
     }
 }
@@ -775,6 +823,8 @@ pub struct ExitConfig {
     pub limits: Limits,
     /// Admin endpoint and trace export.
     pub observability: ObservabilityConfig,
+    /// Threads that run its tasks. Default: one per CPU core.
+    pub worker_threads: WorkerThreads,
 }
 
 impl ExitConfig {
@@ -795,6 +845,7 @@ impl ExitConfig {
             data_dir: data_dir(&args.common, &file)?,
             limits: Limits::from_file(&file)?,
             observability: observability(&args.common, &file, "exit")?,
+            worker_threads: WorkerThreads::resolve(&args.common, &file)?,
         })
     }
 }
@@ -816,6 +867,8 @@ pub struct ClientConfig {
     pub limits: Limits,
     /// Admin endpoint and trace export.
     pub observability: ObservabilityConfig,
+    /// Threads that run its tasks. Default: one per CPU core.
+    pub worker_threads: WorkerThreads,
 }
 
 impl ClientConfig {
@@ -831,6 +884,7 @@ impl ClientConfig {
             listen: parse_listen("listen", listen.as_deref().unwrap_or(DEFAULT_CLIENT_LISTEN))?,
             limits: Limits::from_file(&file)?,
             observability: observability(&args.common, &file, "client")?,
+            worker_threads: WorkerThreads::resolve(&args.common, &file)?,
         })
     }
 }
@@ -848,6 +902,8 @@ pub struct ServeConfig {
     pub limits: Limits,
     /// One admin endpoint for all three roles, and trace export.
     pub observability: ObservabilityConfig,
+    /// Threads that run its tasks. Default: one per CPU core.
+    pub worker_threads: WorkerThreads,
 }
 
 impl ServeConfig {
@@ -861,6 +917,7 @@ impl ServeConfig {
             data_dir: data_dir(&args.common, &file)?,
             limits: Limits::from_file(&file)?,
             observability: observability(&args.common, &file, "serve")?,
+            worker_threads: WorkerThreads::resolve(&args.common, &file)?,
         })
     }
 }
@@ -924,6 +981,69 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(error.contains("admin_listen"), "{error}");
+    }
+
+    #[test]
+    fn worker_threads_default_per_core_and_the_flag_wins_over_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = file_with("");
+        let relay = RelayConfig::resolve(RelayArgs {
+            common: common(empty.path(), dir.path()),
+            ..RelayArgs::default()
+        })
+        .unwrap();
+        assert_eq!(relay.worker_threads, WorkerThreads::per_core());
+        let client = ClientConfig::resolve(ClientArgs {
+            common: common(empty.path(), dir.path()),
+            ..ClientArgs::default()
+        })
+        .unwrap();
+        assert_eq!(client.worker_threads, WorkerThreads::per_core());
+
+        let file = file_with("worker_threads: 3\n");
+        let exit = ExitConfig::resolve(ExitArgs {
+            common: common(file.path(), dir.path()),
+            ..ExitArgs::default()
+        })
+        .unwrap();
+        assert_eq!(exit.worker_threads.get(), 3);
+        let relay = RelayConfig::resolve(RelayArgs {
+            common: CommonArgs {
+                worker_threads: Some(2),
+                ..common(file.path(), dir.path())
+            },
+            ..RelayArgs::default()
+        })
+        .unwrap();
+        assert_eq!(relay.worker_threads.get(), 2);
+    }
+
+    #[test]
+    fn worker_threads_out_of_range_name_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        for text in ["worker_threads: 0\n", "worker_threads: 5000\n"] {
+            let file = file_with(text);
+            let error = ServeConfig::resolve(ServeArgs {
+                common: common(file.path(), dir.path()),
+                ..ServeArgs::default()
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(
+                error.contains("worker_threads") && error.contains("1 to 1024"),
+                "{error}"
+            );
+        }
+        let error = BootstrapConfig::resolve(BootstrapArgs {
+            common: CommonArgs {
+                worker_threads: Some(0),
+                ..CommonArgs::default()
+            },
+            ..BootstrapArgs::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("worker_threads"), "{error}");
     }
 
     #[test]

@@ -50,6 +50,17 @@ impl Resolved {
             Self::Bootstrap(_) | Self::Status(_) => &config::TraceExport::Off,
         }
     }
+
+    fn worker_threads(&self) -> config::WorkerThreads {
+        match self {
+            Self::Relay(c) => c.worker_threads,
+            Self::Exit(c) => c.worker_threads,
+            Self::Client(c) => c.worker_threads,
+            Self::Serve(c) => c.worker_threads,
+            Self::Bootstrap(c) => c.worker_threads,
+            Self::Status(_) => config::WorkerThreads::ONE,
+        }
+    }
 }
 
 /// Runs the command the user chose until it finishes or a shutdown signal drains it.
@@ -71,6 +82,7 @@ pub fn run(cli: cli::Cli) -> anyhow::Result<()> {
         cli::Command::Status(args) => Resolved::Status(args),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(resolved.worker_threads().get())
         .enable_all()
         .build()
         .context("starting the async runtime")?;

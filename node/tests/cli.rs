@@ -132,3 +132,42 @@ fn version_is_printed() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("tokengo "));
 }
+
+/// The role's tasks run on exactly the configured number of runtime threads, from the flag or
+/// from the environment.
+#[cfg(target_os = "linux")]
+#[test]
+fn roles_run_on_the_configured_worker_threads() {
+    use std::io::BufRead as _;
+
+    let dir = tempfile::tempdir().unwrap();
+    for (flag, env, expected) in [(Some("3"), None, 3), (None, Some("1"), 1)] {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tokengo"));
+        command
+            .args(["relay", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        if let Some(n) = flag {
+            command.args(["--worker-threads", n]);
+        }
+        if let Some(n) = env {
+            command.env("TOKENGO_WORKER_THREADS", n);
+        }
+        let mut child = command.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let ready = lines.any(|line| line.unwrap().starts_with("relay listening on"));
+        let workers = std::fs::read_dir(format!("/proc/{}/task", child.id()))
+            .unwrap()
+            .filter(|task| {
+                let comm = task.as_ref().unwrap().path().join("comm");
+                std::fs::read_to_string(comm).unwrap().trim() == "tokio-rt-worker"
+            })
+            .count();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(ready, "the relay never printed its address");
+        assert_eq!(workers, expected, "flag {flag:?}, env {env:?}");
+    }
+}

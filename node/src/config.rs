@@ -223,9 +223,13 @@ impl WorkerThreads {
     }
 
     fn resolve(common: &CommonArgs, file: &FileConfig) -> Result<Self, ConfigError> {
-        match common.worker_threads.or(file.worker_threads) {
+        match common
+            .worker_threads
+            .or(file.worker_threads)
+            .map(NonZeroUsize::new)
+        {
             None => Ok(Self::per_core()),
-            Some(n @ 1..=Self::MAX) => Ok(Self(NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN))),
+            Some(Some(n)) if n.get() <= Self::MAX => Ok(Self(n)),
             Some(_) => Err(invalid(
                 "worker_threads",
                 format!("must be 1 to {}", Self::MAX),

@@ -26,7 +26,7 @@ use crate::{
     config::{BackendConfig, ExitConfig, Limits},
     data_dir::DataDir,
     identity,
-    keyring::Keyring,
+    keyring::{self, Keyring},
     metrics::{ConnectLabel, ConnectOutcome, ExitMetrics},
     stream::{self, StreamReader, code},
     transport::{self, ConnectError, RelayAddr, TransportParams},
@@ -209,7 +209,7 @@ impl Exit {
             tracing::info!(peer_id = %identity::peer_id(&identity), "created exit identity");
         }
         let (keyring, created) =
-            Keyring::load_or_create(&data_dir.file("ohttp_keys.json"), unix_now())?;
+            keyring::load_or_create(&data_dir.file("ohttp_keys.json"), unix_now())?;
         if created {
             tracing::info!("created OHTTP key");
         }

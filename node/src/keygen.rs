@@ -8,7 +8,7 @@ use crate::{
     cli::{KeyType, KeygenArgs},
     clock::unix_now,
     identity,
-    keyring::Keyring,
+    keyring::{self, Keyring},
 };
 
 /// Writes the key and prints its public part on stdout.
@@ -22,7 +22,7 @@ pub fn run(args: &KeygenArgs) -> anyhow::Result<()> {
         }
         KeyType::Ohttp => {
             let ring = Keyring::generate(args.key_id, unix_now())?;
-            ring.save_new(&args.output)
+            keyring::save_new(&ring, &args.output)
                 .with_context(|| format!("writing {}", args.output.display()))?;
             // application/ohttp-keys, hex: what a client needs to encrypt to this key.
             println!("{}", hex::encode(KeyConfig::encode_list(&ring.configs())));

@@ -1332,7 +1332,7 @@ async fn an_expired_key_is_rotated_on_schedule() {
     let now = k8s_openapi::jiff::Timestamp::now()
         .as_second()
         .unsigned_abs();
-    let old = Keyring::generate(now - 7200).unwrap();
+    let old = Keyring::generate(1, now - 7200).unwrap();
     let old_config = hex::encode(old.public_keys()[0].config.encode());
     let identity = keys::new_identity().unwrap();
     secrets

@@ -1,6 +1,6 @@
 //! TokenGo's wire formats without I/O: OHTTP (RFC 9458 and chunked OHTTP), Binary HTTP
-//! (RFC 9292), key configurations, the relay wire frames, signed exit descriptors and the
-//! relay-discovery messages.
+//! (RFC 9292), key configurations, the exit's OHTTP keyring file, the relay wire frames, signed
+//! exit descriptors and the relay-discovery messages.
 //!
 //! Nothing in this crate performs I/O or depends on an async runtime: every decoder is a
 //! push-style state machine fed from a `BytesMut`, so the node's async shells and the tests
@@ -12,6 +12,7 @@ pub mod descriptor;
 pub mod frame;
 pub mod hpke;
 pub mod key_config;
+pub mod keyring;
 pub mod ohttp;
 pub mod padding;
 pub mod relay_info;

@@ -444,7 +444,7 @@ mod tests {
 
     #[test]
     fn rotation_changes_the_keys_hash() {
-        let mut ring = Keyring::generate(1).unwrap();
+        let mut ring = Keyring::generate(1, 1).unwrap();
         let before = keys_hash("12D3KooWX", &ring.public_keys());
         assert_eq!(before, keys_hash("12D3KooWX", &ring.public_keys()));
         ring.rotate(2).unwrap();

@@ -18,7 +18,7 @@ use super::{
     Context, ReconcileError, apply, ensure_secret, namespaced, object_key, rollout, write_status,
 };
 use crate::{
-    keys::{self, Keyring},
+    keys::{self, KeyError, Keyring},
     manifest::{
         MAX_NAME_LEN,
         exit::{self as desired, RelaySource},
@@ -160,7 +160,7 @@ async fn reconcile_inner(exit: &TokenGoExit, ctx: &Context) -> Result<Action, Re
     let secret_name = desired::keys_secret_name(exit);
     let (secret, created) = ensure_secret(&secrets, &secret_name, || {
         let identity = keys::new_identity()?;
-        let keyring = Keyring::generate(now)?;
+        let keyring = Keyring::generate(1, now)?;
         // A rotation request present at creation is already satisfied by the fresh key.
         Ok(desired::keys_secret(
             exit,
@@ -183,6 +183,7 @@ async fn reconcile_inner(exit: &TokenGoExit, ctx: &Context) -> Result<Action, Re
     let parsed = keys::peer_id(&identity).and_then(|peer| {
         Keyring::parse(&zeroize::Zeroizing::new(file(desired::KEYRING_FILE)))
             .map(|ring| (peer, ring))
+            .map_err(KeyError::from)
     });
     let (peer_id, mut keyring) = match parsed {
         Ok((peer, ring)) => (peer.to_string(), ring),

@@ -52,6 +52,12 @@ pub enum ReconcileError {
     Conflict(String),
 }
 
+impl From<tokengo_proto::keyring::KeyringError> for ReconcileError {
+    fn from(error: tokengo_proto::keyring::KeyringError) -> Self {
+        Self::Keys(error.into())
+    }
+}
+
 /// What every reconciliation needs.
 pub struct Context {
     /// API client (in tests: impersonating the chart's ServiceAccount).

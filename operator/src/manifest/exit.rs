@@ -7,21 +7,15 @@ use std::collections::BTreeMap;
 use k8s_openapi::{
     ByteString,
     api::{
-        apps::v1::{Deployment, DeploymentSpec},
-        core::v1::{
-            Container, ContainerPort, EnvVar, EnvVarSource, KeyToPath, PodSpec, PodTemplateSpec,
-            Secret, SecretKeySelector, SecretVolumeSource, Volume, VolumeMount,
-        },
+        apps::v1::Deployment,
+        core::v1::{Container, EnvVar, EnvVarSource, Secret, SecretKeySelector},
     },
-    apimachinery::pkg::apis::meta::v1::LabelSelector,
 };
-use kube::{ResourceExt as _, api::ObjectMeta};
+use kube::ResourceExt as _;
 
 use super::{
-    DATA_DIR, KEYS_HASH_ANNOTATION, Settings, admin_probe, child_meta, container_security, digest,
-    labels, pod_security,
-    relay::{dht_env, non_empty, non_empty_vec, plain_env},
-    selector,
+    DATA_DIR, NodeContainer, NodeWorkload, Settings, child_meta, dht_env, digest, node_container,
+    node_deployment, plain_env,
 };
 use crate::{
     keys::PublicKey,
@@ -100,7 +94,6 @@ pub fn deployment(
     keys_hash: &str,
 ) -> Deployment {
     let spec = &exit.spec;
-    let name = exit.name_any();
     let containers = match relays {
         RelaySource::Addresses(addresses) => addresses
             .iter()
@@ -115,59 +108,17 @@ pub fn deployment(
             vec![container(exit, settings, 0, None, env)]
         }
     };
-    let mut pod_labels = labels(COMPONENT, &name);
-    pod_labels.extend(selector(COMPONENT, &name));
-    Deployment {
-        metadata: child_meta(exit, COMPONENT, workload_name(exit)),
-        spec: Some(DeploymentSpec {
-            replicas: Some(spec.replicas),
-            selector: LabelSelector {
-                match_labels: Some(selector(COMPONENT, &name)),
-                ..Default::default()
-            },
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(pod_labels),
-                    annotations: Some(BTreeMap::from([(
-                        KEYS_HASH_ANNOTATION.to_owned(),
-                        keys_hash.to_owned(),
-                    )])),
-                    ..Default::default()
-                }),
-                spec: Some(PodSpec {
-                    containers,
-                    automount_service_account_token: Some(false),
-                    enable_service_links: Some(false),
-                    security_context: Some(pod_security()),
-                    node_selector: non_empty(spec.scheduling.node_selector.clone()),
-                    tolerations: non_empty_vec(spec.scheduling.tolerations.clone()),
-                    affinity: spec.scheduling.affinity.clone(),
-                    volumes: Some(vec![Volume {
-                        name: "keys".to_owned(),
-                        secret: Some(SecretVolumeSource {
-                            secret_name: Some(keys_secret_name(exit)),
-                            default_mode: Some(0o440),
-                            items: Some(
-                                [IDENTITY_FILE, KEYRING_FILE]
-                                    .iter()
-                                    .map(|file| KeyToPath {
-                                        key: (*file).to_owned(),
-                                        path: (*file).to_owned(),
-                                        ..Default::default()
-                                    })
-                                    .collect(),
-                            ),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }]),
-                    ..Default::default()
-                }),
-            },
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    node_deployment(NodeWorkload {
+        owner: exit,
+        component: COMPONENT,
+        name: workload_name(exit),
+        replicas: spec.replicas,
+        scheduling: &spec.scheduling,
+        keys_hash: keys_hash.to_owned(),
+        containers,
+        keys_secret: keys_secret_name(exit),
+        key_files: &[IDENTITY_FILE, KEYRING_FILE],
+    })
 }
 
 /// The `index`-th exit container: registers with `relay`, or discovers relays when `None`;
@@ -199,19 +150,7 @@ fn container(
         args.push("--header".to_owned());
         args.push(format!("{}: {}", header.name, header.value));
     }
-    let mut env = vec![
-        EnvVar {
-            name: "TOKENGO_LOG_FORMAT".to_owned(),
-            value: Some("json".to_owned()),
-            ..Default::default()
-        },
-        EnvVar {
-            name: "TOKENGO_ADMIN_LISTEN".to_owned(),
-            value: Some(format!("0.0.0.0:{admin_port}")),
-            ..Default::default()
-        },
-    ];
-    env.extend(extra_env);
+    let mut env = extra_env;
     if let Some(secret) = &spec.backend.api_key_secret {
         // From the Secret at start, so the key is never in the pod spec.
         env.push(EnvVar {
@@ -227,33 +166,19 @@ fn container(
             ..Default::default()
         });
     }
-    Container {
-        name: format!("exit-{index}"),
-        image: Some(
-            spec.image
-                .clone()
-                .unwrap_or_else(|| settings.node_image.clone()),
-        ),
-        args: Some(args),
-        env: Some(env),
-        ports: Some(vec![ContainerPort {
-            name: Some(format!("admin-{index}")),
-            container_port: admin_port,
-            protocol: Some("TCP".to_owned()),
-            ..Default::default()
-        }]),
-        liveness_probe: Some(admin_probe("/healthz", admin_port, 10)),
-        readiness_probe: Some(admin_probe("/readyz", admin_port, 5)),
-        resources: spec.resources.clone(),
-        security_context: Some(container_security()),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "keys".to_owned(),
-            mount_path: DATA_DIR.to_owned(),
-            read_only: Some(true),
-            ..Default::default()
-        }]),
-        ..Default::default()
-    }
+    node_container(
+        settings,
+        NodeContainer {
+            name: format!("exit-{index}"),
+            image: spec.image.as_ref(),
+            args,
+            env,
+            ports: Vec::new(),
+            admin_port_name: format!("admin-{index}"),
+            admin_port,
+            resources: spec.resources.clone(),
+        },
+    )
 }
 
 #[cfg(test)]

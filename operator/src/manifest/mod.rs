@@ -8,12 +8,19 @@ pub mod relay;
 use std::collections::BTreeMap;
 
 use k8s_openapi::{
-    api::core::v1::{
-        Capabilities, HTTPGetAction, PodSecurityContext, Probe, SeccompProfile, SecurityContext,
+    api::{
+        apps::v1::{Deployment, DeploymentSpec},
+        core::v1::{
+            Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, KeyToPath,
+            PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+            SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+        },
     },
-    apimachinery::pkg::util::intstr::IntOrString,
+    apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
 };
 use kube::{Resource, ResourceExt as _, api::ObjectMeta};
+
+use crate::resource::shared::Scheduling;
 use sha2::{Digest as _, Sha256};
 
 /// The one field manager for server-side apply.
@@ -146,6 +153,178 @@ where
         owner_references: owner.controller_owner_ref(&()).map(|owner| vec![owner]),
         ..Default::default()
     }
+}
+
+/// A literal environment variable.
+pub(crate) fn plain_env(name: &str, value: String) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: Some(value),
+        ..Default::default()
+    }
+}
+
+/// The DHT the node joins: `TOKENGO_BOOTSTRAP` (comma-separated; none = the public DHT) and
+/// `TOKENGO_DHT_PROTOCOL`, each only when set.
+pub(crate) fn dht_env(bootstrap: &[String], protocol: Option<&str>) -> Vec<EnvVar> {
+    let mut env = Vec::new();
+    if !bootstrap.is_empty() {
+        env.push(plain_env("TOKENGO_BOOTSTRAP", bootstrap.join(",")));
+    }
+    if let Some(protocol) = protocol {
+        env.push(plain_env("TOKENGO_DHT_PROTOCOL", protocol.to_owned()));
+    }
+    env
+}
+
+/// What one node container (a relay, or an exit for one relay) runs with; the rest of the
+/// container is the same for every role.
+pub(crate) struct NodeContainer<'a> {
+    /// Container name, unique in the pod.
+    pub name: String,
+    /// The resource's image, if it names one.
+    pub image: Option<&'a String>,
+    /// The node's command line.
+    pub args: Vec<String>,
+    /// Environment after the log format and admin address.
+    pub env: Vec<EnvVar>,
+    /// Ports before the admin port.
+    pub ports: Vec<ContainerPort>,
+    /// Name of the admin port.
+    pub admin_port_name: String,
+    /// The admin endpoint's port (probes and `TOKENGO_ADMIN_LISTEN`).
+    pub admin_port: i32,
+    /// Requests and limits.
+    pub resources: Option<ResourceRequirements>,
+}
+
+/// A node container: JSON logs, the admin endpoint on all pod addresses with liveness and
+/// readiness probes on it, locked down, with the keys Secret mounted read-only as its data dir.
+pub(crate) fn node_container(settings: &Settings, c: NodeContainer<'_>) -> Container {
+    let mut env = vec![
+        plain_env("TOKENGO_LOG_FORMAT", "json".to_owned()),
+        plain_env("TOKENGO_ADMIN_LISTEN", format!("0.0.0.0:{}", c.admin_port)),
+    ];
+    env.extend(c.env);
+    let mut ports = c.ports;
+    ports.push(ContainerPort {
+        name: Some(c.admin_port_name),
+        container_port: c.admin_port,
+        protocol: Some("TCP".to_owned()),
+        ..Default::default()
+    });
+    Container {
+        name: c.name,
+        image: Some(c.image.unwrap_or(&settings.node_image).clone()),
+        args: Some(c.args),
+        env: Some(env),
+        ports: Some(ports),
+        liveness_probe: Some(admin_probe("/healthz", c.admin_port, 10)),
+        readiness_probe: Some(admin_probe("/readyz", c.admin_port, 5)),
+        resources: c.resources,
+        security_context: Some(container_security()),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "keys".to_owned(),
+            mount_path: DATA_DIR.to_owned(),
+            read_only: Some(true),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    }
+}
+
+/// What differs between the relay's and the exit's Deployment.
+pub(crate) struct NodeWorkload<'a, K> {
+    /// The resource that owns the Deployment.
+    pub owner: &'a K,
+    /// `relay` or `exit`.
+    pub component: &'static str,
+    /// The Deployment's name.
+    pub name: String,
+    /// Pod count.
+    pub replicas: i32,
+    /// Where the pods may run.
+    pub scheduling: &'a Scheduling,
+    /// The pod-template annotation [`KEYS_HASH_ANNOTATION`]: a new value rolls the pods.
+    pub keys_hash: String,
+    /// The pod's containers.
+    pub containers: Vec<Container>,
+    /// The Secret mounted as the data dir, and which of its keys become files.
+    pub keys_secret: String,
+    /// The files.
+    pub key_files: &'a [&'a str],
+}
+
+/// A node Deployment: owned by its resource, pods selected by the resource's labels, with the
+/// keys Secret as a volume (group-readable only: the pod's fsGroup is the node's group) and no
+/// access to the Kubernetes API (the node never talks to it).
+pub(crate) fn node_deployment<K>(w: NodeWorkload<'_, K>) -> Deployment
+where
+    K: Resource<DynamicType = ()>,
+{
+    let instance = w.owner.name_any();
+    let mut pod_labels = labels(w.component, &instance);
+    pod_labels.extend(selector(w.component, &instance));
+    let keys = Volume {
+        name: "keys".to_owned(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(w.keys_secret),
+            default_mode: Some(0o440),
+            items: Some(
+                w.key_files
+                    .iter()
+                    .map(|file| KeyToPath {
+                        key: (*file).to_owned(),
+                        path: (*file).to_owned(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Deployment {
+        metadata: child_meta(w.owner, w.component, w.name),
+        spec: Some(DeploymentSpec {
+            replicas: Some(w.replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector(w.component, &instance)),
+                ..Default::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(BTreeMap::from([(
+                        KEYS_HASH_ANNOTATION.to_owned(),
+                        w.keys_hash,
+                    )])),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: w.containers,
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    security_context: Some(pod_security()),
+                    node_selector: non_empty(w.scheduling.node_selector.clone()),
+                    tolerations: non_empty_vec(w.scheduling.tolerations.clone()),
+                    affinity: w.scheduling.affinity.clone(),
+                    volumes: Some(vec![keys]),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub(crate) fn non_empty(map: BTreeMap<String, String>) -> Option<BTreeMap<String, String>> {
+    (!map.is_empty()).then_some(map)
+}
+
+fn non_empty_vec<T>(items: Vec<T>) -> Option<Vec<T>> {
+    (!items.is_empty()).then_some(items)
 }
 
 #[cfg(test)]

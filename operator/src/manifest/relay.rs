@@ -8,19 +8,16 @@ use std::{collections::BTreeMap, net::IpAddr};
 use k8s_openapi::{
     ByteString,
     api::{
-        apps::v1::{Deployment, DeploymentSpec},
-        core::v1::{
-            Container, ContainerPort, EnvVar, KeyToPath, PodSpec, PodTemplateSpec, Secret,
-            SecretVolumeSource, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
-        },
+        apps::v1::Deployment,
+        core::v1::{ContainerPort, Secret, Service, ServicePort, ServiceSpec},
     },
-    apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
+    apimachinery::pkg::util::intstr::IntOrString,
 };
-use kube::{ResourceExt as _, api::ObjectMeta};
+use kube::ResourceExt as _;
 
 use super::{
-    DATA_DIR, KEYS_HASH_ANNOTATION, Settings, admin_probe, child_meta, container_security, digest,
-    labels, pod_security, selector,
+    DATA_DIR, NodeContainer, NodeWorkload, Settings, child_meta, dht_env, digest, node_container,
+    node_deployment, non_empty, plain_env, selector,
 };
 use crate::resource::{TokenGoRelay, relay::ServiceType};
 
@@ -60,25 +57,8 @@ pub fn identity_secret(relay: &TokenGoRelay, identity: &[u8]) -> Secret {
 #[must_use]
 pub fn deployment(relay: &TokenGoRelay, settings: &Settings, peer_id: &str) -> Deployment {
     let spec = &relay.spec;
-    let name = relay.name_any();
-    let mut env = vec![
-        EnvVar {
-            name: "TOKENGO_LOG_FORMAT".to_owned(),
-            value: Some("json".to_owned()),
-            ..Default::default()
-        },
-        EnvVar {
-            name: "TOKENGO_ADMIN_LISTEN".to_owned(),
-            value: Some(format!("0.0.0.0:{}", spec.admin_port)),
-            ..Default::default()
-        },
-    ];
-    let mut ports = vec![ContainerPort {
-        name: Some("quic".to_owned()),
-        container_port: spec.port,
-        protocol: Some("UDP".to_owned()),
-        ..Default::default()
-    }];
+    let mut env = Vec::new();
+    let mut ports = vec![udp_port("quic", spec.port)];
     if spec.dht.announce {
         // The node's DHT settings (node/src/cli.rs): the swarm's UDP port, the public IP it
         // announces (ports after the IP are ignored by the node: it announces its own), and
@@ -92,95 +72,45 @@ pub fn deployment(relay: &TokenGoRelay, settings: &Settings, peer_id: &str) -> D
             env.push(plain_env("TOKENGO_EXTERNAL_ADDRS", external));
         }
         env.extend(dht_env(&spec.dht.bootstrap, spec.dht.protocol.as_deref()));
-        ports.push(ContainerPort {
-            name: Some("dht".to_owned()),
-            container_port: spec.dht_port,
-            protocol: Some("UDP".to_owned()),
-            ..Default::default()
-        });
+        ports.push(udp_port("dht", spec.dht_port));
     }
-    ports.push(ContainerPort {
-        name: Some("admin".to_owned()),
-        container_port: spec.admin_port,
-        protocol: Some("TCP".to_owned()),
-        ..Default::default()
-    });
-    let container = Container {
-        name: "relay".to_owned(),
-        image: Some(
-            spec.image
-                .clone()
-                .unwrap_or_else(|| settings.node_image.clone()),
-        ),
-        args: Some(vec![
-            "relay".to_owned(),
-            "--listen".to_owned(),
-            format!("0.0.0.0:{}", spec.port),
-            "--data-dir".to_owned(),
-            DATA_DIR.to_owned(),
-        ]),
-        env: Some(env),
-        ports: Some(ports),
-        liveness_probe: Some(admin_probe("/healthz", spec.admin_port, 10)),
-        readiness_probe: Some(admin_probe("/readyz", spec.admin_port, 5)),
-        resources: spec.resources.clone(),
-        security_context: Some(container_security()),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "keys".to_owned(),
-            mount_path: DATA_DIR.to_owned(),
-            read_only: Some(true),
-            ..Default::default()
-        }]),
-        ..Default::default()
-    };
-    let mut pod_labels = labels(COMPONENT, &name);
-    pod_labels.extend(selector(COMPONENT, &name));
-    Deployment {
-        metadata: child_meta(relay, COMPONENT, workload_name(relay)),
-        spec: Some(DeploymentSpec {
-            replicas: Some(spec.replicas),
-            selector: LabelSelector {
-                match_labels: Some(selector(COMPONENT, &name)),
-                ..Default::default()
-            },
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(pod_labels),
-                    annotations: Some(BTreeMap::from([(
-                        KEYS_HASH_ANNOTATION.to_owned(),
-                        digest([peer_id.as_bytes()]),
-                    )])),
-                    ..Default::default()
-                }),
-                spec: Some(PodSpec {
-                    containers: vec![container],
-                    // The node never talks to the Kubernetes API.
-                    automount_service_account_token: Some(false),
-                    enable_service_links: Some(false),
-                    security_context: Some(pod_security()),
-                    node_selector: non_empty(spec.scheduling.node_selector.clone()),
-                    tolerations: non_empty_vec(spec.scheduling.tolerations.clone()),
-                    affinity: spec.scheduling.affinity.clone(),
-                    volumes: Some(vec![Volume {
-                        name: "keys".to_owned(),
-                        secret: Some(SecretVolumeSource {
-                            secret_name: Some(identity_secret_name(relay)),
-                            // Group-readable only: the pod's fsGroup is the node's group.
-                            default_mode: Some(0o440),
-                            items: Some(vec![KeyToPath {
-                                key: IDENTITY_FILE.to_owned(),
-                                path: IDENTITY_FILE.to_owned(),
-                                ..Default::default()
-                            }]),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }]),
-                    ..Default::default()
-                }),
-            },
-            ..Default::default()
-        }),
+    let container = node_container(
+        settings,
+        NodeContainer {
+            name: "relay".to_owned(),
+            image: spec.image.as_ref(),
+            args: vec![
+                "relay".to_owned(),
+                "--listen".to_owned(),
+                format!("0.0.0.0:{}", spec.port),
+                "--data-dir".to_owned(),
+                DATA_DIR.to_owned(),
+            ],
+            env,
+            ports,
+            admin_port_name: "admin".to_owned(),
+            admin_port: spec.admin_port,
+            resources: spec.resources.clone(),
+        },
+    );
+    node_deployment(NodeWorkload {
+        owner: relay,
+        component: COMPONENT,
+        name: workload_name(relay),
+        replicas: spec.replicas,
+        scheduling: &spec.scheduling,
+        keys_hash: digest([peer_id.as_bytes()]),
+        containers: vec![container],
+        keys_secret: identity_secret_name(relay),
+        key_files: &[IDENTITY_FILE],
+    })
+}
+
+fn udp_port(name: &str, port: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.to_owned()),
+        container_port: port,
+        protocol: Some("UDP".to_owned()),
         ..Default::default()
     }
 }
@@ -282,36 +212,6 @@ pub fn announce_problem(relay: &TokenGoRelay) -> Option<String> {
              IP addresses only, so nobody can find it on the DHT; set externalAddress to its IP"
         ),
     })
-}
-
-/// A literal environment variable.
-pub(crate) fn plain_env(name: &str, value: String) -> EnvVar {
-    EnvVar {
-        name: name.to_owned(),
-        value: Some(value),
-        ..Default::default()
-    }
-}
-
-/// The DHT the node joins: `TOKENGO_BOOTSTRAP` (comma-separated; none = the public DHT) and
-/// `TOKENGO_DHT_PROTOCOL`, each only when set.
-pub(crate) fn dht_env(bootstrap: &[String], protocol: Option<&str>) -> Vec<EnvVar> {
-    let mut env = Vec::new();
-    if !bootstrap.is_empty() {
-        env.push(plain_env("TOKENGO_BOOTSTRAP", bootstrap.join(",")));
-    }
-    if let Some(protocol) = protocol {
-        env.push(plain_env("TOKENGO_DHT_PROTOCOL", protocol.to_owned()));
-    }
-    env
-}
-
-pub(crate) fn non_empty(map: BTreeMap<String, String>) -> Option<BTreeMap<String, String>> {
-    (!map.is_empty()).then_some(map)
-}
-
-pub(crate) fn non_empty_vec<T>(items: Vec<T>) -> Option<Vec<T>> {
-    (!items.is_empty()).then_some(items)
 }
 
 #[cfg(test)]
@@ -533,22 +433,12 @@ mod tests {
             json!({"externalAddress": "203.0.113.7", "dht": {"bootstrap": ["/ip4/10.0.0.1/udp/4001/quic-v1/p2p/12D3KooWB"]}}),
         );
         assert_eq!(quiet.spec.dht_port, 4001);
-        let c = deployment(&quiet, &Settings::default(), PEER)
-            .spec
-            .unwrap()
-            .template
-            .spec
-            .unwrap()
-            .containers;
-        let env: Vec<String> = c[0]
-            .env
-            .clone()
-            .unwrap()
-            .into_iter()
-            .map(|e| e.name)
-            .collect();
-        assert_eq!(env, ["TOKENGO_LOG_FORMAT", "TOKENGO_ADMIN_LISTEN"]);
-        assert_eq!(c[0].ports.as_ref().unwrap().len(), 2);
+        let c = container(&quiet);
+        assert_eq!(
+            env_names(&c),
+            ["TOKENGO_LOG_FORMAT", "TOKENGO_ADMIN_LISTEN"]
+        );
+        assert_eq!(c.ports.as_ref().unwrap().len(), 2);
         assert_eq!(service_ports(&quiet).len(), 1);
         assert_eq!(announce_problem(&quiet), None);
 
@@ -574,22 +464,9 @@ mod tests {
         );
         for relay in [&missing, &host] {
             // It still runs and listens for libp2p, but announces no address of its own.
-            let c = deployment(relay, &Settings::default(), PEER)
-                .spec
-                .unwrap()
-                .template
-                .spec
-                .unwrap()
-                .containers;
-            let env: Vec<String> = c[0]
-                .env
-                .clone()
-                .unwrap()
-                .into_iter()
-                .map(|e| e.name)
-                .collect();
+            let c = container(relay);
             assert_eq!(
-                env,
+                env_names(&c),
                 [
                     "TOKENGO_LOG_FORMAT",
                     "TOKENGO_ADMIN_LISTEN",
@@ -649,6 +526,26 @@ mod tests {
         let internal = relay_with_cluster_ip();
         let ports = service_ports(&internal);
         assert_eq!(ports[0].node_port, None);
+    }
+
+    /// The relay container of `relay`'s Deployment.
+    fn container(relay: &TokenGoRelay) -> k8s_openapi::api::core::v1::Container {
+        let pod = deployment(relay, &Settings::default(), PEER)
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap();
+        pod.containers.into_iter().next().unwrap()
+    }
+
+    fn env_names(container: &k8s_openapi::api::core::v1::Container) -> Vec<String> {
+        container
+            .env
+            .iter()
+            .flatten()
+            .map(|e| e.name.clone())
+            .collect()
     }
 
     fn relay_with_cluster_ip() -> TokenGoRelay {

@@ -341,6 +341,15 @@ impl Operator {
             .unwrap();
         self.metrics
     }
+
+    /// Stops the operator and asserts it hit no reconcile error on the way.
+    async fn stop_without_errors(self) {
+        let text = self.stop().await.render();
+        assert!(
+            !text.contains(r#"result="error""#),
+            "the operator hit errors (RBAC?):\n{text}"
+        );
+    }
 }
 
 fn resource_versions<K: Resource>(items: &[K]) -> Vec<(String, String)> {
@@ -646,12 +655,7 @@ async fn relay_and_exit_lifecycle() {
     assert!(reasons.contains(&"KeysCreated".to_owned()), "{reasons:?}");
 
     // --- A second reconcile of unchanged resources writes nothing.
-    let metrics = operator.stop().await;
-    let text = metrics.render();
-    assert!(
-        !text.contains(r#"result="error""#),
-        "the operator hit errors (RBAC?):\n{text}"
-    );
+    operator.stop_without_errors().await;
     let snapshot = || async {
         (
             resource_versions(&relays.list(&ListParams::default()).await.unwrap().items),
@@ -848,12 +852,7 @@ async fn relay_and_exit_lifecycle() {
     wait_deleted(&deployments, "edge-relay").await;
     wait_deleted(&secrets, "llm-exit-keys").await;
     wait_deleted(&deployments, "llm-exit").await;
-    let metrics = operator.stop().await;
-    assert!(
-        !metrics.render().contains(r#"result="error""#),
-        "{}",
-        metrics.render()
-    );
+    operator.stop_without_errors().await;
 }
 
 async fn template_hash(deployments: &Api<Deployment>, name: &str) -> String {
@@ -993,12 +992,7 @@ async fn exit_relay_sources() {
     let status = done.status.unwrap();
     assert!(status.relays.is_empty(), "{:?}", status.relays);
     assert!(status.peer_id.is_some());
-    let metrics = operator.stop().await;
-    assert!(
-        !metrics.render().contains(r#"result="error""#),
-        "{}",
-        metrics.render()
-    );
+    operator.stop_without_errors().await;
 }
 
 /// A relay asked to announce itself on the DHT without an IP to announce runs but reports
@@ -1139,12 +1133,7 @@ async fn an_announcing_relay_needs_an_external_ip() {
         reason(r) == Some(("True".to_owned(), "Available".to_owned()))
     })
     .await;
-    let metrics = operator.stop().await;
-    assert!(
-        !metrics.render().contains(r#"result="error""#),
-        "{}",
-        metrics.render()
-    );
+    operator.stop_without_errors().await;
 }
 
 /// A key Secret that is not readable as keys is reported and left alone, never replaced.

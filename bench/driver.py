@@ -139,11 +139,9 @@ class Proc:
             return ""
 
     def cpu_seconds(self):
-        """utime + stime of the process (all its threads) from /proc/PID/stat."""
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        # After the command name: state is field 3, utime 14, stime 15 (1-based, man 5 proc).
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        """utime + stime of the process (all its threads)."""
+        _, ticks = proc_stat(self.pid)
+        return ticks / CLK_TCK
 
     def rss_kib(self):
         with open(f"/proc/{self.pid}/status") as f:
@@ -164,6 +162,14 @@ class Proc:
         self.err.close()
 
 
+def proc_stat(pid):
+    """(parent PID, utime + stime in clock ticks) of `pid`, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # After the command name: ppid is field 4, utime 14, stime 15 (1-based, man 5 proc).
+    return int(fields[1]), int(fields[11]) + int(fields[12])
+
+
 def process_tree_cpu_seconds(pid):
     """utime + stime of `pid` and its direct children (nginx's master and workers)."""
     total = 0
@@ -171,13 +177,11 @@ def process_tree_cpu_seconds(pid):
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            ppid, ticks = proc_stat(int(entry))
         except OSError:
             continue  # the process ended meanwhile
-        # After the command name: ppid is field 4, utime 14, stime 15 (1-based, man 5 proc).
-        if int(entry) == pid or int(fields[1]) == pid:
-            total += int(fields[11]) + int(fields[12])
+        if int(entry) == pid or ppid == pid:
+            total += ticks
     return total / CLK_TCK
 
 

@@ -43,6 +43,26 @@ pub enum ApiError {
     /// No response within the gateway's own deadline.
     #[error("the gateway timed out waiting for the exit")]
     GatewayTimeout,
+    /// A policy refuses the request: an endpoint the exit does not serve, or a local request
+    /// from a host or web origin the client does not answer. `code` says which.
+    #[error("{message}")]
+    Forbidden {
+        /// The machine-readable code (`endpoint_not_allowed`, `host_not_allowed`, ...).
+        code: &'static str,
+        /// What was refused and what to do about it.
+        message: String,
+    },
+    /// The request's `Date` is outside the exit's acceptance window (clock skew, a delayed
+    /// or replayed request, or a request from before the exit started).
+    #[error("request refused by the exit's replay protection: {0}")]
+    RequestExpired(String),
+    /// The exit has already served this encapsulated request.
+    #[error("request refused by the exit's replay protection: it was already received")]
+    Replayed,
+    /// The exit remembers as many recent requests as it may and refuses more rather than
+    /// forget one early (which would let it be replayed).
+    #[error("the exit is at its limit of recent requests; retry shortly")]
+    ReplayWindowFull,
 }
 
 impl ApiError {
@@ -54,11 +74,14 @@ impl ApiError {
                 StatusCode::BAD_GATEWAY
             }
             Self::BackendTimeout | Self::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::NoExit | Self::ExitUnavailable(_) | Self::Overloaded => {
+            Self::NoExit | Self::ExitUnavailable(_) | Self::Overloaded | Self::ReplayWindowFull => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::BadRequest(_) | Self::RequestExpired(_) | Self::Replayed => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::Forbidden { .. } => StatusCode::FORBIDDEN,
         }
     }
 
@@ -76,6 +99,10 @@ impl ApiError {
             Self::BadRequest(_) => "bad_request",
             Self::Overloaded => "overloaded",
             Self::GatewayTimeout => "gateway_timeout",
+            Self::Forbidden { code, .. } => code,
+            Self::RequestExpired(_) => "request_expired",
+            Self::Replayed => "replayed_request",
+            Self::ReplayWindowFull => "replay_window_full",
         }
     }
 
@@ -83,7 +110,11 @@ impl ApiError {
     #[must_use]
     pub fn kind(&self) -> &'static str {
         match self {
-            Self::PayloadTooLarge { .. } | Self::BadRequest(_) => "invalid_request_error",
+            Self::PayloadTooLarge { .. }
+            | Self::BadRequest(_)
+            | Self::RequestExpired(_)
+            | Self::Replayed => "invalid_request_error",
+            Self::Forbidden { .. } => "permission_error",
             _ => "api_error",
         }
     }

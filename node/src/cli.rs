@@ -142,6 +142,88 @@ pub struct ServeArgs {
     /// Address of the local HTTP endpoint (default 127.0.0.1:8080).
     #[arg(short = 'l', long, env = "TOKENGO_LISTEN")]
     pub listen: Option<String>,
+    #[command(flatten)]
+    pub local: LocalEndpointArgs,
+    #[command(flatten)]
+    pub gate: ExitGateArgs,
+    #[command(flatten)]
+    pub request: RequestArgs,
+}
+
+/// How long one request may take, shared by the client and the exit.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RequestArgs {
+    /// Longest a request may wait for its answer to begin, in seconds (default 1800: a
+    /// non-streamed answer arrives only when generation ends).
+    #[arg(
+        long = "request-timeout",
+        env = "TOKENGO_REQUEST_TIMEOUT",
+        value_name = "SECS"
+    )]
+    pub request_timeout_secs: Option<u64>,
+}
+
+/// What the local endpoint answers and what it forwards.
+#[derive(Debug, Clone, Default, Args)]
+pub struct LocalEndpointArgs {
+    /// Also forward this request header to the exit (repeatable; comma-separated in
+    /// TOKENGO_FORWARD_HEADERS). Default: content type and negotiation, OpenAI-Beta,
+    /// anthropic-version, anthropic-beta.
+    #[arg(
+        long = "forward-header",
+        env = "TOKENGO_FORWARD_HEADERS",
+        value_delimiter = ',',
+        value_name = "NAME"
+    )]
+    pub forward_headers: Vec<String>,
+    /// Also answer requests for this Host name (repeatable; `*` for any). Default: loopback
+    /// names and addresses only.
+    #[arg(
+        long = "allowed-host",
+        env = "TOKENGO_ALLOWED_HOSTS",
+        value_delimiter = ',',
+        value_name = "HOST"
+    )]
+    pub allowed_hosts: Vec<String>,
+    /// Also answer browser requests from this web origin, e.g. https://chat.example.com
+    /// (repeatable; `*` for any). Default: loopback origins only.
+    #[arg(
+        long = "allowed-origin",
+        env = "TOKENGO_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        value_name = "ORIGIN"
+    )]
+    pub allowed_origins: Vec<String>,
+}
+
+/// What the exit lets reach its backend, and its replay protection.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ExitGateArgs {
+    /// Also pass this endpoint to the backend, `METHOD /path` or `METHOD /path/*` (`*` as
+    /// method for any; repeatable; comma-separated in TOKENGO_ALLOW). Default: the inference
+    /// endpoints listed in the README.
+    #[arg(
+        long = "allow",
+        env = "TOKENGO_ALLOW",
+        value_delimiter = ',',
+        value_name = "RULE"
+    )]
+    pub allow: Vec<String>,
+    /// With false, only the --allow endpoints pass (they replace the defaults).
+    #[arg(long, env = "TOKENGO_ALLOW_DEFAULTS", value_name = "BOOL")]
+    pub allow_defaults: Option<bool>,
+    /// Largest accepted difference between a request's Date and the exit's clock, in
+    /// seconds (default 60).
+    #[arg(
+        long = "max-clock-skew",
+        env = "TOKENGO_MAX_CLOCK_SKEW",
+        value_name = "SECS"
+    )]
+    pub max_clock_skew_secs: Option<u64>,
+    /// Most recent requests remembered against replay; beyond it new requests are refused
+    /// (default 262144).
+    #[arg(long, env = "TOKENGO_REPLAY_CACHE_ENTRIES", value_name = "N")]
+    pub replay_cache_entries: Option<usize>,
 }
 
 /// Flags of `tokengo client`.
@@ -160,6 +242,10 @@ pub struct ClientArgs {
     pub dht: DhtArgs,
     #[command(flatten)]
     pub fallback: FallbackArgs,
+    #[command(flatten)]
+    pub local: LocalEndpointArgs,
+    #[command(flatten)]
+    pub request: RequestArgs,
 }
 
 /// Flags of `tokengo relay`.
@@ -207,6 +293,10 @@ pub struct ExitArgs {
     /// Most discovered relays to register with (default 3).
     #[arg(long, env = "TOKENGO_MAX_RELAYS")]
     pub max_relays: Option<usize>,
+    #[command(flatten)]
+    pub gate: ExitGateArgs,
+    #[command(flatten)]
+    pub request: RequestArgs,
 }
 
 /// Where the exit sends requests and with which credentials.

@@ -1,6 +1,7 @@
 //! The client: a local OpenAI-compatible HTTP endpoint that encrypts every request to an exit
 //! and sends it through the relay.
 
+mod access;
 mod body;
 mod directory;
 mod proxy;
@@ -11,6 +12,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
+pub use access::ClientPolicy;
 pub use directory::{Directory, ExitInfo};
 pub use relay_link::RelayLink;
 
@@ -29,6 +31,8 @@ pub struct ClientState {
     link: RelayLink,
     directory: Directory,
     limits: Limits,
+    /// Which local requests are answered and which headers forwarded.
+    policy: ClientPolicy,
     metrics: Arc<ClientMetrics>,
 }
 
@@ -60,7 +64,8 @@ pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> anyhow::R
                 .collect()
         }
     };
-    let client = Client::bind_with(config.listen, relays, config.limits, dht).await?;
+    let client =
+        Client::bind_with(config.listen, relays, config.limits, config.policy, dht).await?;
     client.check_relay().await?;
     let admin = admin::start(
         config.observability.admin_listen,
@@ -157,17 +162,20 @@ impl Client {
             listen,
             vec![relay],
             limits,
+            ClientPolicy::default(),
             crate::metrics::DhtMetrics::default(),
         )
         .await
     }
 
     /// Binds the local HTTP listener for `relays` (best first, failing over in order); the
-    /// first is dialled on first use. `dht` are the metrics discovery filled in.
+    /// first is dialled on first use. `policy` says which local requests are answered; `dht`
+    /// are the metrics discovery filled in.
     pub async fn bind_with(
         listen: SocketAddr,
         relays: Vec<RelayAddr>,
         limits: Limits,
+        policy: ClientPolicy,
         dht: crate::metrics::DhtMetrics,
     ) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| {
@@ -186,6 +194,7 @@ impl Client {
                 link,
                 directory: Directory::default(),
                 limits,
+                policy,
                 metrics: Arc::new(metrics),
             }),
         })

@@ -16,11 +16,13 @@ use libp2p::{Multiaddr, StreamProtocol};
 
 use crate::{
     cli::{
-        BackendArgs, BootstrapArgs, ClientArgs, CommonArgs, DhtArgs, ExitArgs, FallbackArgs,
-        RelayArgs, ServeArgs,
+        BackendArgs, BootstrapArgs, ClientArgs, CommonArgs, DhtArgs, ExitArgs, ExitGateArgs,
+        FallbackArgs, LocalEndpointArgs, RelayArgs, RequestArgs, ServeArgs,
     },
+    client::ClientPolicy,
     data_dir::DataDir,
     discovery::{AddressPolicy, DhtConfig},
+    exit::{EndpointPolicy, EndpointRule},
     transport::RelayAddr,
 };
 
@@ -130,6 +132,26 @@ struct FileConfig {
     fallback_relays: Vec<String>,
     /// Threads that run the role's tasks.
     worker_threads: Option<usize>,
+    /// Seconds a request may wait for its answer to begin.
+    request_timeout_secs: Option<u64>,
+    /// Endpoints passed to the backend besides (or instead of) the defaults.
+    #[serde(default)]
+    allow: Vec<String>,
+    /// Whether the default endpoints pass too.
+    allow_defaults: Option<bool>,
+    /// Largest accepted distance between a request's Date and the exit's clock.
+    max_clock_skew_secs: Option<u64>,
+    /// Most recent requests remembered against replay.
+    replay_cache_entries: Option<usize>,
+    /// Request headers the client forwards besides the defaults.
+    #[serde(default)]
+    forward_headers: Vec<String>,
+    /// Host names the client answers besides loopback ones.
+    #[serde(default)]
+    allowed_hosts: Vec<String>,
+    /// Web origins the client answers besides loopback ones.
+    #[serde(default)]
+    allowed_origins: Vec<String>,
 }
 
 impl FileConfig {
@@ -160,6 +182,16 @@ pub struct Limits {
     pub max_response_body: usize,
     /// QUIC idle timeout; keep-alives are sent at a third of it. Default 30 s.
     pub quic_idle_timeout: Duration,
+    /// Longest a request may wait for its answer to begin: the exit's wait for the backend's
+    /// response head (which a non-streaming backend sends only when generation ends), and,
+    /// with a margin, the client's wait for the exit. Default 30 minutes.
+    pub request_timeout: Duration,
+    /// The exit refuses requests whose `Date` is further than this from its clock. Default 60 s.
+    pub max_clock_skew: Duration,
+    /// Most recent requests (their `enc`) the exit remembers against replay; when full it
+    /// refuses new requests rather than forget one early. Default 262,144 (about 30 MiB;
+    /// 2,000 requests a second sustained with the default skew).
+    pub replay_cache_entries: usize,
 }
 
 impl Default for Limits {
@@ -168,6 +200,9 @@ impl Default for Limits {
             max_request_body: 32 << 20,
             max_response_body: 64 << 20,
             quic_idle_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(30 * 60),
+            max_clock_skew: Duration::from_secs(60),
+            replay_cache_entries: 1 << 18,
         }
     }
 }
@@ -191,8 +226,116 @@ impl Limits {
             max_response_body: positive("max_response_body_bytes", file.max_response_body_bytes)?
                 .unwrap_or(defaults.max_response_body),
             quic_idle_timeout,
+            ..defaults
         })
     }
+
+    /// Adds the request timeout (client, exit, serve).
+    fn with_request(mut self, args: &RequestArgs, file: &FileConfig) -> Result<Self, ConfigError> {
+        match args.request_timeout_secs.or(file.request_timeout_secs) {
+            None => {}
+            Some(secs @ 1..=86_400) => self.request_timeout = Duration::from_secs(secs),
+            Some(_) => return Err(invalid("request_timeout", "must be 1 to 86400 seconds")),
+        }
+        Ok(self)
+    }
+
+    /// Adds the exit's replay settings (exit, serve).
+    fn with_gate(mut self, args: &ExitGateArgs, file: &FileConfig) -> Result<Self, ConfigError> {
+        match args.max_clock_skew_secs.or(file.max_clock_skew_secs) {
+            None => {}
+            Some(secs @ 1..=3600) => self.max_clock_skew = Duration::from_secs(secs),
+            Some(_) => return Err(invalid("max_clock_skew", "must be 1 to 3600 seconds")),
+        }
+        match args.replay_cache_entries.or(file.replay_cache_entries) {
+            None => {}
+            Some(n @ 1..=67_108_864) => self.replay_cache_entries = n,
+            Some(_) => {
+                return Err(invalid(
+                    "replay_cache_entries",
+                    "must be 1 to 67108864 (each costs about 100 bytes)",
+                ));
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// The endpoints an exit passes to its backend: the defaults plus `allow`, or `allow` alone
+/// when `allow_defaults` is false. Flags replace the file's list.
+fn endpoint_policy(args: &ExitGateArgs, file: &FileConfig) -> Result<EndpointPolicy, ConfigError> {
+    let raw = if args.allow.is_empty() {
+        &file.allow
+    } else {
+        &args.allow
+    };
+    let rules = raw
+        .iter()
+        .map(|rule| {
+            rule.parse::<EndpointRule>()
+                .map_err(|e| invalid("allow", e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let defaults = args.allow_defaults.or(file.allow_defaults).unwrap_or(true);
+    if !defaults && rules.is_empty() {
+        return Err(invalid(
+            "allow_defaults",
+            "false with no `allow` rules would refuse every request; list the endpoints to serve",
+        ));
+    }
+    Ok(EndpointPolicy::new(rules, !defaults))
+}
+
+/// What the local endpoint answers and forwards. Flags replace the file's lists.
+fn client_policy(args: &LocalEndpointArgs, file: &FileConfig) -> Result<ClientPolicy, ConfigError> {
+    let pick = |flag: &Vec<String>, yaml: &Vec<String>| {
+        if flag.is_empty() {
+            yaml.clone()
+        } else {
+            flag.clone()
+        }
+    };
+    let forward_headers = pick(&args.forward_headers, &file.forward_headers)
+        .iter()
+        .map(|name| {
+            let name = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| {
+                invalid("forward_headers", format!("`{name}` is not a header name"))
+            })?;
+            if crate::http_message::is_hop_by_hop(&name)
+                || crate::http_message::is_credential(&name)
+                || name == http::header::USER_AGENT
+            {
+                return Err(invalid(
+                    "forward_headers",
+                    format!("`{name}` is never forwarded (hop-by-hop, a credential or User-Agent)"),
+                ));
+            }
+            Ok(name)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let lower = |list: Vec<String>, field: &'static str| {
+        list.into_iter()
+            .map(|v| {
+                let v = v.trim().trim_end_matches('/').to_ascii_lowercase();
+                if v.is_empty() {
+                    Err(invalid(field, "empty entry"))
+                } else {
+                    Ok(v)
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    Ok(ClientPolicy {
+        forward_headers,
+        allowed_hosts: lower(
+            pick(&args.allowed_hosts, &file.allowed_hosts),
+            "allowed_hosts",
+        )?,
+        allowed_origins: lower(
+            pick(&args.allowed_origins, &file.allowed_origins),
+            "allowed_origins",
+        )?,
+    })
 }
 
 /// How many threads run a role's async tasks. Default: one per CPU core the process may use.
@@ -259,6 +402,9 @@ pub struct BackendConfig {
     pub idle_timeout: Duration,
     /// Give up connecting after this long. Default 10 s.
     pub connect_timeout: Duration,
+    /// The endpoints that reach the backend. Default: the inference endpoints of
+    /// [`DEFAULT_ENDPOINTS`](crate::exit::DEFAULT_ENDPOINTS).
+    pub allow: EndpointPolicy,
 }
 
 /// A header map whose values never reach logs.
@@ -272,7 +418,11 @@ impl std::fmt::Debug for RedactedHeaders {
 }
 
 impl BackendConfig {
-    fn resolve(args: BackendArgs, file: &FileConfig) -> Result<Self, ConfigError> {
+    fn resolve(
+        args: BackendArgs,
+        gate: &ExitGateArgs,
+        file: &FileConfig,
+    ) -> Result<Self, ConfigError> {
         let raw = args
             .backend
             .or_else(|| file.backend.clone())
@@ -312,6 +462,7 @@ impl BackendConfig {
                 file.backend_connect_timeout_secs,
                 10,
             )?,
+            allow: endpoint_policy(gate, file)?,
         })
     }
 }
@@ -845,9 +996,11 @@ impl ExitConfig {
             dht: dht_config(&args.dht, &file)?,
             fallback_relays: fallback_relays(&args.fallback, &file)?,
             max_relays,
-            backend: BackendConfig::resolve(args.backend, &file)?,
+            backend: BackendConfig::resolve(args.backend, &args.gate, &file)?,
             data_dir: data_dir(&args.common, &file)?,
-            limits: Limits::from_file(&file)?,
+            limits: Limits::from_file(&file)?
+                .with_request(&args.request, &file)?
+                .with_gate(&args.gate, &file)?,
             observability: observability(&args.common, &file, "exit")?,
             worker_threads: WorkerThreads::resolve(&args.common, &file)?,
         })
@@ -867,6 +1020,9 @@ pub struct ClientConfig {
     pub data_dir: DataDir,
     /// Local HTTP endpoint. Default `127.0.0.1:8080`.
     pub listen: SocketAddr,
+    /// Which local requests are answered and which headers forwarded. Default: loopback
+    /// hosts and origins, the default header list.
+    pub policy: ClientPolicy,
     /// Timeouts and sizes.
     pub limits: Limits,
     /// Admin endpoint and trace export.
@@ -886,7 +1042,8 @@ impl ClientConfig {
             fallback_relays: fallback_relays(&args.fallback, &file)?,
             data_dir: data_dir(&args.common, &file)?,
             listen: parse_listen("listen", listen.as_deref().unwrap_or(DEFAULT_CLIENT_LISTEN))?,
-            limits: Limits::from_file(&file)?,
+            policy: client_policy(&args.local, &file)?,
+            limits: Limits::from_file(&file)?.with_request(&args.request, &file)?,
             observability: observability(&args.common, &file, "client")?,
             worker_threads: WorkerThreads::resolve(&args.common, &file)?,
         })
@@ -898,6 +1055,8 @@ impl ClientConfig {
 pub struct ServeConfig {
     /// Local HTTP endpoint. Default `127.0.0.1:8080`.
     pub listen: SocketAddr,
+    /// Which local requests are answered and which headers forwarded.
+    pub policy: ClientPolicy,
     /// The AI backend.
     pub backend: BackendConfig,
     /// Where the relay and exit keys live.
@@ -917,9 +1076,12 @@ impl ServeConfig {
         let listen = args.listen.or_else(|| file.listen.clone());
         Ok(Self {
             listen: parse_listen("listen", listen.as_deref().unwrap_or(DEFAULT_CLIENT_LISTEN))?,
-            backend: BackendConfig::resolve(args.backend, &file)?,
+            policy: client_policy(&args.local, &file)?,
+            backend: BackendConfig::resolve(args.backend, &args.gate, &file)?,
             data_dir: data_dir(&args.common, &file)?,
-            limits: Limits::from_file(&file)?,
+            limits: Limits::from_file(&file)?
+                .with_request(&args.request, &file)?
+                .with_gate(&args.gate, &file)?,
             observability: observability(&args.common, &file, "serve")?,
             worker_threads: WorkerThreads::resolve(&args.common, &file)?,
         })
@@ -1138,7 +1300,7 @@ mod tests {
                 backend: Some("http://flag:2".into()),
                 ..BackendArgs::default()
             },
-            listen: None,
+            ..ServeArgs::default()
         };
         let config = ServeConfig::resolve(args).unwrap();
         assert_eq!(config.backend.url.as_str(), "http://flag:2/");

@@ -3,6 +3,7 @@
 //! Reconnects with capped exponential backoff when the relay goes away.
 
 mod backend;
+mod endpoint;
 mod gateway;
 mod replay;
 
@@ -18,11 +19,12 @@ use tokio::sync::watch;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use backend::Backend;
+pub use endpoint::{DEFAULT_ENDPOINTS, EndpointPolicy, EndpointRule, PathError, RuleError};
 pub use gateway::Gateway;
 
 use crate::{
     admin::{self, RoleProbe},
-    clock::unix_now,
+    clock::{Clock, unix_now},
     config::{BackendConfig, ExitConfig, Limits},
     data_dir::DataDir,
     identity,
@@ -203,6 +205,16 @@ impl Exit {
         backend: &BackendConfig,
         limits: Limits,
     ) -> anyhow::Result<Self> {
+        Self::load_with_clock(data_dir, backend, limits, Clock::system())
+    }
+
+    /// [`Exit::load`] with the clock that dates requests checks against (tests move it).
+    pub fn load_with_clock(
+        data_dir: &DataDir,
+        backend: &BackendConfig,
+        limits: Limits,
+        clock: Clock,
+    ) -> anyhow::Result<Self> {
         data_dir.ensure()?;
         let (identity, created) = identity::load_or_create(&data_dir.file("exit_identity.key"))?;
         if created {
@@ -215,7 +227,8 @@ impl Exit {
         }
         let backend = Backend::new(backend).context("building the backend HTTP client")?;
         let metrics = Arc::new(ExitMetrics::new());
-        let gateway = Gateway::new(&keyring, backend, limits.clone(), Arc::clone(&metrics));
+        let gateway =
+            Gateway::new(&keyring, backend, limits.clone(), Arc::clone(&metrics)).with_clock(clock);
         Ok(Self {
             identity,
             gateway: Arc::new(gateway),
@@ -277,6 +290,9 @@ impl Exit {
         hook: Option<RegisteredHook>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
+        // Requests dated in the second the exit started are refused (a previous run may have
+        // seen them): registering only after it keeps honest clients from meeting that.
+        self.gateway.wait_until_accepting().await;
         let models = self.gateway.backend().models().await;
         tracing::info!(
             models = models.len(),

@@ -27,6 +27,62 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(&name.as_str())
 }
 
+/// Request headers the client forwards by default: what the listed inference APIs need to
+/// read a request and negotiate its answer, nothing that tells one user or tool from another.
+/// Operators add names with `forward_headers`.
+pub const FORWARDED_REQUEST_HEADERS: &[&str] = &[
+    "content-type",
+    "content-encoding",
+    "accept",
+    "accept-encoding",
+    // OpenAI: opt-in to beta APIs (Assistants v2, Realtime).
+    "openai-beta",
+    // Anthropic Messages: API version and beta features.
+    "anthropic-version",
+    "anthropic-beta",
+];
+
+/// The `User-Agent` every forwarded request carries: the same for every user of this version,
+/// instead of the tool's own (which names the tool, its version, often the OS and runtime).
+pub const USER_AGENT: &str = concat!("tokengo/", env!("CARGO_PKG_VERSION"));
+
+/// Headers by which a proxy names the client it forwards for. The exit never forwards any of
+/// them from a request: the backend must not be told an address, real or forged.
+const FORWARDING: &[&str] = &[
+    "forwarded",
+    "via",
+    "x-real-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-client-ip",
+    "x-cluster-client-ip",
+    "client-ip",
+];
+
+/// Whether `name` is a forwarding header (`Forwarded`, `Via`, `X-Forwarded-*`, client-IP
+/// headers of common proxies).
+#[must_use]
+pub fn is_forwarding(name: &HeaderName) -> bool {
+    FORWARDING.contains(&name.as_str()) || name.as_str().starts_with("x-forwarded-")
+}
+
+/// Credential headers: a request's own are never forwarded to the backend (the exit's
+/// configured headers are the only credentials the backend sees).
+const CREDENTIALS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "x-api-key",
+    "api-key",
+];
+
+/// Whether `name` carries a credential.
+#[must_use]
+pub fn is_credential(name: &HeaderName) -> bool {
+    CREDENTIALS.contains(&name.as_str())
+}
+
 /// Distributed-tracing context headers (W3C Trace Context and Baggage, B3, Jaeger, Sentry,
 /// Datadog, AWS X-Ray, Google Cloud, OpenTracing). A trace id set by the user's tool or by the
 /// client's own tracing would let whoever sees it at the exit or the backend join their trace
@@ -97,6 +153,29 @@ pub fn backend_time_field(duration: std::time::Duration) -> Field {
         name: BACKEND_TIME_FIELD.as_bytes().to_vec(),
         value: format!("{:.3}", duration.as_secs_f64() * 1000.0).into_bytes(),
     }
+}
+
+/// The field that dates a request (or an exit's refusal) with `time`, as an HTTP date.
+#[must_use]
+pub fn date_field(time: std::time::SystemTime) -> Field {
+    Field {
+        name: b"date".to_vec(),
+        value: httpdate::fmt_http_date(time).into_bytes(),
+    }
+}
+
+/// A message's `Date` in Unix seconds, if it has exactly one valid one.
+#[must_use]
+pub fn request_date(fields: &[Field]) -> Option<u64> {
+    let mut dates = fields
+        .iter()
+        .filter(|f| f.name.eq_ignore_ascii_case(b"date"));
+    let date = dates.next()?;
+    if dates.next().is_some() {
+        return None;
+    }
+    let time = httpdate::parse_http_date(std::str::from_utf8(&date.value).ok()?).ok()?;
+    Some(crate::clock::unix_secs(time))
 }
 
 /// Converts headers to BHTTP fields, keeping order and repeated headers, skipping hop-by-hop
@@ -171,6 +250,45 @@ mod tests {
         let back = to_header_map(&fields);
         let values: Vec<_> = back.get_all("x-a").iter().collect();
         assert_eq!(values, ["1", "2"]);
+    }
+
+    #[test]
+    fn forwarding_and_credential_headers_are_recognised() {
+        for name in [
+            "forwarded",
+            "x-forwarded-for",
+            "x-forwarded-host",
+            "via",
+            "x-real-ip",
+        ] {
+            assert!(is_forwarding(&HeaderName::from_static(name)), "{name}");
+        }
+        for name in ["authorization", "x-api-key", "cookie"] {
+            assert!(is_credential(&HeaderName::from_static(name)), "{name}");
+        }
+        for name in ["content-type", "accept", "openai-beta"] {
+            let name = HeaderName::from_static(name);
+            assert!(!is_forwarding(&name) && !is_credential(&name));
+        }
+        assert!(USER_AGENT.starts_with("tokengo/"));
+    }
+
+    #[test]
+    fn dates_round_trip_and_duplicates_are_refused() {
+        let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let field = date_field(time);
+        assert_eq!(field.value, b"Tue, 14 Nov 2023 22:13:20 GMT");
+        assert_eq!(
+            request_date(std::slice::from_ref(&field)),
+            Some(1_700_000_000)
+        );
+        assert_eq!(request_date(&[field.clone(), field]), None);
+        let bad = Field {
+            name: b"Date".to_vec(),
+            value: b"yesterday".to_vec(),
+        };
+        assert_eq!(request_date(&[bad]), None);
+        assert_eq!(request_date(&[]), None);
     }
 
     #[test]

@@ -112,6 +112,8 @@ const EXIT_ERRORS: &[ErrorClass] = &[
     ErrorClass::BackendTimeout,
     ErrorClass::BackendFailed,
     ErrorClass::BadRequest,
+    ErrorClass::Forbidden,
+    ErrorClass::Overloaded,
 ];
 
 const CLIENT_ERRORS: &[ErrorClass] = &[
@@ -123,6 +125,7 @@ const CLIENT_ERRORS: &[ErrorClass] = &[
     ErrorClass::BadRequest,
     ErrorClass::Overloaded,
     ErrorClass::StreamFailed,
+    ErrorClass::Forbidden,
 ];
 
 /// Discovery on the DHT (`tokengo_<role>_dht_*`). No labels: no series names a peer.

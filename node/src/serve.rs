@@ -31,7 +31,14 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
     tracing::info!(relay = %relay_addr, "internal relay listening on loopback");
 
     let exit = Exit::load(&config.data_dir, &config.backend, config.limits.clone())?;
-    let client = Client::bind(config.listen, relay_addr.clone(), config.limits.clone()).await?;
+    let client = Client::bind_with(
+        config.listen,
+        vec![relay_addr.clone()],
+        config.limits.clone(),
+        config.policy.clone(),
+        crate::metrics::DhtMetrics::default(),
+    )
+    .await?;
 
     // Stop order: the client stops taking requests, then the exit drains, then the relay.
     let relay_stop = CancellationToken::new();

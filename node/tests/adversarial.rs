@@ -85,15 +85,50 @@ fn forward(exit: PeerId, media: MediaType, body: &[u8]) -> Vec<u8> {
     out
 }
 
-fn get_request() -> Vec<u8> {
-    let head = bhttp::RequestHead {
+/// A request head for `path`, dated now (the exit refuses undated requests).
+fn dated_head(path: &[u8]) -> bhttp::RequestHead {
+    bhttp::RequestHead {
         method: b"GET".to_vec(),
         scheme: b"https".to_vec(),
         authority: Vec::new(),
-        path: b"/v1/ping".to_vec(),
-        fields: Vec::new(),
-    };
-    bhttp::encode_request(&head, b"", 0).unwrap()
+        path: path.to_vec(),
+        fields: vec![tokengo::http_message::date_field(
+            std::time::SystemTime::now(),
+        )],
+    }
+}
+
+fn get_request() -> Vec<u8> {
+    bhttp::encode_request(&dated_head(b"/v1/ping"), b"", 0).unwrap()
+}
+
+/// Opens a whole chunked answer (after its status byte): the response head and body.
+fn open_chunked(opener: &mut chunked::ChunkedResponseOpener, answer: &[u8]) -> (u16, Vec<u8>) {
+    let mut sealed = BytesMut::from(answer);
+    let mut plain = BytesMut::new();
+    loop {
+        let chunk = match opener.decode(&mut sealed).unwrap() {
+            Some(chunk) => chunk,
+            None => opener
+                .decode_eof(&mut sealed)
+                .unwrap()
+                .expect("truncated answer"),
+        };
+        plain.extend_from_slice(&chunk.data);
+        if chunk.last {
+            break;
+        }
+    }
+    let mut decoder = bhttp::ResponseDecoder::new(bhttp::Limits::default());
+    let (mut status, mut body) = (0, Vec::new());
+    while let Some(event) = decoder.decode_eof(&mut plain).unwrap() {
+        match event {
+            bhttp::ResponseEvent::Head(head) => status = head.status,
+            bhttp::ResponseEvent::Body(bytes) => body.extend_from_slice(&bytes),
+            bhttp::ResponseEvent::End => break,
+        }
+    }
+    (status, body)
 }
 
 /// Sends a good single-message request and checks the answer decrypts to a 200.
@@ -216,18 +251,73 @@ async fn exit_refuses_garbage_unknown_keys_truncation_and_replays() {
         undecryptable
     );
 
-    // The same encapsulated request twice: the second is a replay.
+    // The same encapsulated request twice: the second is a replay, refused with an answer
+    // only the original sender could read (the exit counts it; the backend never sees it).
     let (encapsulated, opener) = ohttp::encapsulate_request(&key, &get_request()).unwrap();
     let first = raw
         .exchange(&forward(exit.peer_id, MediaType::Single, &encapsulated))
         .await;
     assert_eq!(first[0], Status::Ok as u8);
     opener.open(&first[1..]).unwrap();
-    assert_eq!(
-        raw.exchange(&forward(exit.peer_id, MediaType::Single, &encapsulated))
-            .await,
-        undecryptable
-    );
+    let metrics = chain.exit.probe.metrics();
+    let errors = metrics.errors_total();
+    let second = raw
+        .exchange(&forward(exit.peer_id, MediaType::Single, &encapsulated))
+        .await;
+    assert_eq!(second[0], Status::Ok as u8);
+    assert_eq!(metrics.errors_total(), errors + 1);
+
+    // Undated, or dated outside the window: an encrypted 400 that says why.
+    let stale = std::time::SystemTime::now() - Duration::from_secs(600);
+    for fields in [vec![], vec![tokengo::http_message::date_field(stale)]] {
+        let head = bhttp::RequestHead {
+            fields,
+            ..dated_head(b"/v1/ping")
+        };
+        let (encapsulated, opener) =
+            ohttp::encapsulate_request(&key, &bhttp::encode_request(&head, b"", 0).unwrap())
+                .unwrap();
+        let answer = raw
+            .exchange(&forward(exit.peer_id, MediaType::Single, &encapsulated))
+            .await;
+        assert_eq!(answer[0], Status::Ok as u8);
+        let (head, body) = bhttp::decode_response(
+            &opener.open(&answer[1..]).unwrap(),
+            &bhttp::Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(head.status, 400);
+        assert!(String::from_utf8_lossy(&body).contains("request_expired"));
+    }
+
+    // Chunked: a request that opens but is malformed inside, or too large, is answered
+    // encrypted too (not with a status byte the relay can read).
+    let mut oversized = Vec::new();
+    let mut encoder = bhttp::StreamingEncoder::request(
+        &bhttp::RequestHead {
+            method: b"POST".to_vec(),
+            ..dated_head(b"/v1/chat/completions")
+        },
+        &mut oversized,
+    )
+    .unwrap();
+    encoder.body(&vec![b'x'; limits().max_request_body + 1], &mut oversized);
+    encoder.end(0, &mut oversized);
+    for (inner, status, code) in [
+        (b"\x05 not binary http".to_vec(), 400, "bad_request"),
+        (oversized, 413, "payload_too_large"),
+    ] {
+        let (mut sealer, mut request) = chunked::start_request(&key).unwrap();
+        let mut opener = sealer.response_opener().unwrap();
+        request.extend_from_slice(&sealer.seal_split(&inner, true).unwrap());
+        let answer = raw
+            .exchange(&forward(exit.peer_id, MediaType::Chunked, &request))
+            .await;
+        assert_eq!(answer[0], Status::Ok as u8, "{code}");
+        let (got, body) = open_chunked(&mut opener, &answer[1..]);
+        assert_eq!(got, status);
+        assert!(String::from_utf8_lossy(&body).contains(code), "{code}");
+    }
 
     // Valid OHTTP around an invalid BHTTP message: an encrypted 400 the user can read.
     let (encapsulated, opener) = ohttp::encapsulate_request(&key, b"\x05 not binary http").unwrap();
@@ -244,13 +334,7 @@ async fn exit_refuses_garbage_unknown_keys_truncation_and_replays() {
     assert!(String::from_utf8_lossy(&body).contains("bad_request"));
 
     // Field section larger than the exit accepts: also an encrypted 400, nothing crashes.
-    let mut head = bhttp::RequestHead {
-        method: b"GET".to_vec(),
-        scheme: b"https".to_vec(),
-        authority: Vec::new(),
-        path: b"/".to_vec(),
-        fields: Vec::new(),
-    };
+    let mut head = dated_head(b"/");
     head.fields.push(bhttp::Field::new(
         b"x-huge".to_vec(),
         vec![b'a'; 200 * 1024],

@@ -228,6 +228,7 @@ async fn start_client(relays: Vec<RelayAddr>) -> (String, CancellationToken) {
         "127.0.0.1:0".parse().unwrap(),
         relays,
         Limits::default(),
+        tokengo::client::ClientPolicy::default(),
         DhtMetrics::default(),
     )
     .await

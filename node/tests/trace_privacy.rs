@@ -92,7 +92,7 @@ async fn no_client_trace_or_span_id_reaches_the_relay_or_the_exit() {
             .header("uber-trace-id", format!("{USER_TRACE}:{USER_SPAN}:0:1"))
             .header("uberctx-user", "alice")
             .header("sentry-trace", format!("{USER_TRACE}-{USER_SPAN}-1"))
-            .header("x-keep", "kept")
+            .header("openai-beta", "kept")
             .json(&serde_json::json!({"model": "m", "stream": stream, "messages": []}))
             .send()
             .await
@@ -196,7 +196,11 @@ async fn no_client_trace_or_span_id_reaches_the_relay_or_the_exit() {
     for echoed in &received {
         let json: serde_json::Value = serde_json::from_str(echoed).unwrap();
         let headers = json["headers"].as_object().unwrap();
-        assert_eq!(headers["x-keep"], serde_json::json!(["kept"]), "{echoed}");
+        assert_eq!(
+            headers["openai-beta"],
+            serde_json::json!(["kept"]),
+            "{echoed}"
+        );
         for name in headers.keys() {
             assert!(
                 !tokengo::http_message::is_trace_context(&name.parse().unwrap()),

@@ -19,7 +19,7 @@ use tokengo_proto::{
 };
 use tracing::{Instrument as _, field::Empty};
 
-use super::{ClientState, body, directory::ExitInfo};
+use super::{ClientState, access::ClientPolicy, body, directory::ExitInfo};
 use crate::{
     api_error::ApiError,
     http_message,
@@ -29,9 +29,9 @@ use crate::{
     stream::{StreamReader, code},
 };
 
-/// Longest silence from the exit before the client gives up on a request (longer than the
-/// exit's own backend idle timeout, so the exit reports a backend timeout first).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(330);
+/// How much longer than the request timeout the client waits for the exit, so the exit
+/// reports a backend timeout first.
+const TIMEOUT_MARGIN: Duration = Duration::from_secs(30);
 /// Exits tried per request when the relay says an exit is gone or busy.
 const MAX_ATTEMPTS: usize = 3;
 
@@ -123,6 +123,10 @@ enum AttemptError {
 
 async fn proxy(state: &ClientState, request: http::Request<Body>) -> Result<Proxied, ApiError> {
     let (parts, body) = request.into_parts();
+    state.policy.check(
+        &parts.headers,
+        parts.uri.authority().map(http::uri::Authority::as_str),
+    )?;
     let limit = state.limits.max_request_body;
     let body = axum::body::to_bytes(body, limit)
         .await
@@ -139,7 +143,7 @@ async fn proxy(state: &ClientState, request: http::Request<Body>) -> Result<Prox
         .requests
         .get_or_create(&MediaLabel { media: kind })
         .inc();
-    let head = request_head(&parts);
+    let head = request_head(&parts, &state.policy, std::time::SystemTime::now());
     let model = model_of(&body);
     let mut excluded: Vec<PeerId> = Vec::new();
     let mut last_error = ApiError::NoExit;
@@ -215,20 +219,23 @@ fn model_of(body: &[u8]) -> Option<String> {
     serde_json::from_slice::<ModelField>(body).ok()?.model
 }
 
-/// The BHTTP request head. The user's `Authorization` and cookies stay here: the exit holds
-/// the backend credential, and the user's would identify them. So does trace context: a trace
-/// or span id from the user's tool (or ours) would let the exit's or the backend's traces be
-/// joined to the user's.
-fn request_head(parts: &Parts) -> RequestHead {
-    let identifying = |name: &HeaderName| {
-        name == http::header::AUTHORIZATION
-            || name == http::header::COOKIE
-            || name.as_str() == "x-forwarded-for"
-            || name.as_str() == "forwarded"
-            || name.as_str() == "x-real-ip"
+/// The BHTTP request head. Only the headers `policy` forwards leave the client: what a tool
+/// sends besides (its name and version, OS and runtime, organisation and project ids, the
+/// page that made the request, languages, the user's own API key, trace context) would tell
+/// the exit and the backend which user or tool is asking. `User-Agent` is the same for every
+/// user of this version, and `Date` (`now`) lets the exit refuse replays.
+fn request_head(parts: &Parts, policy: &ClientPolicy, now: std::time::SystemTime) -> RequestHead {
+    let dropped = |name: &HeaderName| {
+        !policy.forwards(name)
             || http_message::is_trace_context(name)
             || http_message::is_backend_time(name)
     };
+    let mut fields = http_message::to_fields(&parts.headers, dropped);
+    fields.push(bhttp::Field {
+        name: b"user-agent".to_vec(),
+        value: http_message::USER_AGENT.as_bytes().to_vec(),
+    });
+    fields.push(http_message::date_field(now));
     RequestHead {
         method: parts.method.as_str().as_bytes().to_vec(),
         scheme: b"https".to_vec(),
@@ -239,7 +246,7 @@ fn request_head(parts: &Parts) -> RequestHead {
             .map_or("/", http::uri::PathAndQuery::as_str)
             .as_bytes()
             .to_vec(),
-        fields: http_message::to_fields(&parts.headers, identifying),
+        fields,
     }
 }
 
@@ -293,7 +300,7 @@ async fn attempt(
     send.write_chunk(Bytes::from(out)).await.map_err(lost)?;
     let _ = send.finish();
     let mut reader = StreamReader::new(recv);
-    let status = read_status(&mut reader).await?;
+    let status = read_status(&mut reader, state.limits.request_timeout + TIMEOUT_MARGIN).await?;
     state.metrics.bytes(Flow::FromRelay, 1);
     state
         .directory
@@ -327,9 +334,14 @@ async fn attempt(
         Opener::Single(opener) => single_response(state, reader, opener)
             .await
             .map_err(AttemptError::Fatal),
-        Opener::Chunked(opener) => chunked_response(reader, *opener, Arc::clone(&state.metrics))
-            .await
-            .map_err(AttemptError::Fatal),
+        Opener::Chunked(opener) => chunked_response(
+            reader,
+            *opener,
+            Arc::clone(&state.metrics),
+            state.limits.request_timeout + TIMEOUT_MARGIN,
+        )
+        .await
+        .map_err(AttemptError::Fatal),
     }
 }
 
@@ -338,9 +350,9 @@ enum Opener {
     Chunked(Box<ChunkedResponseOpener>),
 }
 
-async fn read_status(reader: &mut StreamReader) -> Result<Status, AttemptError> {
+async fn read_status(reader: &mut StreamReader, wait: Duration) -> Result<Status, AttemptError> {
     let byte = reader
-        .decode(1, IDLE_TIMEOUT, |buf| {
+        .decode(1, wait, |buf| {
             if buf.is_empty() {
                 return Ok(None);
             }
@@ -368,7 +380,8 @@ async fn single_response(
     opener: ohttp::ResponseOpener,
 ) -> Result<(Response, Option<Duration>), ApiError> {
     let max = state.limits.max_response_body.saturating_add(256 * 1024);
-    let encapsulated = tokio::time::timeout(IDLE_TIMEOUT, reader.read_to_end(max))
+    let wait = state.limits.request_timeout + TIMEOUT_MARGIN;
+    let encapsulated = tokio::time::timeout(wait, reader.read_to_end(max))
         .await
         .map_err(|_| ApiError::GatewayTimeout)?
         .map_err(|e| ApiError::ExitUnavailable(format!("response: {e}")))?;
@@ -395,6 +408,7 @@ async fn chunked_response(
     reader: StreamReader,
     opener: ChunkedResponseOpener,
     metrics: Arc<ClientMetrics>,
+    wait: Duration,
 ) -> Result<(Response, Option<Duration>), ApiError> {
     let mut stream = PlainStream {
         reader,
@@ -403,6 +417,7 @@ async fn chunked_response(
         decoder: ResponseDecoder::new(bhttp::Limits::default()),
         done: false,
         metrics,
+        wait,
     };
     // What arrived with the status byte and is buffered already was not counted yet.
     let buffered = stream.reader.buffer().len();
@@ -459,6 +474,9 @@ struct PlainStream {
     decoder: ResponseDecoder,
     done: bool,
     metrics: Arc<ClientMetrics>,
+    /// Longest silence from the exit (the exit's own idle timeout ends a silent backend
+    /// sooner; this bounds an exit that stops answering).
+    wait: Duration,
 }
 
 impl PlainStream {
@@ -488,7 +506,7 @@ impl PlainStream {
                     break chunk;
                 }
                 let before = self.reader.buffer().len();
-                let more = tokio::time::timeout(IDLE_TIMEOUT, self.reader.fill())
+                let more = tokio::time::timeout(self.wait, self.reader.fill())
                     .await
                     .map_err(|_| "exit went silent".to_owned())?
                     .map_err(|e| format!("stream broke: {e}"))?;
@@ -560,6 +578,21 @@ mod tests {
     #[test]
     fn request_head_keeps_query_and_drops_identifying_headers() {
         let mut p = parts("GET", "/v1/models?limit=2&x=%20", None);
+        for (name, value) in [
+            ("user-agent", "OpenAI/Python 1.55.0"),
+            ("openai-organization", "org-123"),
+            ("openai-project", "proj-456"),
+            ("x-stainless-os", "Linux"),
+            ("x-stainless-runtime-version", "3.12.1"),
+            ("origin", "http://localhost:3000"),
+            ("referer", "http://localhost:3000/chat"),
+            ("x-api-key", "sk-ant-user"),
+            ("accept-language", "de-CH"),
+            ("content-type", "application/json"),
+            ("openai-beta", "assistants=v2"),
+        ] {
+            p.headers.insert(name, value.parse().unwrap());
+        }
         p.headers
             .insert("authorization", "Bearer user-key".parse().unwrap());
         p.headers.insert("cookie", "a=b".parse().unwrap());
@@ -575,10 +608,44 @@ mod tests {
             .insert("x-b3-traceid", "80f198ee56343ba8".parse().unwrap());
         p.headers.append("x-keep", "1".parse().unwrap());
         p.headers.append("x-keep", "2".parse().unwrap());
-        let head = request_head(&p);
+        p.headers.append("x-other", "3".parse().unwrap());
+        let policy = ClientPolicy {
+            forward_headers: vec![HeaderName::from_static("x-keep")],
+            ..ClientPolicy::default()
+        };
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let head = request_head(&p, &policy, now);
         assert_eq!(head.path, b"/v1/models?limit=2&x=%20");
-        let names: Vec<_> = head.fields.iter().map(|f| f.name.clone()).collect();
-        assert_eq!(names, vec![b"x-keep".to_vec(), b"x-keep".to_vec()]);
+        let fields: Vec<_> = head
+            .fields
+            .iter()
+            .map(|f| {
+                (
+                    String::from_utf8_lossy(&f.name).into_owned(),
+                    String::from_utf8_lossy(&f.value).into_owned(),
+                )
+            })
+            .collect();
+        let expected = [
+            ("content-type", "application/json"),
+            ("openai-beta", "assistants=v2"),
+            ("x-keep", "1"),
+            ("x-keep", "2"),
+            ("user-agent", http_message::USER_AGENT),
+            ("date", "Tue, 14 Nov 2023 22:13:20 GMT"),
+        ];
+        let mut got = fields.clone();
+        got.sort();
+        let mut want: Vec<_> = expected
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+            .collect();
+        want.sort();
+        assert_eq!(got, want);
+        assert_eq!(
+            http_message::request_date(&head.fields),
+            Some(1_700_000_000)
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt as _;
 use tokengo_proto::{
     bhttp::{self, RequestDecoder, RequestEvent, RequestHead, ResponseHead, StreamingEncoder},
-    chunked::ChunkedResponseSealer,
+    chunked::{ChunkedRequestOpener, ChunkedResponseSealer},
     frame::{ExitRequest, MediaType, Status},
     ohttp::{self, OhttpError},
     padding,
@@ -21,10 +21,11 @@ use tracing::{Instrument as _, field::Empty};
 
 use super::{
     backend::{Backend, BackendRequest},
-    replay::ReplayWindow,
+    replay::{ReplayError, ReplayWindow},
 };
 use crate::{
     api_error::ApiError,
+    clock::Clock,
     config::Limits,
     http_message,
     keyring::Keyring,
@@ -47,6 +48,8 @@ pub struct Gateway {
     key_ids: RwLock<Vec<KeyStatus>>,
     backend: Backend,
     replay: ReplayWindow,
+    /// The clock request dates are checked against.
+    clock: Clock,
     limits: Limits,
     metrics: Arc<ExitMetrics>,
 }
@@ -111,8 +114,6 @@ enum Refusal {
     UnknownKey(u8),
     #[error("cannot decapsulate: {0}")]
     Undecryptable(String),
-    #[error("replayed request")]
-    Replay,
     #[error("stream failed")]
     Stream,
     /// The backend failed after the response head was sent.
@@ -126,7 +127,6 @@ impl Refusal {
             Self::Malformed(_) => ErrorClass::Malformed,
             Self::UnknownKey(_) => ErrorClass::KeyUnknown,
             Self::Undecryptable(_) => ErrorClass::Undecryptable,
-            Self::Replay => ErrorClass::Replay,
             Self::Stream => ErrorClass::StreamFailed,
             Self::Backend(class) => *class,
         }
@@ -136,7 +136,7 @@ impl Refusal {
         match self {
             Self::Malformed(_) => Some(Status::Malformed),
             Self::UnknownKey(_) => Some(Status::KeyUnknown),
-            Self::Undecryptable(_) | Self::Replay => Some(Status::Undecryptable),
+            Self::Undecryptable(_) => Some(Status::Undecryptable),
             Self::Stream | Self::Backend(_) => None,
         }
     }
@@ -158,16 +158,37 @@ impl Gateway {
         limits: Limits,
         metrics: Arc<ExitMetrics>,
     ) -> Self {
+        let clock = Clock::system();
         let gateway = Self {
             ohttp: RwLock::new(Arc::new(ohttp::Gateway::new(keyring.key_pairs()))),
             key_ids: RwLock::new(Vec::new()),
             backend,
-            replay: ReplayWindow::new(Duration::from_secs(600), 1 << 18),
+            replay: replay_window(&limits, &clock),
+            clock,
             limits,
             metrics,
         };
         gateway.record_keys(keyring);
         gateway
+    }
+
+    /// Checks request dates against `clock` (and counts the exit's start from its now).
+    #[must_use]
+    pub fn with_clock(self, clock: Clock) -> Self {
+        Self {
+            replay: replay_window(&self.limits, &clock),
+            clock,
+            ..self
+        }
+    }
+
+    /// Returns once the clock is past the second the gateway started in: requests dated
+    /// then are refused (a previous run may have seen them), so the exit should not offer
+    /// itself before.
+    pub async fn wait_until_accepting(&self) {
+        while self.clock.unix_now() < self.replay.not_before() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Swaps in the keys of a rotated `keyring`; requests in flight keep the keys they
@@ -317,10 +338,6 @@ impl Gateway {
         let (message, sealer) = keys
             .decapsulate(&encapsulated)
             .map_err(Refusal::from_ohttp)?;
-        // Checked after decapsulation so only authentic requests can fill the window.
-        if !ohttp::enc_of(&encapsulated).is_some_and(|enc| self.replay.admit(enc)) {
-            return Err(Refusal::Replay);
-        }
         let limits = self.bhttp_limits();
         let (head, body) = match bhttp::decode_request(&message, &limits) {
             Ok(request) => request,
@@ -330,6 +347,12 @@ impl Gateway {
                 return Ok(Answered::ByExit);
             }
         };
+        // Checked after decapsulation so only authentic requests can fill the window.
+        if let Err(error) = self.admit(ohttp::enc_of(&encapsulated), &head) {
+            let (head, body) = self.refused(&error);
+            write_single(send, sealer, &head, &body, tally, None).await?;
+            return Ok(Answered::ByExit);
+        }
         let (head, body, backend) = self.exchange_whole(&head, Bytes::from(body)).await;
         write_single(send, sealer, &head, &body, tally, backend).await?;
         Ok(if backend.is_some() {
@@ -346,7 +369,7 @@ impl Gateway {
         head: &RequestHead,
         body: Bytes,
     ) -> (ResponseHead, Bytes, Option<Duration>) {
-        let request = match BackendRequest::from_bhttp(head, body) {
+        let request = match BackendRequest::from_bhttp(head, body, self.backend.policy()) {
             Ok(request) => request,
             Err(error) => {
                 let (head, body) = self.failed(&error);
@@ -361,7 +384,7 @@ impl Gateway {
             let mut head = response_head(&response);
             let mut body = BytesMut::new();
             let mut stream = response.bytes_stream();
-            while let Some(chunk) = stream.next().await {
+            while let Some(chunk) = self.next_piece(&mut stream).await? {
                 match chunk {
                     Ok(chunk) if body.len() + chunk.len() <= self.limits.max_response_body => {
                         self.received(chunk.len());
@@ -405,7 +428,10 @@ impl Gateway {
                 direction: Flow::ToBackend,
             })
             .inc_by(request.body.len() as u64);
-        match self.backend.send(request).await {
+        let sent = tokio::time::timeout(self.limits.request_timeout, self.backend.send(request))
+            .await
+            .unwrap_or(Err(ApiError::BackendTimeout));
+        match sent {
             Ok(response) => {
                 self.metrics.backend_up.set(1);
                 let status = response.status().as_u16();
@@ -427,6 +453,43 @@ impl Gateway {
         }
     }
 
+    /// The next piece of a backend body, or a timeout after the idle timeout's silence.
+    async fn next_piece<S>(&self, stream: &mut S) -> Result<Option<S::Item>, ApiError>
+    where
+        S: futures_util::Stream + Unpin,
+    {
+        tokio::time::timeout(self.backend.idle_timeout(), stream.next())
+            .await
+            .map_err(|_| ApiError::BackendTimeout)
+    }
+
+    /// Checks a decapsulated request's date and encapsulated key against replay.
+    fn admit(&self, enc: Option<&[u8; 32]>, head: &RequestHead) -> Result<(), ReplayError> {
+        let enc = enc.ok_or(ReplayError::NoDate)?;
+        self.replay.admit(
+            &enc[..],
+            http_message::request_date(&head.fields),
+            self.clock.unix_now(),
+        )
+    }
+
+    /// The encrypted answer to a request refused against replay, counted. A date problem
+    /// carries the exit's `Date` so the client can tell how far off its clock is (RFC 9458
+    /// §6.5.1).
+    fn refused(&self, error: &ReplayError) -> (ResponseHead, Bytes) {
+        tracing::debug!(%error, "request refused against replay");
+        let api = match error {
+            ReplayError::Replayed => ApiError::Replayed,
+            ReplayError::Full => ApiError::ReplayWindowFull,
+            other => ApiError::RequestExpired(other.to_string()),
+        };
+        let (mut head, body) = self.failed(&api);
+        if matches!(api, ApiError::RequestExpired(_)) {
+            head.fields.push(http_message::date_field(self.clock.now()));
+        }
+        (head, body)
+    }
+
     fn received(&self, len: usize) {
         self.metrics
             .forwarded_bytes
@@ -446,22 +509,19 @@ impl Gateway {
         error_response(error)
     }
 
-    /// Chunked OHTTP: the request is read chunk by chunk; the response is sealed and sent one
-    /// chunk per piece the backend produces, so every SSE event reaches the user at once.
-    async fn chunked(
+    /// Reads a chunked request whole. Failures before anything decrypted are refusals (a
+    /// status byte); once the request has opened, an unusable request is answered encrypted.
+    async fn read_chunked(
         &self,
         reader: &mut StreamReader,
-        send: &mut quinn::SendStream,
-        tally: &mut Tally,
-    ) -> Result<Answered, Refusal> {
-        let keys = self.keys();
-        let mut opener = keys.chunked_request();
+        opener: &mut ChunkedRequestOpener,
+    ) -> Result<ChunkedRead, Refusal> {
         let mut decoder = RequestDecoder::new(self.bhttp_limits());
         let mut head = None;
         let mut body = BytesMut::new();
-        let mut admitted = false;
         let mut finished = false;
         let deadline = self.backend.idle_timeout();
+        let unusable = |error: String| ChunkedRead::Unusable(ApiError::BadRequest(error));
         while !finished {
             let chunk = if let Some(chunk) = opener
                 .decode(reader.buffer())
@@ -483,15 +543,6 @@ impl Gateway {
                     None => return Err(Refusal::Undecryptable("truncated request".into())),
                 }
             };
-            if !admitted {
-                let enc = opener
-                    .enc()
-                    .ok_or(Refusal::Undecryptable("no header".into()))?;
-                if !self.replay.admit(enc) {
-                    return Err(Refusal::Replay);
-                }
-                admitted = true;
-            }
             finished = chunk.last;
             let mut plain = BytesMut::from(&chunk.data[..]);
             loop {
@@ -502,14 +553,18 @@ impl Gateway {
                 } else {
                     decoder.decode(&mut plain)
                 };
-                let Some(event) = next.map_err(|e| Refusal::Malformed(e.to_string()))? else {
-                    break;
+                let event = match next {
+                    Ok(Some(event)) => event,
+                    Ok(None) => break,
+                    Err(error) => return Ok(unusable(error.to_string())),
                 };
                 match event {
                     RequestEvent::Head(h) => head = Some(h),
                     RequestEvent::Body(bytes) => {
                         if body.len() + bytes.len() > self.limits.max_request_body {
-                            return Err(Refusal::Malformed("request body too large".into()));
+                            return Ok(ChunkedRead::Unusable(ApiError::PayloadTooLarge {
+                                limit: self.limits.max_request_body,
+                            }));
                         }
                         body.extend_from_slice(&bytes);
                     }
@@ -517,10 +572,26 @@ impl Gateway {
                 }
             }
         }
-        decoder
-            .finish()
-            .map_err(|e| Refusal::Malformed(e.to_string()))?;
-        let head = head.ok_or_else(|| Refusal::Malformed("request without head".into()))?;
+        if let Err(error) = decoder.finish() {
+            return Ok(unusable(error.to_string()));
+        }
+        Ok(match head {
+            Some(head) => ChunkedRead::Request(head, body.freeze()),
+            None => unusable("request without head".into()),
+        })
+    }
+
+    /// Chunked OHTTP: the request is read chunk by chunk; the response is sealed and sent one
+    /// chunk per piece the backend produces, so every SSE event reaches the user at once.
+    async fn chunked(
+        &self,
+        reader: &mut StreamReader,
+        send: &mut quinn::SendStream,
+        tally: &mut Tally,
+    ) -> Result<Answered, Refusal> {
+        let keys = self.keys();
+        let mut opener = keys.chunked_request();
+        let read = self.read_chunked(reader, &mut opener).await?;
         let (sealer, nonce) = opener.response_sealer().map_err(Refusal::from_ohttp)?;
         let mut out = ChunkedWriter {
             send,
@@ -528,7 +599,18 @@ impl Gateway {
             encoder: None,
         };
         out.start(&nonce).await?;
-        let request = match BackendRequest::from_bhttp(&head, body.freeze()) {
+        let (head, body) = match read {
+            ChunkedRead::Request(head, body) => (head, body),
+            ChunkedRead::Unusable(error) => {
+                out.whole(self.failed(&error), tally).await?;
+                return Ok(Answered::ByExit);
+            }
+        };
+        if let Err(error) = self.admit(opener.enc(), &head) {
+            out.whole(self.refused(&error), tally).await?;
+            return Ok(Answered::ByExit);
+        }
+        let request = match BackendRequest::from_bhttp(&head, body, self.backend.policy()) {
             Ok(request) => request,
             Err(error) => {
                 out.whole(self.failed(&error), tally).await?;
@@ -556,7 +638,16 @@ impl Gateway {
         let relayed = async {
             out.head(&head).await?;
             let mut stream = response.bytes_stream();
-            while let Some(piece) = stream.next().await {
+            loop {
+                let piece = match self.next_piece(&mut stream).await {
+                    Ok(Some(piece)) => piece,
+                    Ok(None) => break,
+                    Err(error) => {
+                        tracing::info!(%error, "backend went silent mid-response");
+                        tracing::Span::current().record("otel.status_code", "error");
+                        return Err(Refusal::Backend(ErrorClass::from(&error)));
+                    }
+                };
                 match piece {
                     Ok(bytes) => {
                         self.received(bytes.len());
@@ -586,6 +677,22 @@ impl Gateway {
             ..bhttp::Limits::default()
         }
     }
+}
+
+/// A chunked request read whole, or why it cannot be served.
+enum ChunkedRead {
+    Request(RequestHead, Bytes),
+    /// Decrypted but unusable (malformed inside, too large): answered encrypted.
+    Unusable(ApiError),
+}
+
+/// The replay window for `limits`, counting the exit's start from `clock`'s now.
+fn replay_window(limits: &Limits, clock: &Clock) -> ReplayWindow {
+    ReplayWindow::new(
+        limits.max_clock_skew.as_secs(),
+        limits.replay_cache_entries,
+        clock.unix_now(),
+    )
 }
 
 /// Seals and writes a chunked response.
@@ -737,6 +844,7 @@ mod tests {
             headers: RedactedHeaders::default(),
             idle_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(1),
+            allow: crate::exit::EndpointPolicy::default(),
         })
         .unwrap();
         let metrics = Arc::new(ExitMetrics::new());

@@ -1,65 +1,133 @@
 //! Replay protection for encapsulated requests. OHTTP has none (RFC 9458 §6.5): a relay, or
-//! anyone who recorded a request, could send it again and make the backend run it twice. Every
-//! request carries a fresh HPKE encapsulated key (`enc`), so the exit refuses an `enc` it has
-//! already seen within a window.
+//! anyone who recorded a request, could send it again and make the backend run it twice.
+//!
+//! Two checks together close it, across restarts and floods:
+//! - every request carries a `Date` inside its encryption; the exit accepts it only within a
+//!   skew window around its own clock, and never when dated before the exit started (so a
+//!   restart, which forgets what was seen, cannot let an old request back in);
+//! - within that window every request's HPKE encapsulated key (`enc`, fresh per request) is
+//!   remembered until its date leaves the window. When the memory bound is reached the exit
+//!   refuses new requests (fails closed) rather than forget one early.
+//!
+//! Pure logic: times are passed in, so tests move the clock.
 
 use std::{
-    collections::{HashSet, VecDeque},
+    cmp::Reverse,
+    collections::{BinaryHeap, HashSet},
     sync::Mutex,
-    time::{Duration, Instant},
 };
 
-/// Recently seen encapsulated keys.
+/// Why a request is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(super) enum ReplayError {
+    /// No `Date` field, or one that is not an HTTP date.
+    #[error("the request carries no valid Date; update the client")]
+    NoDate,
+    /// Dated before this exit started: it may have been seen by the exit before a restart.
+    #[error("the request is dated before the exit started; retry")]
+    BeforeStart,
+    /// Dated too long ago.
+    #[error(
+        "the request's Date is {0} s behind the exit's clock (at most {1} s accepted); if this machine's clock is wrong, correct it (NTP)"
+    )]
+    TooOld(u64, u64),
+    /// Dated in the future.
+    #[error(
+        "the request's Date is {0} s ahead of the exit's clock (at most {1} s accepted); if this machine's clock is wrong, correct it (NTP)"
+    )]
+    InFuture(u64, u64),
+    /// This `enc` was seen within the window.
+    #[error("the request was already received")]
+    Replayed,
+    /// The window holds as many keys as it may.
+    #[error("replay memory full")]
+    Full,
+}
+
+/// The seen-key memory and the date window.
 #[derive(Debug)]
 pub(super) struct ReplayWindow {
-    window: Duration,
+    /// Largest accepted distance between a request's date and the exit's clock, seconds.
+    skew: u64,
+    /// Most keys remembered at once.
     capacity: usize,
+    /// Requests dated before this (Unix seconds) are refused.
+    not_before: u64,
     seen: Mutex<Seen>,
 }
 
 #[derive(Debug, Default)]
 struct Seen {
-    set: HashSet<[u8; 32]>,
-    order: VecDeque<([u8; 32], Instant)>,
+    keys: HashSet<[u8; 32]>,
+    /// (when the key may be forgotten, key), earliest first.
+    expiry: BinaryHeap<Reverse<(u64, [u8; 32])>>,
 }
 
 impl ReplayWindow {
-    /// Remembers keys for `window`, at most `capacity` of them (the oldest are forgotten first
-    /// when a burst exceeds it; the window then shrinks to what memory allows).
+    /// A window for an exit started at `started` (Unix seconds): requests dated in that
+    /// second or before are refused, since the previous run may have seen them.
     #[must_use]
-    pub(super) fn new(window: Duration, capacity: usize) -> Self {
+    pub(super) fn new(skew: u64, capacity: usize, started: u64) -> Self {
         Self {
-            window,
+            skew,
             capacity: capacity.max(1),
+            not_before: started.saturating_add(1),
             seen: Mutex::default(),
         }
     }
 
-    /// Records `enc`; returns `false` if it was already seen (a replay).
-    pub(super) fn admit(&self, enc: &[u8]) -> bool {
-        self.admit_at(enc, Instant::now())
+    /// The first second (Unix) whose requests are accepted.
+    #[must_use]
+    pub(super) fn not_before(&self) -> u64 {
+        self.not_before
     }
 
-    fn admit_at(&self, enc: &[u8], now: Instant) -> bool {
-        let Ok(key) = <[u8; 32]>::try_from(enc) else {
-            return false;
-        };
+    /// Checks a decapsulated request dated `date` (Unix seconds) against the exit's clock
+    /// `now`, and remembers its `enc` if it is admitted.
+    pub(super) fn admit(&self, enc: &[u8], date: Option<u64>, now: u64) -> Result<(), ReplayError> {
+        let date = date.ok_or(ReplayError::NoDate)?;
+        let key = <[u8; 32]>::try_from(enc).map_err(|_| ReplayError::NoDate)?;
+        if date < self.not_before {
+            return Err(ReplayError::BeforeStart);
+        }
+        if now > date.saturating_add(self.skew) {
+            return Err(ReplayError::TooOld(now - date, self.skew));
+        }
+        if date > now.saturating_add(self.skew) {
+            return Err(ReplayError::InFuture(date - now, self.skew));
+        }
         let mut seen = self
             .seen
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        while let Some((old, at)) = seen.order.front().copied() {
-            if now.duration_since(at) < self.window && seen.order.len() < self.capacity {
+        // A key is kept while its date is inside the window: once `now` passes date + skew the
+        // date check refuses the request on its own.
+        while let Some(Reverse((expires, old))) = seen.expiry.peek().copied() {
+            if expires >= now {
                 break;
             }
-            seen.order.pop_front();
-            seen.set.remove(&old);
+            seen.expiry.pop();
+            seen.keys.remove(&old);
         }
-        if !seen.set.insert(key) {
-            return false;
+        if seen.keys.contains(&key) {
+            return Err(ReplayError::Replayed);
         }
-        seen.order.push_back((key, now));
-        true
+        if seen.keys.len() >= self.capacity {
+            return Err(ReplayError::Full);
+        }
+        seen.keys.insert(key);
+        seen.expiry
+            .push(Reverse((date.saturating_add(self.skew), key)));
+        Ok(())
+    }
+
+    #[cfg(test)]
+    fn remembered(&self) -> usize {
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .keys
+            .len()
     }
 }
 
@@ -67,32 +135,84 @@ impl ReplayWindow {
 mod tests {
     use super::*;
 
+    const START: u64 = 1_700_000_000;
+
     #[test]
-    fn refuses_repeats_within_the_window() {
-        let window = ReplayWindow::new(Duration::from_secs(60), 10);
-        let start = Instant::now();
-        assert!(window.admit_at(&[1; 32], start));
-        assert!(window.admit_at(&[2; 32], start));
-        assert!(!window.admit_at(&[1; 32], start + Duration::from_secs(30)));
-        // After the window the key is forgotten.
-        assert!(window.admit_at(&[1; 32], start + Duration::from_secs(61)));
-        assert!(
-            !window.admit(&[0; 31]),
-            "wrong-length enc is never admitted"
+    fn refuses_repeats_while_the_date_is_in_the_window() {
+        let window = ReplayWindow::new(60, 10, START);
+        let t = START + 10;
+        assert_eq!(window.admit(&[1; 32], Some(t), t), Ok(()));
+        assert_eq!(window.admit(&[2; 32], Some(t), t), Ok(()));
+        assert_eq!(
+            window.admit(&[1; 32], Some(t), t + 30),
+            Err(ReplayError::Replayed)
+        );
+        // At the edge of the window the key is still remembered.
+        assert_eq!(
+            window.admit(&[1; 32], Some(t), t + 60),
+            Err(ReplayError::Replayed)
+        );
+        // After it, the date alone refuses the request (11 minutes later, say).
+        assert_eq!(
+            window.admit(&[1; 32], Some(t), t + 660),
+            Err(ReplayError::TooOld(660, 60))
+        );
+        assert_eq!(window.admit(&[0; 31], Some(t), t), Err(ReplayError::NoDate));
+        assert_eq!(window.admit(&[3; 32], None, t), Err(ReplayError::NoDate));
+    }
+
+    #[test]
+    fn dates_outside_the_skew_window_are_refused() {
+        let window = ReplayWindow::new(60, 10, START);
+        let now = START + 1000;
+        assert_eq!(window.admit(&[1; 32], Some(now - 60), now), Ok(()));
+        assert_eq!(window.admit(&[2; 32], Some(now + 60), now), Ok(()));
+        assert_eq!(
+            window.admit(&[3; 32], Some(now - 61), now),
+            Err(ReplayError::TooOld(61, 60))
+        );
+        assert_eq!(
+            window.admit(&[4; 32], Some(now + 61), now),
+            Err(ReplayError::InFuture(61, 60))
         );
     }
 
     #[test]
-    fn bounded_memory() {
-        let window = ReplayWindow::new(Duration::from_secs(60), 3);
-        let now = Instant::now();
-        for i in 0..10u8 {
-            assert!(window.admit_at(&[i; 32], now));
+    fn nothing_dated_before_the_start_is_accepted() {
+        let window = ReplayWindow::new(60, 10, START);
+        assert_eq!(window.not_before(), START + 1);
+        for date in [START - 30, START] {
+            assert_eq!(
+                window.admit(&[1; 32], Some(date), START + 5),
+                Err(ReplayError::BeforeStart)
+            );
         }
-        let seen = window
-            .seen
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        assert!(seen.order.len() <= 3 && seen.set.len() <= 3);
+        assert_eq!(window.admit(&[1; 32], Some(START + 1), START + 5), Ok(()));
+    }
+
+    #[test]
+    fn a_full_window_fails_closed_and_never_forgets_early() {
+        let window = ReplayWindow::new(60, 3, START);
+        let t = START + 100;
+        for i in 0..3u8 {
+            assert_eq!(window.admit(&[i; 32], Some(t), t), Ok(()));
+        }
+        // A flood of fresh keys is refused, and every remembered key stays refused.
+        for i in 3..100u8 {
+            assert_eq!(
+                window.admit(&[i; 32], Some(t), t + 1),
+                Err(ReplayError::Full)
+            );
+        }
+        for i in 0..3u8 {
+            assert_eq!(
+                window.admit(&[i; 32], Some(t), t + 60),
+                Err(ReplayError::Replayed)
+            );
+        }
+        assert_eq!(window.remembered(), 3);
+        // Once the dates leave the window there is room again.
+        assert_eq!(window.admit(&[7; 32], Some(t + 61), t + 61), Ok(()));
+        assert_eq!(window.remembered(), 1);
     }
 }

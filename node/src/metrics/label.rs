@@ -139,6 +139,8 @@ pub enum ErrorClass {
     Overloaded,
     /// The exit did not answer in time.
     GatewayTimeout,
+    /// A policy refused the request (endpoint, host or web origin).
+    Forbidden,
 }
 
 impl ErrorClass {
@@ -162,6 +164,7 @@ impl ErrorClass {
             Self::PayloadTooLarge => "payload_too_large",
             Self::Overloaded => "overloaded",
             Self::GatewayTimeout => "gateway_timeout",
+            Self::Forbidden => "forbidden",
         }
     }
 }
@@ -180,6 +183,9 @@ impl From<&ApiError> for ErrorClass {
             ApiError::BadRequest(_) => Self::BadRequest,
             ApiError::Overloaded => Self::Overloaded,
             ApiError::GatewayTimeout => Self::GatewayTimeout,
+            ApiError::Forbidden { .. } => Self::Forbidden,
+            ApiError::RequestExpired(_) | ApiError::Replayed => Self::Replay,
+            ApiError::ReplayWindowFull => Self::Overloaded,
         }
     }
 }

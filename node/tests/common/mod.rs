@@ -22,9 +22,10 @@ use axum::{
 use tokengo::{
     admin::{self, RoleProbe},
     client::{Client, ClientProbe},
+    clock::Clock,
     config::{BackendConfig, Limits, RedactedHeaders},
     data_dir::DataDir,
-    exit::{Exit, ExitProbe},
+    exit::{EndpointPolicy, Exit, ExitProbe},
     relay::{Direction, Registry, Relay, RelayProbe, Tap},
     transport::RelayAddr,
 };
@@ -101,12 +102,16 @@ pub async fn start_relay_with(
     }
 }
 
+/// The exit's backend settings for tests of the transport: every endpoint passes (`* /*`),
+/// since the test backend's behaviours live on paths no inference API has (`/slow`,
+/// `/held`). Tests of the endpoint policy use [`EndpointPolicy::default`] instead.
 pub fn backend_config(url: &str, idle: Duration) -> BackendConfig {
     BackendConfig {
         url: url.parse().unwrap(),
         headers: RedactedHeaders::default(),
         idle_timeout: idle,
         connect_timeout: Duration::from_secs(2),
+        allow: EndpointPolicy::new(vec!["* /*".parse().unwrap()], true),
     }
 }
 
@@ -122,8 +127,20 @@ pub struct ExitHandle {
 
 pub async fn start_exit(relay: &RelayAddr, backend: BackendConfig, limits: &Limits) -> ExitHandle {
     let dir = tempfile::tempdir().unwrap();
+    start_exit_with(relay, backend, limits, dir, Clock::system()).await
+}
+
+/// An exit keeping its keys in `dir` (an earlier exit's, to restart it) and checking request
+/// dates against `clock`.
+pub async fn start_exit_with(
+    relay: &RelayAddr,
+    backend: BackendConfig,
+    limits: &Limits,
+    dir: tempfile::TempDir,
+    clock: Clock,
+) -> ExitHandle {
     let data_dir = DataDir::resolve(Some(dir.path().to_path_buf())).unwrap();
-    let exit = Exit::load(&data_dir, &backend, limits.clone()).unwrap();
+    let exit = Exit::load_with_clock(&data_dir, &backend, limits.clone(), clock).unwrap();
     let peer_id = exit.peer_id();
     let (tx, mut registered) = watch::channel(false);
     let probe = exit.probe(relay.clone(), tx.subscribe());
@@ -208,6 +225,24 @@ pub struct Backend {
     pub task: tokio::task::JoinHandle<()>,
     /// Releases the second event of `/held` streams.
     pub gate: Arc<Notify>,
+    /// Every request the echo handler (all paths but `/slow`, `/big`, `/held`, `/late`) got.
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+/// A request as the backend saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    /// The path and query exactly as they arrived.
+    pub target: String,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Backend {
+    /// What the echo handler got since the last call (and forgets it).
+    pub fn take_seen(&self) -> Vec<Seen> {
+        std::mem::take(&mut *self.seen.lock().unwrap())
+    }
 }
 
 impl Backend {
@@ -308,6 +343,17 @@ async fn held(gate: Arc<Notify>) -> Response {
         .unwrap()
 }
 
+/// Answers after `ms` milliseconds with the whole (non-streamed) body: a model that sends its
+/// response head only when generation ends.
+async fn late(Query(params): Query<std::collections::HashMap<String, u64>>) -> Response {
+    let ms = params.get("ms").copied().unwrap_or(1000);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    Response::builder()
+        .header("content-type", "application/json")
+        .body(Body::from(format!("{{\"waited_ms\":{ms}}}")))
+        .unwrap()
+}
+
 async fn big(Query(params): Query<std::collections::HashMap<String, usize>>) -> Response {
     let len = params.get("len").copied().unwrap_or(1 << 20);
     let body: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
@@ -317,11 +363,29 @@ async fn big(Query(params): Query<std::collections::HashMap<String, usize>>) -> 
 pub async fn start_backend() -> Backend {
     let gate = Arc::new(Notify::new());
     let held_gate = Arc::clone(&gate);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let recorder = Arc::clone(&seen);
     let router = Router::new()
         .route("/slow", any(slow))
         .route("/big", get(big))
+        .route("/late", any(late))
         .route("/held", any(move || held(Arc::clone(&held_gate))))
-        .fallback(echo);
+        .fallback(move |request: Request| {
+            recorder.lock().unwrap().push(Seen {
+                method: request.method().to_string(),
+                target: request
+                    .uri()
+                    .path_and_query()
+                    .map(|p| p.as_str().to_owned())
+                    .unwrap_or_default(),
+                headers: request
+                    .headers()
+                    .iter()
+                    .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("").to_owned()))
+                    .collect(),
+            });
+            echo(request)
+        });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let stop = CancellationToken::new();
@@ -337,7 +401,45 @@ pub async fn start_backend() -> Backend {
         stop,
         task,
         gate,
+        seen,
     }
+}
+
+/// Sends `request` (a whole HTTP/1.1 request, sent byte for byte: no client library
+/// normalises its path) to `addr` and returns the status and body of the answer.
+pub async fn raw_http(addr: &str, request: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), tcp.read_to_end(&mut answer))
+        .await
+        .expect("no answer")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not HTTP: {text}"));
+    let (head, mut body) = text
+        .split_once("\r\n\r\n")
+        .map(|(h, b)| (h.to_ascii_lowercase(), b.to_owned()))
+        .unwrap_or_default();
+    if head.contains("transfer-encoding: chunked") {
+        let mut plain = String::new();
+        let mut rest = body.as_str();
+        while let Some((size, after)) = rest.split_once("\r\n") {
+            let size = usize::from_str_radix(size.trim(), 16).unwrap();
+            if size == 0 {
+                break;
+            }
+            plain.push_str(&after[..size]);
+            rest = &after[size + 2..];
+        }
+        body = plain;
+    }
+    (status, body)
 }
 
 /// A running admin endpoint; `url` is its base.

@@ -170,6 +170,14 @@ class Target:
         return openai.OpenAI(base_url=self.url + "/v1", api_key="tokengo-e2e", max_retries=0, **kw)
 
 
+# Operator settings per chain label. The echo chain checks transparency on the echo backend's
+# own paths and headers, which an exit does not pass by default: its operator allows them.
+EXIT_ARGS: dict[str, list[str]] = {"echo": ["--allow", "* /echo/*"]}
+CLIENT_ARGS: dict[str, list[str]] = {
+    "echo": ["--forward-header", "X-Tokengo-Repeat,X-Tokengo-Single"]
+}
+
+
 class Chains:
     def __init__(self, processes: Processes, tmp: pytest.TempPathFactory) -> None:
         self.processes = processes
@@ -181,6 +189,7 @@ class Chains:
 
     def _serve(self, label: str, backend_url: str, target: Target) -> str:
         exe = str(require_tokengo())
+        extra = EXIT_ARGS.get(label, []) + CLIENT_ARGS.get(label, [])
         proc = self.processes.start(
             f"{label}-serve",
             [
@@ -192,6 +201,7 @@ class Chains:
                 "127.0.0.1:0",
                 "--data-dir",
                 self._data_dir(f"{label}-serve"),
+                *extra,
             ],
         )
         target.procs.append(proc)
@@ -223,6 +233,7 @@ class Chains:
                 backend_url,
                 "--data-dir",
                 self._data_dir(f"{label}-exit"),
+                *EXIT_ARGS.get(label, []),
             ],
         )
         target.procs.append(exit_)
@@ -238,6 +249,7 @@ class Chains:
                 "127.0.0.1:0",
                 "--data-dir",
                 self._data_dir(f"{label}-client"),
+                *CLIENT_ARGS.get(label, []),
             ],
         )
         target.procs.append(client)
@@ -289,6 +301,12 @@ def echo_backend() -> Iterator[EchoBackend]:
     echo = EchoBackend()
     yield echo
     echo.stop()
+
+
+@pytest.fixture(scope="session", params=["serve", "split"])
+def echo_chain(request: pytest.FixtureRequest, echo_backend: EchoBackend, chains: Chains) -> Target:
+    """The echo backend through tokengo only (what the chain refuses or rewrites)."""
+    return chains.get(request.param, echo_backend.url, "echo")
 
 
 @pytest.fixture(scope="session", params=["direct", "serve", "split"])

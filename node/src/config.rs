@@ -1329,6 +1329,15 @@ mod tests {
             ("headers: ['no colon']\n", "header"),
             ("quic_idle_timeout_secs: 1\n", "quic_idle_timeout_secs"),
             ("max_request_body_bytes: 0\n", "max_request_body_bytes"),
+            ("allow: ['DELETE']\n", "allow"),
+            ("allow: ['POST /v1/../admin']\n", "allow"),
+            ("allow_defaults: false\n", "allow_defaults"),
+            ("max_clock_skew_secs: 0\n", "max_clock_skew"),
+            ("replay_cache_entries: 0\n", "replay_cache_entries"),
+            ("request_timeout_secs: 0\n", "request_timeout"),
+            ("forward_headers: [authorization]\n", "forward_headers"),
+            ("forward_headers: [user-agent]\n", "forward_headers"),
+            ("allowed_hosts: ['']\n", "allowed_hosts"),
         ];
         for (yaml, field) in cases {
             let file = file_with(yaml);
@@ -1433,6 +1442,68 @@ mod tests {
             }
         }
         assert!(seen >= 8, "{seen} example configs");
+    }
+
+    #[test]
+    fn exit_gate_and_local_endpoint_settings_come_from_file_and_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = file_with(
+            "allow: ['POST /api/pull']\nmax_clock_skew_secs: 30\nreplay_cache_entries: 10\n\
+             request_timeout_secs: 3600\nforward_headers: [X-Team]\n\
+             allowed_hosts: [Tokengo-Client]\nallowed_origins: ['https://Chat.example.com/']\n",
+        );
+        let config = ServeConfig::resolve(ServeArgs {
+            common: common(file.path(), dir.path()),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        let rules: Vec<_> = config
+            .backend
+            .allow
+            .rules()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(rules.len(), crate::exit::DEFAULT_ENDPOINTS.len() + 1);
+        assert_eq!(rules.last().unwrap(), "POST /api/pull");
+        assert_eq!(config.limits.max_clock_skew, Duration::from_secs(30));
+        assert_eq!(config.limits.replay_cache_entries, 10);
+        assert_eq!(config.limits.request_timeout, Duration::from_secs(3600));
+        assert_eq!(config.policy.forward_headers, ["x-team"]);
+        assert_eq!(config.policy.allowed_hosts, ["tokengo-client"]);
+        assert_eq!(config.policy.allowed_origins, ["https://chat.example.com"]);
+        // Flags replace the file's list; `allow_defaults: false` keeps only the rules given.
+        let config = ExitConfig::resolve(ExitArgs {
+            common: common(file.path(), dir.path()),
+            gate: ExitGateArgs {
+                allow: vec!["GET /v1/models".into()],
+                allow_defaults: Some(false),
+                ..ExitGateArgs::default()
+            },
+            request: RequestArgs {
+                request_timeout_secs: Some(60),
+            },
+            ..ExitArgs::default()
+        })
+        .unwrap();
+        let rules: Vec<_> = config
+            .backend
+            .allow
+            .rules()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(rules, ["GET /v1/models"]);
+        assert_eq!(config.limits.request_timeout, Duration::from_secs(60));
+        // The defaults when nothing is said.
+        let empty = file_with("");
+        let config = ClientConfig::resolve(ClientArgs {
+            common: common(empty.path(), dir.path()),
+            ..ClientArgs::default()
+        })
+        .unwrap();
+        assert_eq!(config.policy, ClientPolicy::default());
+        assert_eq!(config.limits.request_timeout, Duration::from_secs(1800));
     }
 
     #[test]

@@ -232,7 +232,15 @@ async def _traces_scenario(tmp_path: Path, backend: EchoBackend) -> None:
 
 def test_admin_endpoint_health_metrics_and_status(tmp_path: Path) -> None:
     backend = EchoBackend()
-    proc = start_serve(tmp_path, "admin-serve", backend.url, {}, ["--admin-listen", "127.0.0.1:0"])
+    # The echo backend's own path, which the operator allows (exits pass inference endpoints
+    # only by default): a path no metric may name.
+    proc = start_serve(
+        tmp_path,
+        "admin-serve",
+        backend.url,
+        {},
+        ["--admin-listen", "127.0.0.1:0", "--allow", "GET /echo/*"],
+    )
     try:
         admin = proc.wait_for_line(RX_ADMIN, READY_TIMEOUT).group(1)
         url = proc.wait_for_line(RX_SERVE, READY_TIMEOUT).group(1)

@@ -295,9 +295,17 @@ async fn attempt(
             Opener::Chunked(Box::new(response))
         }
     };
-    let lost = |e: quinn::WriteError| AttemptError::Retry(ApiError::ExitUnavailable(e.to_string()));
     state.metrics.bytes(Flow::ToRelay, out.len());
-    send.write_chunk(Bytes::from(out)).await.map_err(lost)?;
+    match send.write_chunk(Bytes::from(out)).await {
+        // The exit (or relay) stopped reading because it has answered already (a request it
+        // refused before reading it whole): the answer follows.
+        Ok(()) | Err(quinn::WriteError::Stopped(_)) => {}
+        Err(e) => {
+            return Err(AttemptError::Retry(ApiError::ExitUnavailable(
+                e.to_string(),
+            )));
+        }
+    }
     let _ = send.finish();
     let mut reader = StreamReader::new(recv);
     let status = read_status(&mut reader, state.limits.request_timeout + TIMEOUT_MARGIN).await?;

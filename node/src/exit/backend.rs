@@ -49,7 +49,7 @@ impl BackendRequest {
         }
         path.parse::<http::uri::PathAndQuery>()
             .map_err(|_| ApiError::BadRequest("invalid path".into()))?;
-        policy.check(&method, path).map_err(|refused| match refused {
+        let path = policy.check(&method, path).map_err(|refused| match refused {
             Refused::Path(why) => ApiError::Forbidden {
                 code: "path_not_allowed",
                 message: format!("{why}; this exit refuses such paths"),
@@ -74,7 +74,7 @@ impl BackendRequest {
         }
         Ok(Self {
             method,
-            path_and_query: path.to_owned(),
+            path_and_query: path,
             headers,
             body,
         })

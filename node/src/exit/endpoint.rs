@@ -199,21 +199,26 @@ impl EndpointPolicy {
         &self.rules
     }
 
-    /// Checks a request's method and origin-form target (`/path?query`); the path is
-    /// returned unchanged when it may reach the backend.
-    pub fn check<'a>(&self, method: &Method, path_and_query: &'a str) -> Result<&'a str, Refused> {
-        let path = path_and_query
-            .split_once('?')
-            .map_or(path_and_query, |(path, _)| path);
+    /// Checks a request's method and origin-form target (`/path?query`). Returns the
+    /// target to send, its path normalised (escaped letters, digits, `-`, `_`, `~` decoded,
+    /// other escapes in upper case), so the backend sees exactly the path the rules matched.
+    pub fn check(&self, method: &Method, path_and_query: &str) -> Result<String, Refused> {
+        let (path, query) = match path_and_query.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (path_and_query, None),
+        };
         check_path(path)?;
-        if self.rules.iter().any(|rule| rule.matches(method, path)) {
-            Ok(path_and_query)
-        } else {
-            Err(Refused::NotAllowed {
+        let path = normalize(path);
+        if !self.rules.iter().any(|rule| rule.matches(method, &path)) {
+            return Err(Refused::NotAllowed {
                 method: method.clone(),
-                path: path.to_owned(),
-            })
+                path,
+            });
         }
+        Ok(match query {
+            Some(query) => format!("{path}?{query}"),
+            None => path,
+        })
     }
 }
 
@@ -241,6 +246,29 @@ pub(super) fn check_path(path: &str) -> Result<(), PathError> {
         }
     }
     Ok(())
+}
+
+/// RFC 3986 §6.2.2 normalisation of a checked path: escapes of unreserved characters decoded,
+/// the others' hex digits in upper case.
+fn normalize(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    let mut rest = path;
+    while let Some(at) = rest.find('%') {
+        out.push_str(&rest[..at]);
+        let escape = rest.get(at + 1..at + 3).unwrap_or_default();
+        match u8::from_str_radix(escape, 16) {
+            Ok(byte) if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'~') => {
+                out.push(char::from(byte));
+            }
+            _ => {
+                out.push('%');
+                out.push_str(&escape.to_ascii_uppercase());
+            }
+        }
+        rest = rest.get(at + 3..).unwrap_or_default();
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Decodes `%XX` escapes; refuses encoded `/`, `\`, `.` and control characters, and
@@ -395,6 +423,24 @@ mod tests {
         assert!(allowed(&any, "GET", "/v1/models/llama-3.1..q4"));
         assert!(allowed(&any, "GET", "/v1/models/a%3Ab"));
         assert!(allowed(&any, "GET", "/"));
+    }
+
+    #[test]
+    fn paths_are_normalised_before_the_rules() {
+        let policy = EndpointPolicy::default();
+        // An escaped letter is the same path: it matches, and the backend gets the plain form.
+        assert_eq!(
+            policy
+                .check(&Method::POST, "/v1/chat/%63ompletions?x=%2e")
+                .unwrap(),
+            "/v1/chat/completions?x=%2e"
+        );
+        // So an escaped management path is refused like the plain one.
+        assert!(!allowed(&policy, "POST", "/api/%70ull"));
+        assert_eq!(
+            policy.check(&Method::GET, "/v1/models/a%3ab%20c").unwrap(),
+            "/v1/models/a%3Ab%20c"
+        );
     }
 
     #[test]

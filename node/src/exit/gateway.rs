@@ -465,7 +465,8 @@ impl Gateway {
 
     /// Checks a decapsulated request's date and encapsulated key against replay.
     fn admit(&self, enc: Option<&[u8; 32]>, head: &RequestHead) -> Result<(), ReplayError> {
-        let enc = enc.ok_or(ReplayError::NoDate)?;
+        // A request that decapsulated always has its `enc`; refused all the same if not.
+        let enc = enc.ok_or(ReplayError::Replayed)?;
         self.replay.admit(
             &enc[..],
             http_message::request_date(&head.fields),

@@ -14,7 +14,7 @@ use std::{
 
 use common::{
     Backend, ClientHandle, ExitHandle, Recorder, RelayHandle, init, limits, raw_http,
-    start_backend, start_client, start_exit, start_exit_with, start_relay,
+    raw_http_with_head, start_backend, start_client, start_exit, start_exit_with, start_relay,
 };
 use libp2p_identity::Keypair;
 use tokengo::{
@@ -260,14 +260,36 @@ async fn foreign_hosts_and_web_origins_are_refused() {
     }
     assert!(s.backend.take_seen().is_empty());
     for host in [addr(&s.client), format!("localhost:{port}")] {
-        let (status, body) = raw_http(
+        let (status, head, body) = raw_http_with_head(
             &addr(&s.client),
             &post(&host, "Origin: http://localhost:5173\r\n"),
         )
         .await;
         assert_eq!(status, 200, "{host}: {body}");
+        // The page of an allowed origin may read the answer.
+        assert!(
+            head.contains("access-control-allow-origin: http://localhost:5173"),
+            "{head}"
+        );
     }
     assert_eq!(s.backend.take_seen().len(), 2);
+    // CORS preflights are answered by the client: allowed for loopback origins, refused for
+    // others; neither reaches the exit.
+    let preflight = |origin: &str| {
+        format!(
+            "OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: {}\r\nOrigin: {origin}\r\naccess-control-request-method: POST\r\naccess-control-request-headers: content-type\r\nconnection: close\r\n\r\n",
+            addr(&s.client)
+        )
+    };
+    let (status, head, _) =
+        raw_http_with_head(&addr(&s.client), &preflight("http://localhost:5173")).await;
+    assert_eq!(status, 204, "{head}");
+    assert!(head.contains("access-control-allow-origin: http://localhost:5173"));
+    assert!(head.contains("access-control-allow-headers: content-type"));
+    let (status, body) = raw_http(&addr(&s.client), &preflight("https://attacker.example")).await;
+    assert_eq!(status, 403);
+    assert_eq!(code(&body), "origin_not_allowed");
+    assert!(s.backend.take_seen().is_empty());
 }
 
 /// Sends `body` to the exit through the relay as a client would, and returns the answer.

@@ -9,7 +9,7 @@
 
 use std::net::IpAddr;
 
-use http::{HeaderMap, HeaderName};
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
 use crate::api_error::ApiError;
 
@@ -78,6 +78,17 @@ impl ClientPolicy {
         Ok(())
     }
 
+    /// The origin to name in `Access-Control-Allow-Origin` on the answer: the request's
+    /// `Origin` when it is allowed (browsers then let the page read the answer), else none.
+    /// Requests from other origins never get this far (see [`ClientPolicy::check`]).
+    #[must_use]
+    pub fn cors_origin(&self, headers: &HeaderMap) -> Option<HeaderValue> {
+        let mut origins = headers.get_all(http::header::ORIGIN).iter();
+        let origin = origins.next()?;
+        (origins.next().is_none() && self.origin_allowed(origin.to_str().ok()?))
+            .then(|| origin.clone())
+    }
+
     fn host_allowed(&self, host: &str) -> bool {
         let Some(name) = host_name(host) else {
             return false;
@@ -102,6 +113,36 @@ impl ClientPolicy {
             && !rest.contains(['/', '@'])
             && host_name(rest).is_some_and(|name| is_loopback_name(&name))
     }
+}
+
+/// Whether a request is a CORS preflight, which the client answers itself (an exit passes no
+/// `OPTIONS`).
+#[must_use]
+pub(super) fn is_preflight(method: &Method, headers: &HeaderMap) -> bool {
+    method == Method::OPTIONS
+        && headers.contains_key(http::header::ORIGIN)
+        && headers.contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD)
+}
+
+/// The answer to a preflight from `origin` (already allowed): any method and the headers
+/// asked for (what is not forwarded stays at the client anyway), cached for ten minutes.
+#[must_use]
+pub(super) fn preflight_headers(origin: HeaderValue, request: &HeaderMap) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(http::header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    headers.insert(
+        http::header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST, OPTIONS"),
+    );
+    if let Some(asked) = request.get(http::header::ACCESS_CONTROL_REQUEST_HEADERS) {
+        headers.insert(http::header::ACCESS_CONTROL_ALLOW_HEADERS, asked.clone());
+    }
+    headers.insert(
+        http::header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
+    headers.insert(http::header::VARY, HeaderValue::from_static("Origin"));
+    headers
 }
 
 /// The name or address in a `Host` value (`name[:port]`, `[v6][:port]`), lower case, without
@@ -260,6 +301,41 @@ mod tests {
             code(&configured, &[host, ("origin", "https://chat.example.com")]),
             None
         );
+    }
+
+    #[test]
+    fn allowed_origins_get_cors_answers() {
+        let policy = ClientPolicy::default();
+        let request = headers(&[
+            ("origin", "http://localhost:3000"),
+            ("access-control-request-method", "POST"),
+            (
+                "access-control-request-headers",
+                "content-type, authorization",
+            ),
+        ]);
+        assert!(is_preflight(&Method::OPTIONS, &request));
+        assert!(!is_preflight(&Method::POST, &request));
+        assert!(!is_preflight(
+            &Method::OPTIONS,
+            &headers(&[("origin", "http://localhost")])
+        ));
+        let origin = policy.cors_origin(&request).unwrap();
+        assert_eq!(origin, "http://localhost:3000");
+        let answer = preflight_headers(origin, &request);
+        assert_eq!(
+            answer["access-control-allow-origin"],
+            "http://localhost:3000"
+        );
+        assert_eq!(
+            answer["access-control-allow-headers"],
+            "content-type, authorization"
+        );
+        assert_eq!(
+            policy.cors_origin(&headers(&[("origin", "https://attacker.example")])),
+            None
+        );
+        assert_eq!(policy.cors_origin(&headers(&[])), None);
     }
 
     #[test]

@@ -19,7 +19,12 @@ use tokengo_proto::{
 };
 use tracing::{Instrument as _, field::Empty};
 
-use super::{ClientState, access::ClientPolicy, body, directory::ExitInfo};
+use super::{
+    ClientState,
+    access::{self, ClientPolicy},
+    body,
+    directory::ExitInfo,
+};
 use crate::{
     api_error::ApiError,
     http_message,
@@ -40,6 +45,10 @@ pub(super) async fn handle(
     State(state): State<Arc<ClientState>>,
     request: http::Request<Body>,
 ) -> Response {
+    if access::is_preflight(request.method(), request.headers()) {
+        return preflight(&state, &request);
+    }
+    let cors_origin = state.policy.cors_origin(request.headers());
     let started = Instant::now();
     let metrics = &state.metrics;
     // Counted until the response body ends, so a long stream stays in flight while it runs.
@@ -81,6 +90,13 @@ pub(super) async fn handle(
             error_response(&error)
         }
     };
+    let mut response = response;
+    if let Some(origin) = cors_origin {
+        // A web page of an allowed origin may read the answer.
+        let headers = response.headers_mut();
+        headers.insert(http::header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        headers.append(http::header::VARY, http::HeaderValue::from_static("Origin"));
+    }
     let status = response.status().as_u16();
     span.record("http.response.status_code", i64::from(status));
     metrics
@@ -90,6 +106,26 @@ pub(super) async fn handle(
         })
         .inc();
     response.map(|inner| Body::new(body::Tracked::new(inner, in_flight)))
+}
+
+/// Answers a CORS preflight here: from an allowed origin (and host) with what the browser
+/// needs to send the real request, from any other with the refusal.
+fn preflight(state: &ClientState, request: &http::Request<Body>) -> Response {
+    let authority = request.uri().authority().map(http::uri::Authority::as_str);
+    if let Err(error) = state.policy.check(request.headers(), authority) {
+        state.metrics.error(ErrorClass::from(&error));
+        return error_response(&error);
+    }
+    let Some(origin) = state.policy.cors_origin(request.headers()) else {
+        return error_response(&ApiError::Forbidden {
+            code: "origin_not_allowed",
+            message: "a preflight with more than one Origin".into(),
+        });
+    };
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    *response.headers_mut() = access::preflight_headers(origin, request.headers());
+    response
 }
 
 /// A response on its way to the user, with what the metrics need to know about it.

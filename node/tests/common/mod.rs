@@ -408,6 +408,12 @@ pub async fn start_backend() -> Backend {
 /// Sends `request` (a whole HTTP/1.1 request, sent byte for byte: no client library
 /// normalises its path) to `addr` and returns the status and body of the answer.
 pub async fn raw_http(addr: &str, request: &str) -> (u16, String) {
+    let (status, _, body) = raw_http_with_head(addr, request).await;
+    (status, body)
+}
+
+/// [`raw_http`], with the response head (status line and fields, lower case) too.
+pub async fn raw_http_with_head(addr: &str, request: &str) -> (u16, String, String) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     tcp.write_all(request.as_bytes()).await.unwrap();
@@ -439,7 +445,7 @@ pub async fn raw_http(addr: &str, request: &str) -> (u16, String) {
         }
         body = plain;
     }
-    (status, body)
+    (status, head, body)
 }
 
 /// A running admin endpoint; `url` is its base.

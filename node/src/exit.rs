@@ -299,6 +299,15 @@ impl Exit {
             relays = relays.len(),
             "backend models discovered"
         );
+        let endpoints: Vec<_> = self
+            .gateway
+            .backend()
+            .policy()
+            .rules()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        tracing::info!(?endpoints, "endpoints passed to the backend");
         let states = Arc::new(std::sync::Mutex::new(vec![false; relays.len()]));
         let registered = Arc::new(registered);
         let mut runs = Vec::with_capacity(relays.len());

@@ -1,5 +1,5 @@
-//! Relay discovery on a private DHT on loopback: three DHT servers, announcing relays, an exit
-//! and a client that are given no relay, all with a test protocol name. Every dial any of
+//! Relay and exit discovery on a private DHT on loopback: three DHT servers, announcing relays
+//! and exits, and clients that are given no relay, all with a test protocol name. Every dial any of
 //! them attempts is recorded; the tests fail if one leaves loopback. Nothing here touches the
 //! public network.
 
@@ -17,8 +17,8 @@ use tokengo::{
     config::Limits,
     data_dir::DataDir,
     discovery::{
-        self, AddressPolicy, Announcer, DhtConfig, DhtServer, DialGuard, DialRecord, InfoSource,
-        RelayCache, Seek,
+        self, AddressPolicy, Announcer, Answer, DhtConfig, DhtServer, DialGuard, DialRecord,
+        InfoSource, RelayCache, Seek,
     },
     exit::Exit,
     metrics::DhtMetrics,
@@ -26,7 +26,10 @@ use tokengo::{
     status::{DhtState, DhtStatus},
     transport::{RelayAddr, TransportParams},
 };
-use tokengo_proto::relay_info::RelayInfo;
+use tokengo_proto::{
+    exit_info::{ExitInfo, ExitInfoError, SignedExitInfo},
+    relay_info::RelayInfo,
+};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -165,7 +168,7 @@ async fn start_relay(
         identity,
         listen: "127.0.0.1:0".parse().unwrap(),
         external_ips: Vec::new(),
-        info,
+        info: Answer::Relay(info),
         status: status_tx,
         metrics: metrics.dht.clone(),
         guard: net.guard(),
@@ -472,5 +475,153 @@ async fn client_fails_over_to_the_next_relay() {
     assert_eq!(chat(&url).await["path"], "/v1/chat/completions");
     client_stop.cancel();
     exit.stop.cancel();
+    relay.stop.cancel();
+}
+
+// ------------------------------------------------------------------------------------- exits
+
+fn lookup(net: &Net) -> discovery::ExitLookup {
+    discovery::ExitLookup {
+        settle: Duration::from_secs(5),
+        guard: net.guard(),
+        ..discovery::ExitLookup::default()
+    }
+}
+
+/// A DHT participant announcing the exit key with its own identity and answering exit-info
+/// with whatever `answer` returns.
+async fn start_fake_exit(
+    net: &Net,
+    identity: Keypair,
+    answer: discovery::ExitInfoSource,
+) -> (CancellationToken, watch::Receiver<Option<DhtStatus>>) {
+    let status = Arc::new(watch::Sender::new(None));
+    let mut seen = status.subscribe();
+    let (_registered_tx, registered) = watch::channel(true);
+    let announcer = Announcer {
+        identity,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        external_ips: Vec::new(),
+        info: Answer::Exit {
+            info: answer,
+            registered,
+        },
+        status,
+        metrics: DhtMetrics::default(),
+        guard: net.guard(),
+    };
+    let stop = CancellationToken::new();
+    let config = net.config();
+    let announce_stop = stop.clone();
+    tokio::spawn(async move { discovery::announce(&config, announcer, announce_stop).await });
+    tokio::time::timeout(
+        WAIT,
+        seen.wait_for(|s| s.as_ref().is_some_and(|s| s.state == DhtState::Announced)),
+    )
+    .await
+    .expect("fake exit never announced")
+    .unwrap();
+    (stop, seen)
+}
+
+fn fake_descriptor(key: &Keypair, issued_at: u64, expires_at: u64) -> Vec<u8> {
+    let desc = tokengo_proto::descriptor::Descriptor {
+        peer_id: key.public().to_peer_id(),
+        key_configs: vec![tokengo_proto::key_config::KeyConfig {
+            key_id: 1,
+            public_key: [3; 32],
+        }],
+        models: vec!["test".into()],
+        issued_at,
+        expires_at,
+        max_streams: 4,
+    };
+    tokengo_proto::descriptor::SignedDescriptor::sign(&desc, key)
+        .unwrap()
+        .as_bytes()
+        .to_vec()
+}
+
+fn fixed_answer(bytes: Vec<u8>) -> discovery::ExitInfoSource {
+    let answer = SignedExitInfo::from_bytes(bytes).unwrap();
+    Arc::new(move || Some(answer.clone()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exit_info_with_a_tampered_relay_list_or_a_stale_descriptor_is_refused() {
+    let net = Net::start().await;
+    let mut relay = start_relay(&net, net.config(), Keypair::generate_ed25519(), None).await;
+    wait_state(&mut relay, DhtState::Announced).await;
+    let now = tokengo::clock::unix_now();
+    let relay_bytes = relay.addr.to_multiaddr().to_vec();
+    let sign = |key: &Keypair, descriptor: Vec<u8>, issued_at: u64| {
+        let info = ExitInfo {
+            issued_at,
+            descriptor,
+            relays: vec![relay_bytes.clone()],
+        };
+        SignedExitInfo::sign(&info, key)
+            .unwrap()
+            .as_bytes()
+            .to_vec()
+    };
+
+    // A well-formed answer: found (so the others are refused for what they are, not missed).
+    let honest_key = Keypair::generate_ed25519();
+    let honest = sign(
+        &honest_key,
+        fake_descriptor(&honest_key, now - 5, now + 3600),
+        now,
+    );
+    let honest_peer = honest_key.public().to_peer_id();
+    let (honest_stop, _) = start_fake_exit(&net, honest_key, fixed_answer(honest)).await;
+
+    // The relay list changed after signing: another relay of the same address length in
+    // place of the one the exit signed for.
+    let tampered_key = Keypair::generate_ed25519();
+    let mut tampered = sign(
+        &tampered_key,
+        fake_descriptor(&tampered_key, now - 5, now + 3600),
+        now,
+    );
+    let rogue = RelayAddr::new(
+        relay.addr.resolve().await.unwrap(),
+        Keypair::generate_ed25519().public().to_peer_id(),
+    )
+    .to_multiaddr()
+    .to_vec();
+    assert_eq!(rogue.len(), relay_bytes.len());
+    let at = tampered
+        .windows(relay_bytes.len())
+        .position(|w| w == relay_bytes.as_slice())
+        .unwrap();
+    tampered[at..at + rogue.len()].copy_from_slice(&rogue);
+    assert_eq!(
+        SignedExitInfo::from_bytes(tampered.clone())
+            .unwrap()
+            .verify(now),
+        Err(ExitInfoError::BadSignature)
+    );
+    let (tampered_stop, _) = start_fake_exit(&net, tampered_key, fixed_answer(tampered)).await;
+
+    // A fresh answer around a descriptor that expired since it was signed.
+    let stale_key = Keypair::generate_ed25519();
+    let stale = sign(
+        &stale_key,
+        fake_descriptor(&stale_key, now - 200, now - 100),
+        now - 150,
+    );
+    let (stale_stop, _) = start_fake_exit(&net, stale_key, fixed_answer(stale)).await;
+
+    let found = discovery::find_exits(&net.config(), lookup(&net), &CancellationToken::new())
+        .await
+        .unwrap();
+    let peers: Vec<_> = found.iter().map(|e| e.descriptor.peer_id).collect();
+    assert_eq!(peers, vec![honest_peer], "{found:?}");
+    assert_eq!(found[0].relays, vec![relay.addr.clone()]);
+    net.assert_loopback_only();
+    for stop in [honest_stop, tampered_stop, stale_stop] {
+        stop.cancel();
+    }
     relay.stop.cancel();
 }

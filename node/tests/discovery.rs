@@ -480,12 +480,123 @@ async fn client_fails_over_to_the_next_relay() {
 
 // ------------------------------------------------------------------------------------- exits
 
+/// Polls the exit's `/status` view until its DHT announcement reaches `state`.
+async fn wait_exit_state(probe: &tokengo::exit::ExitProbe, state: DhtState) {
+    let reached = tokio::time::timeout(WAIT, async {
+        while probe.status(None).dht.as_ref().map(|d| d.state) != Some(state) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .is_ok();
+    assert!(
+        reached,
+        "exit never reached {state:?}: {:?}",
+        probe.status(None).dht
+    );
+}
+
+/// A real exit registered with `relays` that announces itself on the DHT of `config`.
+struct AnnouncedExit {
+    peer: libp2p_identity::PeerId,
+    probe: tokengo::exit::ExitProbe,
+    stop: CancellationToken,
+}
+
+async fn start_announced_exit(
+    net: &Net,
+    config: DhtConfig,
+    backend_url: &str,
+    dir: &tempfile::TempDir,
+    relays: Vec<RelayAddr>,
+) -> AnnouncedExit {
+    let data_dir = DataDir::resolve(Some(dir.path().to_path_buf())).unwrap();
+    let backend = common::backend_config(backend_url, Duration::from_secs(10));
+    let exit = Exit::load(&data_dir, &backend, Limits::default()).unwrap();
+    let peer = exit.peer_id();
+    let (tx, registered) = watch::channel(false);
+    let probe = exit.probe_all(registered.clone());
+    let announce = tokengo::config::ExitAnnounceConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        external_ips: Vec::new(),
+    };
+    let announcer = exit.announcer(&announce, registered, net.guard());
+    let stop = CancellationToken::new();
+    let announce_stop = stop.clone();
+    tokio::spawn(async move { discovery::announce(&config, announcer, announce_stop).await });
+    // Counts each relay's first registration, made after the exit's relay list has it.
+    let (first_tx, mut first_rx) = tokio::sync::mpsc::unbounded_channel();
+    let hook: tokengo::exit::RegisteredHook = Arc::new(move |relay: &RelayAddr| {
+        let _ = first_tx.send(relay.clone());
+    });
+    let count = relays.len();
+    tokio::spawn(exit.run_many(relays, tx, Some(hook), stop.clone()));
+    for _ in 0..count {
+        tokio::time::timeout(WAIT, first_rx.recv())
+            .await
+            .expect("the exit did not register with every relay")
+            .unwrap();
+    }
+    AnnouncedExit { peer, probe, stop }
+}
+
 fn lookup(net: &Net) -> discovery::ExitLookup {
     discovery::ExitLookup {
         settle: Duration::from_secs(5),
         guard: net.guard(),
         ..discovery::ExitLookup::default()
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_exit_announces_itself_and_a_fresh_identity_finds_it_with_both_relays() {
+    let net = Net::start().await;
+    let backend = common::start_backend().await;
+    let mut relay_a = start_relay(&net, net.config(), Keypair::generate_ed25519(), None).await;
+    let mut relay_b = start_relay(&net, net.config(), Keypair::generate_ed25519(), None).await;
+    wait_state(&mut relay_a, DhtState::Announced).await;
+    wait_state(&mut relay_b, DhtState::Announced).await;
+    let dir = tempfile::tempdir().unwrap();
+    let exit = start_announced_exit(
+        &net,
+        net.config(),
+        &backend.url,
+        &dir,
+        vec![relay_a.addr.clone(), relay_b.addr.clone()],
+    )
+    .await;
+    wait_exit_state(&exit.probe, DhtState::Announced).await;
+
+    let found = discovery::find_exits(&net.config(), lookup(&net), &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    let found = &found[0];
+    assert_eq!(found.descriptor.peer_id, exit.peer);
+    assert_eq!(
+        found.relays,
+        vec![relay_a.addr.clone(), relay_b.addr.clone()]
+    );
+    // The DHT and both relays show the same descriptor, byte for byte.
+    let now = tokengo::clock::unix_now();
+    for relay in [&relay_a, &relay_b] {
+        let listed: Vec<Vec<u8>> = relay
+            .registry
+            .descriptors(now)
+            .iter()
+            .map(|d| d.to_vec())
+            .collect();
+        assert_eq!(listed, vec![found.descriptor_bytes.clone()]);
+    }
+    // The exit is no relay: relay discovery still finds exactly the two relays.
+    let relays = discovery::discover(&net.config(), net.seek(None, 3), &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(relays.relays.len(), 2, "{relays:?}");
+    net.assert_loopback_only();
+    exit.stop.cancel();
+    relay_a.stop.cancel();
+    relay_b.stop.cancel();
 }
 
 /// A DHT participant announcing the exit key with its own identity and answering exit-info
@@ -623,5 +734,32 @@ async fn exit_info_with_a_tampered_relay_list_or_a_stale_descriptor_is_refused()
     for stop in [honest_stop, tampered_stop, stale_stop] {
         stop.cancel();
     }
+    relay.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exit_without_external_address_is_reported_not_announced() {
+    common::init();
+    let net = Net {
+        record: Arc::new(DialRecord::default()),
+        refused: Default::default(),
+        servers: Vec::new(),
+        bootstrap: Vec::new(),
+    };
+    let backend = common::start_backend().await;
+    // Policy `any` confirms nothing by itself (an exit behind NAT): nobody would store its
+    // record, so it reports that instead of pretending.
+    let config = DhtConfig {
+        policy: AddressPolicy::Any,
+        ..net.config()
+    };
+    let relay = common::start_relay(&Limits::default(), None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let exit =
+        start_announced_exit(&net, config, &backend.url, &dir, vec![relay.addr.clone()]).await;
+    wait_exit_state(&exit.probe, DhtState::NoExternalAddress).await;
+    assert_eq!(exit.probe.metrics().dht.external_address_confirmed.get(), 0);
+    assert_eq!(exit.probe.metrics().dht.provider_published.get(), 0);
+    exit.stop.cancel();
     relay.stop.cancel();
 }

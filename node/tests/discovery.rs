@@ -61,15 +61,20 @@ impl Net {
         }
     }
 
-    /// Three DHT servers, each bootstrapping from those started before it.
-    async fn start() -> Self {
-        common::init();
-        let mut net = Self {
+    /// No DHT at all: for nodes that must report they cannot announce.
+    fn without_servers() -> Self {
+        Self {
             record: Arc::new(DialRecord::default()),
             refused: Default::default(),
             servers: Vec::new(),
             bootstrap: Vec::new(),
-        };
+        }
+    }
+
+    /// Three DHT servers, each bootstrapping from those started before it.
+    async fn start() -> Self {
+        common::init();
+        let mut net = Self::without_servers();
         for _ in 0..3 {
             let server = DhtServer::start(
                 &net.config(),
@@ -320,12 +325,7 @@ async fn client_and_exit_find_relays_on_a_private_dht_and_a_request_goes_through
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn relay_without_external_address_is_reported_not_silently_invisible() {
     common::init();
-    let net = Net {
-        record: Arc::new(DialRecord::default()),
-        refused: Default::default(),
-        servers: Vec::new(),
-        bootstrap: Vec::new(),
-    };
+    let net = Net::without_servers();
     // Policy `any` confirms nothing by itself, and no external address is configured.
     let config = DhtConfig {
         policy: AddressPolicy::Any,
@@ -588,6 +588,10 @@ async fn an_exit_announces_itself_and_a_fresh_identity_finds_it_with_both_relays
             .collect();
         assert_eq!(listed, vec![found.descriptor_bytes.clone()]);
     }
+    // A client on a relay the exit record names reaches the exit.
+    let (url, client_stop) = start_client(vec![found.relays[1].clone()]).await;
+    assert_eq!(chat(&url).await["path"], "/v1/chat/completions");
+    client_stop.cancel();
     // The exit is no relay: relay discovery still finds exactly the two relays.
     let relays = discovery::discover(&net.config(), net.seek(None, 3), &CancellationToken::new())
         .await
@@ -740,12 +744,7 @@ async fn exit_info_with_a_tampered_relay_list_or_a_stale_descriptor_is_refused()
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn exit_without_external_address_is_reported_not_announced() {
     common::init();
-    let net = Net {
-        record: Arc::new(DialRecord::default()),
-        refused: Default::default(),
-        servers: Vec::new(),
-        bootstrap: Vec::new(),
-    };
+    let net = Net::without_servers();
     let backend = common::start_backend().await;
     // Policy `any` confirms nothing by itself (an exit behind NAT): nobody would store its
     // record, so it reports that instead of pretending.

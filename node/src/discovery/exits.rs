@@ -82,6 +82,15 @@ pub struct FoundExit {
     pub relays: Vec<RelayAddr>,
 }
 
+impl FoundExit {
+    /// The exit's identity (its descriptor's PeerId, proven by the exit-info signature and by
+    /// the libp2p connection it answered on).
+    #[must_use]
+    pub fn peer_id(&self) -> PeerId {
+        self.descriptor.peer_id
+    }
+}
+
 /// Why an exit-info answer was not used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ExitRefusal {
@@ -158,9 +167,10 @@ pub fn verify_answer(
 /// identity (nothing links two lookups of one user), asks each for its exit-info, and returns
 /// the exits whose answers verified (see [`FoundExit`]), at most `lookup.want`, in the order
 /// they answered. Ends at the first of: enough exits, `lookup.settle` after the first one,
-/// every provider answered, or the config's `timeout`. Finding nothing is not an error (an
-/// empty list): exits are also learned from relays. Errors: the swarm cannot start, or
-/// `shutdown` fired.
+/// every provider answered, or the config's `timeout` (a lookup that finds nothing is repeated
+/// every 2 s until then, so with no exit on the DHT it takes the whole timeout: run it beside
+/// relay discovery, not before it). Finding nothing is not an error (an empty list): exits are
+/// also learned from relays. Errors: the swarm cannot start, or `shutdown` fired.
 pub async fn find_exits(
     config: &DhtConfig,
     lookup: ExitLookup,

@@ -77,25 +77,23 @@ pub async fn run(config: ExitConfig, shutdown: CancellationToken) -> anyhow::Res
     };
     // The exit may stop on its own (a relay that refuses it): the admin listener goes too.
     shutdown.cancel();
-    if let Some(task) = announcing {
-        match task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => tracing::warn!(%error, "DHT announcement stopped"),
-            Err(error) => tracing::warn!(%error, "DHT announcement task failed"),
-        }
+    if let Some(task) = announcing
+        && let Err(error) = task.await
+    {
+        tracing::warn!(%error, "DHT announcement task failed");
     }
     admin.stopped().await;
     result
 }
 
 /// Starts announcing the exit on the DHT when configured; it publishes once registered.
-/// A failure to announce (port taken, no DHT) is logged and the exit serves on.
+/// A failure to announce (port taken, no DHT) is logged at once and the exit serves on.
 fn spawn_announcer(
     config: &ExitConfig,
     exit: &Exit,
     registered: watch::Receiver<bool>,
     shutdown: &CancellationToken,
-) -> Option<tokio::task::JoinHandle<Result<(), crate::discovery::DiscoveryError>>> {
+) -> Option<tokio::task::JoinHandle<()>> {
     let announce = config.announce.as_ref()?;
     let guard = crate::discovery::DialGuard {
         refused: exit.metrics.dht.dials_refused.clone(),
@@ -105,7 +103,9 @@ fn spawn_announcer(
     let dht = config.dht.clone();
     let shutdown = shutdown.clone();
     Some(tokio::spawn(async move {
-        crate::discovery::announce(&dht, announcer, shutdown).await
+        if let Err(error) = crate::discovery::announce(&dht, announcer, shutdown).await {
+            tracing::warn!(%error, "the exit is NOT announced on the DHT; it serves on");
+        }
     }))
 }
 

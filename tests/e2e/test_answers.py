@@ -14,7 +14,9 @@ from __future__ import annotations
 from tests.e2e.conftest import Backend, Target
 
 # The README's example question (and that of the "Try it" text of scripts/run).
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION = [
+    {"role": "user", "content": "What is the capital of France? Answer in one short sentence."}
+]
 # The answer is one short sentence (8 tokens with the bundled model); an answer that runs on to
 # this bound did not stop.
 BOUND = 64

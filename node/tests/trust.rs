@@ -433,3 +433,73 @@ async fn a_stale_or_different_descriptor_from_another_relay_is_refused() {
         lying.stop.cancel();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_relay_refuses_a_foreign_exit() {
+    common::init();
+    let backend = common::start_recording_backend(Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut serve = Process::start(&[
+        "serve",
+        "--backend",
+        &backend.url,
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--worker-threads",
+        "1",
+        "--data-dir",
+        &dir.path().display().to_string(),
+    ]);
+    let admin = serve.line_after("admin endpoint on ").await;
+    let serving = serve.line_after("tokengo serving on ").await;
+    let url = serving.split(' ').next().unwrap().to_owned();
+    let report: tokengo::status::StatusReport = reqwest::get(format!("{admin}/status"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let relay = report.relay.unwrap();
+    assert_eq!(relay.exits_registered, 1);
+    let relay_addr: RelayAddr = relay.address.parse().unwrap();
+
+    // Another local process with an exit identity of its own tries to join serve's relay.
+    let foreign = common::start_recording_backend(Duration::ZERO).await;
+    let foreign_dir = tempfile::tempdir().unwrap();
+    let data_dir =
+        tokengo::data_dir::DataDir::resolve(Some(foreign_dir.path().to_path_buf())).unwrap();
+    let exit = tokengo::exit::Exit::load(
+        &data_dir,
+        &backend_config(&foreign.url, Duration::from_secs(10)),
+        limits(),
+    )
+    .unwrap();
+    let (registered, _) = tokio::sync::watch::channel(false);
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(30),
+        exit.run(relay_addr, registered, CancellationToken::new()),
+    )
+    .await
+    .expect("the foreign exit was neither refused nor stopped");
+    let error = format!("{:#}", outcome.unwrap_err());
+    assert!(error.contains("accepts only its own exit"), "{error}");
+    let report: tokengo::status::StatusReport = reqwest::get(format!("{admin}/status"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(report.relay.unwrap().exits_registered, 1);
+    // And serve still answers, through its own exit.
+    let response = reqwest::Client::new()
+        .post(format!("{url}{CHAT}"))
+        .json(&serde_json::json!({"model": "test", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(backend.hits(CHAT), 1);
+    assert_eq!(foreign.hits(CHAT), 0);
+}

@@ -257,6 +257,30 @@ impl Directory {
         }
     }
 
+    /// Takes the exits a DHT lookup found as the DHT's claims (replacing the previous
+    /// lookup's). The DHT vouches, never hosts: the relays an exit names get links (up to a
+    /// bound), and a request goes through one of them only once its own list shows the exit.
+    /// The lists are fetched again at the next request.
+    pub fn learn_from_dht(&self, found: Vec<(Descriptor, Vec<RelayAddr>)>) {
+        let mut listings = Vec::with_capacity(found.len());
+        for (descriptor, relays) in found {
+            for relay in &relays {
+                if self.link_for(relay).is_none() {
+                    tracing::debug!(%relay, "relay named by a DHT exit record not linked: too many relays");
+                }
+            }
+            if !descriptor.key_configs.is_empty() {
+                listings.push(Listing {
+                    descriptor,
+                    relays: Vec::new(),
+                });
+            }
+        }
+        let mut state = self.lock();
+        state.set.observe(&Source::Dht, listings);
+        state.fetched_at = None;
+    }
+
     /// Whether the lists are older than their freshness (shorter while an exit is held).
     fn stale(&self) -> bool {
         let state = self.lock();

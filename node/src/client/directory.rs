@@ -58,6 +58,17 @@ pub struct ExitInfo {
     pub models: Vec<String>,
 }
 
+impl ExitInfo {
+    /// What a request needs of a verified descriptor; `None` if it lists no key.
+    fn from_descriptor(descriptor: Descriptor) -> Option<Self> {
+        Some(Self {
+            peer_id: descriptor.peer_id,
+            key_config: *descriptor.key_configs.first()?,
+            models: descriptor.models,
+        })
+    }
+}
+
 /// Where one request goes: the exit, and the relay link to reach it through.
 #[derive(Debug, Clone)]
 pub struct Route {
@@ -364,13 +375,8 @@ impl Directory {
             (usable, relay)
         };
         let link = self.link_for(&relay)?;
-        let descriptor = usable.descriptor;
         Some(Route {
-            exit: ExitInfo {
-                peer_id: descriptor.peer_id,
-                key_config: *descriptor.key_configs.first()?,
-                models: descriptor.models,
-            },
+            exit: ExitInfo::from_descriptor(usable.descriptor)?,
             link,
         })
     }
@@ -480,14 +486,9 @@ impl Directory {
         self.routable(&state)
             .into_iter()
             .filter_map(|usable| {
-                let d = usable.descriptor;
                 Some(ExitView {
-                    exit: ExitInfo {
-                        peer_id: d.peer_id,
-                        key_config: *d.key_configs.first()?,
-                        models: d.models,
-                    },
                     vouched_by: usable.vouched_by.iter().map(ToString::to_string).collect(),
+                    exit: ExitInfo::from_descriptor(usable.descriptor)?,
                 })
             })
             .collect()

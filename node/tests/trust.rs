@@ -217,6 +217,18 @@ async fn pinned_client_never_uses_a_rogue_exit_and_names_the_pinned_exit_when_it
     );
     println!("pinned exit down: {status} {message}");
     assert_eq!(rogue.backend.hits(CHAT), 0);
+
+    // No relay answers either: still the 503 that names the pinned exit, with the relay's error.
+    relay.stop.cancel();
+    relay.task.await.unwrap();
+    let (status, body) = client.chat().await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "pinned_exit_unavailable", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&honest.exit.peer_id.to_string()) && message.contains("unreachable"),
+        "{message}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -305,7 +305,8 @@ impl Directory {
 
     /// The route for a request for `model`, avoiding the exits in `exclude` (tried already).
     /// Lists are fetched first when stale or when `refresh` is set, and once more when
-    /// nothing is routable. With pinned exits the error names them and what was tried.
+    /// nothing is routable. With pinned exits the error names them and what was tried, also
+    /// when no relay answered; otherwise that is a relay error, and no exit a 503.
     pub async fn route(
         &self,
         model: Option<&str>,
@@ -313,20 +314,24 @@ impl Directory {
         refresh: bool,
     ) -> Result<Route, ApiError> {
         let mut refreshed = false;
+        let mut failure = None;
         if refresh || self.stale() {
             refreshed = true;
-            self.refresh().await?;
+            failure = self.refresh().await.err();
         }
         if let Some(route) = self.pick(model, exclude) {
             return Ok(route);
         }
         if !refreshed {
-            self.refresh().await?;
+            failure = self.refresh().await.err();
             if let Some(route) = self.pick(model, exclude) {
                 return Ok(route);
             }
         }
-        Err(self.unavailable(exclude))
+        match failure {
+            Some(error) if self.pinned.is_empty() => Err(error),
+            _ => Err(self.unavailable(exclude)),
+        }
     }
 
     /// The exits requests may go to now: usable, pinned when pinning, reachable through a

@@ -348,8 +348,13 @@ async fn unpinned_a_fast_newcomer_gets_a_fair_share_not_all() {
         .collect();
     assert_eq!(newcomer_hits + honest_hits.iter().sum::<usize>(), total);
     let share = newcomer_hits as f64 / total as f64;
+    let metrics = client.metrics().await;
+    let retries = metrics
+        .lines()
+        .find(|l| l.starts_with("tokengo_client_retries_total"))
+        .unwrap_or("no retries metric");
     println!(
-        "newcomer share: {newcomer_hits}/{total} = {:.1} % (honest exits: {honest_hits:?})",
+        "newcomer share: {newcomer_hits}/{total} = {:.1} % (honest exits: {honest_hits:?}; {retries})",
         share * 100.0
     );
     assert!(share <= 0.40, "newcomer took {:.1} %", share * 100.0);

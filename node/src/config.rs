@@ -121,9 +121,9 @@ struct FileConfig {
     address_policy: Option<String>,
     /// Seconds discovery may take at start.
     discovery_timeout_secs: Option<u64>,
-    /// Whether a relay announces itself on the DHT.
+    /// Whether a relay or an exit announces itself on the DHT.
     dht_announce: Option<bool>,
-    /// UDP address of the relay's DHT node.
+    /// UDP address of the relay's or exit's DHT node.
     dht_listen: Option<String>,
     /// The node's public IPs (`/ip4/X`, `/ip6/X`).
     #[serde(default)]
@@ -889,6 +889,9 @@ pub struct ExitConfig {
     pub max_relays: usize,
     /// Relays registered with when the DHT and the cache yield none. Default none.
     pub fallback_relays: Vec<RelayAddr>,
+    /// DHT announcement of the exit (on `dht`). Default: on when relays are discovered (no
+    /// `relay`), off with a configured relay; `dht_announce` decides either way.
+    pub announce: Option<ExitAnnounceConfig>,
     /// The AI backend.
     pub backend: BackendConfig,
     /// Where the identity and OHTTP keys live.
@@ -910,17 +913,36 @@ impl ExitConfig {
             Some(n @ 1..=16) => n,
             Some(_) => return Err(invalid("max_relays", "must be 1 to 16")),
         };
+        let relay = parse_relay(match args.relay {
+            Some(relay) => Some(relay),
+            None => file
+                .relay
+                .clone()
+                .map(|r| r.into_one("relay"))
+                .transpose()?,
+        })?;
+        let announce = args
+            .dht_announce
+            .or(file.dht_announce)
+            .unwrap_or(relay.is_none());
+        let announce = if announce {
+            let external = if args.external_addrs.is_empty() {
+                &file.external_addrs
+            } else {
+                &args.external_addrs
+            };
+            Some(ExitAnnounceConfig {
+                listen: dht_listen(args.dht_listen.as_deref().or(file.dht_listen.as_deref()))?,
+                external_ips: parse_external(external)?,
+            })
+        } else {
+            None
+        };
         Ok(Self {
-            relay: parse_relay(match args.relay {
-                Some(relay) => Some(relay),
-                None => file
-                    .relay
-                    .clone()
-                    .map(|r| r.into_one("relay"))
-                    .transpose()?,
-            })?,
+            relay,
             dht: dht_config(&args.dht, &file)?,
             fallback_relays: fallback_relays(&args.fallback, &file)?,
+            announce,
             max_relays,
             backend: BackendConfig::resolve(args.backend, &file)?,
             data_dir: data_dir(&args.common, &file)?,
@@ -929,6 +951,17 @@ impl ExitConfig {
             worker_threads: WorkerThreads::resolve(&args.common, &file)?,
         })
     }
+}
+
+/// How an exit announces itself on the DHT.
+#[derive(Debug, Clone)]
+pub struct ExitAnnounceConfig {
+    /// UDP address of the exit's libp2p swarm. Default `0.0.0.0:4001`.
+    pub listen: SocketAddr,
+    /// The exit's confirmed public IPs. Default none: then the exit is announced only under
+    /// the `loopback` policy and otherwise reported as not announced (`no_external_address`);
+    /// clients then know it only from the lists of the relays it registers with.
+    pub external_ips: Vec<IpAddr>,
 }
 
 /// Checked configuration of `tokengo client`.
@@ -1275,6 +1308,51 @@ mod tests {
         assert_eq!(config.dht.protocol.as_ref(), "/ipfs/kad/1.0.0");
         assert_eq!(config.dht.policy, AddressPolicy::Public);
         assert!(!config.dht.bootstrap.is_empty());
+    }
+
+    #[test]
+    fn exits_announce_when_they_discover_relays_or_are_told_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let relay = format!(
+            "/ip4/127.0.0.1/udp/4433/quic-v1/p2p/{}",
+            libp2p_identity::Keypair::generate_ed25519()
+                .public()
+                .to_peer_id()
+        );
+        let resolve = |yaml: &str, flag: Option<bool>, external: &[&str]| {
+            let file = file_with(yaml);
+            let args = ExitArgs {
+                common: common(file.path(), dir.path()),
+                dht_announce: flag,
+                external_addrs: external.iter().map(ToString::to_string).collect(),
+                ..ExitArgs::default()
+            };
+            ExitConfig::resolve(args).map(|c| c.announce)
+        };
+        let discovering = resolve("", None, &[]).unwrap().unwrap();
+        assert_eq!(discovering.listen, "0.0.0.0:4001".parse().unwrap());
+        assert!(discovering.external_ips.is_empty());
+        let pinned_relay = format!("relay: {relay}\n");
+        assert!(resolve(&pinned_relay, None, &[]).unwrap().is_none());
+        let told = resolve(
+            &format!("{pinned_relay}dht_announce: true\ndht_listen: 127.0.0.1:4102\n"),
+            None,
+            &["/ip4/203.0.113.9"],
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(told.listen, "127.0.0.1:4102".parse().unwrap());
+        assert_eq!(
+            told.external_ips,
+            vec!["203.0.113.9".parse::<IpAddr>().unwrap()]
+        );
+        assert!(
+            resolve("dht_announce: true\n", Some(false), &[])
+                .unwrap()
+                .is_none()
+        );
+        let error = resolve("", None, &["nowhere"]).unwrap_err().to_string();
+        assert!(error.contains("external_addrs"), "{error}");
     }
 
     #[test]

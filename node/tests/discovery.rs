@@ -793,33 +793,20 @@ async fn discovery_finds_exits_on_the_dht_and_uses_a_relay_that_hosts_them() {
     wait_exit_state(&exit.probe, DhtState::Announced).await;
 
     // A real `tokengo client` given no relay.
-    let config = net.config();
-    let client_dir = tempfile::tempdir().unwrap();
     let mut args: Vec<String> = [
-        "client",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--worker-threads",
-        "1",
         "--address-policy",
         "loopback",
         "--dht-protocol",
         TEST_PROTOCOL,
-        "--data-dir",
     ]
     .iter()
     .map(ToString::to_string)
     .collect();
-    args.push(client_dir.path().display().to_string());
-    for bootstrap in &config.bootstrap {
+    for bootstrap in &net.config().bootstrap {
         args.extend(["--bootstrap".to_owned(), bootstrap.to_string()]);
     }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut client = common::Process::start(&args);
-    let admin = client.line_after("admin endpoint on ").await;
-    let url = client.line_after("client listening on ").await;
+    let client = common::start_client_process(&args).await;
+    let (admin, url) = (&client.admin, &client.url);
 
     // The exit found on the DHT is listed by the relay it named: two sources vouch for it.
     let peer = exit.peer.to_string();

@@ -14,7 +14,9 @@ use std::{
     time::Duration,
 };
 
-use common::{Backend, ExitHandle, Process, backend_config, limits, start_exit, start_relay};
+use common::{
+    Backend, ClientProcess, ExitHandle, Process, backend_config, limits, start_exit, start_relay,
+};
 use libp2p_identity::{Keypair, PeerId};
 use tokengo::{
     client::{RelayLink, list_exits},
@@ -39,49 +41,25 @@ fn params() -> TransportParams {
     }
 }
 
-/// A `tokengo client` process; `url` is its HTTP base, `admin` its admin endpoint.
-struct ClientProcess {
-    url: String,
-    admin: String,
-    _process: Process,
-    _dir: tempfile::TempDir,
-}
-
 async fn start_client(relays: &[&RelayAddr], pinned: &[PeerId]) -> ClientProcess {
-    let dir = tempfile::tempdir().unwrap();
-    let mut args: Vec<String> = [
-        "client",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--worker-threads",
-        "1",
-        "--data-dir",
-    ]
-    .iter()
-    .map(ToString::to_string)
-    .collect();
-    args.push(dir.path().display().to_string());
+    let mut args = Vec::new();
     for relay in relays {
         args.extend(["--relay".to_owned(), relay.to_string()]);
     }
     for exit in pinned {
         args.extend(["--exit".to_owned(), exit.to_string()]);
     }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut process = Process::start(&args);
-    let admin = process.line_after("admin endpoint on ").await;
-    let url = process.line_after("client listening on ").await;
-    ClientProcess {
-        url,
-        admin,
-        _process: process,
-        _dir: dir,
-    }
+    common::start_client_process(&args).await
 }
 
-impl ClientProcess {
+/// What the tests ask a client process.
+trait Ask {
+    async fn chat(&self) -> (u16, serde_json::Value);
+    async fn refreshed_status(&self) -> tokengo::status::StatusReport;
+    async fn metrics(&self) -> String;
+}
+
+impl Ask for ClientProcess {
     async fn chat(&self) -> (u16, serde_json::Value) {
         let response = reqwest::Client::new()
             .post(format!("{}{CHAT}", self.url))

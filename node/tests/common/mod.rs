@@ -380,6 +380,43 @@ impl Backend {
     }
 }
 
+/// A `tokengo client` process on loopback ports of its own; `url` is its HTTP base, `admin`
+/// its admin endpoint.
+pub struct ClientProcess {
+    pub url: String,
+    pub admin: String,
+    pub process: Process,
+    pub dir: tempfile::TempDir,
+}
+
+/// Starts `tokengo client` with a fresh data directory, one worker thread and `extra` flags
+/// (relays, pinned exits, DHT settings), and waits until it listens.
+pub async fn start_client_process(extra: &[String]) -> ClientProcess {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().display().to_string();
+    let mut args = vec![
+        "client",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--worker-threads",
+        "1",
+        "--data-dir",
+        &data_dir,
+    ];
+    args.extend(extra.iter().map(String::as_str));
+    let mut process = Process::start(&args);
+    let admin = process.line_after("admin endpoint on ").await;
+    let url = process.line_after("client listening on ").await;
+    ClientProcess {
+        url,
+        admin,
+        process,
+        dir,
+    }
+}
+
 /// A `tokengo` process whose output is read line by line (killed when dropped).
 pub struct Process {
     pub child: tokio::process::Child,

@@ -22,6 +22,16 @@ pub enum ApiError {
         "no exit is available right now; check that an exit is running and registered with the relay"
     )]
     NoExit,
+    /// None of the exits the user pinned can take the request; requests never go to another.
+    #[error(
+        "none of the pinned exits ({pinned}) can take the request, and requests are never sent to other exits; tried: {tried}"
+    )]
+    PinnedExitsUnavailable {
+        /// The pinned PeerIds.
+        pinned: String,
+        /// What was found for each, and what each relay answered.
+        tried: String,
+    },
     /// The relay cannot be reached.
     #[error("the relay is unreachable: {0}")]
     RelayUnreachable(String),
@@ -74,9 +84,11 @@ impl ApiError {
                 StatusCode::BAD_GATEWAY
             }
             Self::BackendTimeout | Self::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::NoExit | Self::ExitUnavailable(_) | Self::Overloaded | Self::ReplayWindowFull => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::NoExit
+            | Self::PinnedExitsUnavailable { .. }
+            | Self::ExitUnavailable(_)
+            | Self::Overloaded
+            | Self::ReplayWindowFull => StatusCode::SERVICE_UNAVAILABLE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BadRequest(_) | Self::RequestExpired(_) | Self::Replayed => {
                 StatusCode::BAD_REQUEST
@@ -93,6 +105,7 @@ impl ApiError {
             Self::BackendTimeout => "backend_timeout",
             Self::BackendFailed(_) => "backend_failed",
             Self::NoExit => "no_exit_available",
+            Self::PinnedExitsUnavailable { .. } => "pinned_exit_unavailable",
             Self::RelayUnreachable(_) => "relay_unreachable",
             Self::ExitUnavailable(_) => "exit_unavailable",
             Self::PayloadTooLarge { .. } => "payload_too_large",

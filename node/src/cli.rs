@@ -231,10 +231,27 @@ pub struct ExitGateArgs {
 pub struct ClientArgs {
     #[command(flatten)]
     pub common: CommonArgs,
-    /// Relay multiaddr, e.g. /ip4/203.0.113.7/udp/4433/quic-v1/p2p/12D3Koo...
-    /// (default: discover relays on the DHT).
-    #[arg(short = 'r', long, env = "TOKENGO_RELAY")]
-    pub relay: Option<String>,
+    /// Relay multiaddr, e.g. /ip4/203.0.113.7/udp/4433/quic-v1/p2p/12D3Koo... (repeatable;
+    /// comma-separated in TOKENGO_RELAY). Each request takes a relay that lists its exit.
+    /// Default: discover relays on the DHT.
+    #[arg(
+        short = 'r',
+        long = "relay",
+        env = "TOKENGO_RELAY",
+        value_delimiter = ',',
+        value_name = "MULTIADDR"
+    )]
+    pub relays: Vec<String>,
+    /// Exit PeerId requests may go to (repeatable; comma-separated in TOKENGO_EXITS). When
+    /// set, no other exit is ever used, whatever a relay lists. Default: any exit, chosen at
+    /// random among the corroborated ones.
+    #[arg(
+        long = "exit",
+        env = "TOKENGO_EXITS",
+        value_delimiter = ',',
+        value_name = "PEERID"
+    )]
+    pub exits: Vec<String>,
     /// Address of the local HTTP endpoint (default 127.0.0.1:8080).
     #[arg(short = 'l', long, env = "TOKENGO_LISTEN")]
     pub listen: Option<String>,
@@ -371,6 +388,7 @@ pub struct KeygenArgs {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use clap::CommandFactory;
@@ -378,6 +396,20 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn client_takes_several_relays_and_pinned_exits() {
+        use clap::Parser as _;
+        let cli = Cli::try_parse_from([
+            "tokengo", "client", "--relay", "/a", "--relay", "/b,/c", "--exit", "X", "--exit", "Y",
+        ])
+        .unwrap();
+        let Command::Client(args) = cli.command else {
+            panic!("not the client")
+        };
+        assert_eq!(args.relays, ["/a", "/b", "/c"]);
+        assert_eq!(args.exits, ["X", "Y"]);
     }
 
     #[test]

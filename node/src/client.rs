@@ -3,17 +3,20 @@
 
 mod access;
 mod body;
+mod choice;
 mod directory;
+mod exit_set;
 mod proxy;
 mod relay_link;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
+use libp2p_identity::PeerId;
 use tokio_util::sync::CancellationToken;
 
 pub use access::ClientPolicy;
-pub use directory::{Directory, ExitInfo};
+pub use directory::{Directory, ExitInfo, ExitView, Route, list_exits};
 pub use relay_link::RelayLink;
 
 use crate::{
@@ -21,14 +24,13 @@ use crate::{
     api_error::ApiError,
     config::{ClientConfig, Limits},
     metrics::ClientMetrics,
-    status::{ClientStatus, ExitSummary},
+    status::{ClientStatus, ExitSummary, RelaySummary},
     transport::{ConnectError, RelayAddr, TransportParams},
 };
 
 /// Shared by all request handlers.
 #[derive(Debug)]
 pub struct ClientState {
-    link: RelayLink,
     directory: Directory,
     limits: Limits,
     /// Which local requests are answered and which headers forwarded.
@@ -40,32 +42,56 @@ pub struct ClientState {
 /// the DHT (and the relay cache in the data directory) first.
 pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let dht = crate::metrics::DhtMetrics::default();
-    let relays = match config.relay {
-        Some(relay) => vec![relay],
-        None => {
-            config.data_dir.ensure()?;
-            let seek = crate::discovery::Seek {
-                cache: Some(crate::discovery::RelayCache::new(
-                    config.data_dir.file(crate::discovery::CACHE_FILE),
-                )),
-                want: crate::discovery::CLIENT_RELAYS,
-                settle: crate::discovery::DEFAULT_SETTLE,
-                params: transport_params(&config.limits),
-                guard: crate::discovery::DialGuard {
-                    refused: dht.dials_refused.clone(),
-                    observer: None,
-                },
-                metrics: dht.clone(),
-            };
-            let found = crate::discovery::discover(&config.dht, seek, &shutdown).await;
-            crate::discovery::or_fallback(found, &config.fallback_relays)?
-                .into_iter()
-                .take(crate::discovery::CLIENT_RELAYS)
-                .collect()
-        }
+    // Without configured relays the client discovers: relays, and exits on the DHT.
+    let discovering = config.relays.is_empty();
+    let relays = if discovering {
+        config.data_dir.ensure()?;
+        let seek = crate::discovery::Seek {
+            cache: Some(crate::discovery::RelayCache::new(
+                config.data_dir.file(crate::discovery::CACHE_FILE),
+            )),
+            want: crate::discovery::CLIENT_RELAYS,
+            settle: crate::discovery::DEFAULT_SETTLE,
+            params: transport_params(&config.limits),
+            guard: crate::discovery::DialGuard {
+                refused: dht.dials_refused.clone(),
+                observer: None,
+            },
+            metrics: dht.clone(),
+        };
+        let found = crate::discovery::discover(&config.dht, seek, &shutdown).await;
+        crate::discovery::or_fallback(found, &config.fallback_relays)?
+            .into_iter()
+            .take(crate::discovery::CLIENT_RELAYS)
+            .collect()
+    } else {
+        config.relays
     };
-    let client =
-        Client::bind_with(config.listen, relays, config.limits, config.policy, dht).await?;
+    if !config.exits.is_empty() {
+        let pinned: Vec<String> = config.exits.iter().map(ToString::to_string).collect();
+        tracing::info!(exits = %pinned.join(", "), "requests go only to the pinned exits");
+    }
+    let guard = crate::discovery::DialGuard {
+        refused: dht.dials_refused.clone(),
+        observer: None,
+    };
+    let client = Client::bind_pinned(
+        config.listen,
+        relays,
+        config.exits,
+        config.limits,
+        config.policy,
+        dht,
+    )
+    .await?;
+    if discovering {
+        tokio::spawn(look_up_exits(
+            config.dht.clone(),
+            guard,
+            client.exit_feed(),
+            shutdown.clone(),
+        ));
+    }
     client.check_relay().await?;
     let admin = admin::start(
         config.observability.admin_listen,
@@ -81,6 +107,58 @@ pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> anyhow::R
     result
 }
 
+/// How often a discovering client looks exits up on the DHT again.
+const EXIT_LOOKUP_EVERY: Duration = Duration::from_secs(600);
+
+/// Looks exits up on the DHT now and every [`EXIT_LOOKUP_EVERY`], as one more source for the
+/// client's exit set (the relays' lists serve meanwhile). A failed lookup keeps the last one's
+/// results.
+async fn look_up_exits(
+    dht: crate::discovery::DhtConfig,
+    guard: crate::discovery::DialGuard,
+    feed: ExitFeed,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let lookup = crate::discovery::ExitLookup {
+            guard: guard.clone(),
+            ..crate::discovery::ExitLookup::default()
+        };
+        match crate::discovery::find_exits(&dht, lookup, &shutdown).await {
+            Ok(found) => {
+                tracing::info!(exits = found.len(), "exits found on the DHT");
+                feed.learn_from_dht(found);
+            }
+            Err(crate::discovery::DiscoveryError::Cancelled) => return,
+            Err(error) => {
+                tracing::warn!(%error, "exit lookup on the DHT failed; the relays' lists still serve");
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(EXIT_LOOKUP_EVERY) => {}
+        }
+    }
+}
+
+/// Where exits learned outside the relays' lists go (the DHT lookup).
+#[derive(Debug, Clone)]
+pub struct ExitFeed {
+    state: Arc<ClientState>,
+}
+
+impl ExitFeed {
+    /// Takes a DHT lookup's exits as the DHT's claims (see [`Directory::learn_from_dht`]).
+    pub fn learn_from_dht(&self, found: Vec<crate::discovery::FoundExit>) {
+        self.state.directory.learn_from_dht(
+            found
+                .into_iter()
+                .map(|exit| (exit.descriptor, exit.relays))
+                .collect(),
+        );
+    }
+}
+
 /// What the admin listener reads from a running client: readiness, status and metrics.
 #[derive(Debug, Clone)]
 pub struct ClientProbe {
@@ -94,24 +172,32 @@ impl ClientProbe {
         &self.state.metrics
     }
 
-    /// Why the client is not ready: it is ready when the relay lists at least one exit whose
-    /// descriptor verifies. The list is fetched now, so an exit that went away shows at once.
+    /// Why the client is not ready: it is ready when at least one exit it may use (pinned,
+    /// when pinning) is listed with a verified, consistent descriptor. The lists are fetched
+    /// now, so an exit that went away shows at once.
     pub async fn not_ready(&self) -> Vec<String> {
-        let outcome = self.state.directory.refresh(&self.state.link).await;
+        let outcome = self.state.directory.refresh().await;
         self.refresh();
         match outcome {
-            Ok(exits) if exits.is_empty() => vec!["client: no usable exit".to_owned()],
+            Ok(0) if !self.state.directory.pinned().is_empty() => {
+                vec!["client: no pinned exit is listed by a relay".to_owned()]
+            }
+            Ok(0) => vec!["client: no usable exit".to_owned()],
             Ok(_) => Vec::new(),
             Err(error) => vec![format!("client: {error}")],
         }
     }
 
-    /// Mirrors the relay connection and the exit list into their gauges.
+    /// Mirrors the relay connections and the exits into their gauges.
     pub fn refresh(&self) {
         let metrics = &self.state.metrics;
-        metrics
-            .relay_connected
-            .set(i64::from(self.state.link.is_connected()));
+        let connected = self
+            .state
+            .directory
+            .links()
+            .iter()
+            .any(|link| link.is_connected());
+        metrics.relay_connected.set(i64::from(connected));
         metrics
             .exits_available
             .set(i64::try_from(self.state.directory.current().len()).unwrap_or(i64::MAX));
@@ -121,19 +207,33 @@ impl ClientProbe {
     #[must_use]
     pub fn status(&self, requests_per_sec: Option<f64>) -> ClientStatus {
         let metrics = &self.state.metrics;
+        let directory = &self.state.directory;
+        let links = directory.links();
         ClientStatus {
-            relay: self.state.link.relay().to_string(),
-            relay_connected: self.state.link.is_connected(),
-            exits: self
-                .state
-                .directory
-                .current()
+            relay: links
                 .iter()
-                .map(|exit| ExitSummary {
-                    peer_id: exit.peer_id.to_string(),
-                    key_id: exit.key_config.key_id,
+                .map(|link| link.relay().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            relay_connected: links.iter().any(|link| link.is_connected()),
+            relays: links
+                .iter()
+                .map(|link| RelaySummary {
+                    address: link.relay().to_string(),
+                    connected: link.is_connected(),
                 })
                 .collect(),
+            pinned_exits: directory.pinned().iter().map(ToString::to_string).collect(),
+            exits: directory
+                .current()
+                .into_iter()
+                .map(|view| ExitSummary {
+                    peer_id: view.exit.peer_id.to_string(),
+                    key_id: view.exit.key_config.key_id,
+                    vouched_by: view.vouched_by,
+                })
+                .collect(),
+            held_exits: directory.held(),
             requests_total: metrics.requests_total(),
             requests_per_sec,
             errors_total: metrics.errors_total(),
@@ -158,9 +258,10 @@ impl Client {
         relay: RelayAddr,
         limits: Limits,
     ) -> anyhow::Result<Self> {
-        Self::bind_with(
+        Self::bind_pinned(
             listen,
             vec![relay],
+            Vec::new(),
             limits,
             ClientPolicy::default(),
             crate::metrics::DhtMetrics::default(),
@@ -168,12 +269,25 @@ impl Client {
         .await
     }
 
-    /// Binds the local HTTP listener for `relays` (best first, failing over in order); the
-    /// first is dialled on first use. `policy` says which local requests are answered; `dht`
-    /// are the metrics discovery filled in.
+    /// Binds the local HTTP listener for `relays` (each exit's route takes one that hosts it);
+    /// `policy` says which local requests are answered; `dht` are the metrics discovery filled
+    /// in.
     pub async fn bind_with(
         listen: SocketAddr,
         relays: Vec<RelayAddr>,
+        limits: Limits,
+        policy: ClientPolicy,
+        dht: crate::metrics::DhtMetrics,
+    ) -> anyhow::Result<Self> {
+        Self::bind_pinned(listen, relays, Vec::new(), limits, policy, dht).await
+    }
+
+    /// Binds the local HTTP listener for `relays`, sending requests only to the `pinned`
+    /// exits when that is not empty (whatever any relay lists).
+    pub async fn bind_pinned(
+        listen: SocketAddr,
+        relays: Vec<RelayAddr>,
+        pinned: Vec<PeerId>,
         limits: Limits,
         policy: ClientPolicy,
         dht: crate::metrics::DhtMetrics,
@@ -184,20 +298,32 @@ impl Client {
         if !listen.ip().is_loopback() {
             tracing::warn!(%listen, "the endpoint is reachable from the network: anyone who can reach it can use your exits");
         }
-        let link = RelayLink::with_failover(relays, transport_params(&limits))
-            .context("binding a UDP socket")?;
         let mut metrics = ClientMetrics::new();
         metrics.dht = dht;
+        let directory = Directory::new(
+            &relays,
+            pinned,
+            transport_params(&limits),
+            metrics.descriptors_refused.clone(),
+        )
+        .context("binding a UDP socket")?;
         Ok(Self {
             listener,
             state: Arc::new(ClientState {
-                link,
-                directory: Directory::default(),
+                directory,
                 limits,
                 policy,
                 metrics: Arc::new(metrics),
             }),
         })
+    }
+
+    /// The handle that feeds exits found on the DHT into the client's exit set.
+    #[must_use]
+    pub fn exit_feed(&self) -> ExitFeed {
+        ExitFeed {
+            state: Arc::clone(&self.state),
+        }
     }
 
     /// The handle the admin listener reads.
@@ -208,11 +334,15 @@ impl Client {
         }
     }
 
-    /// The local UDP address the client dials the relay from (the address the relay sees,
-    /// with the host's IP); for tests that check what the relay logs.
+    /// The local UDP address the client dials its first relay from (the address the relay
+    /// sees, with the host's IP); for tests that check what the relay logs.
     #[must_use]
     pub fn quic_local_addr(&self) -> Option<SocketAddr> {
-        self.state.link.local_addr()
+        self.state
+            .directory
+            .links()
+            .first()
+            .and_then(|link| link.local_addr())
     }
 
     /// The bound HTTP address.
@@ -223,28 +353,34 @@ impl Client {
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
     }
 
-    /// Dials the relay and fetches the exit list once, so a wrong relay identity stops the
-    /// client at start with a clear message. An unreachable relay is only a warning: requests
-    /// retry it.
+    /// Dials the relays and fetches their exit lists once, so a wrong relay identity stops
+    /// the client at start with a clear message when it is the only relay. An unreachable
+    /// relay is only a warning: requests retry it.
     pub async fn check_relay(&self) -> anyhow::Result<()> {
-        match self.state.link.connection().await {
-            Err(error @ (ConnectError::WrongPeer { .. } | ConnectError::Tls(_)))
-                if self.state.link.relays().len() == 1 =>
-            {
-                return Err(error).context("refusing to use this relay");
+        let links = self.state.directory.links();
+        for link in &links {
+            match link.connection().await {
+                Err(error @ (ConnectError::WrongPeer { .. } | ConnectError::Tls(_)))
+                    if links.len() == 1 =>
+                {
+                    return Err(error).context("refusing to use this relay");
+                }
+                Err(error) => {
+                    tracing::warn!(relay = %link.relay(), %error, "relay not reachable yet; requests will retry it");
+                }
+                Ok(_) => {}
             }
-            Err(error) => {
-                tracing::warn!(%error, "relay not reachable yet; requests will retry it");
-                return Ok(());
-            }
-            Ok(_) => {}
         }
-        match self.state.directory.refresh(&self.state.link).await {
-            Ok(exits) if exits.is_empty() => {
-                tracing::warn!(relay = %self.state.link.relay(), "the relay has no exits registered yet");
+        let pinned = !self.state.directory.pinned().is_empty();
+        match self.state.directory.refresh().await {
+            Ok(0) if pinned => {
+                tracing::warn!(
+                    "no relay lists a pinned exit yet; requests wait for one (never another exit)"
+                );
             }
-            Ok(exits) => tracing::info!(exits = exits.len(), "exits available"),
-            Err(error) => tracing::warn!(%error, "cannot fetch exit list yet"),
+            Ok(0) => tracing::warn!("the relays have no usable exits registered yet"),
+            Ok(exits) => tracing::info!(exits, "exits available"),
+            Err(error) => tracing::warn!(%error, "cannot fetch exit lists yet"),
         }
         Ok(())
     }
@@ -268,8 +404,13 @@ impl Client {
             .with_graceful_shutdown(async move { drain.cancelled().await })
             .await
             .context("HTTP server failed")?;
-        // Give the QUIC connection a moment to say goodbye; never block shutdown on it.
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.state.link.close()).await;
+        // Give the QUIC connections a moment to say goodbye; never block shutdown on them.
+        let links = self.state.directory.links();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            futures_util::future::join_all(links.iter().map(|link| link.close())),
+        )
+        .await;
         Ok(())
     }
 }

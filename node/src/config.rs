@@ -10,6 +10,7 @@ use std::{
 };
 
 use http::{HeaderMap, HeaderName, HeaderValue};
+use libp2p_identity::PeerId;
 use serde::Deserialize;
 
 use libp2p::{Multiaddr, StreamProtocol};
@@ -89,7 +90,11 @@ fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     listen: Option<String>,
-    relay: Option<String>,
+    /// One relay, or (client only) a list of them.
+    relay: Option<OneOrMany>,
+    /// Exit PeerIds a client is pinned to.
+    #[serde(default)]
+    exits: Vec<String>,
     backend: Option<String>,
     api_key: Option<String>,
     #[serde(default)]
@@ -152,6 +157,32 @@ struct FileConfig {
     /// Web origins the client answers besides loopback ones.
     #[serde(default)]
     allowed_origins: Vec<String>,
+}
+
+/// A YAML value that may be one string or a list of them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Self::One(one) => vec![one],
+            Self::Many(many) => many,
+        }
+    }
+
+    /// The single value; a list of one is accepted, a longer one is an error for `field`.
+    fn into_one(self, field: &'static str) -> Result<String, ConfigError> {
+        match self {
+            Self::One(one) => Ok(one),
+            Self::Many(mut many) if many.len() == 1 => Ok(many.remove(0)),
+            Self::Many(_) => Err(invalid(field, "this role takes one relay")),
+        }
+    }
 }
 
 impl FileConfig {
@@ -521,6 +552,45 @@ fn parse_relay(raw: Option<String>) -> Result<Option<RelayAddr>, ConfigError> {
             .map_err(|e: crate::transport::AddrError| invalid("relay", e.to_string()))
     })
     .transpose()
+}
+
+/// A client's relays: flags (or `TOKENGO_RELAY`) win over the file's `relay` (one or a list).
+fn client_relays(args: &[String], file: &FileConfig) -> Result<Vec<RelayAddr>, ConfigError> {
+    let raw = if args.is_empty() {
+        file.relay
+            .clone()
+            .map(OneOrMany::into_vec)
+            .unwrap_or_default()
+    } else {
+        args.to_vec()
+    };
+    raw.iter()
+        .map(|r| {
+            r.trim()
+                .parse()
+                .map_err(|e: crate::transport::AddrError| invalid("relay", e.to_string()))
+        })
+        .collect()
+}
+
+/// A client's pinned exits: flags (or `TOKENGO_EXITS`) win over the file's `exits`.
+fn pinned_exits(args: &[String], file: &FileConfig) -> Result<Vec<PeerId>, ConfigError> {
+    let raw = if args.is_empty() { &file.exits } else { args };
+    let mut exits: Vec<PeerId> = Vec::with_capacity(raw.len());
+    for text in raw {
+        let peer = text.trim().parse().map_err(|_| {
+            invalid(
+                "exits",
+                format!(
+                    "`{text}` is not an exit PeerId (12D3KooW...; an exit prints it at start, and `kubectl get tokengoexit NAME -o jsonpath='{{.status.peerId}}'` shows an operator's)"
+                ),
+            )
+        })?;
+        if !exits.contains(&peer) {
+            exits.push(peer);
+        }
+    }
+    Ok(exits)
 }
 
 /// Relays to fall back on when discovery finds none: flags win over the file.
@@ -994,7 +1064,14 @@ impl ExitConfig {
             Some(n @ 1..=16) => n,
             Some(_) => return Err(invalid("max_relays", "must be 1 to 16")),
         };
-        let relay = parse_relay(args.relay.or_else(|| file.relay.clone()))?;
+        let relay = parse_relay(match args.relay {
+            Some(relay) => Some(relay),
+            None => file
+                .relay
+                .clone()
+                .map(|r| r.into_one("relay"))
+                .transpose()?,
+        })?;
         let announce = args
             .dht_announce
             .or(file.dht_announce)
@@ -1043,8 +1120,12 @@ pub struct ExitAnnounceConfig {
 /// Checked configuration of `tokengo client`.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// The relay to send requests through; `None` (the default) discovers relays on the DHT.
-    pub relay: Option<RelayAddr>,
+    /// The relays to send requests through (each request takes one that lists its exit).
+    /// Default none: relays are discovered on the DHT.
+    pub relays: Vec<RelayAddr>,
+    /// The only exits requests may go to. Default none: any exit, chosen at random among the
+    /// corroborated ones.
+    pub exits: Vec<PeerId>,
     /// The DHT to discover relays on when no relay is given.
     pub dht: DhtConfig,
     /// Relays used when the DHT and the cache yield none. Default none.
@@ -1070,7 +1151,8 @@ impl ClientConfig {
         let file = FileConfig::load(args.common.config.as_ref())?;
         let listen = args.listen.or_else(|| file.listen.clone());
         Ok(Self {
-            relay: parse_relay(args.relay.or_else(|| file.relay.clone()))?,
+            relays: client_relays(&args.relays, &file)?,
+            exits: pinned_exits(&args.exits, &file)?,
             dht: dht_config(&args.dht, &file)?,
             fallback_relays: fallback_relays(&args.fallback, &file)?,
             data_dir: data_dir(&args.common, &file)?,
@@ -1506,6 +1588,64 @@ mod tests {
             };
             assert!(error.contains(field), "{yaml} -> {error}");
         }
+    }
+
+    #[test]
+    fn client_relays_and_pinned_exits_from_flags_or_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let peer = |n: u8| {
+            libp2p_identity::Keypair::ed25519_from_bytes([n; 32])
+                .unwrap()
+                .public()
+                .to_peer_id()
+        };
+        let relay = |n: u8| format!("/ip4/127.0.0.1/udp/44{n:02}/quic-v1/p2p/{}", peer(n));
+        let file = file_with(&format!(
+            "relay: ['{}', '{}']\nexits: ['{}', '{}', '{}']\n",
+            relay(1),
+            relay(2),
+            peer(3),
+            peer(4),
+            peer(3)
+        ));
+        let config = ClientConfig::resolve(ClientArgs {
+            common: common(file.path(), dir.path()),
+            ..ClientArgs::default()
+        })
+        .unwrap();
+        assert_eq!(config.relays.len(), 2);
+        assert_eq!(config.exits, vec![peer(3), peer(4)]);
+        let config = ClientConfig::resolve(ClientArgs {
+            common: common(file.path(), dir.path()),
+            relays: vec![relay(5)],
+            exits: vec![peer(6).to_string()],
+            ..ClientArgs::default()
+        })
+        .unwrap();
+        assert_eq!(config.relays[0].peer_id(), peer(5));
+        assert_eq!(config.exits, vec![peer(6)]);
+        // One relay as a plain string still works, for the client and the exit.
+        let one = file_with(&format!("relay: {}\n", relay(7)));
+        let config = ClientConfig::resolve(ClientArgs {
+            common: common(one.path(), dir.path()),
+            ..ClientArgs::default()
+        })
+        .unwrap();
+        assert_eq!(config.relays[0].peer_id(), peer(7));
+        let exit = ExitConfig::resolve(ExitArgs {
+            common: common(file.path(), dir.path()),
+            ..ExitArgs::default()
+        })
+        .unwrap_err();
+        assert!(exit.to_string().contains("one relay"), "{exit}");
+        let bad = ClientConfig::resolve(ClientArgs {
+            common: common(one.path(), dir.path()),
+            exits: vec!["not-a-peer".into()],
+            ..ClientArgs::default()
+        })
+        .unwrap_err();
+        assert!(bad.to_string().contains("exits"), "{bad}");
+        assert!(bad.to_string().contains("tokengoexit"), "{bad}");
     }
 
     #[test]

@@ -55,7 +55,7 @@ pub use exits::{ExitLookup, ExitRefusal, FoundExit, exit_info_source, find_exits
 pub use policy::{AddressPolicy, DialGuard, DialRecord};
 
 use crate::{
-    client::{Directory, RelayLink},
+    client::RelayLink,
     clock::unix_now,
     metrics::DhtMetrics,
     status::{DhtState, DhtStatus},
@@ -1033,8 +1033,7 @@ fn spawn_verify(
 pub async fn verify(addr: RelayAddr, params: TransportParams) -> Result<VerifiedRelay, String> {
     let started = Instant::now();
     let link = RelayLink::new(addr.clone(), params).map_err(|e| e.to_string())?;
-    let directory = Directory::default();
-    let outcome = directory.refresh(&link).await;
+    let outcome = crate::client::list_exits(&link).await;
     let rtt = started.elapsed();
     // Never wait long for the goodbye.
     let _ = tokio::time::timeout(Duration::from_millis(500), link.close()).await;

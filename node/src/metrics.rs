@@ -18,9 +18,9 @@ mod rate;
 
 pub use histogram::{HistogramSnapshot, LatencyHistogram};
 pub use label::{
-    ClassLabel, ConnectLabel, ConnectOutcome, ErrorClass, Flow, FlowLabel, KeyLabel, KeySlot,
-    KindLabel, Media, MediaLabel, Registration, RegistrationLabel, RelayRequest, StatusClass,
-    StatusLabel,
+    ClassLabel, ConnectLabel, ConnectOutcome, DescriptorRefusal, ErrorClass, Flow, FlowLabel,
+    KeyLabel, KeySlot, KindLabel, Media, MediaLabel, RefusalLabel, Registration, RegistrationLabel,
+    RelayRequest, StatusClass, StatusLabel,
 };
 pub use rate::{RATE_WINDOW, RateWindow};
 
@@ -495,8 +495,10 @@ pub struct ClientMetrics {
     pub retries: Counter,
     /// 1 while the connection to the relay is up.
     pub relay_connected: Gauge,
-    /// Exits in the last verified exit list.
+    /// Exits requests may go to now (verified, consistent, pinned when pinning).
     pub exits_available: Gauge,
+    /// Exit descriptors not accepted from a source, by reason.
+    pub descriptors_refused: Family<RefusalLabel, Counter>,
     /// Relay discovery.
     pub dht: DhtMetrics,
 }
@@ -514,6 +516,11 @@ impl ClientMetrics {
         );
         precreate(&metrics.backend_latency, media_labels());
         precreate(&metrics.gateway_overhead, media_labels());
+        precreate(
+            &metrics.descriptors_refused,
+            [DescriptorRefusal::Rollback, DescriptorRefusal::KeyConflict]
+                .map(|reason| RefusalLabel { reason }),
+        );
         metrics
     }
 
@@ -588,8 +595,13 @@ impl ClientMetrics {
         );
         r.register(
             "exits_available",
-            "Exits in the last verified exit list",
+            "Exits requests may go to now (verified, consistent, pinned when pinning)",
             self.exits_available.clone(),
+        );
+        r.register(
+            "descriptors_refused",
+            "Exit descriptors not accepted from a relay or the DHT because their keys differ from the newest seen for that exit (rollback, key_conflict); the exit is not used until sources agree",
+            self.descriptors_refused.clone(),
         );
     }
 

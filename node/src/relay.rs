@@ -146,6 +146,8 @@ pub struct Relay {
     endpoint: quinn::Endpoint,
     addr: RelayAddr,
     registry: Arc<Registry>,
+    /// When set, the only exit identities allowed to register (`serve`'s own exit).
+    only_exits: Option<Arc<[PeerId]>>,
     tap: Option<Arc<dyn Tap>>,
     metrics: Arc<RelayMetrics>,
     accepting: watch::Sender<bool>,
@@ -157,6 +159,7 @@ pub struct Relay {
 #[derive(Debug)]
 struct Shared {
     registry: Arc<Registry>,
+    only_exits: Option<Arc<[PeerId]>>,
     tap: Option<Arc<dyn Tap>>,
     metrics: Arc<RelayMetrics>,
 }
@@ -226,6 +229,7 @@ impl Relay {
             endpoint,
             addr,
             registry,
+            only_exits: None,
             tap: None,
             metrics: Arc::new(metrics),
             accepting: watch::Sender::new(false),
@@ -257,6 +261,14 @@ impl Relay {
         Arc::clone(&self.metrics)
     }
 
+    /// Accepts registrations from these exit identities only; any other exit is refused
+    /// (`serve`: its internal relay is for its own exit, not for any local process).
+    #[must_use]
+    pub fn only_exits(mut self, exits: Vec<PeerId>) -> Self {
+        self.only_exits = Some(exits.into());
+        self
+    }
+
     /// Installs a tap that sees all forwarded bytes.
     #[must_use]
     pub fn with_tap(mut self, tap: Arc<dyn Tap>) -> Self {
@@ -281,6 +293,7 @@ impl Relay {
         let tasks = TaskTracker::new();
         let shared = Arc::new(Shared {
             registry: Arc::clone(&self.registry),
+            only_exits: self.only_exits.clone(),
             tap: self.tap.clone(),
             metrics: Arc::clone(&self.metrics),
         });
@@ -556,7 +569,16 @@ async fn serve_exit(connection: quinn::Connection, shared: &Shared, shutdown: Ca
             connection.close(code::PROTOCOL, b"unexpected control frame");
             break;
         };
-        let (status, reason) = match register(registry, peer, &connection, bytes) {
+        let allowed = shared
+            .only_exits
+            .as_deref()
+            .is_none_or(|only| only.contains(&peer));
+        let outcome = if allowed {
+            register(registry, peer, &connection, bytes)
+        } else {
+            Err("this relay accepts only its own exit".to_owned())
+        };
+        let (status, reason) = match outcome {
             Ok(outcome) => {
                 registered = true;
                 shared

@@ -1,6 +1,7 @@
 //! `tokengo serve`: relay, exit and client in one process for local use. They talk over real
 //! QUIC on loopback with the same certificate checks as separate processes; the relay's
-//! port is chosen by the system and never leaves loopback.
+//! port is chosen by the system and never leaves loopback, accepts only this process's exit,
+//! and the client is pinned to that exit.
 
 use std::net::SocketAddr;
 
@@ -22,18 +23,22 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
     config.data_dir.ensure()?;
     let (relay_identity, _) =
         identity::load_or_create(&config.data_dir.file("relay_identity.key"))?;
+    let exit = Exit::load(&config.data_dir, &config.backend, config.limits.clone())?;
+    // The internal relay takes only this exit's registration, and the client sends only to
+    // it: another local process cannot slip its own exit into the path.
     let relay = Relay::bind(
         SocketAddr::from(([127, 0, 0, 1], 0)),
         &relay_identity,
         &config.limits,
-    )?;
+    )?
+    .only_exits(vec![exit.peer_id()]);
     let relay_addr = relay.addr().clone();
     tracing::info!(relay = %relay_addr, "internal relay listening on loopback");
 
-    let exit = Exit::load(&config.data_dir, &config.backend, config.limits.clone())?;
-    let client = Client::bind_with(
+    let client = Client::bind_pinned(
         config.listen,
         vec![relay_addr.clone()],
+        vec![exit.peer_id()],
         config.limits.clone(),
         config.policy.clone(),
         crate::metrics::DhtMetrics::default(),

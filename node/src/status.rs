@@ -136,12 +136,21 @@ pub struct KeyStatus {
 /// A client's status.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClientStatus {
-    /// The relay it sends requests through.
+    /// The relays it sends requests through, comma-separated.
     pub relay: String,
-    /// Whether the connection to the relay is up.
+    /// Whether a connection to a relay is up.
     pub relay_connected: bool,
-    /// Exits in the last verified list.
+    /// Each relay and whether its connection is up.
+    #[serde(default)]
+    pub relays: Vec<RelaySummary>,
+    /// The exits requests are restricted to (empty: not pinned).
+    #[serde(default)]
+    pub pinned_exits: Vec<String>,
+    /// Exits requests may go to now: verified, with consistent keys, pinned when pinning.
     pub exits: Vec<ExitSummary>,
+    /// Exits not used because sources disagree on their keys, as `PEERID: source (reason)`.
+    #[serde(default)]
+    pub held_exits: Vec<String>,
     /// Requests since start.
     pub requests_total: u64,
     /// Requests per second over the last minute.
@@ -163,6 +172,18 @@ pub struct ExitSummary {
     pub peer_id: String,
     /// The id of the key the client encrypts to.
     pub key_id: u8,
+    /// The sources that list it (relays, the DHT).
+    #[serde(default)]
+    pub vouched_by: Vec<String>,
+}
+
+/// One of a client's relays.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelaySummary {
+    /// Its multiaddr.
+    pub address: String,
+    /// Whether the connection to it is up.
+    pub connected: bool,
 }
 
 /// Percentiles of a latency histogram, in milliseconds.
@@ -376,10 +397,24 @@ pub fn summary(report: &StatusReport) -> String {
                 "not connected"
             }
         );
+        if !client.pinned_exits.is_empty() {
+            let _ = writeln!(
+                out,
+                "        pinned exits (no other is used): {}",
+                client.pinned_exits.join(", ")
+            );
+        }
         let exits: Vec<String> = client
             .exits
             .iter()
-            .map(|e| format!("{} (key {})", e.peer_id, e.key_id))
+            .map(|e| {
+                format!(
+                    "{} (key {}, listed by {})",
+                    e.peer_id,
+                    e.key_id,
+                    e.vouched_by.len()
+                )
+            })
             .collect();
         let _ = writeln!(
             out,
@@ -388,6 +423,9 @@ pub fn summary(report: &StatusReport) -> String {
             if exits.is_empty() { "" } else { ": " },
             exits.join(", ")
         );
+        for held in &client.held_exits {
+            let _ = writeln!(out, "        held (sources disagree on keys): {held}");
+        }
         let _ = writeln!(
             out,
             "        {} requests ({}), {} errors, {} in flight",
@@ -539,10 +577,17 @@ mod tests {
             client: Some(ClientStatus {
                 relay: "/ip4/127.0.0.1/udp/1/quic-v1/p2p/12D3KooRelay".into(),
                 relay_connected: true,
+                relays: vec![RelaySummary {
+                    address: "/ip4/127.0.0.1/udp/1/quic-v1/p2p/12D3KooRelay".into(),
+                    connected: true,
+                }],
+                pinned_exits: vec!["12D3KooExit".into()],
                 exits: vec![ExitSummary {
                     peer_id: "12D3KooExit".into(),
                     key_id: 1,
+                    vouched_by: vec!["relay 12D3KooRelay".into()],
                 }],
+                held_exits: vec!["12D3KooOther: relay 12D3KooRelay (rollback)".into()],
                 requests_total: 7,
                 requests_per_sec: Some(0.1),
                 errors_total: 2,
@@ -564,7 +609,9 @@ mod tests {
             "p50 1.25 ms p90 4.00 ms p99 31 ms (n=5)",
             "rate not known yet",
             "0.12/s over the last minute",
-            "1 exits usable: 12D3KooExit (key 1)",
+            "1 exits usable: 12D3KooExit (key 1, listed by 1)",
+            "pinned exits (no other is used): 12D3KooExit",
+            "held (sources disagree on keys): 12D3KooOther",
             "no samples yet",
             "DHT /ipfs/kad/1.0.0: NOT announced: no confirmed external address",
             "DHT /mynet/kad/1.0.0: announced",

@@ -763,3 +763,105 @@ async fn exit_without_external_address_is_reported_not_announced() {
     exit.stop.cancel();
     relay.stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn discovery_finds_exits_on_the_dht_and_uses_a_relay_that_hosts_them() {
+    let net = Net::start().await;
+    // A relay the client finds on the DHT, with an exit only it lists (anyone can register
+    // one; so can the relay's operator): one source vouches for that exit.
+    let mut announced = start_relay(&net, net.config(), Keypair::generate_ed25519(), None).await;
+    wait_state(&mut announced, DhtState::Announced).await;
+    let rogue_backend = common::start_recording_backend(Duration::ZERO).await;
+    let rogue = common::start_exit(
+        &announced.addr,
+        common::backend_config(&rogue_backend.url, Duration::from_secs(10)),
+        &Limits::default(),
+    )
+    .await;
+    // A relay that does not announce itself, with an exit that does: the client can only
+    // learn of both from the exit's record on the DHT.
+    let hidden = common::start_relay(&Limits::default(), None).await;
+    let backend = common::start_recording_backend(Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let exit = start_announced_exit(
+        &net,
+        net.config(),
+        &backend.url,
+        &dir,
+        vec![hidden.addr.clone()],
+    )
+    .await;
+    wait_exit_state(&exit.probe, DhtState::Announced).await;
+
+    // A real `tokengo client` given no relay.
+    let mut args: Vec<String> = [
+        "--address-policy",
+        "loopback",
+        "--dht-protocol",
+        TEST_PROTOCOL,
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    for bootstrap in &net.config().bootstrap {
+        args.extend(["--bootstrap".to_owned(), bootstrap.to_string()]);
+    }
+    let client = common::start_client_process(&args).await;
+    let (admin, url) = (&client.admin, &client.url);
+
+    // The exit found on the DHT is listed by the relay it named: two sources vouch for it.
+    let peer = exit.peer.to_string();
+    let status = tokio::time::timeout(WAIT, async {
+        loop {
+            reqwest::get(format!("{admin}/readyz")).await.unwrap();
+            let report: tokengo::status::StatusReport = reqwest::get(format!("{admin}/status"))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let status = report.client.unwrap();
+            if status
+                .exits
+                .iter()
+                .any(|e| e.peer_id == peer && e.vouched_by.len() == 2)
+            {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the client never saw the DHT exit vouched for by the DHT and its relay");
+    assert!(
+        status
+            .relays
+            .iter()
+            .any(|r| r.address == hidden.addr.to_string()),
+        "{status:?}"
+    );
+    let vouched = status.exits.iter().find(|e| e.peer_id == peer).unwrap();
+    assert!(
+        vouched.vouched_by.contains(&"the DHT".to_owned()),
+        "{vouched:?}"
+    );
+    for _ in 0..20 {
+        let response = reqwest::Client::new()
+            .post(format!("{url}/v1/chat/completions"))
+            .json(&serde_json::json!({"model": "test", "messages": []}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    // Every request took the corroborated exit, through the relay that hosts it; the exit
+    // only the announced relay vouches for got none.
+    assert_eq!(backend.hits("/v1/chat/completions"), 20);
+    assert_eq!(rogue_backend.hits("/v1/chat/completions"), 0);
+    assert!(hidden.probe.metrics().forwards_total() >= 20);
+    net.assert_loopback_only();
+    exit.stop.cancel();
+    rogue.stop.cancel();
+    hidden.stop.cancel();
+    announced.stop.cancel();
+}

@@ -1,31 +1,53 @@
-//! The client's view of the exits behind its relay: fetched from the relay, every descriptor's
-//! signature checked against the exit's own identity (so a relay cannot substitute keys), and
-//! a choice of exit per request by model served and measured latency.
+//! The client's exits and relays: one link per relay, each relay's exit list (every
+//! descriptor's signature checked against the exit's own identity, so a relay cannot
+//! substitute keys) fed into the [`ExitSet`], health per exit and per relay, and the route of
+//! a request: the exit first, then a relay that hosts it. With pinned exits only those are
+//! ever routed to.
 
 use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex, RwLock},
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use libp2p_identity::PeerId;
+use prometheus_client::metrics::{counter::Counter, family::Family};
 use tokengo_proto::{
-    descriptor::SignedDescriptor,
+    descriptor::{Descriptor, SignedDescriptor},
     frame::{self, ClientRequest, Status},
     key_config::KeyConfig,
 };
 
-use super::relay_link::RelayLink;
-use crate::{api_error::ApiError, clock::unix_now, stream::StreamReader};
+use super::{
+    choice::{self, Candidate, Random as _, ThreadRandom},
+    exit_set::{ExitSet, Listing, Refusal, Refused, Source, Standing, Usable},
+    relay_link::RelayLink,
+};
+use crate::{
+    api_error::ApiError,
+    clock::unix_now,
+    metrics::{DescriptorRefusal, RefusalLabel},
+    stream::StreamReader,
+    transport::{RelayAddr, TransportParams},
+};
 
-/// How long a fetched exit list is used before it is fetched again.
+/// How long fetched exit lists are used before they are fetched again.
 const FRESH_FOR: Duration = Duration::from_secs(60);
+/// How soon lists are fetched again while an exit is held for disagreeing sources (a key
+/// rotation that reached one relay before another settles within this).
+const HELD_FRESH_FOR: Duration = Duration::from_secs(5);
 /// Largest exit list accepted from a relay.
 const MAX_LIST_BYTES: usize = 4 << 20;
 /// Most exits accepted from one relay.
 const MAX_EXITS: usize = 1024;
+/// Most relay links a client keeps (relays named by exit records add links).
+const MAX_LINKS: usize = 16;
+/// First backoff after a failure; it doubles with each further failure.
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// Longest backoff.
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
-/// An exit whose descriptor verified.
+/// An exit to encrypt a request to.
 #[derive(Debug, Clone)]
 pub struct ExitInfo {
     /// Its identity.
@@ -36,117 +58,508 @@ pub struct ExitInfo {
     pub models: Vec<String>,
 }
 
-/// Known exits.
-#[derive(Debug)]
-pub struct Directory {
-    exits: RwLock<(Arc<Vec<ExitInfo>>, Option<Instant>)>,
-    latency: Mutex<HashMap<PeerId, Duration>>,
-    refreshing: tokio::sync::Mutex<()>,
+impl ExitInfo {
+    /// What a request needs of a verified descriptor; `None` if it lists no key.
+    fn from_descriptor(descriptor: Descriptor) -> Option<Self> {
+        Some(Self {
+            peer_id: descriptor.peer_id,
+            key_config: *descriptor.key_configs.first()?,
+            models: descriptor.models,
+        })
+    }
 }
 
-impl Default for Directory {
-    fn default() -> Self {
-        Self {
-            exits: RwLock::new((Arc::new(Vec::new()), None)),
-            latency: Mutex::default(),
-            refreshing: tokio::sync::Mutex::new(()),
-        }
+/// Where one request goes: the exit, and the relay link to reach it through.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The exit.
+    pub exit: ExitInfo,
+    /// A link to a relay that hosts it.
+    pub link: Arc<RelayLink>,
+}
+
+/// An exit as `/status` shows it.
+#[derive(Debug, Clone)]
+pub struct ExitView {
+    /// The exit.
+    pub exit: ExitInfo,
+    /// The sources that vouch for it.
+    pub vouched_by: Vec<String>,
+}
+
+/// How an exit or a relay has been doing.
+#[derive(Debug, Clone, Default)]
+struct Health {
+    /// Smoothed time to the first answer byte.
+    latency: Option<Duration>,
+    failures: u32,
+    backoff_until: Option<Instant>,
+}
+
+impl Health {
+    fn backed_off(&self, now: Instant) -> bool {
+        self.backoff_until.is_some_and(|until| until > now)
     }
+
+    fn failed(&mut self, now: Instant) {
+        self.failures = self.failures.saturating_add(1);
+        let doublings = self.failures.saturating_sub(1).min(6);
+        self.backoff_until = Some(now + (BACKOFF_MIN * (1 << doublings)).min(BACKOFF_MAX));
+    }
+
+    fn succeeded(&mut self, sample: Duration) {
+        self.failures = 0;
+        self.backoff_until = None;
+        self.latency = Some(match self.latency {
+            Some(old) => (old * 7 + sample) / 8,
+            None => sample,
+        });
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    set: ExitSet,
+    exits: HashMap<PeerId, Health>,
+    relays: HashMap<PeerId, Health>,
+    fetched_at: Option<Instant>,
+    /// What the last fetch from each relay gave: exits listed, or why it failed.
+    fetches: BTreeMap<PeerId, Result<usize, String>>,
+    /// The exits held after the last fetch.
+    held: Vec<Refused>,
+}
+
+/// The client's relays and the exits they (and other sources) list.
+#[derive(Debug)]
+pub struct Directory {
+    links: Mutex<Vec<Arc<RelayLink>>>,
+    params: TransportParams,
+    pinned: Vec<PeerId>,
+    state: Mutex<State>,
+    refreshing: tokio::sync::Mutex<()>,
+    refused: Family<RefusalLabel, Counter>,
 }
 
 impl Directory {
-    /// The exits, fetched from the relay if the list is empty or stale.
-    pub async fn exits(&self, link: &RelayLink) -> Result<Arc<Vec<ExitInfo>>, ApiError> {
-        {
-            let guard = self
-                .exits
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if !guard.0.is_empty() && guard.1.is_some_and(|at| at.elapsed() < FRESH_FOR) {
-                return Ok(Arc::clone(&guard.0));
+    /// A directory over `relays` (not dialled yet), routing only to `pinned` exits when that
+    /// is not empty; refused descriptors are counted in `refused`.
+    pub fn new(
+        relays: &[RelayAddr],
+        pinned: Vec<PeerId>,
+        params: TransportParams,
+        refused: Family<RefusalLabel, Counter>,
+    ) -> std::io::Result<Self> {
+        if relays.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "no relay to connect to",
+            ));
+        }
+        let mut links = Vec::with_capacity(relays.len());
+        for relay in relays {
+            if !links
+                .iter()
+                .any(|l: &Arc<RelayLink>| l.relay().peer_id() == relay.peer_id())
+            {
+                links.push(Arc::new(RelayLink::new(relay.clone(), params)?));
             }
         }
-        self.refresh(link).await
+        Ok(Self {
+            links: Mutex::new(links),
+            params,
+            pinned,
+            state: Mutex::default(),
+            refreshing: tokio::sync::Mutex::new(()),
+            refused,
+        })
     }
 
-    /// Fetches and verifies the exit list now (one fetch at a time; concurrent callers share it).
-    pub async fn refresh(&self, link: &RelayLink) -> Result<Arc<Vec<ExitInfo>>, ApiError> {
-        let before = self.fetched_at();
+    /// The exits requests may go to, when the user pinned some (empty: any).
+    #[must_use]
+    pub fn pinned(&self) -> &[PeerId] {
+        &self.pinned
+    }
+
+    /// The relay links, in the order the relays were given.
+    #[must_use]
+    pub fn links(&self) -> Vec<Arc<RelayLink>> {
+        self.lock_links().clone()
+    }
+
+    /// Fetches every relay's exit list now (one refresh at a time; a caller that waited for
+    /// another's refresh uses its result). Returns the number of exits requests may go to;
+    /// an error only when no relay answered.
+    pub async fn refresh(&self) -> Result<usize, ApiError> {
+        let before = self.lock().fetched_at;
         let _turn = self.refreshing.lock().await;
-        if self.fetched_at() != before {
-            // Someone refreshed while we waited.
-            return Ok(self.current());
+        if self.lock().fetched_at == before {
+            self.fetch_all().await;
         }
-        let exits = Arc::new(fetch(link).await?);
-        *self
-            .exits
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) =
-            (Arc::clone(&exits), Some(Instant::now()));
-        Ok(exits)
+        let state = self.lock();
+        let answered = state.fetches.values().any(Result::is_ok);
+        if !answered && let Some(Err(error)) = state.fetches.values().next() {
+            return Err(ApiError::RelayUnreachable(error.clone()));
+        }
+        Ok(self.routable(&state).len())
     }
 
-    /// The exits of the last fetch (empty before the first).
-    #[must_use]
-    pub fn current(&self) -> Arc<Vec<ExitInfo>> {
-        Arc::clone(
-            &self
-                .exits
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .0,
+    async fn fetch_all(&self) {
+        let links = self.links();
+        let fetched = futures_util::future::join_all(
+            links
+                .iter()
+                .map(|link| async move { (link.relay().clone(), list_exits(link).await) }),
         )
+        .await;
+        let now = unix_now();
+        let mut state = self.lock();
+        for (relay, outcome) in fetched {
+            let listings = match &outcome {
+                Ok(descriptors) => descriptors
+                    .iter()
+                    .map(|descriptor| Listing {
+                        descriptor: descriptor.clone(),
+                        relays: vec![relay.clone()],
+                    })
+                    .collect(),
+                Err(_) => Vec::new(),
+            };
+            state.set.observe(&Source::Relay(relay.peer_id()), listings);
+            state.fetches.insert(
+                relay.peer_id(),
+                outcome.map(|d| d.len()).map_err(|e| e.to_string()),
+            );
+        }
+        state.set.expire(now);
+        state.fetched_at = Some(Instant::now());
+        let held = state.set.held();
+        // Counted and logged when an exit becomes held, not at every refresh while it is.
+        let new: Vec<Refused> = held
+            .iter()
+            .filter(|r| !state.held.contains(r))
+            .cloned()
+            .collect();
+        state.held = held;
+        drop(state);
+        self.count_refused(&new);
     }
 
-    fn fetched_at(&self) -> Option<Instant> {
-        self.exits
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .1
+    fn count_refused(&self, refused: &[Refused]) {
+        for Refused {
+            exit,
+            source,
+            reason,
+        } in refused
+        {
+            tracing::warn!(
+                %exit,
+                %source,
+                reason = reason.as_str(),
+                "{source} serves a descriptor for this exit whose keys differ from the newest seen; the exit is not used until all sources agree"
+            );
+            self.refused
+                .get_or_create(&RefusalLabel {
+                    reason: match reason {
+                        Refusal::Rollback => DescriptorRefusal::Rollback,
+                        Refusal::KeyConflict => DescriptorRefusal::KeyConflict,
+                    },
+                })
+                .inc();
+        }
     }
 
-    /// Picks an exit for `model`: among exits not in `exclude`, those that list the model (or
-    /// list nothing) first, then the lowest measured latency; unmeasured exits count as fast
-    /// so each gets tried.
-    #[must_use]
-    pub fn choose(
+    /// Takes the exits a DHT lookup found as the DHT's claims (replacing the previous
+    /// lookup's). The DHT vouches, never hosts: the relays an exit names get links (up to a
+    /// bound), and a request goes through one of them only once its own list shows the exit.
+    /// The lists are fetched again at the next request.
+    pub fn learn_from_dht(&self, found: Vec<(Descriptor, Vec<RelayAddr>)>) {
+        let mut listings = Vec::with_capacity(found.len());
+        for (descriptor, relays) in found {
+            for relay in &relays {
+                if self.link_for(relay).is_none() {
+                    tracing::debug!(%relay, "relay named by a DHT exit record not linked: too many relays");
+                }
+            }
+            if !descriptor.key_configs.is_empty() {
+                listings.push(Listing {
+                    descriptor,
+                    relays: Vec::new(),
+                });
+            }
+        }
+        let mut state = self.lock();
+        state.set.observe(&Source::Dht, listings);
+        state.fetched_at = None;
+    }
+
+    /// Whether the lists are older than their freshness (shorter while an exit is held).
+    fn stale(&self) -> bool {
+        let state = self.lock();
+        let fresh_for = if state.held.is_empty() {
+            FRESH_FOR
+        } else {
+            HELD_FRESH_FOR
+        };
+        state.fetched_at.is_none_or(|at| at.elapsed() >= fresh_for)
+    }
+
+    /// The route for a request for `model`, avoiding the exits in `exclude` (tried already).
+    /// Lists are fetched first when stale or when `refresh` is set, and once more when
+    /// nothing is routable. With pinned exits the error names them and what was tried, also
+    /// when no relay answered; otherwise that is a relay error, and no exit a 503.
+    pub async fn route(
         &self,
-        exits: &[ExitInfo],
         model: Option<&str>,
         exclude: &[PeerId],
-    ) -> Option<ExitInfo> {
-        let latency = self
-            .latency
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        exits
-            .iter()
-            .filter(|e| !exclude.contains(&e.peer_id))
-            .min_by_key(|e| {
-                let serves = match model {
-                    Some(m) if !e.models.is_empty() => e.models.iter().any(|x| x == m),
-                    _ => true,
-                };
-                (
-                    !serves,
-                    latency.get(&e.peer_id).copied().unwrap_or_default(),
-                )
-            })
-            .cloned()
+        refresh: bool,
+    ) -> Result<Route, ApiError> {
+        let mut refreshed = false;
+        let mut failure = None;
+        if refresh || self.stale() {
+            refreshed = true;
+            failure = self.refresh().await.err();
+        }
+        if let Some(route) = self.pick(model, exclude) {
+            return Ok(route);
+        }
+        if !refreshed {
+            failure = self.refresh().await.err();
+            if let Some(route) = self.pick(model, exclude) {
+                return Ok(route);
+            }
+        }
+        match failure {
+            Some(error) if self.pinned.is_empty() => Err(error),
+            _ => Err(self.unavailable(exclude)),
+        }
     }
 
-    /// Records how long an exit took to start answering (exponentially weighted).
-    pub fn record_latency(&self, peer: PeerId, sample: Duration) {
-        let mut latency = self
-            .latency
+    /// The exits requests may go to now: usable, pinned when pinning, reachable through a
+    /// relay.
+    fn routable(&self, state: &State) -> Vec<Usable> {
+        state
+            .set
+            .usable()
+            .into_iter()
+            .filter(|u| self.pinned.is_empty() || self.pinned.contains(&u.descriptor.peer_id))
+            .filter(|u| !u.relays.is_empty() && !u.descriptor.key_configs.is_empty())
+            .collect()
+    }
+
+    fn pick(&self, model: Option<&str>, exclude: &[PeerId]) -> Option<Route> {
+        let (usable, relay) = {
+            let state = self.lock();
+            let now = Instant::now();
+            let routable: Vec<Usable> = self
+                .routable(&state)
+                .into_iter()
+                .filter(|u| !exclude.contains(&u.descriptor.peer_id))
+                .collect();
+            let candidates: Vec<Candidate<usize>> = routable
+                .iter()
+                .enumerate()
+                .map(|(index, usable)| {
+                    let d = &usable.descriptor;
+                    let health = state.exits.get(&d.peer_id);
+                    Candidate {
+                        id: index,
+                        // A pinned exit is trusted by the user, not by the number of sources.
+                        corroborated: !self.pinned.is_empty() || usable.corroborated(),
+                        serves_model: match model {
+                            Some(m) if !d.models.is_empty() => d.models.iter().any(|x| x == m),
+                            _ => true,
+                        },
+                        backed_off: health.is_some_and(|h| h.backed_off(now)),
+                        latency: health.and_then(|h| h.latency),
+                    }
+                })
+                .collect();
+            let index = choice::choose(&candidates, &mut ThreadRandom)?;
+            let usable = routable.into_iter().nth(index)?;
+            let relay = pick_relay(&usable.relays, &state.relays, now)?;
+            (usable, relay)
+        };
+        let link = self.link_for(&relay)?;
+        Some(Route {
+            exit: ExitInfo::from_descriptor(usable.descriptor)?,
+            link,
+        })
+    }
+
+    /// The link to `relay`, made if there is none yet (and there is room).
+    fn link_for(&self, relay: &RelayAddr) -> Option<Arc<RelayLink>> {
+        let mut links = self.lock_links();
+        if let Some(link) = links
+            .iter()
+            .find(|l| l.relay().peer_id() == relay.peer_id())
+        {
+            return Some(Arc::clone(link));
+        }
+        if links.len() >= MAX_LINKS {
+            return None;
+        }
+        let link = Arc::new(RelayLink::new(relay.clone(), self.params).ok()?);
+        links.push(Arc::clone(&link));
+        Some(link)
+    }
+
+    /// The error when nothing is routable: with pinned exits, which they are and why each is
+    /// out, and what every relay answered.
+    fn unavailable(&self, tried: &[PeerId]) -> ApiError {
+        if self.pinned.is_empty() {
+            return ApiError::NoExit;
+        }
+        let state = self.lock();
+        let now = Instant::now();
+        let pinned: Vec<String> = self.pinned.iter().map(ToString::to_string).collect();
+        let mut reasons: Vec<String> = self
+            .pinned
+            .iter()
+            .map(|exit| {
+                let why = match state.set.standing(exit) {
+                    None => "not listed by any relay".to_owned(),
+                    Some(Standing::Unlisted) => "no longer listed by any relay".to_owned(),
+                    Some(Standing::Held(refused)) => format!(
+                        "held: {} serves other keys for it than the newest seen",
+                        refused.source
+                    ),
+                    Some(Standing::Usable(_)) if tried.contains(exit) => {
+                        "listed, but failed for this request".to_owned()
+                    }
+                    Some(Standing::Usable(_)) => match state.exits.get(exit) {
+                        Some(health) if health.backed_off(now) => {
+                            "backing off after failures".to_owned()
+                        }
+                        _ => "no relay that lists it is reachable".to_owned(),
+                    },
+                };
+                format!("{exit}: {why}")
+            })
+            .collect();
+        let relays: Vec<String> = state
+            .fetches
+            .iter()
+            .map(|(relay, outcome)| match outcome {
+                Ok(n) => format!("relay {relay} listed {n} exits"),
+                Err(error) => format!("relay {relay} unreachable ({error})"),
+            })
+            .collect();
+        reasons.extend(relays);
+        ApiError::PinnedExitsUnavailable {
+            pinned: pinned.join(", "),
+            tried: reasons.join("; "),
+        }
+    }
+
+    /// Records how long an exit and its relay took to start answering; clears their backoff.
+    pub fn succeeded(&self, route: &Route, sample: Duration) {
+        let mut state = self.lock();
+        state
+            .exits
+            .entry(route.exit.peer_id)
+            .or_default()
+            .succeeded(sample);
+        state
+            .relays
+            .entry(route.link.relay().peer_id())
+            .or_default()
+            .succeeded(sample);
+    }
+
+    /// Backs off from an exit that failed without the request reaching it.
+    pub fn exit_failed(&self, exit: PeerId) {
+        self.lock()
+            .exits
+            .entry(exit)
+            .or_default()
+            .failed(Instant::now());
+    }
+
+    /// Backs off from a relay that could not be reached.
+    pub fn relay_failed(&self, relay: PeerId) {
+        self.lock()
+            .relays
+            .entry(relay)
+            .or_default()
+            .failed(Instant::now());
+    }
+
+    /// The exits requests may go to, as of the last fetch.
+    #[must_use]
+    pub fn current(&self) -> Vec<ExitView> {
+        let state = self.lock();
+        self.routable(&state)
+            .into_iter()
+            .filter_map(|usable| {
+                Some(ExitView {
+                    vouched_by: usable.vouched_by.iter().map(ToString::to_string).collect(),
+                    exit: ExitInfo::from_descriptor(usable.descriptor)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Exits held back because their sources disagree, as `PEERID: reason`.
+    #[must_use]
+    pub fn held(&self) -> Vec<String> {
+        self.lock()
+            .set
+            .held()
+            .into_iter()
+            .map(|r| format!("{}: {} ({})", r.exit, r.source, r.reason.as_str()))
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // Every update is a single assignment or insert: a panic elsewhere cannot leave the
+        // state half-changed, so a poisoned lock is still usable.
+        self.state
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let entry = latency.entry(peer).or_insert(sample);
-        *entry = (*entry * 7 + sample) / 8;
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn lock_links(&self) -> std::sync::MutexGuard<'_, Vec<Arc<RelayLink>>> {
+        self.links
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
-async fn fetch(link: &RelayLink) -> Result<Vec<ExitInfo>, ApiError> {
+/// A relay among `hosting` for one request: at random among those not backing off (all of
+/// them when every one is), so no relay can count on getting an exit's traffic.
+fn pick_relay(
+    hosting: &[RelayAddr],
+    health: &HashMap<PeerId, Health>,
+    now: Instant,
+) -> Option<RelayAddr> {
+    let healthy: Vec<&RelayAddr> = hosting
+        .iter()
+        .filter(|r| !health.get(&r.peer_id()).is_some_and(|h| h.backed_off(now)))
+        .collect();
+    let pool: Vec<&RelayAddr> = if healthy.is_empty() {
+        hosting.iter().collect()
+    } else {
+        healthy
+    };
+    if pool.is_empty() {
+        return None;
+    }
+    Some(pool[ThreadRandom.below(pool.len())].clone())
+}
+
+impl Refusal {
+    /// The log's word for it.
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Rollback => "rollback",
+            Self::KeyConflict => "key_conflict",
+        }
+    }
+}
+
+/// Asks one relay for its exit list and returns the descriptors that verify (the others are
+/// logged and dropped).
+pub async fn list_exits(link: &RelayLink) -> Result<Vec<Descriptor>, ApiError> {
     let (mut send, recv) = link.open().await?;
     let mut header = Vec::new();
     ClientRequest::ListExits.encode(&mut header);
@@ -172,21 +585,18 @@ async fn fetch(link: &RelayLink) -> Result<Vec<ExitInfo>, ApiError> {
     let descriptors = frame::decode_exit_list(list, MAX_EXITS)
         .map_err(|e| ApiError::RelayUnreachable(format!("malformed exit list: {e}")))?;
     let now = unix_now();
-    let exits: Vec<ExitInfo> = descriptors
+    let exits: Vec<Descriptor> = descriptors
         .iter()
         .filter_map(|bytes| match SignedDescriptor::verify(bytes, now) {
-            Ok(d) => Some(ExitInfo {
-                peer_id: d.peer_id,
-                key_config: *d.key_configs.first()?,
-                models: d.models,
-            }),
+            Ok(d) if !d.key_configs.is_empty() => Some(d),
+            Ok(_) => None,
             Err(error) => {
                 tracing::warn!(%error, "relay listed an exit whose descriptor does not verify; ignoring it");
                 None
             }
         })
         .collect();
-    tracing::debug!(exits = exits.len(), "exit list fetched");
+    tracing::debug!(relay = %link.relay(), exits = exits.len(), "exit list fetched");
     Ok(exits)
 }
 
@@ -195,49 +605,49 @@ async fn fetch(link: &RelayLink) -> Result<Vec<ExitInfo>, ApiError> {
 mod tests {
     use super::*;
 
-    fn exit(models: &[&str]) -> ExitInfo {
-        ExitInfo {
-            peer_id: libp2p_identity::Keypair::generate_ed25519()
-                .public()
-                .to_peer_id(),
-            key_config: KeyConfig {
-                key_id: 1,
-                public_key: [0; 32],
-            },
-            models: models.iter().map(|m| (*m).to_owned()).collect(),
+    #[test]
+    fn backoff_doubles_up_to_a_cap_and_success_clears_it() {
+        let now = Instant::now();
+        let mut health = Health::default();
+        health.failed(now);
+        assert_eq!(health.backoff_until, Some(now + BACKOFF_MIN));
+        health.failed(now);
+        assert_eq!(health.backoff_until, Some(now + BACKOFF_MIN * 2));
+        for _ in 0..20 {
+            health.failed(now);
         }
+        assert_eq!(health.backoff_until, Some(now + BACKOFF_MAX));
+        assert!(health.backed_off(now));
+        health.succeeded(Duration::from_millis(8));
+        assert!(!health.backed_off(now));
+        health.succeeded(Duration::from_millis(16));
+        assert_eq!(health.latency, Some(Duration::from_millis(9)));
     }
 
     #[test]
-    fn prefers_model_then_latency() {
-        let directory = Directory::default();
-        let a = exit(&["llama"]);
-        let b = exit(&["gemma"]);
-        let c = exit(&["gemma"]);
-        directory.record_latency(b.peer_id, Duration::from_millis(50));
-        directory.record_latency(c.peer_id, Duration::from_millis(5));
-        let all = vec![a.clone(), b.clone(), c.clone()];
-        assert_eq!(
-            directory.choose(&all, Some("gemma"), &[]).unwrap().peer_id,
-            c.peer_id
-        );
-        assert_eq!(
-            directory
-                .choose(&all, Some("gemma"), &[c.peer_id])
-                .unwrap()
-                .peer_id,
-            b.peer_id
-        );
-        assert_eq!(
-            directory.choose(&all, Some("llama"), &[]).unwrap().peer_id,
-            a.peer_id
-        );
-        // Unknown model: any exit rather than none.
-        assert!(directory.choose(&all, Some("other"), &[]).is_some());
-        assert!(
-            directory
-                .choose(&all, None, &[a.peer_id, b.peer_id, c.peer_id])
-                .is_none()
-        );
+    fn relays_backing_off_are_avoided_unless_all_are() {
+        let relay = |n: u16| {
+            RelayAddr::new(
+                ([127, 0, 0, 1], n).into(),
+                libp2p_identity::Keypair::generate_ed25519()
+                    .public()
+                    .to_peer_id(),
+            )
+        };
+        let (a, b) = (relay(1), relay(2));
+        let now = Instant::now();
+        let mut health = HashMap::new();
+        health
+            .entry(a.peer_id())
+            .or_insert_with(Health::default)
+            .failed(now);
+        for _ in 0..50 {
+            assert_eq!(
+                pick_relay(&[a.clone(), b.clone()], &health, now),
+                Some(b.clone())
+            );
+        }
+        assert_eq!(pick_relay(std::slice::from_ref(&a), &health, now), Some(a));
+        assert_eq!(pick_relay(&[], &health, now), None);
     }
 }

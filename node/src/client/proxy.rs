@@ -23,7 +23,7 @@ use super::{
     ClientState,
     access::{self, ClientPolicy},
     body,
-    directory::ExitInfo,
+    directory::Route,
 };
 use crate::{
     api_error::ApiError,
@@ -153,6 +153,9 @@ pub(super) fn error_response(error: &ApiError) -> Response {
 enum AttemptError {
     /// The exit never saw the request: safe to try again (another exit, or fresh keys).
     Retry(ApiError),
+    /// The relay could not be reached: the exit never saw the request; another relay may
+    /// reach it.
+    RelayDown(ApiError),
     /// Stop and report.
     Fatal(ApiError),
 }
@@ -183,25 +186,30 @@ async fn proxy(state: &ClientState, request: http::Request<Body>) -> Result<Prox
     let model = model_of(&body);
     let mut excluded: Vec<PeerId> = Vec::new();
     let mut last_error = ApiError::NoExit;
-    let mut refreshed = false;
+    let mut refresh = false;
     for number in 1..=MAX_ATTEMPTS {
-        let exits = if refreshed {
-            state.directory.refresh(&state.link).await?
-        } else {
-            state.directory.exits(&state.link).await?
-        };
-        let Some(exit) = state.directory.choose(&exits, model.as_deref(), &excluded) else {
-            if !refreshed {
-                refreshed = true;
-                continue;
+        let route = match state
+            .directory
+            .route(model.as_deref(), &excluded, refresh)
+            .await
+        {
+            Ok(route) => route,
+            // Nothing left to try: the last attempt's error says more than "no exit", unless
+            // the user pinned exits (then the answer names them and what was tried).
+            Err(ApiError::PinnedExitsUnavailable { pinned, mut tried }) => {
+                if number > 1 {
+                    tried = format!("{tried}; this request's last attempt: {last_error}");
+                }
+                return Err(ApiError::PinnedExitsUnavailable { pinned, tried });
             }
-            break;
+            Err(error) if number == 1 => return Err(error),
+            Err(_) => break,
         };
         let span = tracing::info_span!(
             "client.attempt",
             tokengo.attempt = i64::try_from(number).unwrap_or(i64::MAX)
         );
-        match attempt(state, &exit, media, &head, &body)
+        match attempt(state, &route, media, &head, &body)
             .instrument(span)
             .await
         {
@@ -213,11 +221,18 @@ async fn proxy(state: &ClientState, request: http::Request<Body>) -> Result<Prox
                 });
             }
             Err(AttemptError::Fatal(error)) => return Err(error),
-            Err(AttemptError::Retry(error)) => {
-                tracing::debug!(exit = %exit.peer_id, %error, "retrying with fresh exit list");
+            Err(AttemptError::RelayDown(error)) => {
+                tracing::debug!(relay = %route.link.relay(), %error, "relay unreachable; trying another route");
                 state.metrics.retries.inc();
-                excluded.push(exit.peer_id);
-                refreshed = true;
+                state.directory.relay_failed(route.link.relay().peer_id());
+                last_error = error;
+            }
+            Err(AttemptError::Retry(error)) => {
+                tracing::debug!(exit = %route.exit.peer_id, %error, "retrying with fresh exit lists");
+                state.metrics.retries.inc();
+                state.directory.exit_failed(route.exit.peer_id);
+                excluded.push(route.exit.peer_id);
+                refresh = true;
                 last_error = error;
             }
         }
@@ -288,13 +303,14 @@ fn request_head(parts: &Parts, policy: &ClientPolicy, now: std::time::SystemTime
 
 async fn attempt(
     state: &ClientState,
-    exit: &ExitInfo,
+    route: &Route,
     media: MediaType,
     head: &RequestHead,
     body: &[u8],
 ) -> Result<(Response, Option<Duration>), AttemptError> {
     let started = Instant::now();
-    let (mut send, recv) = state.link.open().await.map_err(AttemptError::Fatal)?;
+    let exit = &route.exit;
+    let (mut send, recv) = route.link.open().await.map_err(AttemptError::RelayDown)?;
     let mut out = Vec::with_capacity(body.len() + 512);
     ClientRequest::Forward {
         exit_id: exit.peer_id.to_bytes(),
@@ -346,11 +362,8 @@ async fn attempt(
     let mut reader = StreamReader::new(recv);
     let status = read_status(&mut reader, state.limits.request_timeout + TIMEOUT_MARGIN).await?;
     state.metrics.bytes(Flow::FromRelay, 1);
-    state
-        .directory
-        .record_latency(exit.peer_id, started.elapsed());
     match status {
-        Status::Ok => {}
+        Status::Ok => state.directory.succeeded(route, started.elapsed()),
         Status::KeyUnknown => {
             state.metrics.key_refreshes.inc();
             return Err(AttemptError::Retry(ApiError::ExitUnavailable(

@@ -1,7 +1,7 @@
-//! The client's connection to its relay: opened lazily, shared by all requests (one QUIC
+//! The client's connection to one relay: opened lazily, shared by all requests (one QUIC
 //! stream each), reopened when it dies. The client presents a certificate for a throwaway
-//! identity generated at start, so nothing links its sessions. With several relays (found by
-//! discovery, best first) a relay that cannot be reached is skipped for the next one.
+//! identity generated for each link, so nothing links its sessions, nor its links to
+//! different relays. Which relay a request takes is the directory's choice.
 
 use libp2p_identity::Keypair;
 use tokio::sync::Mutex;
@@ -16,9 +16,7 @@ use crate::{
 pub struct RelayLink {
     endpoint: quinn::Endpoint,
     identity: Keypair,
-    /// Best first; `current` is the one in use.
-    relays: Vec<RelayAddr>,
-    current: std::sync::atomic::AtomicUsize,
+    relay: RelayAddr,
     params: TransportParams,
     connection: Mutex<Option<quinn::Connection>>,
     /// The last connection made, readable without waiting for a dial in progress (status).
@@ -28,23 +26,10 @@ pub struct RelayLink {
 impl RelayLink {
     /// A link to `relay`; nothing is dialled yet.
     pub fn new(relay: RelayAddr, params: TransportParams) -> std::io::Result<Self> {
-        Self::with_failover(vec![relay], params)
-    }
-
-    /// A link to the first of `relays` that answers (tried in order); nothing is dialled yet.
-    /// `relays` must not be empty.
-    pub fn with_failover(relays: Vec<RelayAddr>, params: TransportParams) -> std::io::Result<Self> {
-        if relays.is_empty() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "no relay to connect to",
-            ));
-        }
         Ok(Self {
             endpoint: transport::client_endpoint(false)?,
             identity: Keypair::generate_ed25519(),
-            relays,
-            current: std::sync::atomic::AtomicUsize::new(0),
+            relay,
             params,
             connection: Mutex::new(None),
             last: std::sync::Mutex::new(None),
@@ -67,18 +52,10 @@ impl RelayLink {
         self.endpoint.local_addr().ok()
     }
 
-    /// The address of the relay in use (or tried next).
+    /// The relay's address.
     #[must_use]
     pub fn relay(&self) -> &RelayAddr {
-        let index = self.current.load(std::sync::atomic::Ordering::Relaxed);
-        // `relays` is never empty and `current` is always an index into it.
-        &self.relays[index % self.relays.len()]
-    }
-
-    /// All relays of this link, best first.
-    #[must_use]
-    pub fn relays(&self) -> &[RelayAddr] {
-        &self.relays
+        &self.relay
     }
 
     /// The live connection, dialling if there is none.
@@ -87,43 +64,14 @@ impl RelayLink {
         if let Some(connection) = slot.as_ref().filter(|c| c.close_reason().is_none()) {
             return Ok(connection.clone());
         }
-        let start = self.current.load(std::sync::atomic::Ordering::Relaxed);
-        let mut last_error = None;
-        let mut connected = None;
-        for offset in 0..self.relays.len() {
-            let index = (start + offset) % self.relays.len();
-            let relay = &self.relays[index];
-            match transport::connect(
-                &self.endpoint,
-                &self.identity,
-                relay,
-                transport::ALPN_CLIENT,
-                self.params,
-            )
-            .await
-            {
-                Ok(connection) => {
-                    if index != start {
-                        tracing::warn!(%relay, "failed over to another relay");
-                    }
-                    self.current
-                        .store(index, std::sync::atomic::Ordering::Relaxed);
-                    connected = Some(connection);
-                    break;
-                }
-                Err(error) => {
-                    if self.relays.len() > 1 {
-                        tracing::warn!(%relay, %error, "relay unreachable; trying the next one");
-                    }
-                    last_error = Some(error);
-                }
-            }
-        }
-        let connection = match (connected, last_error) {
-            (Some(connection), _) => connection,
-            (None, Some(error)) => return Err(error),
-            (None, None) => return Err(ConnectError::Resolve("no relay configured".into())),
-        };
+        let connection = transport::connect(
+            &self.endpoint,
+            &self.identity,
+            &self.relay,
+            transport::ALPN_CLIENT,
+            self.params,
+        )
+        .await?;
         *slot = Some(connection.clone());
         *self
             .last

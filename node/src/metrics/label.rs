@@ -176,7 +176,7 @@ impl From<&ApiError> for ErrorClass {
             ApiError::BackendUnreachable => Self::BackendUnreachable,
             ApiError::BackendTimeout => Self::BackendTimeout,
             ApiError::BackendFailed(_) => Self::BackendFailed,
-            ApiError::NoExit => Self::NoExit,
+            ApiError::NoExit | ApiError::PinnedExitsUnavailable { .. } => Self::NoExit,
             ApiError::RelayUnreachable(_) => Self::RelayUnreachable,
             ApiError::ExitUnavailable(_) => Self::ExitUnavailable,
             ApiError::PayloadTooLarge { .. } => Self::PayloadTooLarge,
@@ -226,6 +226,27 @@ impl From<&crate::relay::Registered> for Registration {
         }
     }
 }
+
+/// Why a client did not accept an exit's descriptor from a source.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum DescriptorRefusal {
+    /// Older than one already seen for the exit, with other keys.
+    Rollback,
+    /// As new as the newest seen for the exit, with other keys.
+    KeyConflict,
+}
+
+impl DescriptorRefusal {
+    /// The label value.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Rollback => "rollback",
+            Self::KeyConflict => "key_conflict",
+        }
+    }
+}
+label_value!(DescriptorRefusal);
 
 /// An HTTP status code's class.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
@@ -344,6 +365,13 @@ pub struct FlowLabel {
 pub struct RegistrationLabel {
     /// What happened.
     pub outcome: Registration,
+}
+
+/// `reason="…"` of a refused descriptor (never the exit or the source: no PeerId, no address).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabel {
+    /// Why.
+    pub reason: DescriptorRefusal,
 }
 
 /// `outcome="…"` of a connection attempt.

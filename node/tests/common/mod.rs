@@ -238,14 +238,40 @@ pub struct Seen {
     pub headers: Vec<(String, String)>,
 }
 
+impl Seen {
+    fn of(request: &Request) -> Self {
+        Self {
+            method: request.method().to_string(),
+            target: request
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_default(),
+            headers: request
+                .headers()
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("").to_owned()))
+                .collect(),
+        }
+    }
+}
+
 impl Backend {
     /// What the echo handler got since the last call (and forgets it).
     pub fn take_seen(&self) -> Vec<Seen> {
         std::mem::take(&mut *self.seen.lock().unwrap())
     }
-}
 
-impl Backend {
+    /// Requests for `path` (query aside) that reached this backend.
+    pub fn hits(&self, path: &str) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|seen| seen.target.split('?').next() == Some(path))
+            .count()
+    }
+
     /// Stops the server and waits until its port no longer accepts connections.
     pub async fn shut_down(self) {
         self.stop.cancel();
@@ -371,21 +397,14 @@ pub async fn start_backend() -> Backend {
         .route("/late", any(late))
         .route("/held", any(move || held(Arc::clone(&held_gate))))
         .fallback(move |request: Request| {
-            recorder.lock().unwrap().push(Seen {
-                method: request.method().to_string(),
-                target: request
-                    .uri()
-                    .path_and_query()
-                    .map(|p| p.as_str().to_owned())
-                    .unwrap_or_default(),
-                headers: request
-                    .headers()
-                    .iter()
-                    .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("").to_owned()))
-                    .collect(),
-            });
+            recorder.lock().unwrap().push(Seen::of(&request));
             echo(request)
         });
+    serve_backend(router, gate, seen).await
+}
+
+/// Serves `router` on a loopback port until the backend is stopped.
+async fn serve_backend(router: Router, gate: Arc<Notify>, seen: Arc<Mutex<Vec<Seen>>>) -> Backend {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let stop = CancellationToken::new();
@@ -402,6 +421,100 @@ pub async fn start_backend() -> Backend {
         task,
         gate,
         seen,
+    }
+}
+
+/// An echo backend that records the path of every request reaching it and answers after
+/// `delay`: one per exit, so a test can count where requests went.
+pub async fn start_recording_backend(delay: Duration) -> Backend {
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let recorder = Arc::clone(&seen);
+    let router = Router::new().fallback(move |request: Request| {
+        let recorder = Arc::clone(&recorder);
+        async move {
+            recorder.lock().unwrap().push(Seen::of(&request));
+            tokio::time::sleep(delay).await;
+            echo(request).await
+        }
+    });
+    serve_backend(router, Arc::new(Notify::new()), seen).await
+}
+
+/// A `tokengo client` process on loopback ports of its own; `url` is its HTTP base, `admin`
+/// its admin endpoint.
+pub struct ClientProcess {
+    pub url: String,
+    pub admin: String,
+    pub process: Process,
+    pub dir: tempfile::TempDir,
+}
+
+/// Starts `tokengo client` with a fresh data directory, one worker thread and `extra` flags
+/// (relays, pinned exits, DHT settings), and waits until it listens.
+pub async fn start_client_process(extra: &[String]) -> ClientProcess {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().display().to_string();
+    let mut args = vec![
+        "client",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--worker-threads",
+        "1",
+        "--data-dir",
+        &data_dir,
+    ];
+    args.extend(extra.iter().map(String::as_str));
+    let mut process = Process::start(&args);
+    let admin = process.line_after("admin endpoint on ").await;
+    let url = process.line_after("client listening on ").await;
+    ClientProcess {
+        url,
+        admin,
+        process,
+        dir,
+    }
+}
+
+/// A `tokengo` process whose output is read line by line (killed when dropped).
+pub struct Process {
+    pub child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Process {
+    /// Starts `tokengo ARGS` with stdout piped (stderr goes to the test's output).
+    pub fn start(args: &[&str]) -> Self {
+        use tokio::io::AsyncBufReadExt as _;
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokengo"))
+            .args(args)
+            .env("TOKENGO_LOG_FORMAT", "text")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        Self {
+            child,
+            lines: tokio::io::BufReader::new(stdout).lines(),
+        }
+    }
+
+    /// The rest of the first stdout line that starts with `prefix` (waits up to a minute,
+    /// fails if the process exits first).
+    pub async fn line_after(&mut self, prefix: &str) -> String {
+        let found = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(line) = self.lines.next_line().await.unwrap() {
+                if let Some(rest) = line.strip_prefix(prefix) {
+                    return rest.to_owned();
+                }
+            }
+            panic!("tokengo exited before printing {prefix:?}");
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("tokengo did not print {prefix:?} within a minute"))
     }
 }
 

@@ -224,13 +224,16 @@ pub async fn pipe(
     mut observe: impl FnMut(&Bytes),
 ) -> Result<u64, PipeError> {
     let started = tokio::time::Instant::now();
+    // Time spent waiting for the receiver is not the sender's slowness: it extends the
+    // sender's allowance.
+    let mut waited_on_receiver = Duration::ZERO;
     let mut copied = 0u64;
     loop {
         let read = match limits.read.allowance(copied) {
             None => from.read_chunk(usize::MAX, true).await,
             Some(allowance) => {
                 match tokio::time::timeout_at(
-                    started + allowance,
+                    started + allowance.saturating_add(waited_on_receiver),
                     from.read_chunk(usize::MAX, true),
                 )
                 .await
@@ -248,7 +251,10 @@ pub async fn pipe(
             Ok(Some(chunk)) => {
                 observe(&chunk.bytes);
                 let len = chunk.bytes.len() as u64;
-                if let Err(error) = write_bounded(to, chunk.bytes, limits.write_stall).await {
+                let writing = tokio::time::Instant::now();
+                let written = write_bounded(to, chunk.bytes, limits.write_stall).await;
+                waited_on_receiver += writing.elapsed();
+                if let Err(error) = written {
                     let _ = from.stop(code::PEER_GONE);
                     return Err(match error {
                         WriteError::Closed => PipeError::WriteSide,

@@ -277,10 +277,11 @@ async fn stall(client: &quinn::Connection, exit: PeerId, key: &KeyConfig) -> &'s
     if send.write_chunk(Bytes::from(bytes)).await.is_err() || send.finish().is_err() {
         return "write_failed";
     }
-    // Never read: wait until the relay resets or stops the stream.
-    let _recv = recv;
-    match send.stopped().await {
-        Ok(_) => "stalled_then_cut",
+    // Never read: wait until the relay resets the answer (its write stall timeout).
+    let mut recv = recv;
+    match recv.received_reset().await {
+        Ok(Some(_)) => "stalled_then_reset",
+        Ok(None) => "stalled_then_finished",
         Err(_) => "stalled_then_lost",
     }
 }

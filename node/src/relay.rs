@@ -668,7 +668,12 @@ async fn serve_exit(connection: quinn::Connection, shared: &Shared, shutdown: Ca
                         outcome: crate::metrics::Registration::Refused,
                     })
                     .inc();
-                tracing::info!(%peer, %reason, "exit registration refused");
+                // A flood's refusals (overloaded) are not worth a line each.
+                if status == Status::Overloaded {
+                    tracing::debug!(%peer, %reason, "exit registration refused");
+                } else {
+                    tracing::info!(%peer, %reason, "exit registration refused");
+                }
                 (status, reason)
             }
         };

@@ -77,8 +77,11 @@ fn params(incoming: u32) -> TransportParams {
     }
 }
 
-/// The exit registered at the relay: its id and key.
-async fn target(connection: &quinn::Connection) -> anyhow::Result<(PeerId, KeyConfig)> {
+/// The exit to attack (`wanted`, or the first listed): its id and key.
+async fn target(
+    connection: &quinn::Connection,
+    wanted: Option<PeerId>,
+) -> anyhow::Result<(PeerId, KeyConfig)> {
     let (mut send, mut recv) = connection.open_bi().await?;
     let mut header = Vec::new();
     ClientRequest::ListExits.encode(&mut header);
@@ -95,12 +98,13 @@ async fn target(connection: &quinn::Connection) -> anyhow::Result<(PeerId, KeyCo
     let now = tokengo::clock::unix_now();
     for bytes in list {
         if let Ok(descriptor) = SignedDescriptor::verify(&bytes, now)
+            && wanted.is_none_or(|id| id == descriptor.peer_id)
             && let Some(key) = descriptor.key_configs.first()
         {
             return Ok((descriptor.peer_id, *key));
         }
     }
-    bail!("the relay lists no exit")
+    bail!("the relay lists no such exit")
 }
 
 /// A chat (or embeddings) request as the exit's backend expects it, encapsulated afresh.
@@ -149,6 +153,7 @@ async fn request(connection: &quinn::Connection, bytes: Vec<u8>) -> &'static str
 /// `streams` concurrent streams each; prints a JSON line of what the relay answered.
 pub(crate) async fn run(
     relay: &RelayAddr,
+    exit: Option<PeerId>,
     kind: Kind,
     seconds: f64,
     connections: usize,
@@ -172,7 +177,7 @@ pub(crate) async fn run(
             .context("connecting to the relay")?,
         );
     }
-    let (exit, key) = target(&clients[0]).await?;
+    let (exit, key) = target(&clients[0], exit).await?;
     let mut tasks = tokio::task::JoinSet::new();
     match kind {
         Kind::Register => {

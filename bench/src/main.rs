@@ -85,6 +85,9 @@ enum Command {
         /// The relay's multiaddr (with /p2p/).
         #[arg(long)]
         relay: RelayAddr,
+        /// The exit to attack (default: the first the relay lists).
+        #[arg(long)]
+        exit: Option<libp2p_identity::PeerId>,
         /// What to do.
         #[arg(long, value_enum)]
         kind: attack::Kind,
@@ -122,11 +125,12 @@ fn main() -> anyhow::Result<()> {
             } => forward(&relay, body_mib * 1024 * 1024, streams, concurrency).await,
             Command::Attack {
                 relay,
+                exit,
                 kind,
                 seconds,
                 connections,
                 streams,
-            } => attack::run(&relay, kind, seconds, connections, streams).await,
+            } => attack::run(&relay, exit, kind, seconds, connections, streams).await,
         }
     })
 }

@@ -678,8 +678,19 @@ async fn serve_exit(connection: quinn::Connection, shared: &Shared, shutdown: Ca
             }
         };
         let mut ack = Vec::new();
+        let refused = status == Status::Overloaded;
         ControlFrame::Ack { status, reason }.encode(&mut ack);
         if send.write_all(&ack).await.is_err() {
+            break;
+        }
+        // A tunnel with no registered exit serves nothing: refused as overloaded (full, or too
+        // fast), it is closed, so a registration flood cannot hold connections (and the
+        // relay's memory) open. The exit reads the acknowledgement first, then reconnects
+        // after its backoff.
+        if refused && !registered {
+            let _ = send.finish();
+            let _ = tokio::time::timeout(HEADER_DEADLINE, send.stopped()).await;
+            connection.close(code::ABANDONED, b"registration refused");
             break;
         }
     }

@@ -287,6 +287,13 @@ async fn registrations_beyond_the_rate_and_the_cap_are_refused_as_overloaded() {
         .count();
     assert_eq!(refused, 1025 - tokengo::config::MAX_EXITS_CEILING);
     let (_endpoint, client) = dial(&relay.addr, transport::ALPN_CLIENT, 0).await;
+    // The client's own limit: 1024 entries, 4 MiB.
+    let list = list_exits(&client).await;
+    assert_eq!(list.len(), tokengo::config::MAX_EXITS_CEILING);
+}
+
+/// The relay's exit list, decoded as a client would (at most 1024 entries, 4 MiB).
+async fn list_exits(client: &quinn::Connection) -> Vec<Vec<u8>> {
     let (mut send, mut recv) = client.open_bi().await.unwrap();
     let mut header = Vec::new();
     ClientRequest::ListExits.encode(&mut header);
@@ -294,20 +301,12 @@ async fn registrations_beyond_the_rate_and_the_cap_are_refused_as_overloaded() {
     send.finish().unwrap();
     let answer = recv.read_to_end(4 << 20).await.unwrap();
     assert_eq!(answer[0], Status::Ok as u8);
-    // The client's own limit.
-    let list = frame::decode_exit_list(&answer[1..], 1024).unwrap();
-    assert_eq!(list.len(), tokengo::config::MAX_EXITS_CEILING);
+    frame::decode_exit_list(&answer[1..], 1024).unwrap()
 }
 
 /// Lists the chain's exit and returns its key config and id.
 async fn exit_key(client: &quinn::Connection) -> (PeerId, KeyConfig) {
-    let (mut send, mut recv) = client.open_bi().await.unwrap();
-    let mut header = Vec::new();
-    ClientRequest::ListExits.encode(&mut header);
-    send.write_all(&header).await.unwrap();
-    send.finish().unwrap();
-    let answer = recv.read_to_end(4 << 20).await.unwrap();
-    let list = frame::decode_exit_list(&answer[1..], 1024).unwrap();
+    let list = list_exits(client).await;
     let descriptor = SignedDescriptor::verify(&list[0], tokengo::clock::unix_now()).unwrap();
     (descriptor.peer_id, descriptor.key_configs[0])
 }
@@ -501,12 +500,6 @@ async fn many_handshakes_in_progress_make_the_relay_ask_for_address_validation()
     // With the threshold at zero every new peer is asked to validate; quinn clients answer
     // the Retry and connect as usual.
     let (_endpoint, client) = dial(&relay.addr, transport::ALPN_CLIENT, 0).await;
-    let (mut send, mut recv) = client.open_bi().await.unwrap();
-    let mut header = Vec::new();
-    ClientRequest::ListExits.encode(&mut header);
-    send.write_all(&header).await.unwrap();
-    send.finish().unwrap();
-    let answer = recv.read_to_end(1 << 20).await.unwrap();
-    assert_eq!(answer[0], Status::Ok as u8);
+    assert!(list_exits(&client).await.is_empty());
     assert!(relay.probe.metrics().handshake_retries.get() >= 1);
 }

@@ -32,6 +32,9 @@ CHAT_PATH = "/v1/chat/completions"
 STREAM_PATH = "/stream/events.sse"
 EVENTS = 1000
 PACED_PATH = "/paced/events"
+# The streaming figures read static SSE files by GET, which an exit refuses unless allowed
+# (only inference endpoints reach a backend by default).
+EXIT_ALLOW = ["--allow", "GET /stream/*", "--allow", "GET /paced/*"]
 PACED_EVENTS = 50
 PACED_GAP_S = 0.002
 # A model's stream at its most demanding: 1,000 events 1 ms apart (1,000 tokens/s).
@@ -361,7 +364,7 @@ def start_chain(children, tokengo, workdir, backend_url, client_port, env):
     exit_ = children.start(
         "exit",
         [tokengo, "exit", "--relay", addr, "--backend", backend_url,
-         "--data-dir", os.path.join(workdir, "exit")],
+         "--data-dir", os.path.join(workdir, "exit"), *EXIT_ALLOW],
         workdir,
         env=env,
     )
@@ -807,7 +810,8 @@ def main():
         serve_port = free_port()
         serve = children.start("serve", [args.tokengo, "serve", "--listen", f"{HOST}:{serve_port}",
                                          "--backend", backend_url, "--data-dir",
-                                         os.path.join(workdir, "serve")], workdir, env=env)
+                                         os.path.join(workdir, "serve"), *EXIT_ALLOW],
+                               workdir, env=env)
         wait_ready(serve_port, serve)
         wrk(serve_port, bodies["small"], 8, 1, "warm-up serve")
         direct_tp = wrk(nginx_port, bodies["small"], 64, seconds, "throughput direct")

@@ -7,8 +7,13 @@
 //! - `forward`: registers a sink exit with the relay and pushes large bodies through it in
 //!   both directions, measuring what the relay alone forwards (no OHTTP, no backend).
 //!
-//! Both print one JSON line on standard output; progress and errors go to standard error.
+//! - `attack`: one kind of abuse (stalled readers, stream floods, registration floods, slow
+//!   uploads, garbage, replays) against a relay and its exit for `bench/attack`.
+//!
+//! Each prints one JSON line on standard output; progress and errors go to standard error.
 //! Everything they dial is the relay address given, which `bench/run` binds on loopback.
+
+mod attack;
 
 use std::{
     sync::{
@@ -74,6 +79,28 @@ enum Command {
         #[arg(long, default_value_t = 4)]
         concurrency: usize,
     },
+    /// Run one kind of attack against the relay and the exit registered with it for SECONDS;
+    /// print a JSON line of what the relay answered.
+    Attack {
+        /// The relay's multiaddr (with /p2p/).
+        #[arg(long)]
+        relay: RelayAddr,
+        /// The exit to attack (default: the first the relay lists).
+        #[arg(long)]
+        exit: Option<libp2p_identity::PeerId>,
+        /// What to do.
+        #[arg(long, value_enum)]
+        kind: attack::Kind,
+        /// How long.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Client connections.
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// Concurrent streams per connection (for `register`: concurrent registrations).
+        #[arg(long, default_value_t = 64)]
+        streams: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -96,6 +123,14 @@ fn main() -> anyhow::Result<()> {
                 streams,
                 concurrency,
             } => forward(&relay, body_mib * 1024 * 1024, streams, concurrency).await,
+            Command::Attack {
+                relay,
+                exit,
+                kind,
+                seconds,
+                connections,
+                streams,
+            } => attack::run(&relay, exit, kind, seconds, connections, streams).await,
         }
     })
 }

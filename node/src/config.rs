@@ -110,6 +110,12 @@ struct FileConfig {
     max_response_body_bytes: Option<usize>,
     /// Seconds without any packet before a QUIC connection is considered dead.
     quic_idle_timeout_secs: Option<u64>,
+    /// Seconds a write may wait for a reader that takes no bytes.
+    write_stall_timeout_secs: Option<u64>,
+    /// Lowest average rate of a request body at the relay, in bytes per second.
+    min_request_body_rate: Option<u64>,
+    /// Most exits a relay keeps registered.
+    max_exits: Option<usize>,
     /// Admin endpoint address (off when absent).
     admin_listen: Option<String>,
     /// OTLP collector base URL for traces (off when absent, unless `OTEL_*` says otherwise).
@@ -223,7 +229,37 @@ pub struct Limits {
     /// refuses new requests rather than forget one early. Default 262,144 (about 30 MiB;
     /// 2,000 requests a second sustained with the default skew).
     pub replay_cache_entries: usize,
+    /// How long a write may wait for a reader that takes no bytes (relay to client and to
+    /// exit, exit to relay) before the stream is reset, so a client that stops reading cannot
+    /// pin a stream and the backend connection behind it. Idle, not absolute: a slow reader
+    /// that keeps reading is never cut. Default 30 s.
+    pub write_stall_timeout: Duration,
+    /// How long the relay waits for an exit's tunnel to take a new stream before it answers
+    /// `ExitUnavailable`. Default 10 s.
+    pub stream_open_timeout: Duration,
+    /// A request body must reach the relay at this average rate (bytes per second, counted
+    /// from the stream's start) once `request_body_grace` has passed, or the stream is
+    /// reset: trickling bytes cannot hold an exit's slot. Default 16 KiB/s.
+    pub min_request_body_rate: u64,
+    /// Time a request body may take before its rate counts. Default 10 s.
+    pub request_body_grace: Duration,
+    /// Most exits one relay keeps registered; its exit list must always fit what clients
+    /// accept (1024 entries, 4 MiB), so the byte budget of the descriptors is fixed at
+    /// `relay::registry::MAX_LIST_BYTES`. Default 1000, at most 1000.
+    pub max_exits: usize,
+    /// Registrations of new exit identities a relay accepts: a burst, then a steady rate
+    /// per second. Default 256, then 16/s.
+    pub registration_burst: u32,
+    /// See `registration_burst`.
+    pub registrations_per_sec: u32,
+    /// Handshakes in progress above which the relay asks new clients to prove their address
+    /// first (QUIC Retry), so spoofed sources cannot make it hold handshake state.
+    /// Default 64.
+    pub retry_above_handshakes: usize,
 }
+
+/// The most exits `max_exits` may be: below the 1024 entries a client accepts, with room.
+pub const MAX_EXITS_CEILING: usize = 1000;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -234,6 +270,14 @@ impl Default for Limits {
             request_timeout: Duration::from_secs(30 * 60),
             max_clock_skew: Duration::from_secs(60),
             replay_cache_entries: 1 << 18,
+            write_stall_timeout: Duration::from_secs(30),
+            stream_open_timeout: Duration::from_secs(10),
+            min_request_body_rate: 16 * 1024,
+            request_body_grace: Duration::from_secs(10),
+            max_exits: MAX_EXITS_CEILING,
+            registration_burst: 256,
+            registrations_per_sec: 16,
+            retry_above_handshakes: 64,
         }
     }
 }
@@ -251,12 +295,47 @@ impl Limits {
                 ));
             }
         };
+        let write_stall_timeout = match file.write_stall_timeout_secs {
+            None => defaults.write_stall_timeout,
+            Some(secs @ 1..=3600) => Duration::from_secs(secs),
+            Some(_) => {
+                return Err(invalid(
+                    "write_stall_timeout_secs",
+                    "must be 1 to 3600 seconds",
+                ));
+            }
+        };
+        let max_exits = match file.max_exits {
+            None => defaults.max_exits,
+            Some(n @ 1..=MAX_EXITS_CEILING) => n,
+            Some(_) => {
+                return Err(invalid(
+                    "max_exits",
+                    format!(
+                        "must be 1 to {MAX_EXITS_CEILING} (clients accept lists of at most 1024 exits)"
+                    ),
+                ));
+            }
+        };
+        let min_request_body_rate = match file.min_request_body_rate {
+            None => defaults.min_request_body_rate,
+            Some(0) => {
+                return Err(invalid(
+                    "min_request_body_rate",
+                    "must be at least 1 byte per second",
+                ));
+            }
+            Some(rate) => rate,
+        };
         Ok(Self {
             max_request_body: positive("max_request_body_bytes", file.max_request_body_bytes)?
                 .unwrap_or(defaults.max_request_body),
             max_response_body: positive("max_response_body_bytes", file.max_response_body_bytes)?
                 .unwrap_or(defaults.max_response_body),
             quic_idle_timeout,
+            write_stall_timeout,
+            min_request_body_rate,
+            max_exits,
             ..defaults
         })
     }
@@ -1453,6 +1532,9 @@ mod tests {
             ("forward_headers: [authorization]\n", "forward_headers"),
             ("forward_headers: [user-agent]\n", "forward_headers"),
             ("allowed_hosts: ['']\n", "allowed_hosts"),
+            ("write_stall_timeout_secs: 0\n", "write_stall_timeout_secs"),
+            ("min_request_body_rate: 0\n", "min_request_body_rate"),
+            ("max_exits: 1025\n", "max_exits"),
         ];
         for (yaml, field) in cases {
             let file = file_with(yaml);

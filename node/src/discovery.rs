@@ -1063,11 +1063,7 @@ pub fn relay_info_source(
                 transport::ALPN_CLIENT.to_vec(),
                 transport::ALPN_EXIT.to_vec(),
             ],
-            exits: registry
-                .descriptors(unix_now())
-                .into_iter()
-                .map(|d| d.to_vec())
-                .collect(),
+            exits: registry.info_descriptors(unix_now()).to_vec(),
         })
     })
 }

@@ -619,6 +619,9 @@ impl Exit {
                 ack = control.decode(MAX_ACK, Duration::MAX, |b| ControlFrame::decode(b, MAX_ACK)) => {
                     match ack {
                         Ok(ControlFrame::Ack { status: Status::Ok, .. }) => {}
+                        Ok(ControlFrame::Ack { status: Status::Overloaded, reason }) => {
+                            return Err(SessionError::Retry(anyhow::anyhow!("relay is busy: {reason}")));
+                        }
                         Ok(ControlFrame::Ack { reason, .. }) => {
                             return Err(SessionError::Fatal(anyhow::anyhow!("relay refused the exit's descriptor: {reason}")));
                         }
@@ -684,6 +687,13 @@ async fn register(
         ControlFrame::Ack {
             status: Status::Ok, ..
         } => Ok(()),
+        // A full or busy relay: back off and retry, as for a lost connection.
+        ControlFrame::Ack {
+            status: Status::Overloaded,
+            reason,
+        } => Err(SessionError::Retry(anyhow::anyhow!(
+            "relay is busy: {reason}"
+        ))),
         ControlFrame::Ack { reason, .. } => Err(SessionError::Fatal(anyhow::anyhow!(
             "relay refused the exit's registration: {reason}"
         ))),

@@ -99,6 +99,7 @@ const RELAY_ERRORS: &[ErrorClass] = &[
     ErrorClass::Malformed,
     ErrorClass::NoSuchExit,
     ErrorClass::ExitUnavailable,
+    ErrorClass::Overloaded,
     ErrorClass::StreamFailed,
 ];
 
@@ -208,6 +209,9 @@ pub struct RelayMetrics {
     pub exit_first_byte: LatencyHistogram,
     /// 1 while the relay accepts connections.
     pub accepting: Gauge,
+    /// Connection attempts asked to prove their address first (QUIC Retry) because many
+    /// handshakes were in progress.
+    pub handshake_retries: Counter,
     /// DHT announcement (all zero while the relay does not announce).
     pub dht: DhtMetrics,
 }
@@ -289,6 +293,11 @@ impl RelayMetrics {
             "accepting",
             "1 while the relay accepts connections",
             self.accepting.clone(),
+        );
+        r.register(
+            "handshake_retries",
+            "Connection attempts asked to validate their address (QUIC Retry) under load",
+            self.handshake_retries.clone(),
         );
         self.dht.register_announcer(r);
     }

@@ -3,8 +3,16 @@
 //! client's address together with an exit.
 
 mod registry;
+mod slots;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
 use libp2p_identity::{Keypair, PeerId};
@@ -16,7 +24,7 @@ use tokio::sync::watch;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument as _, field::Empty};
 
-pub use registry::{Registered, Registry};
+pub use registry::{MAX_INFO_BYTES, MAX_LIST_BYTES, Refused, Registered, Registry};
 
 use crate::{
     admin::{self, RoleProbe},
@@ -24,7 +32,7 @@ use crate::{
     config::{Limits, RelayConfig},
     identity,
     metrics::{ErrorClass, Flow, FlowLabel, InFlight, KindLabel, RelayMetrics, RelayRequest},
-    stream::{self, StreamReader, code},
+    stream::{self, PipeLimits, ReadBound, StreamReader, code},
     transport::{self, RelayAddr, TransportParams},
 };
 
@@ -34,9 +42,12 @@ const HEADER_DEADLINE: Duration = Duration::from_secs(10);
 const MAX_CONTROL_FRAME: usize = 32 * 1024;
 /// Concurrent request streams one client connection may have open.
 const MAX_CLIENT_STREAMS: u32 = 256;
-/// Most exits one relay keeps registered; beyond it new identities are refused, so a flood
-/// of throwaway identities cannot exhaust the relay's memory.
-const MAX_EXITS: usize = 10_000;
+/// How long a request may wait for one of its exit's stream slots when the exit is full and
+/// its connection is below its fair share (`relay::slots`); then it is answered `Overloaded`.
+const SLOT_WAIT: Duration = Duration::from_secs(5);
+/// Registrations one exit tunnel may send: a few at once, then one a minute (an exit
+/// re-registers every 12 hours and at key rotation).
+const REGISTRATION_BURST: u32 = 4;
 /// How long shutdown waits for in-flight streams.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -150,6 +161,7 @@ pub struct Relay {
     only_exits: Option<Arc<[PeerId]>>,
     tap: Option<Arc<dyn Tap>>,
     metrics: Arc<RelayMetrics>,
+    limits: Limits,
     accepting: watch::Sender<bool>,
     /// The DHT announcement's state; `None` while the relay does not announce.
     dht: Arc<watch::Sender<Option<crate::status::DhtStatus>>>,
@@ -162,6 +174,7 @@ struct Shared {
     only_exits: Option<Arc<[PeerId]>>,
     tap: Option<Arc<dyn Tap>>,
     metrics: Arc<RelayMetrics>,
+    limits: Limits,
 }
 
 /// What the admin listener reads from a running relay: readiness, status and metrics.
@@ -222,7 +235,7 @@ impl Relay {
         let endpoint = transport::server_endpoint(listen, identity, params)?;
         let local = endpoint.local_addr()?;
         let addr = RelayAddr::new(transport::dialable(local), identity::peer_id(identity));
-        let registry = Arc::new(Registry::default());
+        let registry = Arc::new(Registry::new(limits));
         let mut metrics = RelayMetrics::new();
         metrics.exits_registered = registry.gauge();
         Ok(Self {
@@ -232,6 +245,7 @@ impl Relay {
             only_exits: None,
             tap: None,
             metrics: Arc::new(metrics),
+            limits: limits.clone(),
             accepting: watch::Sender::new(false),
             dht: Arc::new(watch::Sender::new(None)),
         })
@@ -296,20 +310,35 @@ impl Relay {
             only_exits: self.only_exits.clone(),
             tap: self.tap.clone(),
             metrics: Arc::clone(&self.metrics),
+            limits: self.limits.clone(),
         });
         self.accepting.send_replace(true);
         self.metrics.accepting.set(1);
+        let handshaking = Arc::new(AtomicUsize::new(0));
         loop {
             let incoming = tokio::select! {
                 () = shutdown.cancelled() => break,
                 incoming = self.endpoint.accept() => incoming,
             };
             let Some(incoming) = incoming else { break };
+            // Under a handshake flood, make new peers prove their address first (QUIC Retry):
+            // spoofed sources then cost one stateless packet, never handshake state.
+            if handshaking.load(Ordering::Relaxed) >= self.limits.retry_above_handshakes
+                && !incoming.remote_address_validated()
+                && incoming.may_retry()
+            {
+                self.metrics.handshake_retries.inc();
+                let _ = incoming.retry();
+                continue;
+            }
             let shared = Arc::clone(&shared);
             let shutdown = shutdown.clone();
             let tracker = tasks.clone();
+            let handshake = Handshake::start(&handshaking);
             tasks.spawn(async move {
-                match incoming.await {
+                let connecting = incoming.await;
+                drop(handshake);
+                match connecting {
                     Ok(connection) => serve_connection(connection, shared, tracker, shutdown).await,
                     // Handshake failures are the peer's problem; the relay keeps serving.
                     Err(error) => tracing::debug!(%error, "handshake failed"),
@@ -330,6 +359,22 @@ impl Relay {
     }
 }
 
+/// Counts a handshake in progress until dropped.
+struct Handshake(Arc<AtomicUsize>);
+
+impl Handshake {
+    fn start(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(count))
+    }
+}
+
+impl Drop for Handshake {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn serve_connection(
     connection: quinn::Connection,
     shared: Arc<Shared>,
@@ -342,7 +387,12 @@ async fn serve_connection(
             let _open = InFlight::start(&shared.metrics.client_connections);
             serve_client(connection, shared, tasks, shutdown).await;
         }
-        Some(frame::ALPN_EXIT) => serve_exit(connection, &shared, shutdown).await,
+        Some(frame::ALPN_EXIT) => {
+            transport::widen_for_tunnel(&connection);
+            // An exit opens only its control stream.
+            connection.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(1));
+            serve_exit(connection, &shared, shutdown).await;
+        }
         _ => connection.close(code::PROTOCOL, b"unknown ALPN"),
     }
 }
@@ -362,8 +412,9 @@ async fn serve_client(
         };
         let Ok((send, recv)) = accepted else { break };
         let shared = Arc::clone(&shared);
+        let client = connection.stable_id();
         tasks.spawn(async move {
-            if let Err(error) = client_stream(send, recv, &shared).await {
+            if let Err(error) = client_stream(send, recv, &shared, client).await {
                 tracing::debug!(%error, "client stream ended with an error");
             }
         });
@@ -374,6 +425,7 @@ async fn client_stream(
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
     shared: &Shared,
+    client: slots::Holder,
 ) -> anyhow::Result<()> {
     let metrics = &shared.metrics;
     let mut reader = StreamReader::new(recv);
@@ -401,11 +453,8 @@ async fn client_stream(
                     kind: RelayRequest::ListExits,
                 })
                 .inc();
-            let descriptors = shared.registry.descriptors(unix_now());
-            let refs: Vec<&[u8]> = descriptors.iter().map(Bytes::as_ref).collect();
-            let mut answer = vec![Status::Ok as u8];
-            answer.extend_from_slice(&frame::encode_exit_list(&refs));
-            send.write_all(&answer).await?;
+            let answer = shared.registry.exit_list(unix_now());
+            stream::write_bounded(&mut send, answer, shared.limits.write_stall_timeout).await?;
             send.finish()?;
             Ok(())
         }
@@ -431,11 +480,15 @@ async fn client_stream(
                     reply_status(&mut send, Status::NoSuchExit).await;
                     return Err(ErrorClass::NoSuchExit);
                 };
-                let Some(exit) = shared.registry.connection(&peer, unix_now()) else {
+                let Some(route) = shared.registry.route(&peer, unix_now()) else {
                     reply_status(&mut send, Status::NoSuchExit).await;
                     return Err(ErrorClass::NoSuchExit);
                 };
-                forward(reader, send, &exit, media, shared).await
+                let Some(_slot) = slot(&route.slots, client).await else {
+                    reply_status(&mut send, Status::Overloaded).await;
+                    return Err(ErrorClass::Overloaded);
+                };
+                forward(reader, send, &route.connection, media, shared).await
             }
             .instrument(span.clone())
             .await;
@@ -452,6 +505,16 @@ async fn client_stream(
                 }
             }
         }
+    }
+}
+
+/// One of the exit's stream slots for a request of `client`, waiting at most [`SLOT_WAIT`];
+/// `None` means the answer is `Overloaded`.
+async fn slot(slots: &Arc<slots::Slots>, client: slots::Holder) -> Option<slots::Slot> {
+    match slots.acquire(client) {
+        slots::Admission::Granted(slot) => Some(slot),
+        slots::Admission::Refused => None,
+        slots::Admission::Wait(grant) => tokio::time::timeout(SLOT_WAIT, grant).await.ok()?.ok(),
     }
 }
 
@@ -483,7 +546,10 @@ async fn forward(
         };
         counter.inc_by(bytes.len() as u64);
     };
-    let Ok((mut exit_send, mut exit_recv)) = exit.open_bi().await else {
+    // A tunnel whose exit grants no stream credit (overloaded, wedged, or hostile) must not
+    // hold the client's stream: opening is bounded.
+    let opened = tokio::time::timeout(shared.limits.stream_open_timeout, exit.open_bi()).await;
+    let Ok(Ok((mut exit_send, mut exit_recv))) = opened else {
         reply_status(&mut client_send, Status::ExitUnavailable).await;
         return Err(ErrorClass::ExitUnavailable);
     };
@@ -492,7 +558,11 @@ async fn forward(
     ExitRequest { media }.encode(&mut head);
     head.extend_from_slice(&already_read);
     observe(Direction::ToExit, &head);
-    if exit_send.write_all(&head).await.is_err() {
+    let stall = shared.limits.write_stall_timeout;
+    if stream::write_bounded(&mut exit_send, Bytes::from(head), stall)
+        .await
+        .is_err()
+    {
         reply_status(&mut client_send, Status::ExitUnavailable).await;
         return Err(ErrorClass::ExitUnavailable);
     }
@@ -501,14 +571,28 @@ async fn forward(
             let _ = exit_send.finish();
             Ok(0)
         } else {
-            stream::pipe(&mut client_recv, &mut exit_send, |bytes| {
+            // The request body: bounded in rate, so trickling cannot hold the exit's slot.
+            let limits = PipeLimits {
+                write_stall: stall,
+                read: ReadBound::MinRate {
+                    grace: shared.limits.request_body_grace,
+                    bytes_per_sec: shared.limits.min_request_body_rate,
+                },
+            };
+            stream::pipe(&mut client_recv, &mut exit_send, limits, |bytes| {
                 observe(Direction::ToExit, bytes);
             })
             .await
         }
     };
     let mut first = true;
-    let downstream = stream::pipe(&mut exit_recv, &mut client_send, |bytes| {
+    // The response: the backend may pause for minutes (its idle timeout is the exit's), but a
+    // client that stops reading is cut after the stall timeout.
+    let limits = PipeLimits {
+        write_stall: stall,
+        read: ReadBound::None,
+    };
+    let downstream = stream::pipe(&mut exit_recv, &mut client_send, limits, |bytes| {
         if std::mem::take(&mut first) {
             metrics.exit_first_byte.observe(started.elapsed());
         }
@@ -550,6 +634,7 @@ async fn serve_exit(connection: quinn::Connection, shared: &Shared, shutdown: Ca
     };
     let mut reader = StreamReader::new(recv);
     let mut registered = false;
+    let mut rate = registry::TokenBucket::new(REGISTRATION_BURST, 1.0 / 60.0);
     loop {
         let next = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -573,10 +658,19 @@ async fn serve_exit(connection: quinn::Connection, shared: &Shared, shutdown: Ca
             .only_exits
             .as_deref()
             .is_none_or(|only| only.contains(&peer));
-        let outcome = if allowed {
+        let outcome = if !allowed {
+            // Final, not `Overloaded`: a foreign exit must not keep retrying.
+            Err((
+                Status::Malformed,
+                "this relay accepts only its own exit".to_owned(),
+            ))
+        } else if rate.take(std::time::Instant::now()) {
             register(registry, peer, &connection, bytes)
         } else {
-            Err("this relay accepts only its own exit".to_owned())
+            Err((
+                Status::Overloaded,
+                "registrations too frequent on this tunnel; retry later".to_owned(),
+            ))
         };
         let (status, reason) = match outcome {
             Ok(outcome) => {
@@ -592,7 +686,7 @@ async fn serve_exit(connection: quinn::Connection, shared: &Shared, shutdown: Ca
                 tracing::info!(%peer, addr = %connection.remote_address(), ?outcome, exits = registry.len(), "exit registered");
                 (Status::Ok, String::new())
             }
-            Err(reason) => {
+            Err((status, reason)) => {
                 shared
                     .metrics
                     .registrations
@@ -600,13 +694,29 @@ async fn serve_exit(connection: quinn::Connection, shared: &Shared, shutdown: Ca
                         outcome: crate::metrics::Registration::Refused,
                     })
                     .inc();
-                tracing::info!(%peer, %reason, "exit registration refused");
-                (Status::Malformed, reason)
+                // A flood's refusals (overloaded) are not worth a line each.
+                if status == Status::Overloaded {
+                    tracing::debug!(%peer, %reason, "exit registration refused");
+                } else {
+                    tracing::info!(%peer, %reason, "exit registration refused");
+                }
+                (status, reason)
             }
         };
         let mut ack = Vec::new();
+        let refused = status == Status::Overloaded;
         ControlFrame::Ack { status, reason }.encode(&mut ack);
         if send.write_all(&ack).await.is_err() {
+            break;
+        }
+        // A tunnel with no registered exit serves nothing: refused as overloaded (full, or too
+        // fast), it is closed, so a registration flood cannot hold connections (and the
+        // relay's memory) open. The exit reads the acknowledgement first, then reconnects
+        // after its backoff.
+        if refused && !registered {
+            let _ = send.finish();
+            let _ = tokio::time::timeout(HEADER_DEADLINE, send.stopped()).await;
+            connection.close(code::ABANDONED, b"registration refused");
             break;
         }
     }
@@ -620,20 +730,27 @@ fn register(
     peer: PeerId,
     connection: &quinn::Connection,
     bytes: Vec<u8>,
-) -> Result<Registered, String> {
-    let descriptor = SignedDescriptor::verify(&bytes, unix_now()).map_err(|e| e.to_string())?;
+) -> Result<Registered, (Status, String)> {
+    let malformed = |reason: String| (Status::Malformed, reason);
+    let descriptor =
+        SignedDescriptor::verify(&bytes, unix_now()).map_err(|e| malformed(e.to_string()))?;
     // The descriptor must belong to the identity this connection proved: otherwise an exit
     // could register (and hijack routing for) another exit's id.
     if descriptor.peer_id != peer {
-        return Err(format!(
+        return Err(malformed(format!(
             "descriptor is for {} but the connection proved {peer}",
             descriptor.peer_id
-        ));
+        )));
     }
-    if registry.len() >= MAX_EXITS && !registry.contains(&peer) {
-        return Err("relay is full; try another relay".into());
-    }
-    Ok(registry.register(peer, connection, Bytes::from(bytes), descriptor.expires_at))
+    registry
+        .register(
+            peer,
+            connection,
+            Bytes::from(bytes),
+            descriptor.expires_at,
+            descriptor.max_streams,
+        )
+        .map_err(|refused| (refused.status(), refused.to_string()))
 }
 
 async fn closed(connection: &quinn::Connection) {

@@ -137,25 +137,129 @@ impl StreamReader {
     }
 }
 
+/// Why a bounded write failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum WriteError {
+    /// The peer stopped the stream, reset it, or its connection failed.
+    #[error("the peer stopped reading or went away")]
+    Closed,
+    /// The peer took no bytes for the whole stall timeout; the stream was reset.
+    #[error("the peer took no bytes for {0:?}")]
+    Stalled(Duration),
+}
+
+/// Writes `bytes` to `send`, failing when the peer takes nothing for `stall`. Each wait for
+/// flow-control credit is bounded, not the write as a whole: a slow reader that keeps reading
+/// is never cut, one that stopped reading is, and the stream is reset so neither its buffers
+/// nor whatever feeds it (an exit's backend connection) stay pinned.
+pub async fn write_bounded(
+    send: &mut SendStream,
+    bytes: Bytes,
+    stall: Duration,
+) -> Result<(), WriteError> {
+    let mut bufs = [bytes];
+    while !bufs[0].is_empty() {
+        match tokio::time::timeout(stall, send.write_chunks(&mut bufs)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return Err(WriteError::Closed),
+            Err(_) => {
+                let _ = send.reset(code::ABANDONED);
+                return Err(WriteError::Stalled(stall));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How long the reading side of a pipe may take: a request body must arrive at a minimum
+/// average rate after a grace period, so a client cannot hold a stream (and an exit's slot)
+/// by trickling a byte now and then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadBound {
+    /// No bound (a response: the backend may think for minutes between tokens; the exit's
+    /// backend idle timeout and QUIC's idle timeout bound it).
+    None,
+    /// After `grace`, at least `bytes_per_sec` on average since the start.
+    MinRate {
+        /// Time allowed before the rate counts (the first bytes, slow starts).
+        grace: Duration,
+        /// The lowest average rate accepted.
+        bytes_per_sec: u64,
+    },
+}
+
+impl ReadBound {
+    /// How long after the start `received` bytes may have taken.
+    fn allowance(self, received: u64) -> Option<Duration> {
+        match self {
+            Self::None => None,
+            Self::MinRate {
+                grace,
+                bytes_per_sec,
+            } => Some(grace.saturating_add(Duration::from_secs_f64(
+                received as f64 / bytes_per_sec.max(1) as f64,
+            ))),
+        }
+    }
+}
+
+/// The bounds of one direction of a forwarded stream.
+#[derive(Debug, Clone, Copy)]
+pub struct PipeLimits {
+    /// How long a write may wait for the receiver to take bytes.
+    pub write_stall: Duration,
+    /// How slowly the sender may deliver.
+    pub read: ReadBound,
+}
+
 /// Copies one direction of a forwarded stream chunk by chunk, without parsing or buffering
 /// more than a chunk: QUIC flow control on both sides is the back-pressure. A reset on the
-/// reading side becomes a reset on the writing side, so truncation is never hidden as a FIN.
-/// Returns the number of bytes copied.
-/// `observe` sees each chunk before it is forwarded.
+/// reading side becomes a reset on the writing side, so truncation is never hidden as a FIN;
+/// a receiver that stops reading, or a sender slower than `limits` allow, ends both sides.
+/// Returns the number of bytes copied. `observe` sees each chunk before it is forwarded.
 pub async fn pipe(
     from: &mut RecvStream,
     to: &mut SendStream,
+    limits: PipeLimits,
     mut observe: impl FnMut(&Bytes),
 ) -> Result<u64, PipeError> {
+    let started = tokio::time::Instant::now();
+    // Time spent waiting for the receiver is not the sender's slowness: it extends the
+    // sender's allowance.
+    let mut waited_on_receiver = Duration::ZERO;
     let mut copied = 0u64;
     loop {
-        match from.read_chunk(usize::MAX, true).await {
+        let read = match limits.read.allowance(copied) {
+            None => from.read_chunk(usize::MAX, true).await,
+            Some(allowance) => {
+                match tokio::time::timeout_at(
+                    started + allowance.saturating_add(waited_on_receiver),
+                    from.read_chunk(usize::MAX, true),
+                )
+                .await
+                {
+                    Ok(read) => read,
+                    Err(_) => {
+                        let _ = from.stop(code::ABANDONED);
+                        let _ = to.reset(code::ABANDONED);
+                        return Err(PipeError::TooSlow);
+                    }
+                }
+            }
+        };
+        match read {
             Ok(Some(chunk)) => {
                 observe(&chunk.bytes);
                 let len = chunk.bytes.len() as u64;
-                if to.write_chunk(chunk.bytes).await.is_err() {
+                let writing = tokio::time::Instant::now();
+                let written = write_bounded(to, chunk.bytes, limits.write_stall).await;
+                waited_on_receiver += writing.elapsed();
+                if let Err(error) = written {
                     let _ = from.stop(code::PEER_GONE);
-                    return Err(PipeError::WriteSide);
+                    return Err(match error {
+                        WriteError::Closed => PipeError::WriteSide,
+                        WriteError::Stalled(_) => PipeError::Stalled,
+                    });
                 }
                 copied += len;
             }
@@ -180,4 +284,31 @@ pub enum PipeError {
     /// The receiver stopped reading or its connection failed.
     #[error("destination stream failed")]
     WriteSide,
+    /// The receiver took no bytes for the write stall timeout.
+    #[error("destination stopped reading")]
+    Stalled,
+    /// The sender delivered below the minimum rate.
+    #[error("source sent too slowly")]
+    TooSlow,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn min_rate_allows_the_grace_then_time_in_proportion_to_the_bytes() {
+        let bound = ReadBound::MinRate {
+            grace: Duration::from_secs(10),
+            bytes_per_sec: 1000,
+        };
+        assert_eq!(bound.allowance(0), Some(Duration::from_secs(10)));
+        assert_eq!(bound.allowance(5000), Some(Duration::from_secs(15)));
+        assert_eq!(ReadBound::None.allowance(5000), None);
+        let zero = ReadBound::MinRate {
+            grace: Duration::from_secs(1),
+            bytes_per_sec: 0,
+        };
+        assert_eq!(zero.allowance(2), Some(Duration::from_secs(3)));
+    }
 }

@@ -84,14 +84,38 @@ fn is_global(ip: IpAddr) -> bool {
             if let Some(v4) = ip.to_ipv4_mapped() {
                 return is_global_v4(v4);
             }
-            let first = ip.segments()[0];
-            !(ip.is_unspecified()
+            let [first, second, ..] = ip.segments();
+            let listed = !(ip.is_unspecified()
                 || ip.is_loopback()
                 || ip.is_multicast()
                 || (first & 0xfe00) == 0xfc00 // unique local
                 || (first & 0xffc0) == 0xfe80 // link local
-                || (first == 0x2001 && ip.segments()[1] == 0x0db8)) // documentation
+                || (first == 0x2001 && second == 0x0db8) // documentation
+                || (first == 0x0064 && second == 0xff9b && ip.segments()[2] == 0x0001) // local-use NAT64 (RFC 8215)
+                || (first == 0x0100 && ip.segments()[1..4] == [0, 0, 0])); // discard-only (RFC 6666)
+            // An address that carries an IPv4 address reaches that IPv4 address (through a
+            // NAT64 gateway, a 6to4 or Teredo relay): it is global only if what it embeds is.
+            listed && embedded_v4(ip).iter().all(|v4| is_global_v4(*v4))
         }
+    }
+}
+
+/// The IPv4 addresses an IPv6 address embeds and leads to: NAT64's well-known prefix
+/// `64:ff9b::/96` (RFC 6052), 6to4 `2002::/16` (RFC 3056), Teredo `2001::/32` (RFC 4380: the
+/// server, and the client's address inverted) and the deprecated IPv4-compatible `::/96`.
+fn embedded_v4(ip: Ipv6Addr) -> Vec<Ipv4Addr> {
+    let s = ip.segments();
+    let v4 = |hi: u16, lo: u16| Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
+    match s {
+        [0x0064, 0xff9b, 0, 0, 0, 0, hi, lo] => vec![v4(hi, lo)],
+        [0x2002, hi, lo, ..] => vec![v4(hi, lo)],
+        [0x2001, 0x0000, server_hi, server_lo, _, _, hi, lo] => {
+            vec![v4(server_hi, server_lo), v4(!hi, !lo)]
+        }
+        [0, 0, 0, 0, 0, 0, hi, lo] if (hi, lo) != (0, 0) && (hi, lo) != (0, 1) => {
+            vec![v4(hi, lo)]
+        }
+        _ => Vec::new(),
     }
 }
 
@@ -269,6 +293,46 @@ mod tests {
         ] {
             assert!(!p.allows(&ma(no)), "{no}");
         }
+    }
+
+    #[test]
+    fn public_refuses_ipv6_addresses_that_embed_private_ipv4() {
+        let p = AddressPolicy::Public;
+        for no in [
+            // NAT64 (RFC 6052) of 10.0.0.1, 127.0.0.1, 192.168.1.1, 169.254.169.254
+            "64:ff9b::a00:1",
+            "64:ff9b::7f00:1",
+            "64:ff9b::c0a8:101",
+            "64:ff9b::a9fe:a9fe",
+            // local-use NAT64 (RFC 8215), whatever it embeds
+            "64:ff9b:1::6883:8352",
+            // 6to4 of 10.1.2.3, 127.0.0.1, 172.16.0.1, 100.64.0.1
+            "2002:a01:203::1",
+            "2002:7f00:1::1",
+            "2002:ac10:1::1",
+            "2002:6440:1::1",
+            // Teredo: server 10.0.0.1; client 192.168.0.1 (stored inverted: 3f57:fffe)
+            "2001:0:a00:1::6883:8352",
+            "2001:0:6883:8352::3f57:fffe",
+            // IPv4-compatible ::10.0.0.1; discard-only
+            "::a00:1",
+            "100::1",
+        ] {
+            let addr = ma(&format!("/ip6/{no}/udp/4001/quic-v1"));
+            assert!(!p.allows(&addr), "{no}");
+        }
+        for yes in [
+            // NAT64 and 6to4 of the public 104.131.131.82 (0x6883:0x8352)
+            "64:ff9b::6883:8352",
+            "2002:6883:8352::1",
+            // Teredo with public server 104.131.131.82 and public client 1.2.3.4 (inverted)
+            "2001:0:6883:8352::fefd:fcfb",
+        ] {
+            let addr = ma(&format!("/ip6/{yes}/udp/4001/quic-v1"));
+            assert!(p.allows(&addr), "{yes}");
+        }
+        // The other policies are not about the public internet: unchanged.
+        assert!(AddressPolicy::Any.allows(&ma("/ip6/64:ff9b::a00:1/udp/1/quic-v1")));
     }
 
     #[test]

@@ -34,7 +34,7 @@ use crate::{
         StatusClass, StatusLabel,
     },
     status::KeyStatus,
-    stream::{StreamReader, code},
+    stream::{self, StreamReader, code},
 };
 
 /// How long the relay may take to deliver a stream's header.
@@ -343,18 +343,45 @@ impl Gateway {
             Ok(request) => request,
             Err(error) => {
                 let (head, body) = self.failed(&ApiError::BadRequest(error.to_string()));
-                write_single(send, sealer, &head, &body, tally, None).await?;
+                write_single(
+                    send,
+                    sealer,
+                    &head,
+                    &body,
+                    tally,
+                    None,
+                    self.limits.write_stall_timeout,
+                )
+                .await?;
                 return Ok(Answered::ByExit);
             }
         };
         // Checked after decapsulation so only authentic requests can fill the window.
         if let Err(error) = self.admit(ohttp::enc_of(&encapsulated), &head) {
             let (head, body) = self.refused(&error);
-            write_single(send, sealer, &head, &body, tally, None).await?;
+            write_single(
+                send,
+                sealer,
+                &head,
+                &body,
+                tally,
+                None,
+                self.limits.write_stall_timeout,
+            )
+            .await?;
             return Ok(Answered::ByExit);
         }
         let (head, body, backend) = self.exchange_whole(&head, Bytes::from(body)).await;
-        write_single(send, sealer, &head, &body, tally, backend).await?;
+        write_single(
+            send,
+            sealer,
+            &head,
+            &body,
+            tally,
+            backend,
+            self.limits.write_stall_timeout,
+        )
+        .await?;
         Ok(if backend.is_some() {
             Answered::ByBackend
         } else {
@@ -598,6 +625,7 @@ impl Gateway {
             send,
             sealer,
             encoder: None,
+            stall: self.limits.write_stall_timeout,
         };
         out.start(&nonce).await?;
         let (head, body) = match read {
@@ -702,6 +730,8 @@ struct ChunkedWriter<'a> {
     sealer: ChunkedResponseSealer,
     /// Set once the head is written.
     encoder: Option<StreamingEncoder>,
+    /// How long a write may wait for a relay (and client) that takes no bytes.
+    stall: Duration,
 }
 
 impl ChunkedWriter<'_> {
@@ -769,8 +799,7 @@ impl ChunkedWriter<'_> {
     }
 
     async fn write(&mut self, bytes: Vec<u8>) -> Result<(), Refusal> {
-        self.send
-            .write_chunk(Bytes::from(bytes))
+        stream::write_bounded(self.send, Bytes::from(bytes), self.stall)
             .await
             .map_err(|_| Refusal::Stream)
     }
@@ -783,6 +812,7 @@ async fn write_single(
     body: &[u8],
     tally: &mut Tally,
     backend: Option<Duration>,
+    stall: Duration,
 ) -> Result<(), Refusal> {
     let padded = padding::bucket(bhttp::encoded_response_len(head, body.len()));
     let message = bhttp::encode_response(head, body, padded)
@@ -794,7 +824,7 @@ async fn write_single(
     out.push(Status::Ok as u8);
     out.extend_from_slice(&sealed);
     tally.done(backend);
-    send.write_chunk(Bytes::from(out))
+    stream::write_bounded(send, Bytes::from(out), stall)
         .await
         .map_err(|_| Refusal::Stream)?;
     let _ = send.finish();

@@ -53,6 +53,16 @@ pub enum ApiError {
     /// No response within the gateway's own deadline.
     #[error("the gateway timed out waiting for the exit")]
     GatewayTimeout,
+    /// The exit requires a group access token and the request carried none (`missing`) or
+    /// one it does not accept. Sent encrypted by the exit; the backend was not called.
+    #[error(
+        "this exit requires an access token and {}; give the client your group's token with --exit-token (TOKENGO_EXIT_TOKEN) or --exit PEERID=TOKEN",
+        if *missing { "the request carried none" } else { "refused the one sent" }
+    )]
+    ExitAccessDenied {
+        /// No token was sent at all.
+        missing: bool,
+    },
 }
 
 impl ApiError {
@@ -70,6 +80,7 @@ impl ApiError {
             | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::ExitAccessDenied { .. } => StatusCode::UNAUTHORIZED,
         }
     }
 
@@ -88,6 +99,8 @@ impl ApiError {
             Self::BadRequest(_) => "bad_request",
             Self::Overloaded => "overloaded",
             Self::GatewayTimeout => "gateway_timeout",
+            Self::ExitAccessDenied { missing: true } => "exit_token_missing",
+            Self::ExitAccessDenied { missing: false } => "exit_token_invalid",
         }
     }
 
@@ -95,7 +108,9 @@ impl ApiError {
     #[must_use]
     pub fn kind(&self) -> &'static str {
         match self {
-            Self::PayloadTooLarge { .. } | Self::BadRequest(_) => "invalid_request_error",
+            Self::PayloadTooLarge { .. } | Self::BadRequest(_) | Self::ExitAccessDenied { .. } => {
+                "invalid_request_error"
+            }
             _ => "api_error",
         }
     }

@@ -18,6 +18,7 @@ pub use directory::{Directory, ExitInfo, ExitView, Route, list_exits};
 pub use relay_link::RelayLink;
 
 use crate::{
+    access::ExitTokens,
     admin::{self, RoleProbe},
     api_error::ApiError,
     config::{ClientConfig, Limits},
@@ -65,8 +66,15 @@ pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> anyhow::R
         let pinned: Vec<String> = config.exits.iter().map(ToString::to_string).collect();
         tracing::info!(exits = %pinned.join(", "), "requests go only to the pinned exits");
     }
-    let client =
-        Client::bind_pinned(config.listen, relays, config.exits, config.limits, dht).await?;
+    let client = Client::bind_pinned(
+        config.listen,
+        relays,
+        config.exits,
+        config.exit_tokens,
+        config.limits,
+        dht,
+    )
+    .await?;
     client.check_relay().await?;
     let admin = admin::start(
         config.observability.admin_listen,
@@ -185,6 +193,7 @@ impl Client {
             listen,
             vec![relay],
             Vec::new(),
+            ExitTokens::default(),
             limits,
             crate::metrics::DhtMetrics::default(),
         )
@@ -199,15 +208,25 @@ impl Client {
         limits: Limits,
         dht: crate::metrics::DhtMetrics,
     ) -> anyhow::Result<Self> {
-        Self::bind_pinned(listen, relays, Vec::new(), limits, dht).await
+        Self::bind_pinned(
+            listen,
+            relays,
+            Vec::new(),
+            ExitTokens::default(),
+            limits,
+            dht,
+        )
+        .await
     }
 
     /// Binds the local HTTP listener for `relays`, sending requests only to the `pinned`
-    /// exits when that is not empty (whatever any relay lists).
+    /// exits when that is not empty (whatever any relay lists), with `tokens` for exits that
+    /// require an access token.
     pub async fn bind_pinned(
         listen: SocketAddr,
         relays: Vec<RelayAddr>,
         pinned: Vec<PeerId>,
+        tokens: ExitTokens,
         limits: Limits,
         dht: crate::metrics::DhtMetrics,
     ) -> anyhow::Result<Self> {
@@ -222,6 +241,7 @@ impl Client {
         let directory = Directory::new(
             &relays,
             pinned,
+            tokens,
             transport_params(&limits),
             metrics.descriptors_refused.clone(),
         )

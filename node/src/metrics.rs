@@ -112,6 +112,7 @@ const EXIT_ERRORS: &[ErrorClass] = &[
     ErrorClass::BackendTimeout,
     ErrorClass::BackendFailed,
     ErrorClass::BadRequest,
+    ErrorClass::AccessDenied,
 ];
 
 const CLIENT_ERRORS: &[ErrorClass] = &[

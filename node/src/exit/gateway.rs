@@ -20,6 +20,7 @@ use tokengo_proto::{
 use tracing::{Instrument as _, field::Empty};
 
 use super::{
+    access::Access,
     backend::{Backend, BackendRequest},
     replay::ReplayWindow,
 };
@@ -47,6 +48,8 @@ pub struct Gateway {
     key_ids: RwLock<Vec<KeyStatus>>,
     backend: Backend,
     replay: ReplayWindow,
+    /// Who may use the exit (open unless tokens are required).
+    access: Access,
     limits: Limits,
     metrics: Arc<ExitMetrics>,
 }
@@ -163,6 +166,7 @@ impl Gateway {
             key_ids: RwLock::new(Vec::new()),
             backend,
             replay: ReplayWindow::new(Duration::from_secs(600), 1 << 18),
+            access: Access::default(),
             limits,
             metrics,
         };
@@ -233,6 +237,12 @@ impl Gateway {
     #[must_use]
     pub fn backend(&self) -> &Backend {
         &self.backend
+    }
+
+    /// Who may use the exit.
+    #[must_use]
+    pub fn access(&self) -> &Access {
+        &self.access
     }
 
     /// Serves one request stream opened by the relay.
@@ -322,7 +332,7 @@ impl Gateway {
             return Err(Refusal::Replay);
         }
         let limits = self.bhttp_limits();
-        let (head, body) = match bhttp::decode_request(&message, &limits) {
+        let (mut head, body) = match bhttp::decode_request(&message, &limits) {
             Ok(request) => request,
             Err(error) => {
                 let (head, body) = self.failed(&ApiError::BadRequest(error.to_string()));
@@ -330,6 +340,11 @@ impl Gateway {
                 return Ok(Answered::ByExit);
             }
         };
+        if let Err(error) = self.access.admit(&mut head) {
+            let (head, body) = self.failed(&error);
+            write_single(send, sealer, &head, &body, tally, None).await?;
+            return Ok(Answered::ByExit);
+        }
         let (head, body, backend) = self.exchange_whole(&head, Bytes::from(body)).await;
         write_single(send, sealer, &head, &body, tally, backend).await?;
         Ok(if backend.is_some() {
@@ -520,7 +535,7 @@ impl Gateway {
         decoder
             .finish()
             .map_err(|e| Refusal::Malformed(e.to_string()))?;
-        let head = head.ok_or_else(|| Refusal::Malformed("request without head".into()))?;
+        let mut head = head.ok_or_else(|| Refusal::Malformed("request without head".into()))?;
         let (sealer, nonce) = opener.response_sealer().map_err(Refusal::from_ohttp)?;
         let mut out = ChunkedWriter {
             send,
@@ -528,6 +543,10 @@ impl Gateway {
             encoder: None,
         };
         out.start(&nonce).await?;
+        if let Err(error) = self.access.admit(&mut head) {
+            out.whole(self.failed(&error), tally).await?;
+            return Ok(Answered::ByExit);
+        }
         let request = match BackendRequest::from_bhttp(&head, body.freeze()) {
             Ok(request) => request,
             Err(error) => {

@@ -139,6 +139,8 @@ pub enum ErrorClass {
     Overloaded,
     /// The exit did not answer in time.
     GatewayTimeout,
+    /// The exit requires an access token and the request had none, or a wrong one.
+    AccessDenied,
 }
 
 impl ErrorClass {
@@ -162,6 +164,7 @@ impl ErrorClass {
             Self::PayloadTooLarge => "payload_too_large",
             Self::Overloaded => "overloaded",
             Self::GatewayTimeout => "gateway_timeout",
+            Self::AccessDenied => "access_denied",
         }
     }
 }
@@ -180,6 +183,7 @@ impl From<&ApiError> for ErrorClass {
             ApiError::BadRequest(_) => Self::BadRequest,
             ApiError::Overloaded => Self::Overloaded,
             ApiError::GatewayTimeout => Self::GatewayTimeout,
+            ApiError::ExitAccessDenied { .. } => Self::AccessDenied,
         }
     }
 }

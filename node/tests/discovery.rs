@@ -198,7 +198,8 @@ async fn wait_state(relay: &mut AnnouncedRelay, state: DhtState) {
     );
 }
 
-/// An exit that discovers its relays, registered with all of them.
+/// An exit that discovers its relays, registered with all of them: what `tokengo exit --public`
+/// does without `--relay` (a private exit refuses to start without one; see `exit_access.rs`).
 async fn start_exit(
     net: &Net,
     backend_url: &str,

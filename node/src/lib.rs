@@ -34,7 +34,8 @@ use anyhow::Context as _;
 /// A command with its checked configuration.
 enum Resolved {
     Relay(config::RelayConfig),
-    Exit(config::ExitConfig),
+    /// Boxed: the largest configuration by far.
+    Exit(Box<config::ExitConfig>),
     Client(config::ClientConfig),
     Serve(config::ServeConfig),
     Bootstrap(config::BootstrapConfig),
@@ -74,7 +75,7 @@ pub fn run(cli: cli::Cli) -> anyhow::Result<()> {
             return keygen::run(&args);
         }
         cli::Command::Relay(args) => Resolved::Relay(config::RelayConfig::resolve(args)?),
-        cli::Command::Exit(args) => Resolved::Exit(config::ExitConfig::resolve(args)?),
+        cli::Command::Exit(args) => Resolved::Exit(Box::new(config::ExitConfig::resolve(args)?)),
         cli::Command::Client(args) => Resolved::Client(config::ClientConfig::resolve(args)?),
         cli::Command::Serve(args) => Resolved::Serve(config::ServeConfig::resolve(args)?),
         cli::Command::Bootstrap(args) => {
@@ -96,7 +97,7 @@ pub fn run(cli: cli::Cli) -> anyhow::Result<()> {
         let shutdown = || shutdown::on_signals();
         match resolved {
             Resolved::Relay(config) => relay::run(config, shutdown()).await,
-            Resolved::Exit(config) => exit::run(config, shutdown()).await,
+            Resolved::Exit(config) => exit::run(*config, shutdown()).await,
             Resolved::Client(config) => client::run(config, shutdown()).await,
             Resolved::Serve(config) => serve::run(config, shutdown()).await,
             Resolved::Bootstrap(config) => bootstrap::run(config, shutdown()).await,

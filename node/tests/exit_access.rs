@@ -8,7 +8,9 @@ mod common;
 
 use std::{process::Stdio, sync::Arc, time::Duration};
 
-use common::{Process, Recorder, backend_config, contains, limits, start_exit, start_relay};
+use common::{
+    ClientProcess, Process, Recorder, backend_config, contains, limits, start_exit, start_relay,
+};
 use libp2p_identity::PeerId;
 use tokengo::transport::RelayAddr;
 use tokio::io::AsyncBufReadExt as _;
@@ -55,82 +57,20 @@ async fn start_exit_process(relay: &RelayAddr, backend: &str, args: &[&str]) -> 
     }
 }
 
-/// A `tokengo client` process; `url` is its HTTP base, `admin` its admin endpoint.
-struct ClientProcess {
-    url: String,
-    admin: String,
-    _process: Process,
-    _dir: tempfile::TempDir,
-}
-
 async fn start_client(relay: &RelayAddr, args: &[String]) -> ClientProcess {
-    let dir = tempfile::tempdir().unwrap();
-    let mut all: Vec<String> = [
-        "client",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--worker-threads",
-        "1",
-        "--relay",
-    ]
-    .iter()
-    .map(ToString::to_string)
-    .collect();
-    all.push(relay.to_string());
-    all.push("--data-dir".into());
-    all.push(dir.path().display().to_string());
-    all.extend_from_slice(args);
-    let all: Vec<&str> = all.iter().map(String::as_str).collect();
-    let mut process = Process::start(&all);
-    let admin = process.line_after("admin endpoint on ").await;
-    let url = process.line_after("client listening on ").await;
-    ClientProcess {
-        url,
-        admin,
-        _process: process,
-        _dir: dir,
-    }
+    common::start_client_process(&[relay], args).await
 }
 
-impl ClientProcess {
-    /// A chat request, streamed (chunked OHTTP) or not; status and JSON body (the error, or
-    /// what the echo backend received).
-    async fn chat(&self, stream: bool) -> (u16, serde_json::Value) {
-        let response = reqwest::Client::new()
-            .post(format!("{}{CHAT}", self.url))
-            .json(&serde_json::json!({
-                "model": "test",
-                "stream": stream,
-                "messages": [{"role": "user", "content": "hello"}],
-            }))
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap())
-    }
-
-    /// The exits the client may use, after fetching the relays' lists now.
-    async fn usable_exits(&self) -> Vec<String> {
-        reqwest::get(format!("{}/readyz", self.admin))
-            .await
-            .unwrap();
-        let report: tokengo::status::StatusReport = reqwest::get(format!("{}/status", self.admin))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        report
-            .client
-            .unwrap()
-            .exits
-            .into_iter()
-            .map(|e| e.peer_id)
-            .collect()
-    }
+/// The exits `client` may use, after it fetched the relays' lists now.
+async fn usable_exits(client: &ClientProcess) -> Vec<String> {
+    let report = client.refreshed_status().await;
+    report
+        .client
+        .unwrap()
+        .exits
+        .into_iter()
+        .map(|e| e.peer_id)
+        .collect()
 }
 
 fn token_file(tokens: &[&str]) -> tempfile::NamedTempFile {
@@ -328,7 +268,7 @@ async fn an_unpinned_client_skips_exits_that_require_a_token_it_does_not_have() 
     .await;
 
     let client = start_client(&relay.addr, &[]).await;
-    assert_eq!(client.usable_exits().await, vec![open.peer_id.to_string()]);
+    assert_eq!(usable_exits(&client).await, vec![open.peer_id.to_string()]);
     let total = 20;
     for _ in 0..total {
         let (status, body) = client.chat(false).await;
@@ -344,7 +284,7 @@ async fn an_unpinned_client_skips_exits_that_require_a_token_it_does_not_have() 
 
     // With the token, both exits are usable.
     let member = start_client(&relay.addr, &["--exit-token".into(), TOKEN.into()]).await;
-    let mut usable = member.usable_exits().await;
+    let mut usable = usable_exits(&member).await;
     usable.sort();
     let mut both = vec![gated.peer_id.to_string(), open.peer_id.to_string()];
     both.sort();

@@ -14,7 +14,9 @@ use std::{
     time::Duration,
 };
 
-use common::{Backend, ExitHandle, Process, backend_config, limits, start_exit, start_relay};
+use common::{
+    Backend, ClientProcess, ExitHandle, Process, backend_config, limits, start_exit, start_relay,
+};
 use libp2p_identity::{Keypair, PeerId};
 use tokengo::{
     client::{RelayLink, list_exits},
@@ -39,85 +41,13 @@ fn params() -> TransportParams {
     }
 }
 
-/// A `tokengo client` process; `url` is its HTTP base, `admin` its admin endpoint.
-struct ClientProcess {
-    url: String,
-    admin: String,
-    _process: Process,
-    _dir: tempfile::TempDir,
-}
-
+/// A `tokengo client` process on `relays`, pinned to `pinned` when not empty.
 async fn start_client(relays: &[&RelayAddr], pinned: &[PeerId]) -> ClientProcess {
-    let dir = tempfile::tempdir().unwrap();
-    let mut args: Vec<String> = [
-        "client",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--worker-threads",
-        "1",
-        "--data-dir",
-    ]
-    .iter()
-    .map(ToString::to_string)
-    .collect();
-    args.push(dir.path().display().to_string());
-    for relay in relays {
-        args.extend(["--relay".to_owned(), relay.to_string()]);
-    }
-    for exit in pinned {
-        args.extend(["--exit".to_owned(), exit.to_string()]);
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut process = Process::start(&args);
-    let admin = process.line_after("admin endpoint on ").await;
-    let url = process.line_after("client listening on ").await;
-    ClientProcess {
-        url,
-        admin,
-        _process: process,
-        _dir: dir,
-    }
-}
-
-impl ClientProcess {
-    async fn chat(&self) -> (u16, serde_json::Value) {
-        let response = reqwest::Client::new()
-            .post(format!("{}{CHAT}", self.url))
-            .json(&serde_json::json!({
-                "model": "test",
-                "messages": [{"role": "user", "content": "who am I talking to?"}],
-            }))
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap())
-    }
-
-    /// Makes the client fetch its relays' exit lists now (readiness does) and returns its
-    /// `/status`.
-    async fn refreshed_status(&self) -> tokengo::status::StatusReport {
-        reqwest::get(format!("{}/readyz", self.admin))
-            .await
-            .unwrap();
-        reqwest::get(format!("{}/status", self.admin))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    }
-
-    async fn metrics(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.admin))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    }
+    let args: Vec<String> = pinned
+        .iter()
+        .flat_map(|exit| ["--exit".to_owned(), exit.to_string()])
+        .collect();
+    common::start_client_process(relays, &args).await
 }
 
 /// An exit with a backend of its own that records what reaches it.
@@ -165,7 +95,7 @@ async fn pinned_client_never_uses_a_rogue_exit_and_names_the_pinned_exit_when_it
     let client = start_client(&[&relay.addr], &[honest.exit.peer_id]).await;
 
     for _ in 0..30 {
-        let (status, body) = client.chat().await;
+        let (status, body) = client.chat(false).await;
         assert_eq!(status, 200, "{body}");
     }
     println!(
@@ -198,7 +128,7 @@ async fn pinned_client_never_uses_a_rogue_exit_and_names_the_pinned_exit_when_it
     // The pinned exit goes away: the user is told, by name, and nothing reaches the rogue.
     honest.exit.stop.cancel();
     wait_registered(&relay.registry, honest.exit.peer_id, false).await;
-    let (status, body) = client.chat().await;
+    let (status, body) = client.chat(false).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "pinned_exit_unavailable", "{body}");
     let message = body["error"]["message"].as_str().unwrap();
@@ -228,7 +158,7 @@ async fn a_relay_that_does_not_list_the_pinned_exit_is_skipped() {
     let pinned = recorded_exit(&[&hosting.addr], Duration::ZERO).await;
     let client = start_client(&[&empty.addr, &hosting.addr], &[pinned.exit.peer_id]).await;
     for _ in 0..10 {
-        let (status, body) = client.chat().await;
+        let (status, body) = client.chat(false).await;
         assert_eq!(status, 200, "{body}");
     }
     assert_eq!(pinned.backend.hits(CHAT), 10);
@@ -248,7 +178,7 @@ async fn unpinned_a_fast_newcomer_gets_a_fair_share_not_all() {
     }
     let client = start_client(&[&relay.addr], &[]).await;
     for _ in 0..30 {
-        assert_eq!(client.chat().await.0, 200);
+        assert_eq!(client.chat(false).await.0, 200);
     }
     let newcomer = recorded_exit(&[&relay.addr], Duration::ZERO).await;
     let status = client.refreshed_status().await.client.unwrap();
@@ -256,7 +186,7 @@ async fn unpinned_a_fast_newcomer_gets_a_fair_share_not_all() {
     let before: Vec<usize> = honest.iter().map(|e| e.backend.hits(CHAT)).collect();
     let total = 200;
     for _ in 0..total {
-        assert_eq!(client.chat().await.0, 200);
+        assert_eq!(client.chat(false).await.0, 200);
     }
     let newcomer_hits = newcomer.backend.hits(CHAT);
     let honest_hits: Vec<usize> = honest
@@ -393,7 +323,7 @@ async fn a_stale_or_different_descriptor_from_another_relay_is_refused() {
         // Unpinned: the target exit is held; the bystander takes every request.
         let client = start_client(&[&relay.addr, &lying.addr], &[]).await;
         for _ in 0..10 {
-            let (status, body) = client.chat().await;
+            let (status, body) = client.chat(false).await;
             assert_eq!(status, 200, "{case}: {body}");
         }
         assert_eq!(target.backend.hits(CHAT), target_before, "{case}");
@@ -423,7 +353,7 @@ async fn a_stale_or_different_descriptor_from_another_relay_is_refused() {
 
         // Pinned to the held exit: refused with a reason, never sent with either key.
         let pinned = start_client(&[&relay.addr, &lying.addr], &[target.exit.peer_id]).await;
-        let (status, body) = pinned.chat().await;
+        let (status, body) = pinned.chat(false).await;
         assert_eq!(status, 503, "{case}: {body}");
         let message = body["error"]["message"].as_str().unwrap();
         assert!(message.contains("held"), "{case}: {message}");

@@ -53,7 +53,10 @@ async fn main() -> anyhow::Result<()> {
             identity,
             listen: "127.0.0.1:0".parse()?,
             external_ips: Vec::new(),
-            info: discovery::relay_info_source(vec![relay.addr().clone()], relay.registry()),
+            info: discovery::Answer::Relay(discovery::relay_info_source(
+                vec![relay.addr().clone()],
+                relay.registry(),
+            )),
             status,
             metrics: relay.metrics().dht.clone(),
             guard: DialGuard::default(),

@@ -245,6 +245,29 @@ pub struct ExitArgs {
     /// Most discovered relays to register with (default 3).
     #[arg(long, env = "TOKENGO_MAX_RELAYS")]
     pub max_relays: Option<usize>,
+    /// Announce this exit on the DHT, so clients learn it and its relays independently of any
+    /// one relay (default: on for a --public exit, off otherwise; only a public exit may).
+    /// `--dht-announce false` turns it off.
+    #[arg(
+        long,
+        env = "TOKENGO_DHT_ANNOUNCE",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub dht_announce: Option<bool>,
+    /// UDP address of the exit's DHT node (default 0.0.0.0:4001).
+    #[arg(long, env = "TOKENGO_DHT_LISTEN", value_name = "IP:PORT")]
+    pub dht_listen: Option<String>,
+    /// The exit's public IP, e.g. /ip4/203.0.113.9 (repeatable). Required to announce on the
+    /// public DHT; an exit behind NAT has none and is then known only from relays' lists.
+    #[arg(
+        long = "external-addr",
+        env = "TOKENGO_EXTERNAL_ADDRS",
+        value_delimiter = ',',
+        value_name = "MULTIADDR"
+    )]
+    pub external_addrs: Vec<String>,
 }
 
 /// Where the exit sends requests and with which credentials.

@@ -39,7 +39,9 @@ pub struct ClientState {
 /// the DHT (and the relay cache in the data directory) first.
 pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let dht = crate::metrics::DhtMetrics::default();
-    let relays = if config.relays.is_empty() {
+    // Without configured relays the client discovers: relays, and exits on the DHT.
+    let discovering = config.relays.is_empty();
+    let relays = if discovering {
         config.data_dir.ensure()?;
         let seek = crate::discovery::Seek {
             cache: Some(crate::discovery::RelayCache::new(
@@ -66,6 +68,10 @@ pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> anyhow::R
         let pinned: Vec<String> = config.exits.iter().map(ToString::to_string).collect();
         tracing::info!(exits = %pinned.join(", "), "requests go only to the pinned exits");
     }
+    let guard = crate::discovery::DialGuard {
+        refused: dht.dials_refused.clone(),
+        observer: None,
+    };
     let client = Client::bind_pinned(
         config.listen,
         relays,
@@ -75,6 +81,14 @@ pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> anyhow::R
         dht,
     )
     .await?;
+    if discovering {
+        tokio::spawn(look_up_exits(
+            config.dht.clone(),
+            guard,
+            client.exit_feed(),
+            shutdown.clone(),
+        ));
+    }
     client.check_relay().await?;
     let admin = admin::start(
         config.observability.admin_listen,
@@ -88,6 +102,58 @@ pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> anyhow::R
     shutdown.cancel();
     admin.stopped().await;
     result
+}
+
+/// How often a discovering client looks exits up on the DHT again.
+const EXIT_LOOKUP_EVERY: Duration = Duration::from_secs(600);
+
+/// Looks exits up on the DHT now and every [`EXIT_LOOKUP_EVERY`], as one more source for the
+/// client's exit set (the relays' lists serve meanwhile). A failed lookup keeps the last one's
+/// results.
+async fn look_up_exits(
+    dht: crate::discovery::DhtConfig,
+    guard: crate::discovery::DialGuard,
+    feed: ExitFeed,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let lookup = crate::discovery::ExitLookup {
+            guard: guard.clone(),
+            ..crate::discovery::ExitLookup::default()
+        };
+        match crate::discovery::find_exits(&dht, lookup, &shutdown).await {
+            Ok(found) => {
+                tracing::info!(exits = found.len(), "exits found on the DHT");
+                feed.learn_from_dht(found);
+            }
+            Err(crate::discovery::DiscoveryError::Cancelled) => return,
+            Err(error) => {
+                tracing::warn!(%error, "exit lookup on the DHT failed; the relays' lists still serve");
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(EXIT_LOOKUP_EVERY) => {}
+        }
+    }
+}
+
+/// Where exits learned outside the relays' lists go (the DHT lookup).
+#[derive(Debug, Clone)]
+pub struct ExitFeed {
+    state: Arc<ClientState>,
+}
+
+impl ExitFeed {
+    /// Takes a DHT lookup's exits as the DHT's claims (see [`Directory::learn_from_dht`]).
+    pub fn learn_from_dht(&self, found: Vec<crate::discovery::FoundExit>) {
+        self.state.directory.learn_from_dht(
+            found
+                .into_iter()
+                .map(|exit| (exit.descriptor, exit.relays))
+                .collect(),
+        );
+    }
 }
 
 /// What the admin listener reads from a running client: readiness, status and metrics.
@@ -254,6 +320,14 @@ impl Client {
                 metrics: Arc::new(metrics),
             }),
         })
+    }
+
+    /// The handle that feeds exits found on the DHT into the client's exit set.
+    #[must_use]
+    pub fn exit_feed(&self) -> ExitFeed {
+        ExitFeed {
+            state: Arc::clone(&self.state),
+        }
     }
 
     /// The handle the admin listener reads.

@@ -129,9 +129,9 @@ struct FileConfig {
     address_policy: Option<String>,
     /// Seconds discovery may take at start.
     discovery_timeout_secs: Option<u64>,
-    /// Whether a relay announces itself on the DHT.
+    /// Whether a relay or an exit announces itself on the DHT.
     dht_announce: Option<bool>,
-    /// UDP address of the relay's DHT node.
+    /// UDP address of the relay's or exit's DHT node.
     dht_listen: Option<String>,
     /// The node's public IPs (`/ip4/X`, `/ip6/X`).
     #[serde(default)]
@@ -932,6 +932,10 @@ pub struct ExitConfig {
     pub max_relays: usize,
     /// Relays registered with when the DHT and the cache yield none. Default none.
     pub fallback_relays: Vec<RelayAddr>,
+    /// DHT announcement of the exit (on `dht`). Default: on for a public exit, off otherwise;
+    /// `dht_announce` may turn it off, and on only for a public exit (announcing lets anyone
+    /// find it).
+    pub announce: Option<ExitAnnounceConfig>,
     /// The AI backend.
     pub backend: BackendConfig,
     /// Where the identity and OHTTP keys live.
@@ -968,6 +972,27 @@ impl ExitConfig {
                 hint: "an exit is private by default and serves only through the relay it is given: pass --relay MULTIADDR (TOKENGO_RELAY, YAML relay:), or --public (TOKENGO_PUBLIC=true, YAML public: true) to discover relays on the DHT and serve anyone who finds this exit",
             });
         }
+        // Announcing lets anyone find the exit: only a public exit does, and by default.
+        let announce = args.dht_announce.or(file.dht_announce).unwrap_or(public);
+        if announce && !public {
+            return Err(invalid(
+                "dht_announce",
+                "announcing on the DHT lets anyone find and use this exit: add --public (TOKENGO_PUBLIC=true, YAML public: true), or leave announcing off",
+            ));
+        }
+        let announce = if announce {
+            let external = if args.external_addrs.is_empty() {
+                &file.external_addrs
+            } else {
+                &args.external_addrs
+            };
+            Some(ExitAnnounceConfig {
+                listen: dht_listen(args.dht_listen.as_deref().or(file.dht_listen.as_deref()))?,
+                external_ips: parse_external(external)?,
+            })
+        } else {
+            None
+        };
         Ok(Self {
             relay,
             public,
@@ -976,6 +1001,7 @@ impl ExitConfig {
                 .or_else(|| file.access_token_file.clone()),
             dht: dht_config(&args.dht, &file)?,
             fallback_relays: fallback_relays(&args.fallback, &file)?,
+            announce,
             max_relays,
             backend: BackendConfig::resolve(args.backend, &file)?,
             data_dir: data_dir(&args.common, &file)?,
@@ -984,6 +1010,17 @@ impl ExitConfig {
             worker_threads: WorkerThreads::resolve(&args.common, &file)?,
         })
     }
+}
+
+/// How an exit announces itself on the DHT.
+#[derive(Debug, Clone)]
+pub struct ExitAnnounceConfig {
+    /// UDP address of the exit's libp2p swarm. Default `0.0.0.0:4001`.
+    pub listen: SocketAddr,
+    /// The exit's confirmed public IPs. Default none: then the exit is announced only under
+    /// the `loopback` policy and otherwise reported as not announced (`no_external_address`);
+    /// clients then know it only from the lists of the relays it registers with.
+    pub external_ips: Vec<IpAddr>,
 }
 
 /// Checked configuration of `tokengo client`.
@@ -1375,6 +1412,62 @@ mod tests {
         assert_eq!(config.dht.protocol.as_ref(), "/ipfs/kad/1.0.0");
         assert_eq!(config.dht.policy, AddressPolicy::Public);
         assert!(!config.dht.bootstrap.is_empty());
+    }
+
+    #[test]
+    fn only_public_exits_announce_by_default_or_when_told_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let relay = format!(
+            "/ip4/127.0.0.1/udp/4433/quic-v1/p2p/{}",
+            libp2p_identity::Keypair::generate_ed25519()
+                .public()
+                .to_peer_id()
+        );
+        let resolve = |yaml: &str, flag: Option<bool>, external: &[&str]| {
+            let file = file_with(yaml);
+            let args = ExitArgs {
+                common: common(file.path(), dir.path()),
+                public: !yaml.contains("private"),
+                dht_announce: flag,
+                external_addrs: external.iter().map(ToString::to_string).collect(),
+                ..ExitArgs::default()
+            };
+            ExitConfig::resolve(args).map(|c| c.announce)
+        };
+        let discovering = resolve("", None, &[]).unwrap().unwrap();
+        assert_eq!(discovering.listen, "0.0.0.0:4001".parse().unwrap());
+        assert!(discovering.external_ips.is_empty());
+        let pinned_relay = format!("relay: {relay}\n");
+        assert!(
+            resolve(&pinned_relay, None, &[]).unwrap().is_some(),
+            "public"
+        );
+        let private = format!("{pinned_relay}# private\n");
+        assert!(resolve(&private, None, &[]).unwrap().is_none());
+        let error = resolve(&private, Some(true), &[]).unwrap_err().to_string();
+        assert!(
+            error.contains("dht_announce") && error.contains("--public"),
+            "{error}"
+        );
+        let told = resolve(
+            &format!("{pinned_relay}dht_announce: true\ndht_listen: 127.0.0.1:4102\n"),
+            None,
+            &["/ip4/203.0.113.9"],
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(told.listen, "127.0.0.1:4102".parse().unwrap());
+        assert_eq!(
+            told.external_ips,
+            vec!["203.0.113.9".parse::<IpAddr>().unwrap()]
+        );
+        assert!(
+            resolve("dht_announce: true\n", Some(false), &[])
+                .unwrap()
+                .is_none()
+        );
+        let error = resolve("", None, &["nowhere"]).unwrap_err().to_string();
+        assert!(error.contains("external_addrs"), "{error}");
     }
 
     #[test]

@@ -1,9 +1,13 @@
-//! Relay discovery on a Kademlia DHT (the public IPFS "Amino" DHT by default, or a private one).
+//! Relay and exit discovery on a Kademlia DHT (the public IPFS "Amino" DHT by default, or a
+//! private one).
 //!
 //! - Relays *announce*: they provide the sha2-256 multihash of `/tokengo/relay/v1`
 //!   ([`tokengo_proto::relay_info::provider_key`]) with a confirmed external address, and answer
 //!   `/tokengo/relay-info/1` with their QUIC addresses, ALPNs and the exits they host. kad
 //!   republishes the record on its own schedule (12 h; records live 48 h).
+//! - Exits that announce provide `/tokengo/exit/v1` the same way once registered with a relay,
+//!   and answer `/tokengo/exit-info/1` with their descriptor and relays, signed by the exit
+//!   ([`exits`]), so clients learn exits independently of any single relay.
 //! - Clients and exits *seek*: with a fresh libp2p identity they look the key up, ask each
 //!   provider for its relay-info while the lookup runs (kad knows a provider's addresses only
 //!   then), and verify each relay before use: identity-bound QUIC TLS to an address naming the
@@ -18,6 +22,7 @@
 
 pub mod cache;
 mod codec;
+pub mod exits;
 pub mod policy;
 
 use std::{
@@ -38,11 +43,15 @@ use libp2p::{
     request_response::{self, ProtocolSupport},
     swarm::{NetworkBehaviour, SwarmEvent},
 };
-use tokengo_proto::relay_info::{self, RelayInfo};
+use tokengo_proto::{
+    exit_info::{self, SignedExitInfo},
+    relay_info::{self, RelayInfo},
+};
 use tokio::{sync::watch, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
 pub use cache::{CACHE_FILE, RelayCache, VerifiedRelay, rank};
+pub use exits::{ExitLookup, ExitRefusal, FoundExit, exit_info_source, find_exits};
 pub use policy::{AddressPolicy, DialGuard, DialRecord};
 
 use crate::{
@@ -87,6 +96,8 @@ const VERIFY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Retry bounds for a failed announcement.
 const PUBLISH_RETRY_MIN: Duration = Duration::from_secs(5);
 const PUBLISH_RETRY_MAX: Duration = Duration::from_secs(300);
+/// A relay-info or exit-info request may take this long.
+const INFO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Identify's protocol name (the standard one; kad learns peers' protocols through it).
 const IDENTIFY_PROTOCOL: &str = "/ipfs/id/1.0.0";
 
@@ -151,11 +162,87 @@ impl DhtConfig {
 /// What a relay says about itself on `/tokengo/relay-info/1`; `None` means "do not answer".
 pub type InfoSource = Arc<dyn Fn() -> Option<RelayInfo> + Send + Sync>;
 
+/// What an exit says about itself on `/tokengo/exit-info/1`; `None` means "do not answer".
+pub type ExitInfoSource = Arc<dyn Fn() -> Option<SignedExitInfo> + Send + Sync>;
+
+/// What an announcing node provides on the DHT and answers to those who find it.
+#[derive(Clone)]
+pub enum Answer {
+    /// A relay: provides the relay key, answers relay-info.
+    Relay(InfoSource),
+    /// An exit: provides the exit key once `registered` turns true (an exit without a relay
+    /// cannot be reached), answers exit-info.
+    Exit {
+        /// Its signed exit-info.
+        info: ExitInfoSource,
+        /// True while the exit is registered with at least one relay.
+        registered: watch::Receiver<bool>,
+    },
+}
+
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Answer").field(&self.role()).finish()
+    }
+}
+
+impl Answer {
+    fn key(&self) -> kad::RecordKey {
+        match self {
+            Self::Relay(_) => {
+                kad::RecordKey::new(&relay_info::provider_key(relay_info::RELAY_NAMESPACE))
+            }
+            Self::Exit { .. } => kad::RecordKey::new(&exit_info::provider_key()),
+        }
+    }
+
+    fn role(&self) -> &'static str {
+        match self {
+            Self::Relay(_) => "relay",
+            Self::Exit { .. } => "exit",
+        }
+    }
+
+    /// Whether there is something worth announcing yet.
+    fn ready(&self) -> bool {
+        match self {
+            Self::Relay(_) => true,
+            Self::Exit { registered, .. } => *registered.borrow(),
+        }
+    }
+
+    /// Returns when readiness may have changed (never for a relay).
+    async fn ready_changed(&mut self) {
+        if let Self::Exit { registered, .. } = self
+            && registered.changed().await.is_ok()
+        {
+            return;
+        }
+        std::future::pending().await
+    }
+}
+
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     kad: kad::Behaviour<MemoryStore>,
     identify: identify::Behaviour,
     info: request_response::Behaviour<codec::RelayInfoCodec>,
+    exit_info: request_response::Behaviour<codec::ExitInfoCodec>,
+}
+
+/// Which side of the two info protocols a swarm takes.
+#[derive(Debug, Clone)]
+struct InfoSupport {
+    relay: ProtocolSupport,
+    exit: ProtocolSupport,
+}
+
+impl InfoSupport {
+    /// Asks, never answers (seekers and DHT servers).
+    const ASK: Self = Self {
+        relay: ProtocolSupport::Outbound,
+        exit: ProtocolSupport::Outbound,
+    };
 }
 
 fn build_swarm(
@@ -163,7 +250,7 @@ fn build_swarm(
     config: &DhtConfig,
     guard: DialGuard,
     mode: kad::Mode,
-    info: ProtocolSupport,
+    support: InfoSupport,
 ) -> Result<Swarm<Behaviour>, DiscoveryError> {
     let policy = config.policy;
     let protocol = config.protocol.clone();
@@ -208,9 +295,13 @@ fn build_swarm(
                 )),
                 info: request_response::Behaviour::with_codec(
                     codec::RelayInfoCodec::default(),
-                    [(StreamProtocol::new(relay_info::PROTOCOL), info)],
-                    request_response::Config::default()
-                        .with_request_timeout(Duration::from_secs(10)),
+                    [(StreamProtocol::new(relay_info::PROTOCOL), support.relay)],
+                    request_response::Config::default().with_request_timeout(INFO_TIMEOUT),
+                ),
+                exit_info: request_response::Behaviour::with_codec(
+                    codec::ExitInfoCodec::default(),
+                    [(StreamProtocol::new(exit_info::PROTOCOL), support.exit)],
+                    request_response::Config::default().with_request_timeout(INFO_TIMEOUT),
                 ),
             }
         })
@@ -322,13 +413,7 @@ impl DhtServer {
         external_ips: &[IpAddr],
         guard: DialGuard,
     ) -> Result<Self, DiscoveryError> {
-        let mut swarm = build_swarm(
-            identity,
-            config,
-            guard,
-            kad::Mode::Server,
-            ProtocolSupport::Outbound,
-        )?;
+        let mut swarm = build_swarm(identity, config, guard, kad::Mode::Server, InfoSupport::ASK)?;
         let addr = quic_multiaddr(listen);
         swarm
             .listen_on(addr.clone())
@@ -420,16 +505,17 @@ fn printable(addr: Multiaddr) -> Multiaddr {
 
 // ---------------------------------------------------------------------------------- announcer
 
-/// What a relay announces with.
+/// What a relay or an exit announces with.
 pub struct Announcer {
-    /// The relay's identity: the same key as its QUIC certificate, so one PeerId for both.
+    /// The node's identity: for a relay the same key as its QUIC certificate, for an exit the
+    /// key its descriptor names, so one PeerId for both.
     pub identity: Keypair,
     /// UDP address of the libp2p swarm. Default `0.0.0.0:4001`.
     pub listen: SocketAddr,
     /// Confirmed external IPs (configured `external_addrs`).
     pub external_ips: Vec<IpAddr>,
-    /// Answers relay-info requests.
-    pub info: InfoSource,
+    /// What it provides and answers.
+    pub info: Answer,
     /// Where the announcement stands (read by `/status`).
     pub status: Arc<watch::Sender<Option<DhtStatus>>>,
     /// The relay's DHT metrics.
@@ -447,9 +533,10 @@ impl std::fmt::Debug for Announcer {
     }
 }
 
-/// Announces a relay until `shutdown`: publishes the provider record once it has a confirmed
-/// external address and a reachable DHT, retries failures with backoff, answers relay-info.
-/// A relay without a confirmed address is reported (warning, metric, `/status`), not hidden.
+/// Announces a relay or an exit until `shutdown`: publishes the provider record once it has a
+/// confirmed external address, a reachable DHT and (an exit) a relay, retries failures with
+/// backoff, answers relay-info or exit-info. A node without a confirmed address is reported
+/// (warning, metric, `/status`), not hidden.
 pub async fn announce(
     config: &DhtConfig,
     announcer: Announcer,
@@ -459,18 +546,23 @@ pub async fn announce(
         identity,
         listen,
         external_ips,
-        info,
+        mut info,
         status,
         metrics,
         guard,
     } = announcer;
-    let mut swarm = build_swarm(
-        identity,
-        config,
-        guard,
-        kad::Mode::Client,
-        ProtocolSupport::Inbound,
-    )?;
+    let role = info.role();
+    let support = match info {
+        Answer::Relay(_) => InfoSupport {
+            relay: ProtocolSupport::Inbound,
+            exit: ProtocolSupport::Outbound,
+        },
+        Answer::Exit { .. } => InfoSupport {
+            relay: ProtocolSupport::Outbound,
+            exit: ProtocolSupport::Inbound,
+        },
+    };
+    let mut swarm = build_swarm(identity, config, guard, kad::Mode::Client, support)?;
     let listen_addr = quic_multiaddr(listen);
     swarm
         .listen_on(listen_addr.clone())
@@ -480,9 +572,9 @@ pub async fn announce(
         })?;
     let bootstrap_peers = add_bootstrap(&mut swarm, config);
     if bootstrap_peers == 0 {
-        tracing::warn!("no usable bootstrap peer: the relay cannot announce itself");
+        tracing::warn!("no usable bootstrap peer: the {role} cannot announce itself");
     }
-    let key = kad::RecordKey::new(&relay_info::provider_key(relay_info::RELAY_NAMESPACE));
+    let key = info.key();
     let mut state = DhtStatus {
         state: DhtState::Starting,
         protocol: config.protocol.to_string(),
@@ -500,12 +592,21 @@ pub async fn announce(
             () = shutdown.cancelled() => break,
             () = sleep_until(next_publish) => {
                 next_publish = None;
-                if !swarm.external_addresses().any(|_| true) {
+                if !swarm.external_addresses().any(|_| true) || !info.ready() {
                     continue;
                 }
                 match swarm.behaviour_mut().kad.start_providing(key.clone()) {
                     Ok(_) => publishing = true,
                     Err(error) => tracing::warn!(%error, "cannot store the provider record"),
+                }
+                continue;
+            }
+            () = info.ready_changed() => {
+                let confirmed = swarm.external_addresses().any(|_| true);
+                if confirmed && info.ready() && !publishing && state.state != DhtState::Announced
+                    && next_publish.is_none()
+                {
+                    next_publish = Some(tokio::time::Instant::now());
                 }
                 continue;
             }
@@ -537,7 +638,7 @@ pub async fn announce(
                         warned = true;
                         tracing::warn!(
                             policy = %config.policy,
-                            "relay has no confirmed external address, so it is NOT announced on the DHT (nobody would store its record); set external_addrs / --external-addr to its public IP"
+                            "{role} has no confirmed external address, so it is NOT announced on the DHT (nobody would store its record); set external_addrs / --external-addr to its public IP"
                         );
                     }
                 }
@@ -568,7 +669,7 @@ pub async fn announce(
                         tracing::info!(
                             after = ?started.elapsed(),
                             republish,
-                            "relay announced on the DHT (kad republishes every 12 h)"
+                            "{role} announced on the DHT (kad republishes every 12 h)"
                         );
                     }
                     state.state = DhtState::Announced;
@@ -585,15 +686,51 @@ pub async fn announce(
                 message: request_response::Message::Request { channel, .. },
                 ..
             })) => {
-                if let Some(answer) = info() {
+                if let Answer::Relay(source) = &info
+                    && let Some(answer) = source()
+                {
                     let _ = swarm.behaviour_mut().info.send_response(channel, answer);
                 }
                 // `None`: the channel is dropped unanswered (only tests do this).
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::ExitInfo(request_response::Event::Message {
+                message: request_response::Message::Request { channel, .. },
+                ..
+            })) => {
+                if let Answer::Exit { info: source, .. } = &info
+                    && let Some(answer) = source()
+                {
+                    let _ = swarm
+                        .behaviour_mut()
+                        .exit_info
+                        .send_response(channel, answer);
+                }
             }
             _ => {}
         }
     }
     Ok(())
+}
+
+/// One step of a provider lookup: the providers it reported, and whether the lookup is over
+/// (then it is finished in kad too, so it stops asking peers).
+fn lookup_progress(
+    swarm: &mut Swarm<Behaviour>,
+    id: kad::QueryId,
+    result: &kad::GetProvidersResult,
+    step: &kad::ProgressStep,
+) -> (Vec<PeerId>, bool) {
+    let providers = match result {
+        Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
+            providers.iter().copied().collect()
+        }
+        _ => Vec::new(),
+    };
+    let finished = step.last || !matches!(result, Ok(kad::GetProvidersOk::FoundProviders { .. }));
+    if finished && let Some(mut query) = swarm.behaviour_mut().kad.query_mut(&id) {
+        query.finish();
+    }
+    (providers, finished)
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {
@@ -677,7 +814,7 @@ pub async fn discover(
         config,
         seek.guard.clone(),
         kad::Mode::Client,
-        ProtocolSupport::Outbound,
+        InfoSupport::ASK,
     )?;
     let mut probes: JoinSet<(Source, PeerId, Result<VerifiedRelay, String>)> = JoinSet::new();
     let mut tried: HashSet<PeerId> = HashSet::new();
@@ -746,23 +883,17 @@ pub async fn discover(
                 SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                     id, result: kad::QueryResult::GetProviders(result), step, ..
                 })) if Some(id) == lookup => {
-                    if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = &result {
-                        for peer in providers {
-                            if tried.insert(*peer) {
-                                found += 1;
-                                // Ask now: kad knows the provider's addresses only while
-                                // the lookup runs.
-                                let request = swarm.behaviour_mut().info.send_request(peer, ());
-                                pending.insert(request, *peer);
-                            }
+                    let (providers, finished) = lookup_progress(&mut swarm, id, &result, &step);
+                    for peer in providers {
+                        if tried.insert(peer) {
+                            found += 1;
+                            // Ask now: kad knows the provider's addresses only while the
+                            // lookup runs.
+                            let request = swarm.behaviour_mut().info.send_request(&peer, ());
+                            pending.insert(request, peer);
                         }
                     }
-                    let finished = step.last
-                        || !matches!(result, Ok(kad::GetProvidersOk::FoundProviders { .. }));
                     if finished {
-                        if let Some(mut query) = swarm.behaviour_mut().kad.query_mut(&id) {
-                            query.finish();
-                        }
                         lookup = None;
                         tracing::info!(providers = found, after = ?started.elapsed(), "DHT lookup finished");
                         if verified.is_empty() && pending.is_empty() && probes.is_empty() {
@@ -1040,7 +1171,7 @@ mod tests {
             &DhtConfig::public(),
             DialGuard::default(),
             kad::Mode::Client,
-            ProtocolSupport::Outbound,
+            InfoSupport::ASK,
         );
         assert!(swarm.is_ok(), "{:?}", swarm.err());
     }

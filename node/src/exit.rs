@@ -73,6 +73,7 @@ pub async fn run(config: ExitConfig, shutdown: CancellationToken) -> anyhow::Res
         shutdown.clone(),
     )
     .await?;
+    let announcing = spawn_announcer(&config, &exit, registered.subscribe(), &shutdown);
     let result = match relays(&config, &exit, &shutdown).await {
         Ok(relays) => {
             exit.relays_label.send_replace(
@@ -93,6 +94,11 @@ pub async fn run(config: ExitConfig, shutdown: CancellationToken) -> anyhow::Res
     };
     // The exit may stop on its own (a relay that refuses it): the admin listener goes too.
     shutdown.cancel();
+    if let Some(task) = announcing
+        && let Err(error) = task.await
+    {
+        tracing::warn!(%error, "DHT announcement task failed");
+    }
     admin.stopped().await;
     result
 }
@@ -112,6 +118,29 @@ fn warn_if_public_credentials(config: &ExitConfig) {
             "this exit is PUBLIC and holds backend credentials (--api-key or an Authorization-like --header): ANYONE who finds it can use them, anonymously, at your cost. Limit it to your group with --access-token-file, or drop --public and give it --relay"
         );
     }
+}
+
+/// Starts announcing the exit on the DHT when configured; it publishes once registered.
+/// A failure to announce (port taken, no DHT) is logged at once and the exit serves on.
+fn spawn_announcer(
+    config: &ExitConfig,
+    exit: &Exit,
+    registered: watch::Receiver<bool>,
+    shutdown: &CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let announce = config.announce.as_ref()?;
+    let guard = crate::discovery::DialGuard {
+        refused: exit.metrics.dht.dials_refused.clone(),
+        observer: None,
+    };
+    let announcer = exit.announcer(announce, registered, guard);
+    let dht = config.dht.clone();
+    let shutdown = shutdown.clone();
+    Some(tokio::spawn(async move {
+        if let Err(error) = crate::discovery::announce(&dht, announcer, shutdown).await {
+            tracing::warn!(%error, "the exit is NOT announced on the DHT; it serves on");
+        }
+    }))
 }
 
 /// The relays to register with: the configured one, or what discovery (with the cache and
@@ -160,6 +189,7 @@ pub struct ExitProbe {
     peer_id: libp2p_identity::PeerId,
     public: bool,
     relay: watch::Receiver<String>,
+    dht: watch::Receiver<Option<crate::status::DhtStatus>>,
     registered: watch::Receiver<bool>,
     gateway: Arc<Gateway>,
     metrics: Arc<ExitMetrics>,
@@ -216,6 +246,7 @@ impl ExitProbe {
             streams_in_flight: self.metrics.streams_in_flight.get(),
             gateway_overhead: (&self.metrics.overhead()).into(),
             backend_latency: (&self.metrics.backend()).into(),
+            dht: self.dht.borrow().clone(),
         }
     }
 }
@@ -233,6 +264,13 @@ pub struct Exit {
     relays_label: watch::Sender<String>,
     /// Whether its operator opened it to the public (`--public`), for `/status`.
     public: bool,
+    /// The descriptor registered with every relay (one for all, so every source of it shows
+    /// the same bytes), and what the DHT announcement answers.
+    current: watch::Sender<Option<SignedDescriptor>>,
+    /// The relays it is registered with now (the DHT announcement names them).
+    registered_relays: watch::Sender<Vec<RelayAddr>>,
+    /// The DHT announcement's state; `None` while the exit does not announce.
+    dht: Arc<watch::Sender<Option<crate::status::DhtStatus>>>,
 }
 
 impl Exit {
@@ -263,7 +301,39 @@ impl Exit {
             metrics,
             relays_label: watch::Sender::new(String::new()),
             public: false,
+            current: watch::Sender::new(None),
+            registered_relays: watch::Sender::new(Vec::new()),
+            dht: Arc::new(watch::Sender::new(None)),
         })
+    }
+
+    /// What announces this exit on the DHT with its own identity: the exit key once it is
+    /// registered (`registered` true), and exit-info with its descriptor and current relays.
+    /// An exit without a reachable address (behind NAT) is stored by nobody: the announcement
+    /// then reports `no_external_address`, and clients know the exit only from relays' lists.
+    #[must_use]
+    pub fn announcer(
+        &self,
+        announce: &crate::config::ExitAnnounceConfig,
+        registered: watch::Receiver<bool>,
+        guard: crate::discovery::DialGuard,
+    ) -> crate::discovery::Announcer {
+        crate::discovery::Announcer {
+            identity: self.identity.clone(),
+            listen: announce.listen,
+            external_ips: announce.external_ips.clone(),
+            info: crate::discovery::Answer::Exit {
+                info: crate::discovery::exit_info_source(
+                    self.identity.clone(),
+                    self.current.subscribe(),
+                    self.registered_relays.subscribe(),
+                ),
+                registered,
+            },
+            status: Arc::clone(&self.dht),
+            metrics: self.metrics.dht.clone(),
+            guard,
+        }
     }
 
     /// The handle the admin listener reads; `registered` is a receiver of the channel whose
@@ -284,6 +354,7 @@ impl Exit {
             peer_id: self.peer_id(),
             public: self.public,
             relay: self.relays_label.subscribe(),
+            dht: self.dht.subscribe(),
             registered,
             gateway: Arc::clone(&self.gateway),
             metrics: Arc::clone(&self.metrics),
@@ -337,11 +408,14 @@ impl Exit {
         );
         let states = Arc::new(std::sync::Mutex::new(vec![false; relays.len()]));
         let registered = Arc::new(registered);
+        let all = Arc::new(relays.clone());
         let mut runs = Vec::with_capacity(relays.len());
         for (index, relay) in relays.iter().enumerate() {
             let (tx, mut rx) = watch::channel(false);
             let states = Arc::clone(&states);
             let registered = Arc::clone(&registered);
+            let registered_relays = self.registered_relays.clone();
+            let all = Arc::clone(&all);
             let hook = hook.clone();
             let relay_for_hook = relay.clone();
             // Folds this relay's state into the exit's: registered while any tunnel is.
@@ -349,13 +423,24 @@ impl Exit {
                 let mut announced = false;
                 while rx.changed().await.is_ok() {
                     let now = *rx.borrow_and_update();
-                    let any = {
+                    let (any, current) = {
                         let mut states = states
                             .lock()
                             .unwrap_or_else(std::sync::PoisonError::into_inner);
                         states[index] = now;
-                        states.iter().any(|s| *s)
+                        let current: Vec<RelayAddr> = all
+                            .iter()
+                            .zip(states.iter())
+                            .filter(|(_, up)| **up)
+                            .map(|(relay, _)| relay.clone())
+                            .collect();
+                        (!current.is_empty(), current)
                     };
+                    registered_relays.send_if_modified(|relays| {
+                        let changed = *relays != current;
+                        *relays = current;
+                        changed
+                    });
                     registered.send_replace(any);
                     if now
                         && !announced
@@ -465,9 +550,19 @@ impl Exit {
             .set(i64::try_from(expires_at).unwrap_or(i64::MAX));
     }
 
-    /// A freshly signed descriptor and its expiry (Unix seconds).
+    /// The current descriptor and its expiry (Unix seconds): the one registered with every
+    /// relay while it has more than half its lifetime left and says the same, else a freshly
+    /// signed one that becomes current.
     fn descriptor(&self, models: &[String]) -> anyhow::Result<(SignedDescriptor, u64)> {
         let now = unix_now();
+        if let Some(current) = self.current.borrow().as_ref()
+            && let Ok(desc) = SignedDescriptor::verify(current.as_bytes(), now)
+            && desc.expires_at.saturating_sub(now) > DESCRIPTOR_LIFETIME.as_secs() / 2
+            && desc.models == models
+            && desc.key_configs == self.keyring.configs()
+        {
+            return Ok((current.clone(), desc.expires_at));
+        }
         let descriptor = Descriptor {
             peer_id: self.peer_id(),
             key_configs: self.keyring.configs(),
@@ -480,6 +575,7 @@ impl Exit {
         let expires_at = descriptor.expires_at;
         let signed = SignedDescriptor::sign(&descriptor, &self.identity)
             .context("signing the exit descriptor")?;
+        self.current.send_replace(Some(signed.clone()));
         Ok((signed, expires_at))
     }
 

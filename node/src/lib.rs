@@ -34,7 +34,7 @@ use anyhow::Context as _;
 /// A command with its checked configuration.
 enum Resolved {
     Relay(config::RelayConfig),
-    /// Boxed: the largest configuration by far.
+    /// Boxed: an exit's configuration is the largest by far.
     Exit(Box<config::ExitConfig>),
     Client(config::ClientConfig),
     Serve(config::ServeConfig),

@@ -143,20 +143,30 @@ pub struct DhtMetrics {
 impl DhtMetrics {
     /// The relay's view: announcement state and refused dials.
     pub fn register_announcer(&self, r: &mut Registry) {
-        r.register(
-            "dht_external_address_confirmed",
-            "1 when the relay has a confirmed external address to announce on the DHT",
-            self.external_address_confirmed.clone(),
-        );
-        r.register(
-            "dht_provider_published",
-            "1 after the relay's provider record was published on the DHT",
-            self.provider_published.clone(),
-        );
+        self.register_announcement(r);
         r.register(
             "dht_dials_refused",
             "Dials the DHT address policy refused",
             self.dials_refused.clone(),
+        );
+    }
+
+    /// An exit's view: it seeks relays and announces itself.
+    pub fn register_announcing_seeker(&self, r: &mut Registry) {
+        self.register_announcement(r);
+        self.register_seeker(r);
+    }
+
+    fn register_announcement(&self, r: &mut Registry) {
+        r.register(
+            "dht_external_address_confirmed",
+            "1 when the node has a confirmed external address to announce on the DHT",
+            self.external_address_confirmed.clone(),
+        );
+        r.register(
+            "dht_provider_published",
+            "1 after the node's provider record was published on the DHT",
+            self.provider_published.clone(),
         );
     }
 
@@ -362,7 +372,7 @@ impl ExitMetrics {
     /// Registers every metric under `tokengo_exit_`.
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("exit");
-        self.dht.register_seeker(r);
+        self.dht.register_announcing_seeker(r);
         r.register(
             "requests",
             "Request streams, by media type",

@@ -110,7 +110,10 @@ fn announce(
         identity,
         listen: dht.listen,
         external_ips: dht.external_ips.clone(),
-        info: crate::discovery::relay_info_source(quic, relay.registry()),
+        info: crate::discovery::Answer::Relay(crate::discovery::relay_info_source(
+            quic,
+            relay.registry(),
+        )),
         status: relay.dht_status(),
         metrics: metrics.dht.clone(),
         guard: crate::discovery::DialGuard {

@@ -63,7 +63,7 @@ pub struct RelayStatus {
     pub dht: Option<DhtStatus>,
 }
 
-/// Where a relay's DHT announcement stands.
+/// Where a relay's or an exit's DHT announcement stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DhtState {
@@ -123,6 +123,9 @@ pub struct ExitStatus {
     pub gateway_overhead: Percentiles,
     /// The backend's own time.
     pub backend_latency: Percentiles,
+    /// Announcement on the DHT; absent when the exit does not announce.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dht: Option<DhtStatus>,
 }
 
 /// One of an exit's OHTTP keys.
@@ -342,13 +345,7 @@ pub fn summary(report: &StatusReport) -> String {
             percentiles(&relay.exit_first_byte)
         );
         if let Some(dht) = &relay.dht {
-            let state = match dht.state {
-                DhtState::Starting => "starting",
-                DhtState::NoExternalAddress => "NOT announced: no confirmed external address",
-                DhtState::Announced => "announced",
-                DhtState::PublishFailed => "announcement failed, retrying",
-            };
-            let _ = writeln!(out, "        DHT {}: {state}", dht.protocol);
+            dht_line(&mut out, dht);
         }
     }
     if let Some(exit) = &report.exit {
@@ -405,6 +402,9 @@ pub fn summary(report: &StatusReport) -> String {
             percentiles(&exit.gateway_overhead),
             percentiles(&exit.backend_latency)
         );
+        if let Some(dht) = &exit.dht {
+            dht_line(&mut out, dht);
+        }
     }
     if let Some(client) = &report.client {
         let _ = writeln!(
@@ -462,6 +462,17 @@ pub fn summary(report: &StatusReport) -> String {
         );
     }
     out
+}
+
+/// One line on a DHT announcement (relay or exit).
+fn dht_line(out: &mut String, dht: &DhtStatus) {
+    let state = match dht.state {
+        DhtState::Starting => "starting",
+        DhtState::NoExternalAddress => "NOT announced: no confirmed external address",
+        DhtState::Announced => "announced",
+        DhtState::PublishFailed => "announcement failed, retrying",
+    };
+    let _ = writeln!(out, "        DHT {}: {state}", dht.protocol);
 }
 
 fn rate(per_sec: Option<f64>) -> String {
@@ -578,6 +589,12 @@ mod tests {
                 streams_in_flight: 0,
                 gateway_overhead: percent(5),
                 backend_latency: percent(0),
+                dht: Some(DhtStatus {
+                    state: DhtState::Announced,
+                    protocol: "/mynet/kad/1.0.0".into(),
+                    listen_addrs: vec!["/ip4/0.0.0.0/udp/4002/quic-v1".into()],
+                    external_addrs: vec!["/ip4/203.0.113.9/udp/4002/quic-v1".into()],
+                }),
             }),
             client: Some(ClientStatus {
                 relay: "/ip4/127.0.0.1/udp/1/quic-v1/p2p/12D3KooRelay".into(),
@@ -620,6 +637,7 @@ mod tests {
             "held (sources disagree on keys): 12D3KooOther",
             "no samples yet",
             "DHT /ipfs/kad/1.0.0: NOT announced: no confirmed external address",
+            "DHT /mynet/kad/1.0.0: announced",
         ] {
             assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
         }

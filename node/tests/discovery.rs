@@ -1,5 +1,5 @@
-//! Relay discovery on a private DHT on loopback: three DHT servers, announcing relays, an exit
-//! and a client that are given no relay, all with a test protocol name. Every dial any of
+//! Relay and exit discovery on a private DHT on loopback: three DHT servers, announcing relays
+//! and exits, and clients that are given no relay, all with a test protocol name. Every dial any of
 //! them attempts is recorded; the tests fail if one leaves loopback. Nothing here touches the
 //! public network.
 
@@ -17,8 +17,8 @@ use tokengo::{
     config::Limits,
     data_dir::DataDir,
     discovery::{
-        self, AddressPolicy, Announcer, DhtConfig, DhtServer, DialGuard, DialRecord, InfoSource,
-        RelayCache, Seek,
+        self, AddressPolicy, Announcer, Answer, DhtConfig, DhtServer, DialGuard, DialRecord,
+        InfoSource, RelayCache, Seek,
     },
     exit::Exit,
     metrics::DhtMetrics,
@@ -26,7 +26,10 @@ use tokengo::{
     status::{DhtState, DhtStatus},
     transport::{RelayAddr, TransportParams},
 };
-use tokengo_proto::relay_info::RelayInfo;
+use tokengo_proto::{
+    exit_info::{ExitInfo, ExitInfoError, SignedExitInfo},
+    relay_info::RelayInfo,
+};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -58,15 +61,20 @@ impl Net {
         }
     }
 
-    /// Three DHT servers, each bootstrapping from those started before it.
-    async fn start() -> Self {
-        common::init();
-        let mut net = Self {
+    /// No DHT at all: for nodes that must report they cannot announce.
+    fn without_servers() -> Self {
+        Self {
             record: Arc::new(DialRecord::default()),
             refused: Default::default(),
             servers: Vec::new(),
             bootstrap: Vec::new(),
-        };
+        }
+    }
+
+    /// Three DHT servers, each bootstrapping from those started before it.
+    async fn start() -> Self {
+        common::init();
+        let mut net = Self::without_servers();
         for _ in 0..3 {
             let server = DhtServer::start(
                 &net.config(),
@@ -165,7 +173,7 @@ async fn start_relay(
         identity,
         listen: "127.0.0.1:0".parse().unwrap(),
         external_ips: Vec::new(),
-        info,
+        info: Answer::Relay(info),
         status: status_tx,
         metrics: metrics.dht.clone(),
         guard: net.guard(),
@@ -318,12 +326,7 @@ async fn client_and_exit_find_relays_on_a_private_dht_and_a_request_goes_through
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn relay_without_external_address_is_reported_not_silently_invisible() {
     common::init();
-    let net = Net {
-        record: Arc::new(DialRecord::default()),
-        refused: Default::default(),
-        servers: Vec::new(),
-        bootstrap: Vec::new(),
-    };
+    let net = Net::without_servers();
     // Policy `any` confirms nothing by itself, and no external address is configured.
     let config = DhtConfig {
         policy: AddressPolicy::Any,
@@ -474,4 +477,405 @@ async fn client_fails_over_to_the_next_relay() {
     client_stop.cancel();
     exit.stop.cancel();
     relay.stop.cancel();
+}
+
+// ------------------------------------------------------------------------------------- exits
+
+/// Polls the exit's `/status` view until its DHT announcement reaches `state`.
+async fn wait_exit_state(probe: &tokengo::exit::ExitProbe, state: DhtState) {
+    let reached = tokio::time::timeout(WAIT, async {
+        while probe.status(None).dht.as_ref().map(|d| d.state) != Some(state) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .is_ok();
+    assert!(
+        reached,
+        "exit never reached {state:?}: {:?}",
+        probe.status(None).dht
+    );
+}
+
+/// A real exit registered with `relays` that announces itself on the DHT of `config`.
+struct AnnouncedExit {
+    peer: libp2p_identity::PeerId,
+    probe: tokengo::exit::ExitProbe,
+    stop: CancellationToken,
+}
+
+async fn start_announced_exit(
+    net: &Net,
+    config: DhtConfig,
+    backend_url: &str,
+    dir: &tempfile::TempDir,
+    relays: Vec<RelayAddr>,
+) -> AnnouncedExit {
+    let data_dir = DataDir::resolve(Some(dir.path().to_path_buf())).unwrap();
+    let backend = common::backend_config(backend_url, Duration::from_secs(10));
+    let exit = Exit::load(&data_dir, &backend, Limits::default()).unwrap();
+    let peer = exit.peer_id();
+    let (tx, registered) = watch::channel(false);
+    let probe = exit.probe_all(registered.clone());
+    let announce = tokengo::config::ExitAnnounceConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        external_ips: Vec::new(),
+    };
+    let announcer = exit.announcer(&announce, registered, net.guard());
+    let stop = CancellationToken::new();
+    let announce_stop = stop.clone();
+    tokio::spawn(async move { discovery::announce(&config, announcer, announce_stop).await });
+    // Counts each relay's first registration, made after the exit's relay list has it.
+    let (first_tx, mut first_rx) = tokio::sync::mpsc::unbounded_channel();
+    let hook: tokengo::exit::RegisteredHook = Arc::new(move |relay: &RelayAddr| {
+        let _ = first_tx.send(relay.clone());
+    });
+    let count = relays.len();
+    tokio::spawn(exit.run_many(relays, tx, Some(hook), stop.clone()));
+    for _ in 0..count {
+        tokio::time::timeout(WAIT, first_rx.recv())
+            .await
+            .expect("the exit did not register with every relay")
+            .unwrap();
+    }
+    AnnouncedExit { peer, probe, stop }
+}
+
+fn lookup(net: &Net) -> discovery::ExitLookup {
+    discovery::ExitLookup {
+        settle: Duration::from_secs(5),
+        guard: net.guard(),
+        ..discovery::ExitLookup::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_exit_announces_itself_and_a_fresh_identity_finds_it_with_both_relays() {
+    let net = Net::start().await;
+    let backend = common::start_backend().await;
+    let mut relay_a = start_relay(&net, net.config(), Keypair::generate_ed25519(), None).await;
+    let mut relay_b = start_relay(&net, net.config(), Keypair::generate_ed25519(), None).await;
+    wait_state(&mut relay_a, DhtState::Announced).await;
+    wait_state(&mut relay_b, DhtState::Announced).await;
+    let dir = tempfile::tempdir().unwrap();
+    let exit = start_announced_exit(
+        &net,
+        net.config(),
+        &backend.url,
+        &dir,
+        vec![relay_a.addr.clone(), relay_b.addr.clone()],
+    )
+    .await;
+    wait_exit_state(&exit.probe, DhtState::Announced).await;
+
+    let found = discovery::find_exits(&net.config(), lookup(&net), &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    let found = &found[0];
+    assert_eq!(found.descriptor.peer_id, exit.peer);
+    assert_eq!(
+        found.relays,
+        vec![relay_a.addr.clone(), relay_b.addr.clone()]
+    );
+    // The DHT and both relays show the same descriptor, byte for byte.
+    let now = tokengo::clock::unix_now();
+    for relay in [&relay_a, &relay_b] {
+        let listed: Vec<Vec<u8>> = relay
+            .registry
+            .descriptors(now)
+            .iter()
+            .map(|d| d.to_vec())
+            .collect();
+        assert_eq!(listed, vec![found.descriptor_bytes.clone()]);
+    }
+    // A client on a relay the exit record names reaches the exit.
+    let (url, client_stop) = start_client(vec![found.relays[1].clone()]).await;
+    assert_eq!(chat(&url).await["path"], "/v1/chat/completions");
+    client_stop.cancel();
+    // The exit is no relay: relay discovery still finds exactly the two relays.
+    let relays = discovery::discover(&net.config(), net.seek(None, 3), &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(relays.relays.len(), 2, "{relays:?}");
+    net.assert_loopback_only();
+    exit.stop.cancel();
+    relay_a.stop.cancel();
+    relay_b.stop.cancel();
+}
+
+/// A DHT participant announcing the exit key with its own identity and answering exit-info
+/// with whatever `answer` returns.
+async fn start_fake_exit(
+    net: &Net,
+    identity: Keypair,
+    answer: discovery::ExitInfoSource,
+) -> (CancellationToken, watch::Receiver<Option<DhtStatus>>) {
+    let status = Arc::new(watch::Sender::new(None));
+    let mut seen = status.subscribe();
+    let (_registered_tx, registered) = watch::channel(true);
+    let announcer = Announcer {
+        identity,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        external_ips: Vec::new(),
+        info: Answer::Exit {
+            info: answer,
+            registered,
+        },
+        status,
+        metrics: DhtMetrics::default(),
+        guard: net.guard(),
+    };
+    let stop = CancellationToken::new();
+    let config = net.config();
+    let announce_stop = stop.clone();
+    tokio::spawn(async move { discovery::announce(&config, announcer, announce_stop).await });
+    tokio::time::timeout(
+        WAIT,
+        seen.wait_for(|s| s.as_ref().is_some_and(|s| s.state == DhtState::Announced)),
+    )
+    .await
+    .expect("fake exit never announced")
+    .unwrap();
+    (stop, seen)
+}
+
+fn fake_descriptor(key: &Keypair, issued_at: u64, expires_at: u64) -> Vec<u8> {
+    let desc = tokengo_proto::descriptor::Descriptor {
+        peer_id: key.public().to_peer_id(),
+        key_configs: vec![tokengo_proto::key_config::KeyConfig {
+            key_id: 1,
+            public_key: [3; 32],
+        }],
+        models: vec!["test".into()],
+        issued_at,
+        expires_at,
+        max_streams: 4,
+        access_token_required: false,
+    };
+    tokengo_proto::descriptor::SignedDescriptor::sign(&desc, key)
+        .unwrap()
+        .as_bytes()
+        .to_vec()
+}
+
+fn fixed_answer(bytes: Vec<u8>) -> discovery::ExitInfoSource {
+    let answer = SignedExitInfo::from_bytes(bytes).unwrap();
+    Arc::new(move || Some(answer.clone()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exit_info_with_a_tampered_relay_list_or_a_stale_descriptor_is_refused() {
+    let net = Net::start().await;
+    let mut relay = start_relay(&net, net.config(), Keypair::generate_ed25519(), None).await;
+    wait_state(&mut relay, DhtState::Announced).await;
+    let now = tokengo::clock::unix_now();
+    let relay_bytes = relay.addr.to_multiaddr().to_vec();
+    let sign = |key: &Keypair, descriptor: Vec<u8>, issued_at: u64| {
+        let info = ExitInfo {
+            issued_at,
+            descriptor,
+            relays: vec![relay_bytes.clone()],
+        };
+        SignedExitInfo::sign(&info, key)
+            .unwrap()
+            .as_bytes()
+            .to_vec()
+    };
+
+    // A well-formed answer: found (so the others are refused for what they are, not missed).
+    let honest_key = Keypair::generate_ed25519();
+    let honest = sign(
+        &honest_key,
+        fake_descriptor(&honest_key, now - 5, now + 3600),
+        now,
+    );
+    let honest_peer = honest_key.public().to_peer_id();
+    let (honest_stop, _) = start_fake_exit(&net, honest_key, fixed_answer(honest)).await;
+
+    // The relay list changed after signing: another relay of the same address length in
+    // place of the one the exit signed for.
+    let tampered_key = Keypair::generate_ed25519();
+    let mut tampered = sign(
+        &tampered_key,
+        fake_descriptor(&tampered_key, now - 5, now + 3600),
+        now,
+    );
+    let rogue = RelayAddr::new(
+        relay.addr.resolve().await.unwrap(),
+        Keypair::generate_ed25519().public().to_peer_id(),
+    )
+    .to_multiaddr()
+    .to_vec();
+    assert_eq!(rogue.len(), relay_bytes.len());
+    let at = tampered
+        .windows(relay_bytes.len())
+        .position(|w| w == relay_bytes.as_slice())
+        .unwrap();
+    tampered[at..at + rogue.len()].copy_from_slice(&rogue);
+    assert_eq!(
+        SignedExitInfo::from_bytes(tampered.clone())
+            .unwrap()
+            .verify(now),
+        Err(ExitInfoError::BadSignature)
+    );
+    let (tampered_stop, _) = start_fake_exit(&net, tampered_key, fixed_answer(tampered)).await;
+
+    // A fresh answer around a descriptor that expired since it was signed.
+    let stale_key = Keypair::generate_ed25519();
+    let stale = sign(
+        &stale_key,
+        fake_descriptor(&stale_key, now - 200, now - 100),
+        now - 150,
+    );
+    let (stale_stop, _) = start_fake_exit(&net, stale_key, fixed_answer(stale)).await;
+
+    let found = discovery::find_exits(&net.config(), lookup(&net), &CancellationToken::new())
+        .await
+        .unwrap();
+    let peers: Vec<_> = found.iter().map(|e| e.descriptor.peer_id).collect();
+    assert_eq!(peers, vec![honest_peer], "{found:?}");
+    assert_eq!(found[0].relays, vec![relay.addr.clone()]);
+    net.assert_loopback_only();
+    for stop in [honest_stop, tampered_stop, stale_stop] {
+        stop.cancel();
+    }
+    relay.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exit_without_external_address_is_reported_not_announced() {
+    common::init();
+    let net = Net::without_servers();
+    let backend = common::start_backend().await;
+    // Policy `any` confirms nothing by itself (an exit behind NAT): nobody would store its
+    // record, so it reports that instead of pretending.
+    let config = DhtConfig {
+        policy: AddressPolicy::Any,
+        ..net.config()
+    };
+    let relay = common::start_relay(&Limits::default(), None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let exit =
+        start_announced_exit(&net, config, &backend.url, &dir, vec![relay.addr.clone()]).await;
+    wait_exit_state(&exit.probe, DhtState::NoExternalAddress).await;
+    assert_eq!(exit.probe.metrics().dht.external_address_confirmed.get(), 0);
+    assert_eq!(exit.probe.metrics().dht.provider_published.get(), 0);
+    exit.stop.cancel();
+    relay.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn discovery_finds_exits_on_the_dht_and_uses_a_relay_that_hosts_them() {
+    let net = Net::start().await;
+    // A relay the client finds on the DHT, with an exit only it lists (anyone can register
+    // one; so can the relay's operator): one source vouches for that exit.
+    let mut announced = start_relay(&net, net.config(), Keypair::generate_ed25519(), None).await;
+    wait_state(&mut announced, DhtState::Announced).await;
+    let rogue_backend = common::start_recording_backend(Duration::ZERO).await;
+    let rogue = common::start_exit(
+        &announced.addr,
+        common::backend_config(&rogue_backend.url, Duration::from_secs(10)),
+        &Limits::default(),
+    )
+    .await;
+    // A relay that does not announce itself, with an exit that does: the client can only
+    // learn of both from the exit's record on the DHT.
+    let hidden = common::start_relay(&Limits::default(), None).await;
+    let backend = common::start_recording_backend(Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let exit = start_announced_exit(
+        &net,
+        net.config(),
+        &backend.url,
+        &dir,
+        vec![hidden.addr.clone()],
+    )
+    .await;
+    wait_exit_state(&exit.probe, DhtState::Announced).await;
+
+    // A real `tokengo client` given no relay.
+    let config = net.config();
+    let client_dir = tempfile::tempdir().unwrap();
+    let mut args: Vec<String> = [
+        "client",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--worker-threads",
+        "1",
+        "--address-policy",
+        "loopback",
+        "--dht-protocol",
+        TEST_PROTOCOL,
+        "--data-dir",
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    args.push(client_dir.path().display().to_string());
+    for bootstrap in &config.bootstrap {
+        args.extend(["--bootstrap".to_owned(), bootstrap.to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut client = common::Process::start(&args);
+    let admin = client.line_after("admin endpoint on ").await;
+    let url = client.line_after("client listening on ").await;
+
+    // The exit found on the DHT is listed by the relay it named: two sources vouch for it.
+    let peer = exit.peer.to_string();
+    let status = tokio::time::timeout(WAIT, async {
+        loop {
+            reqwest::get(format!("{admin}/readyz")).await.unwrap();
+            let report: tokengo::status::StatusReport = reqwest::get(format!("{admin}/status"))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let status = report.client.unwrap();
+            if status
+                .exits
+                .iter()
+                .any(|e| e.peer_id == peer && e.vouched_by.len() == 2)
+            {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the client never saw the DHT exit vouched for by the DHT and its relay");
+    assert!(
+        status
+            .relays
+            .iter()
+            .any(|r| r.address == hidden.addr.to_string()),
+        "{status:?}"
+    );
+    let vouched = status.exits.iter().find(|e| e.peer_id == peer).unwrap();
+    assert!(
+        vouched.vouched_by.contains(&"the DHT".to_owned()),
+        "{vouched:?}"
+    );
+    for _ in 0..20 {
+        let response = reqwest::Client::new()
+            .post(format!("{url}/v1/chat/completions"))
+            .json(&serde_json::json!({"model": "test", "messages": []}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    // Every request took the corroborated exit, through the relay that hosts it; the exit
+    // only the announced relay vouches for got none.
+    assert_eq!(backend.hits("/v1/chat/completions"), 20);
+    assert_eq!(rogue_backend.hits("/v1/chat/completions"), 0);
+    assert!(hidden.probe.metrics().forwards_total() >= 20);
+    net.assert_loopback_only();
+    exit.stop.cancel();
+    rogue.stop.cancel();
+    hidden.stop.cancel();
+    announced.stop.cancel();
 }

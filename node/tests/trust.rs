@@ -67,6 +67,41 @@ async fn recorded_exit(relays: &[&RelayAddr], delay: Duration) -> RecordedExit {
     RecordedExit { exit, backend }
 }
 
+/// A recorded exit registered with every relay of `relays`; returns its PeerId, its backend
+/// and what stops it.
+async fn exit_on_relays(relays: &[&RelayAddr]) -> (PeerId, Backend, CancellationToken) {
+    let backend = common::start_recording_backend(Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = tokengo::data_dir::DataDir::resolve(Some(dir.path().to_path_buf())).unwrap();
+    let exit = tokengo::exit::Exit::load(
+        &data_dir,
+        &backend_config(&backend.url, Duration::from_secs(30)),
+        limits(),
+    )
+    .unwrap();
+    let peer = exit.peer_id();
+    let (first_tx, mut first_rx) = tokio::sync::mpsc::unbounded_channel();
+    let hook: tokengo::exit::RegisteredHook = Arc::new(move |relay: &RelayAddr| {
+        let _ = first_tx.send(relay.clone());
+    });
+    let (registered, _) = tokio::sync::watch::channel(false);
+    let stop = CancellationToken::new();
+    let relays: Vec<RelayAddr> = relays.iter().map(|r| (*r).clone()).collect();
+    let count = relays.len();
+    let cancel = stop.clone();
+    tokio::spawn(async move {
+        let _dir = dir;
+        exit.run_many(relays, registered, Some(hook), cancel).await
+    });
+    for _ in 0..count {
+        tokio::time::timeout(Duration::from_secs(30), first_rx.recv())
+            .await
+            .expect("the exit did not register with every relay")
+            .unwrap();
+    }
+    (peer, backend, stop)
+}
+
 async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     tokio::time::timeout(Duration::from_secs(30), async {
         while !done() {
@@ -147,6 +182,18 @@ async fn pinned_client_never_uses_a_rogue_exit_and_names_the_pinned_exit_when_it
     );
     println!("pinned exit down: {status} {message}");
     assert_eq!(rogue.backend.hits(CHAT), 0);
+
+    // No relay answers either: still the 503 that names the pinned exit, with the relay's error.
+    relay.stop.cancel();
+    relay.task.await.unwrap();
+    let (status, body) = client.chat(false).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "pinned_exit_unavailable", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&honest.exit.peer_id.to_string()) && message.contains("unreachable"),
+        "{message}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,6 +212,41 @@ async fn a_relay_that_does_not_list_the_pinned_exit_is_skipped() {
     assert_eq!(other.backend.hits(CHAT), 0);
     let status = client.refreshed_status().await.client.unwrap();
     assert_eq!(status.relays.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpinned_an_exit_only_one_relay_lists_is_not_used_while_corroborated_ones_exist() {
+    common::init();
+    let first = start_relay(&limits(), None).await;
+    let second = start_relay(&limits(), None).await;
+    let (corroborated, corroborated_backend, stop) =
+        exit_on_relays(&[&first.addr, &second.addr]).await;
+    // Registered with the first relay only (by its operator, say), and faster.
+    let single = recorded_exit(&[&first.addr], Duration::ZERO).await;
+    let client = start_client(&[&first.addr, &second.addr], &[]).await;
+    let status = client.refreshed_status().await.client.unwrap();
+    assert_eq!(status.exits.len(), 2, "{status:?}");
+    let listed = status
+        .exits
+        .iter()
+        .find(|e| e.peer_id == corroborated.to_string())
+        .unwrap();
+    assert_eq!(listed.vouched_by.len(), 2, "{listed:?}");
+    for _ in 0..30 {
+        let (status, body) = client.chat(false).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    println!(
+        "corroborated exit {} requests, single-relay exit {}",
+        corroborated_backend.hits(CHAT),
+        single.backend.hits(CHAT)
+    );
+    assert_eq!(corroborated_backend.hits(CHAT), 30);
+    assert_eq!(single.backend.hits(CHAT), 0);
+    // Both relays carried requests: the relay is picked after the exit, among those hosting it.
+    assert!(first.probe.metrics().forwards_total() > 0);
+    assert!(second.probe.metrics().forwards_total() > 0);
+    stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,8 +278,13 @@ async fn unpinned_a_fast_newcomer_gets_a_fair_share_not_all() {
         .collect();
     assert_eq!(newcomer_hits + honest_hits.iter().sum::<usize>(), total);
     let share = newcomer_hits as f64 / total as f64;
+    let metrics = client.metrics().await;
+    let retries = metrics
+        .lines()
+        .find(|l| l.starts_with("tokengo_client_retries_total"))
+        .unwrap_or("no retries metric");
     println!(
-        "newcomer share: {newcomer_hits}/{total} = {:.1} % (honest exits: {honest_hits:?})",
+        "newcomer share: {newcomer_hits}/{total} = {:.1} % (honest exits: {honest_hits:?}; {retries})",
         share * 100.0
     );
     assert!(share <= 0.40, "newcomer took {:.1} %", share * 100.0);

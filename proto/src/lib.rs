@@ -1,6 +1,6 @@
 //! TokenGo's wire formats without I/O: OHTTP (RFC 9458 and chunked OHTTP), Binary HTTP
 //! (RFC 9292), key configurations, the exit's OHTTP keyring file, the relay wire frames, signed
-//! exit descriptors and the relay-discovery messages.
+//! exit descriptors and the relay- and exit-discovery messages.
 //!
 //! Nothing in this crate performs I/O or depends on an async runtime: every decoder is a
 //! push-style state machine fed from a `BytesMut`, so the node's async shells and the tests
@@ -9,6 +9,7 @@
 pub mod bhttp;
 pub mod chunked;
 pub mod descriptor;
+pub mod exit_info;
 pub mod frame;
 pub mod hpke;
 pub mod key_config;

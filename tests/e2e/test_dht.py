@@ -106,8 +106,8 @@ class Net:
         return proc, url, admin
 
 
-def relay_dht_state(admin: str) -> str | None:
-    dht = get_json(admin + "/status").get("relay", {}).get("dht")
+def relay_dht_state(admin: str, role: str = "relay") -> str | None:
+    dht = get_json(admin + "/status").get(role, {}).get("dht")
     return dht and dht["state"]
 
 
@@ -143,7 +143,7 @@ def exit_proc(net: Net, backend: Backend) -> tuple[Proc, str]:
     proc = net.processes.start(
         "dht-exit",
         [net.exe, "exit", "--public", "--backend", backend.url, "--admin-listen", "127.0.0.1:0",
-         "--data-dir", net.data_dir("exit"), *net.dht_flags()],
+         "--dht-listen", "127.0.0.1:0", "--data-dir", net.data_dir("exit"), *net.dht_flags()],
     )
     admin = proc.wait_for_line(RX_ADMIN, DHT_TIMEOUT).group(1)
     proc.wait_for_line(RX_EXIT, DHT_TIMEOUT)
@@ -188,6 +188,11 @@ def test_client_and_exit_discover_relays_and_chat_goes_through(
     # Under the loopback policy any non-loopback dial is refused and counted: none happened.
     assert client_metrics["tokengo_client_dht_dials_refused_total"] == 0
     assert metrics(exit_admin)["tokengo_exit_dht_dials_refused_total"] == 0
+    # An exit that discovers its relays announces itself too (its own exit record).
+    wait_until("the exit announced", lambda: relay_dht_state(exit_admin, "exit") == "announced")
+    exit_metrics = metrics(exit_admin)
+    assert exit_metrics["tokengo_exit_dht_external_address_confirmed"] == 1
+    assert exit_metrics["tokengo_exit_dht_provider_published"] == 1
     for a in net.relay_admins:
         m = metrics(a)
         assert m["tokengo_relay_dht_dials_refused_total"] == 0

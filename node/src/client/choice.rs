@@ -7,9 +7,9 @@ use std::time::Duration;
 
 /// An exit is slow, and loses a pairing against one that is not, above this many times the
 /// median latency estimate (plus [`SLOW_MARGIN`], so loopback noise never counts as slow).
-pub(crate) const SLOW_FACTOR: u32 = 2;
+pub(crate) const SLOW_FACTOR: u32 = 3;
 /// See [`SLOW_FACTOR`].
-pub(crate) const SLOW_MARGIN: Duration = Duration::from_millis(50);
+pub(crate) const SLOW_MARGIN: Duration = Duration::from_millis(100);
 
 /// A source of uniform random indices.
 pub(crate) trait Random {

@@ -59,6 +59,17 @@ pub struct ExitInfo {
     pub models: Vec<String>,
 }
 
+impl ExitInfo {
+    /// What a request needs of a verified descriptor; `None` if it lists no key.
+    fn from_descriptor(descriptor: Descriptor) -> Option<Self> {
+        Some(Self {
+            peer_id: descriptor.peer_id,
+            key_config: *descriptor.key_configs.first()?,
+            models: descriptor.models,
+        })
+    }
+}
+
 /// Where one request goes: the exit, and the relay link to reach it through.
 #[derive(Debug, Clone)]
 pub struct Route {
@@ -270,6 +281,30 @@ impl Directory {
         }
     }
 
+    /// Takes the exits a DHT lookup found as the DHT's claims (replacing the previous
+    /// lookup's). The DHT vouches, never hosts: the relays an exit names get links (up to a
+    /// bound), and a request goes through one of them only once its own list shows the exit.
+    /// The lists are fetched again at the next request.
+    pub fn learn_from_dht(&self, found: Vec<(Descriptor, Vec<RelayAddr>)>) {
+        let mut listings = Vec::with_capacity(found.len());
+        for (descriptor, relays) in found {
+            for relay in &relays {
+                if self.link_for(relay).is_none() {
+                    tracing::debug!(%relay, "relay named by a DHT exit record not linked: too many relays");
+                }
+            }
+            if !descriptor.key_configs.is_empty() {
+                listings.push(Listing {
+                    descriptor,
+                    relays: Vec::new(),
+                });
+            }
+        }
+        let mut state = self.lock();
+        state.set.observe(&Source::Dht, listings);
+        state.fetched_at = None;
+    }
+
     /// Whether the lists are older than their freshness (shorter while an exit is held).
     fn stale(&self) -> bool {
         let state = self.lock();
@@ -283,7 +318,8 @@ impl Directory {
 
     /// The route for a request for `model`, avoiding the exits in `exclude` (tried already).
     /// Lists are fetched first when stale or when `refresh` is set, and once more when
-    /// nothing is routable. With pinned exits the error names them and what was tried.
+    /// nothing is routable. With pinned exits the error names them and what was tried, also
+    /// when no relay answered; otherwise that is a relay error, and no exit a 503.
     pub async fn route(
         &self,
         model: Option<&str>,
@@ -291,20 +327,24 @@ impl Directory {
         refresh: bool,
     ) -> Result<Route, ApiError> {
         let mut refreshed = false;
+        let mut failure = None;
         if refresh || self.stale() {
             refreshed = true;
-            self.refresh().await?;
+            failure = self.refresh().await.err();
         }
         if let Some(route) = self.pick(model, exclude) {
             return Ok(route);
         }
         if !refreshed {
-            self.refresh().await?;
+            failure = self.refresh().await.err();
             if let Some(route) = self.pick(model, exclude) {
                 return Ok(route);
             }
         }
-        Err(self.unavailable(exclude))
+        match failure {
+            Some(error) if self.pinned.is_empty() => Err(error),
+            _ => Err(self.unavailable(exclude)),
+        }
     }
 
     /// The exits requests may go to now: usable, pinned when pinning, reachable through a
@@ -362,13 +402,8 @@ impl Directory {
             (usable, relay)
         };
         let link = self.link_for(&relay)?;
-        let descriptor = usable.descriptor;
         Some(Route {
-            exit: ExitInfo {
-                peer_id: descriptor.peer_id,
-                key_config: *descriptor.key_configs.first()?,
-                models: descriptor.models,
-            },
+            exit: ExitInfo::from_descriptor(usable.descriptor)?,
             link,
         })
     }
@@ -478,14 +513,9 @@ impl Directory {
         self.routable(&state)
             .into_iter()
             .filter_map(|usable| {
-                let d = usable.descriptor;
                 Some(ExitView {
-                    exit: ExitInfo {
-                        peer_id: d.peer_id,
-                        key_config: *d.key_configs.first()?,
-                        models: d.models,
-                    },
                     vouched_by: usable.vouched_by.iter().map(ToString::to_string).collect(),
+                    exit: ExitInfo::from_descriptor(usable.descriptor)?,
                 })
             })
             .collect()

@@ -26,10 +26,6 @@ pub(crate) enum Source {
     /// The exit list of the relay with this identity.
     Relay(PeerId),
     /// An exit record on the DHT (answered by the exit itself).
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "constructed once DHT exit records are looked up")
-    )]
     Dht,
 }
 
@@ -43,7 +39,8 @@ impl std::fmt::Display for Source {
 }
 
 /// What one source says about one exit: its verified descriptor and the relays it can be
-/// reached through (for a relay's list: that relay).
+/// reached through (for a relay's list: that relay; none for the DHT, which names relays but
+/// cannot show that they host the exit).
 #[derive(Debug, Clone)]
 pub(crate) struct Listing {
     /// The descriptor, signature already verified.
@@ -365,21 +362,38 @@ mod tests {
     }
 
     #[test]
-    fn dht_listings_add_relays_and_vouch() {
+    fn the_dht_vouches_but_hosts_nothing() {
         let exit = peer();
+        let dht_only = peer();
         let (a, relay_a) = relay_source();
-        let (_, relay_c) = relay_source();
         let mut set = ExitSet::default();
         set.observe(&a, vec![listing(descriptor(exit, 100, 1), &relay_a)]);
+        let from_dht = |d| Listing {
+            descriptor: d,
+            relays: Vec::new(),
+        };
         set.observe(
             &Source::Dht,
-            vec![Listing {
-                descriptor: descriptor(exit, 150, 1),
-                relays: vec![relay_c.clone(), relay_a.clone()],
-            }],
+            vec![
+                from_dht(descriptor(exit, 150, 1)),
+                from_dht(descriptor(dht_only, 150, 1)),
+            ],
         );
         let usable = set.usable();
-        assert_eq!(usable[0].vouched_by, vec![a, Source::Dht]);
-        assert_eq!(usable[0].relays, vec![relay_a, relay_c]);
+        let corroborated = usable
+            .iter()
+            .find(|u| u.descriptor.peer_id == exit)
+            .unwrap();
+        assert_eq!(corroborated.vouched_by, vec![a.clone(), Source::Dht]);
+        assert!(corroborated.corroborated());
+        assert_eq!(corroborated.relays, vec![relay_a]);
+        let unhosted = usable
+            .iter()
+            .find(|u| u.descriptor.peer_id == dht_only)
+            .unwrap();
+        assert!(unhosted.relays.is_empty());
+        // A relay serving other keys than the DHT's record holds the exit.
+        set.observe(&Source::Dht, vec![from_dht(descriptor(exit, 200, 9))]);
+        assert_eq!(set.held()[0].source, a);
     }
 }

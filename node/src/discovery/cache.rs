@@ -29,10 +29,12 @@ pub struct VerifiedRelay {
     pub exits: usize,
 }
 
-/// Best first: relays hosting an exit before those without, then lower latency. Duplicates
-/// (same PeerId) keep their best entry.
+/// Best first: lower verified latency. Hosting exits earns nothing: otherwise a relay that
+/// registers an exit of its own would be preferred by every discovering client (the exit a
+/// client uses is chosen on its own, not through the relay). Duplicates (same PeerId) keep
+/// their best entry.
 pub fn rank(relays: &mut Vec<VerifiedRelay>) {
-    relays.sort_by_key(|r| (r.exits == 0, r.rtt));
+    relays.sort_by_key(|r| r.rtt);
     let mut seen = std::collections::HashSet::new();
     relays.retain(|r| seen.insert(r.addr.peer_id()));
 }
@@ -140,20 +142,21 @@ mod tests {
     }
 
     #[test]
-    fn ranking_prefers_exits_then_latency_and_drops_duplicates() {
+    fn ranking_is_by_latency_only_and_drops_duplicates() {
         let slow_with_exit = relay(1, 90, 1);
         let fast_without = relay(2, 5, 0);
         let fast_with_exit = relay(3, 10, 2);
         let mut dup = fast_with_exit.clone();
         dup.rtt = Duration::from_millis(50);
         let mut list = vec![
-            fast_without.clone(),
             slow_with_exit.clone(),
             dup,
             fast_with_exit.clone(),
+            fast_without.clone(),
         ];
         rank(&mut list);
-        assert_eq!(list, vec![fast_with_exit, slow_with_exit, fast_without]);
+        // A relay hosting exits (perhaps its own) is not preferred for that.
+        assert_eq!(list, vec![fast_without, fast_with_exit, slow_with_exit]);
     }
 
     #[test]

@@ -1,32 +1,98 @@
-//! The `/tokengo/relay-info/1` request-response codec: reads at most a bounded number of bytes
-//! from the libp2p stream and hands them to the sans-I/O encoding in
-//! `tokengo_proto::relay_info`, which checks versions and sizes.
+//! The request-response codecs of `/tokengo/relay-info/1` and `/tokengo/exit-info/1`: read at
+//! most a bounded number of bytes from the libp2p stream and hand them to the sans-I/O
+//! encodings in `tokengo_proto::{relay_info, exit_info}`, which check versions and sizes.
 
-use std::io;
+use std::{io, marker::PhantomData};
 
 use libp2p::{
     StreamProtocol,
     futures::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     request_response,
 };
-use tokengo_proto::relay_info::{self, RelayInfo};
+use tokengo_proto::{
+    exit_info::{self, SignedExitInfo},
+    relay_info::{self, RelayInfo},
+};
 
 /// Largest request read (it is one version byte).
 const MAX_REQUEST_BYTES: u64 = 16;
 
-/// The codec; the response limit bounds what a hostile provider can make us buffer.
-#[derive(Debug, Clone)]
-pub(super) struct RelayInfoCodec {
-    max_response: usize,
+/// A response message of one of the info protocols, with its request (a version byte).
+pub(super) trait InfoMessage: Sized + Send + 'static {
+    /// Largest response accepted: bounds what a hostile provider can make us buffer.
+    const MAX_RESPONSE: usize;
+    fn encode_request() -> Vec<u8>;
+    fn check_request(bytes: &[u8]) -> Result<(), String>;
+    fn encode(&self) -> Vec<u8>;
+    fn decode(bytes: Vec<u8>) -> Result<Self, String>;
 }
 
-impl Default for RelayInfoCodec {
+impl InfoMessage for RelayInfo {
+    const MAX_RESPONSE: usize = relay_info::MAX_RESPONSE_BYTES;
+
+    fn encode_request() -> Vec<u8> {
+        relay_info::encode_request()
+    }
+
+    fn check_request(bytes: &[u8]) -> Result<(), String> {
+        relay_info::decode_request(bytes).map_err(|e| e.to_string())
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        RelayInfo::encode(self)
+    }
+
+    fn decode(bytes: Vec<u8>) -> Result<Self, String> {
+        RelayInfo::decode(&bytes, Self::MAX_RESPONSE).map_err(|e| e.to_string())
+    }
+}
+
+/// Exit-info answers are only size-checked here: verification needs the clock and the
+/// answering peer, so the seeker does it.
+impl InfoMessage for SignedExitInfo {
+    const MAX_RESPONSE: usize = exit_info::MAX_RESPONSE_BYTES;
+
+    fn encode_request() -> Vec<u8> {
+        exit_info::encode_request()
+    }
+
+    fn check_request(bytes: &[u8]) -> Result<(), String> {
+        exit_info::decode_request(bytes).map_err(|e| e.to_string())
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        self.as_bytes().to_vec()
+    }
+
+    fn decode(bytes: Vec<u8>) -> Result<Self, String> {
+        SignedExitInfo::from_bytes(bytes).map_err(|e| e.to_string())
+    }
+}
+
+/// The codec of one info protocol.
+#[derive(Debug)]
+pub(super) struct InfoCodec<M> {
+    message: PhantomData<fn() -> M>,
+}
+
+impl<M> Default for InfoCodec<M> {
     fn default() -> Self {
         Self {
-            max_response: relay_info::MAX_RESPONSE_BYTES,
+            message: PhantomData,
         }
     }
 }
+
+impl<M> Clone for InfoCodec<M> {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+/// The codec of `/tokengo/relay-info/1`.
+pub(super) type RelayInfoCodec = InfoCodec<RelayInfo>;
+/// The codec of `/tokengo/exit-info/1`.
+pub(super) type ExitInfoCodec = InfoCodec<SignedExitInfo>;
 
 fn invalid(error: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, error.to_string())
@@ -41,33 +107,33 @@ async fn read_bounded<T: AsyncRead + Unpin + Send>(io: &mut T, max: u64) -> io::
     Ok(bytes)
 }
 
-impl request_response::Codec for RelayInfoCodec {
+impl<M: InfoMessage> request_response::Codec for InfoCodec<M> {
     type Protocol = StreamProtocol;
     type Request = ();
-    type Response = RelayInfo;
+    type Response = M;
 
     async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<()>
     where
         T: AsyncRead + Unpin + Send,
     {
         let bytes = read_bounded(io, MAX_REQUEST_BYTES).await?;
-        relay_info::decode_request(&bytes).map_err(invalid)
+        M::check_request(&bytes).map_err(invalid)
     }
 
-    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<RelayInfo>
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<M>
     where
         T: AsyncRead + Unpin + Send,
     {
-        let max = u64::try_from(self.max_response).unwrap_or(u64::MAX);
+        let max = u64::try_from(M::MAX_RESPONSE).unwrap_or(u64::MAX);
         let bytes = read_bounded(io, max).await?;
-        RelayInfo::decode(&bytes, self.max_response).map_err(invalid)
+        M::decode(bytes).map_err(invalid)
     }
 
     async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, (): ()) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
-        io.write_all(&relay_info::encode_request()).await?;
+        io.write_all(&M::encode_request()).await?;
         io.close().await
     }
 
@@ -75,7 +141,7 @@ impl request_response::Codec for RelayInfoCodec {
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        response: RelayInfo,
+        response: M,
     ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,

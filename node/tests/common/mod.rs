@@ -324,6 +324,15 @@ pub async fn start_backend() -> Backend {
         .route("/big", get(big))
         .route("/held", any(move || held(Arc::clone(&held_gate))))
         .fallback(echo);
+    serve_backend(router, gate, Arc::default()).await
+}
+
+/// Serves `router` on a loopback port until the backend is stopped.
+async fn serve_backend(
+    router: Router,
+    gate: Arc<Notify>,
+    requests: Arc<Mutex<Vec<String>>>,
+) -> Backend {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let stop = CancellationToken::new();
@@ -339,7 +348,7 @@ pub async fn start_backend() -> Backend {
         stop,
         task,
         gate,
-        requests: Arc::default(),
+        requests,
     }
 }
 
@@ -356,23 +365,7 @@ pub async fn start_recording_backend(delay: Duration) -> Backend {
             echo(request).await
         }
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let stop = CancellationToken::new();
-    let drain = stop.clone();
-    let task = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move { drain.cancelled().await })
-            .await
-            .unwrap();
-    });
-    Backend {
-        url,
-        stop,
-        task,
-        gate: Arc::new(Notify::new()),
-        requests,
-    }
+    serve_backend(router, Arc::new(Notify::new()), requests).await
 }
 
 impl Backend {

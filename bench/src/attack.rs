@@ -358,6 +358,7 @@ async fn register(
         issued_at: now,
         expires_at: now + 3600,
         max_streams: 8,
+        access_token_required: false,
     };
     let signed = SignedDescriptor::sign(&descriptor, &identity)?;
     let (mut send, recv) = tunnel.open_bi().await?;

@@ -296,6 +296,7 @@ async fn sink_exit(endpoint: &quinn::Endpoint, relay: &RelayAddr) -> anyhow::Res
         issued_at: now,
         expires_at: now + 3600,
         max_streams: 1024,
+        access_token_required: false,
     };
     let signed = SignedDescriptor::sign(&descriptor, &identity).context("signing")?;
     let (mut send, mut recv) = tunnel.open_bi().await?;

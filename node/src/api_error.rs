@@ -73,6 +73,16 @@ pub enum ApiError {
     /// forget one early (which would let it be replayed).
     #[error("the exit is at its limit of recent requests; retry shortly")]
     ReplayWindowFull,
+    /// The exit requires a group access token and the request carried none (`missing`) or
+    /// one it does not accept. Sent encrypted by the exit; the backend was not called.
+    #[error(
+        "this exit requires an access token and {}; give the client your group's token with --exit-token (TOKENGO_EXIT_TOKEN) or --exit PEERID=TOKEN",
+        if *missing { "the request carried none" } else { "refused the one sent" }
+    )]
+    ExitAccessDenied {
+        /// No token was sent at all.
+        missing: bool,
+    },
 }
 
 impl ApiError {
@@ -94,6 +104,7 @@ impl ApiError {
                 StatusCode::BAD_REQUEST
             }
             Self::Forbidden { .. } => StatusCode::FORBIDDEN,
+            Self::ExitAccessDenied { .. } => StatusCode::UNAUTHORIZED,
         }
     }
 
@@ -116,6 +127,8 @@ impl ApiError {
             Self::RequestExpired(_) => "request_expired",
             Self::Replayed => "replayed_request",
             Self::ReplayWindowFull => "replay_window_full",
+            Self::ExitAccessDenied { missing: true } => "exit_token_missing",
+            Self::ExitAccessDenied { missing: false } => "exit_token_invalid",
         }
     }
 
@@ -126,7 +139,8 @@ impl ApiError {
             Self::PayloadTooLarge { .. }
             | Self::BadRequest(_)
             | Self::RequestExpired(_)
-            | Self::Replayed => "invalid_request_error",
+            | Self::Replayed
+            | Self::ExitAccessDenied { .. } => "invalid_request_error",
             Self::Forbidden { .. } => "permission_error",
             _ => "api_error",
         }

@@ -242,16 +242,28 @@ pub struct ClientArgs {
         value_name = "MULTIADDR"
     )]
     pub relays: Vec<String>,
-    /// Exit PeerId requests may go to (repeatable; comma-separated in TOKENGO_EXITS). When
-    /// set, no other exit is ever used, whatever a relay lists. Default: any exit, chosen at
-    /// random among the corroborated ones.
+    /// Exit PeerId requests may go to (repeatable; comma-separated in TOKENGO_EXITS), or
+    /// PEERID=TOKEN for an exit that requires an access token. When set, no other exit is
+    /// ever used, whatever a relay lists. Default: any exit, chosen at random among the
+    /// corroborated ones.
     #[arg(
         long = "exit",
         env = "TOKENGO_EXITS",
         value_delimiter = ',',
-        value_name = "PEERID"
+        value_name = "PEERID[=TOKEN]",
+        hide_env_values = true
     )]
     pub exits: Vec<String>,
+    /// Access token for exits that require one (a group's token), sent inside the encrypted
+    /// request: the relay never sees it. Default: none (exits that require a token are
+    /// skipped).
+    #[arg(
+        long,
+        env = "TOKENGO_EXIT_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub exit_token: Option<String>,
     /// Address of the local HTTP endpoint (default 127.0.0.1:8080).
     #[arg(short = 'l', long, env = "TOKENGO_LISTEN")]
     pub listen: Option<String>,
@@ -300,9 +312,18 @@ pub struct ExitArgs {
     #[command(flatten)]
     pub backend: BackendArgs,
     /// Relay multiaddr to register with, e.g. /ip4/203.0.113.7/udp/4433/quic-v1/p2p/12D3Koo...
-    /// (default: discover relays on the DHT).
+    /// The exit serves only through the relay it is given, unless --public.
     #[arg(short = 'r', long, env = "TOKENGO_RELAY")]
     pub relay: Option<String>,
+    /// Serve the public: without --relay, discover relays on the DHT and register with them,
+    /// so anyone who finds this exit can use it and its backend credentials (default: off,
+    /// the exit is private to the relay given with --relay).
+    #[arg(long, env = "TOKENGO_PUBLIC")]
+    pub public: bool,
+    /// File of group access tokens, one per line: only requests that carry one of them reach
+    /// the backend. Re-read when its contents change (default: none, no token needed).
+    #[arg(long, env = "TOKENGO_ACCESS_TOKEN_FILE", value_name = "FILE")]
+    pub access_token_file: Option<PathBuf>,
     #[command(flatten)]
     pub dht: DhtArgs,
     #[command(flatten)]
@@ -315,7 +336,7 @@ pub struct ExitArgs {
     #[command(flatten)]
     pub request: RequestArgs,
     /// Announce this exit on the DHT, so clients learn it and its relays independently of any
-    /// one relay (default: on when relays are discovered, i.e. without --relay; off with one).
+    /// one relay (default: on for a --public exit, off otherwise; only a public exit may).
     /// `--dht-announce false` turns it off.
     #[arg(
         long,

@@ -20,6 +20,7 @@ pub use directory::{Directory, ExitInfo, ExitView, Route, list_exits};
 pub use relay_link::RelayLink;
 
 use crate::{
+    access::ExitTokens,
     admin::{self, RoleProbe},
     api_error::ApiError,
     config::{ClientConfig, Limits},
@@ -79,6 +80,7 @@ pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> anyhow::R
         config.listen,
         relays,
         config.exits,
+        config.exit_tokens,
         config.limits,
         config.policy,
         dht,
@@ -262,6 +264,7 @@ impl Client {
             listen,
             vec![relay],
             Vec::new(),
+            ExitTokens::default(),
             limits,
             ClientPolicy::default(),
             crate::metrics::DhtMetrics::default(),
@@ -279,15 +282,26 @@ impl Client {
         policy: ClientPolicy,
         dht: crate::metrics::DhtMetrics,
     ) -> anyhow::Result<Self> {
-        Self::bind_pinned(listen, relays, Vec::new(), limits, policy, dht).await
+        Self::bind_pinned(
+            listen,
+            relays,
+            Vec::new(),
+            ExitTokens::default(),
+            limits,
+            policy,
+            dht,
+        )
+        .await
     }
 
     /// Binds the local HTTP listener for `relays`, sending requests only to the `pinned`
-    /// exits when that is not empty (whatever any relay lists).
+    /// exits when that is not empty (whatever any relay lists), with `tokens` for exits that
+    /// require an access token.
     pub async fn bind_pinned(
         listen: SocketAddr,
         relays: Vec<RelayAddr>,
         pinned: Vec<PeerId>,
+        tokens: ExitTokens,
         limits: Limits,
         policy: ClientPolicy,
         dht: crate::metrics::DhtMetrics,
@@ -303,6 +317,7 @@ impl Client {
         let directory = Directory::new(
             &relays,
             pinned,
+            tokens,
             transport_params(&limits),
             metrics.descriptors_refused.clone(),
         )

@@ -3,6 +3,7 @@
 //! runs with. Every error names the field that is wrong and what would be right.
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
     num::NonZeroUsize,
     path::PathBuf,
@@ -16,6 +17,7 @@ use serde::Deserialize;
 use libp2p::{Multiaddr, StreamProtocol};
 
 use crate::{
+    access::{AccessToken, ExitTokens},
     cli::{
         BackendArgs, BootstrapArgs, ClientArgs, CommonArgs, DhtArgs, ExitArgs, ExitGateArgs,
         FallbackArgs, LocalEndpointArgs, RelayArgs, RequestArgs, ServeArgs,
@@ -92,9 +94,15 @@ struct FileConfig {
     listen: Option<String>,
     /// One relay, or (client only) a list of them.
     relay: Option<OneOrMany>,
-    /// Exit PeerIds a client is pinned to.
+    /// Exit PeerIds a client is pinned to (`PEERID` or `PEERID=TOKEN`).
     #[serde(default)]
     exits: Vec<String>,
+    /// A client's access token for exits that require one.
+    exit_token: Option<String>,
+    /// Whether an exit serves the public (DHT discovery of relays).
+    public: Option<bool>,
+    /// An exit's file of access tokens.
+    access_token_file: Option<PathBuf>,
     backend: Option<String>,
     api_key: Option<String>,
     #[serde(default)]
@@ -577,6 +585,20 @@ impl BackendConfig {
     }
 }
 
+impl BackendConfig {
+    /// Whether the exit sends the backend anything that looks like a credential: an API key,
+    /// or a header whose name says authorization, key, token, secret or cookie.
+    #[must_use]
+    pub fn holds_credentials(&self) -> bool {
+        self.headers.0.keys().any(|name| {
+            let name = name.as_str();
+            ["auth", "key", "token", "secret", "cookie", "session"]
+                .iter()
+                .any(|word| name.contains(word))
+        })
+    }
+}
+
 fn parse_backend_url(raw: &str) -> Result<reqwest::Url, ConfigError> {
     let url = reqwest::Url::parse(raw.trim()).map_err(|e| {
         invalid(
@@ -652,11 +674,20 @@ fn client_relays(args: &[String], file: &FileConfig) -> Result<Vec<RelayAddr>, C
         .collect()
 }
 
-/// A client's pinned exits: flags (or `TOKENGO_EXITS`) win over the file's `exits`.
-fn pinned_exits(args: &[String], file: &FileConfig) -> Result<Vec<PeerId>, ConfigError> {
+/// A client's pinned exits and their access tokens: flags (or `TOKENGO_EXITS`) win over the
+/// file's `exits`; each is `PEERID` or `PEERID=TOKEN`.
+fn pinned_exits(
+    args: &[String],
+    file: &FileConfig,
+) -> Result<(Vec<PeerId>, HashMap<PeerId, AccessToken>), ConfigError> {
     let raw = if args.is_empty() { &file.exits } else { args };
     let mut exits: Vec<PeerId> = Vec::with_capacity(raw.len());
-    for text in raw {
+    let mut tokens = HashMap::new();
+    for entry in raw {
+        let (text, token) = match entry.split_once('=') {
+            Some((peer, token)) => (peer, Some(token)),
+            None => (entry.as_str(), None),
+        };
         let peer = text.trim().parse().map_err(|_| {
             invalid(
                 "exits",
@@ -665,11 +696,16 @@ fn pinned_exits(args: &[String], file: &FileConfig) -> Result<Vec<PeerId>, Confi
                 ),
             )
         })?;
+        if let Some(token) = token {
+            let token = AccessToken::parse(token)
+                .map_err(|e| invalid("exits", format!("the token of {peer}: {e}")))?;
+            tokens.insert(peer, token);
+        }
         if !exits.contains(&peer) {
             exits.push(peer);
         }
     }
-    Ok(exits)
+    Ok((exits, tokens))
 }
 
 /// Relays to fall back on when discovery finds none: flags win over the file.
@@ -1111,16 +1147,24 @@ impl BootstrapConfig {
 /// Checked configuration of `tokengo exit`.
 #[derive(Debug, Clone)]
 pub struct ExitConfig {
-    /// The relay to register with; `None` (the default) discovers relays on the DHT.
+    /// The relay to register with; `None` discovers relays on the DHT, which only a public
+    /// exit does.
     pub relay: Option<RelayAddr>,
+    /// Whether the exit serves the public: it may discover relays on the DHT, and anyone who
+    /// finds it may use it. Default false: the exit serves only through the relay it was
+    /// given, and one with neither is refused at start.
+    pub public: bool,
+    /// File of group access tokens requests must carry. Default none: no token needed.
+    pub access_token_file: Option<PathBuf>,
     /// The DHT to discover relays on when no relay is given.
     pub dht: DhtConfig,
     /// Most discovered relays to register with. Default 3.
     pub max_relays: usize,
     /// Relays registered with when the DHT and the cache yield none. Default none.
     pub fallback_relays: Vec<RelayAddr>,
-    /// DHT announcement of the exit (on `dht`). Default: on when relays are discovered (no
-    /// `relay`), off with a configured relay; `dht_announce` decides either way.
+    /// DHT announcement of the exit (on `dht`). Default: on for a public exit, off otherwise;
+    /// `dht_announce` may turn it off, and on only for a public exit (announcing lets anyone
+    /// find it).
     pub announce: Option<ExitAnnounceConfig>,
     /// The AI backend.
     pub backend: BackendConfig,
@@ -1151,10 +1195,21 @@ impl ExitConfig {
                 .map(|r| r.into_one("relay"))
                 .transpose()?,
         })?;
-        let announce = args
-            .dht_announce
-            .or(file.dht_announce)
-            .unwrap_or(relay.is_none());
+        let public = args.public || file.public.unwrap_or(false);
+        if relay.is_none() && !public {
+            return Err(ConfigError::Missing {
+                field: "relay",
+                hint: "an exit is private by default and serves only through the relay it is given: pass --relay MULTIADDR (TOKENGO_RELAY, YAML relay:), or --public (TOKENGO_PUBLIC=true, YAML public: true) to discover relays on the DHT and serve anyone who finds this exit",
+            });
+        }
+        // Announcing lets anyone find the exit: only a public exit does, and by default.
+        let announce = args.dht_announce.or(file.dht_announce).unwrap_or(public);
+        if announce && !public {
+            return Err(invalid(
+                "dht_announce",
+                "announcing on the DHT lets anyone find and use this exit: add --public (TOKENGO_PUBLIC=true, YAML public: true), or leave announcing off",
+            ));
+        }
         let announce = if announce {
             let external = if args.external_addrs.is_empty() {
                 &file.external_addrs
@@ -1170,6 +1225,10 @@ impl ExitConfig {
         };
         Ok(Self {
             relay,
+            public,
+            access_token_file: args
+                .access_token_file
+                .or_else(|| file.access_token_file.clone()),
             dht: dht_config(&args.dht, &file)?,
             fallback_relays: fallback_relays(&args.fallback, &file)?,
             announce,
@@ -1205,6 +1264,9 @@ pub struct ClientConfig {
     /// The only exits requests may go to. Default none: any exit, chosen at random among the
     /// corroborated ones.
     pub exits: Vec<PeerId>,
+    /// Access tokens for exits that require one. Default none: such exits are skipped
+    /// (a pinned one answers 401).
+    pub exit_tokens: ExitTokens,
     /// The DHT to discover relays on when no relay is given.
     pub dht: DhtConfig,
     /// Relays used when the DHT and the cache yield none. Default none.
@@ -1229,9 +1291,16 @@ impl ClientConfig {
     pub fn resolve(args: ClientArgs) -> Result<Self, ConfigError> {
         let file = FileConfig::load(args.common.config.as_ref())?;
         let listen = args.listen.or_else(|| file.listen.clone());
+        let (exits, per_exit) = pinned_exits(&args.exits, &file)?;
+        let default = args
+            .exit_token
+            .or_else(|| file.exit_token.clone())
+            .map(|t| AccessToken::parse(&t).map_err(|e| invalid("exit_token", e.to_string())))
+            .transpose()?;
         Ok(Self {
             relays: client_relays(&args.relays, &file)?,
-            exits: pinned_exits(&args.exits, &file)?,
+            exits,
+            exit_tokens: ExitTokens { default, per_exit },
             dht: dht_config(&args.dht, &file)?,
             fallback_relays: fallback_relays(&args.fallback, &file)?,
             data_dir: data_dir(&args.common, &file)?,
@@ -1360,7 +1429,7 @@ mod tests {
         .unwrap();
         assert_eq!(client.worker_threads, WorkerThreads::per_core());
 
-        let file = file_with("worker_threads: 3\n");
+        let file = file_with("worker_threads: 3\npublic: true\n");
         let exit = ExitConfig::resolve(ExitArgs {
             common: common(file.path(), dir.path()),
             ..ExitArgs::default()
@@ -1548,11 +1617,46 @@ mod tests {
     }
 
     #[test]
-    fn exit_without_a_relay_discovers_on_the_public_dht() {
+    fn exit_without_a_relay_is_refused_unless_public() {
         let dir = tempfile::tempdir().unwrap();
         let file = file_with("");
         let args = ExitArgs {
             common: common(file.path(), dir.path()),
+            ..ExitArgs::default()
+        };
+        let error = ExitConfig::resolve(args).unwrap_err().to_string();
+        assert!(
+            error.contains("--relay") && error.contains("--public"),
+            "{error}"
+        );
+        let relay = format!(
+            "/ip4/127.0.0.1/udp/4433/quic-v1/p2p/{}",
+            libp2p_identity::Keypair::generate_ed25519()
+                .public()
+                .to_peer_id()
+        );
+        let given = ExitConfig::resolve(ExitArgs {
+            common: common(file.path(), dir.path()),
+            relay: Some(relay),
+            ..ExitArgs::default()
+        })
+        .unwrap();
+        assert!(!given.public, "private by default");
+        assert!(given.access_token_file.is_none());
+        let public = file_with("public: true\naccess_token_file: /run/tokens\n");
+        let config = ExitConfig::resolve(ExitArgs {
+            common: common(public.path(), dir.path()),
+            ..ExitArgs::default()
+        })
+        .unwrap();
+        assert!(config.public);
+        assert_eq!(
+            config.access_token_file.as_deref(),
+            Some(std::path::Path::new("/run/tokens"))
+        );
+        let args = ExitArgs {
+            common: common(file.path(), dir.path()),
+            public: true,
             ..ExitArgs::default()
         };
         let config = ExitConfig::resolve(args).unwrap();
@@ -1564,7 +1668,7 @@ mod tests {
     }
 
     #[test]
-    fn exits_announce_when_they_discover_relays_or_are_told_to() {
+    fn only_public_exits_announce_by_default_or_when_told_to() {
         let dir = tempfile::tempdir().unwrap();
         let relay = format!(
             "/ip4/127.0.0.1/udp/4433/quic-v1/p2p/{}",
@@ -1576,6 +1680,7 @@ mod tests {
             let file = file_with(yaml);
             let args = ExitArgs {
                 common: common(file.path(), dir.path()),
+                public: !yaml.contains("private"),
                 dht_announce: flag,
                 external_addrs: external.iter().map(ToString::to_string).collect(),
                 ..ExitArgs::default()
@@ -1586,7 +1691,17 @@ mod tests {
         assert_eq!(discovering.listen, "0.0.0.0:4001".parse().unwrap());
         assert!(discovering.external_ips.is_empty());
         let pinned_relay = format!("relay: {relay}\n");
-        assert!(resolve(&pinned_relay, None, &[]).unwrap().is_none());
+        assert!(
+            resolve(&pinned_relay, None, &[]).unwrap().is_some(),
+            "public"
+        );
+        let private = format!("{pinned_relay}# private\n");
+        assert!(resolve(&private, None, &[]).unwrap().is_none());
+        let error = resolve(&private, Some(true), &[]).unwrap_err().to_string();
+        assert!(
+            error.contains("dht_announce") && error.contains("--public"),
+            "{error}"
+        );
         let told = resolve(
             &format!("{pinned_relay}dht_announce: true\ndht_listen: 127.0.0.1:4102\n"),
             None,
@@ -1658,6 +1773,7 @@ mod tests {
             let file = file_with(yaml);
             let args = ExitArgs {
                 common: common(file.path(), dir.path()),
+                public: true,
                 ..ExitArgs::default()
             };
             let relay_args = RelayArgs {
@@ -1728,6 +1844,54 @@ mod tests {
         .unwrap_err();
         assert!(bad.to_string().contains("exits"), "{bad}");
         assert!(bad.to_string().contains("tokengoexit"), "{bad}");
+    }
+
+    #[test]
+    fn client_exit_tokens_per_pinned_exit_and_for_any() {
+        let dir = tempfile::tempdir().unwrap();
+        let peer = |n: u8| {
+            libp2p_identity::Keypair::ed25519_from_bytes([n; 32])
+                .unwrap()
+                .public()
+                .to_peer_id()
+        };
+        let file = file_with(&format!(
+            "relay: /ip4/127.0.0.1/udp/4401/quic-v1/p2p/{}\nexits: ['{}=pinned-token-0123456789', '{}']\nexit_token: default-token-0123456789\n",
+            peer(1),
+            peer(2),
+            peer(3)
+        ));
+        let config = ClientConfig::resolve(ClientArgs {
+            common: common(file.path(), dir.path()),
+            ..ClientArgs::default()
+        })
+        .unwrap();
+        assert_eq!(config.exits, vec![peer(2), peer(3)]);
+        let token = |n| {
+            config
+                .exit_tokens
+                .for_exit(&peer(n))
+                .map(|t| t.as_bytes().to_vec())
+        };
+        assert_eq!(token(2).unwrap(), b"pinned-token-0123456789");
+        assert_eq!(token(3).unwrap(), b"default-token-0123456789");
+        assert!(!format!("{config:?}").contains("token-0123456789"));
+        let bad = ClientConfig::resolve(ClientArgs {
+            common: common(file.path(), dir.path()),
+            exits: vec![format!("{}=short", peer(4))],
+            ..ClientArgs::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(bad.contains("exits") && !bad.contains("short,"), "{bad}");
+        let bad = ClientConfig::resolve(ClientArgs {
+            common: common(file.path(), dir.path()),
+            exit_token: Some("tiny".into()),
+            ..ClientArgs::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(bad.contains("exit_token"), "{bad}");
     }
 
     #[test]
@@ -1820,5 +1984,20 @@ mod tests {
         assert!(auth.is_sensitive());
         assert_eq!(config.backend.headers.0.get("x-org").unwrap(), "acme");
         assert!(!format!("{config:?}").contains("sk-secret"));
+        assert!(config.backend.holds_credentials());
+        let file = file_with("headers: ['X-Org: acme']\n");
+        let plain = ServeConfig::resolve(ServeArgs {
+            common: common(file.path(), dir.path()),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert!(!plain.backend.holds_credentials());
+        let file = file_with("headers: ['X-Api-Key: k', 'X-Org: acme']\n");
+        let keyed = ServeConfig::resolve(ServeArgs {
+            common: common(file.path(), dir.path()),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert!(keyed.backend.holds_credentials());
     }
 }

@@ -2,6 +2,7 @@
 //! descriptor of its OHTTP keys, and serves the request streams the relay opens on that tunnel.
 //! Reconnects with capped exponential backoff when the relay goes away.
 
+pub mod access;
 mod backend;
 mod endpoint;
 mod gateway;
@@ -44,10 +45,26 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How long shutdown waits for requests in flight.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
-/// Runs `tokengo exit` until shutdown. Without a configured relay, relays are discovered on
-/// the DHT and the exit registers with up to `max_relays` of them, one tunnel each.
+/// Runs `tokengo exit` until shutdown. Without a configured relay (a public exit only),
+/// relays are discovered on the DHT and the exit registers with up to `max_relays` of them,
+/// one tunnel each.
 pub async fn run(config: ExitConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let exit = Exit::load(&config.data_dir, &config.backend, config.limits.clone())?;
+    let mut exit = Exit::load(&config.data_dir, &config.backend, config.limits.clone())?;
+    exit.set_public(config.public);
+    if let Some(path) = &config.access_token_file {
+        let tokens = access::load_tokens(path)?;
+        tracing::info!(
+            tokens = tokens.len(),
+            "requests must carry one of the access tokens in {}",
+            path.display()
+        );
+        exit.gateway.access().require(tokens);
+        let (gateway, path, stop) = (Arc::clone(&exit.gateway), path.clone(), shutdown.clone());
+        tokio::spawn(async move { gateway.access().watch(path, stop).await });
+    }
+    if config.public {
+        warn_if_public_credentials(&config);
+    }
     // The admin endpoint answers from the start (not ready while discovery runs), so a
     // liveness probe does not kill an exit that is still looking for relays.
     let (registered, _) = watch::channel(false);
@@ -86,6 +103,23 @@ pub async fn run(config: ExitConfig, shutdown: CancellationToken) -> anyhow::Res
     }
     admin.stopped().await;
     result
+}
+
+/// Tells the operator of a public exit that holds backend credentials that anyone can spend
+/// them (unless an access token limits who can).
+fn warn_if_public_credentials(config: &ExitConfig) {
+    if !config.backend.holds_credentials() {
+        return;
+    }
+    if config.access_token_file.is_some() {
+        tracing::info!(
+            "public exit: only holders of an access token can use its backend credentials"
+        );
+    } else {
+        tracing::warn!(
+            "this exit is PUBLIC and holds backend credentials (--api-key or an Authorization-like --header): ANYONE who finds it can use them, anonymously, at your cost. Limit it to your group with --access-token-file, or drop --public and give it --relay"
+        );
+    }
 }
 
 /// Starts announcing the exit on the DHT when configured; it publishes once registered.
@@ -155,6 +189,7 @@ pub type RegisteredHook = Arc<dyn Fn(&RelayAddr) + Send + Sync>;
 #[derive(Debug, Clone)]
 pub struct ExitProbe {
     peer_id: libp2p_identity::PeerId,
+    public: bool,
     relay: watch::Receiver<String>,
     dht: watch::Receiver<Option<crate::status::DhtStatus>>,
     registered: watch::Receiver<bool>,
@@ -200,6 +235,8 @@ impl ExitProbe {
         let expiry = self.metrics.descriptor_expiry.get();
         crate::status::ExitStatus {
             peer_id: self.peer_id.to_string(),
+            public: self.public,
+            access_token_required: self.gateway.access().required(),
             relay: self.relay.borrow().clone(),
             registered: *self.registered.borrow(),
             backend_up: self.metrics.backend_up.get() == 1,
@@ -227,6 +264,8 @@ pub struct Exit {
     /// The relays it registers with, for `/status` (set once discovery has chosen them, so
     /// the admin endpoint can answer while discovery runs).
     relays_label: watch::Sender<String>,
+    /// Whether its operator opened it to the public (`--public`), for `/status`.
+    public: bool,
     /// The descriptor registered with every relay (one for all, so every source of it shows
     /// the same bytes), and what the DHT announcement answers.
     current: watch::Sender<Option<SignedDescriptor>>,
@@ -274,6 +313,7 @@ impl Exit {
             limits,
             metrics,
             relays_label: watch::Sender::new(String::new()),
+            public: false,
             current: watch::Sender::new(None),
             registered_relays: watch::Sender::new(Vec::new()),
             dht: Arc::new(watch::Sender::new(None)),
@@ -325,12 +365,24 @@ impl Exit {
     pub fn probe_all(&self, registered: watch::Receiver<bool>) -> ExitProbe {
         ExitProbe {
             peer_id: self.peer_id(),
+            public: self.public,
             relay: self.relays_label.subscribe(),
             dht: self.dht.subscribe(),
             registered,
             gateway: Arc::clone(&self.gateway),
             metrics: Arc::clone(&self.metrics),
         }
+    }
+
+    /// Marks the exit as serving the public (what `/status` reports; set before probing).
+    pub fn set_public(&mut self, public: bool) {
+        self.public = public;
+    }
+
+    /// Who may use the exit: require access tokens through it before running.
+    #[must_use]
+    pub fn access(&self) -> &access::Access {
+        self.gateway.access()
     }
 
     /// The exit's PeerId (its id at the relay).
@@ -543,6 +595,7 @@ impl Exit {
             issued_at: now,
             expires_at: now + DESCRIPTOR_LIFETIME.as_secs(),
             max_streams: MAX_TUNNEL_STREAMS,
+            access_token_required: self.gateway.access().required(),
         };
         let expires_at = descriptor.expires_at;
         let signed = SignedDescriptor::sign(&descriptor, &self.identity)

@@ -4,6 +4,7 @@
 //! through a relay that only ever sees ciphertext. The wire formats live in `tokengo-proto`;
 //! this crate holds the async shells that drive them over QUIC and HTTP.
 
+pub mod access;
 pub mod admin;
 pub mod api_error;
 pub mod bootstrap;

@@ -115,6 +115,7 @@ const EXIT_ERRORS: &[ErrorClass] = &[
     ErrorClass::BadRequest,
     ErrorClass::Forbidden,
     ErrorClass::Overloaded,
+    ErrorClass::AccessDenied,
 ];
 
 const CLIENT_ERRORS: &[ErrorClass] = &[

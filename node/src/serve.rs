@@ -39,6 +39,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         config.listen,
         vec![relay_addr.clone()],
         vec![exit.peer_id()],
+        crate::access::ExitTokens::default(),
         config.limits.clone(),
         config.policy.clone(),
         crate::metrics::DhtMetrics::default(),

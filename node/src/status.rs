@@ -95,6 +95,12 @@ pub struct DhtStatus {
 pub struct ExitStatus {
     /// The exit's PeerId.
     pub peer_id: String,
+    /// Whether its operator opened it to the public (`--public`).
+    #[serde(default)]
+    pub public: bool,
+    /// Whether requests must carry an access token.
+    #[serde(default)]
+    pub access_token_required: bool,
     /// The relay it registers with.
     pub relay: String,
     /// Whether it is registered now.
@@ -346,6 +352,20 @@ pub fn summary(report: &StatusReport) -> String {
         let _ = writeln!(out, "exit    {}", exit.peer_id);
         let _ = writeln!(
             out,
+            "        {}; {}",
+            if exit.public {
+                "PUBLIC: anyone who finds it can use it"
+            } else {
+                "private: serves only through the relay it was given"
+            },
+            if exit.access_token_required {
+                "access token required"
+            } else {
+                "no access token required"
+            }
+        );
+        let _ = writeln!(
+            out,
             "        relay {} ({}), backend {}",
             exit.relay,
             if exit.registered {
@@ -552,6 +572,8 @@ mod tests {
             }),
             exit: Some(ExitStatus {
                 peer_id: "12D3KooExit".into(),
+                public: false,
+                access_token_required: true,
                 relay: "/ip4/127.0.0.1/udp/1/quic-v1/p2p/12D3KooRelay".into(),
                 registered: true,
                 backend_up: false,
@@ -604,6 +626,7 @@ mod tests {
             "1 exits registered",
             "12D3KooExit",
             "backend DOWN",
+            "private: serves only through the relay it was given; access token required",
             "keys 1 (current, created 1h00m ago)",
             "descriptor expires in 2h00m",
             "p50 1.25 ms p90 4.00 ms p99 31 ms (n=5)",

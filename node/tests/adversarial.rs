@@ -380,6 +380,7 @@ async fn forged_registrations_are_refused_not_evictions() {
         issued_at: now(),
         expires_at: now() + 3600,
         max_streams: 8,
+        access_token_required: false,
     };
     let own = SignedDescriptor::sign(&forged, &attacker).unwrap();
     // Replace the peer id inside the signed body: breaks the signature.

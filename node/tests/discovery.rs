@@ -206,7 +206,8 @@ async fn wait_state(relay: &mut AnnouncedRelay, state: DhtState) {
     );
 }
 
-/// An exit that discovers its relays, registered with all of them.
+/// An exit that discovers its relays, registered with all of them: what `tokengo exit --public`
+/// does without `--relay` (a private exit refuses to start without one; see `exit_access.rs`).
 async fn start_exit(
     net: &Net,
     backend_url: &str,
@@ -651,6 +652,7 @@ fn fake_descriptor(key: &Keypair, issued_at: u64, expires_at: u64) -> Vec<u8> {
         issued_at,
         expires_at,
         max_streams: 4,
+        access_token_required: false,
     };
     tokengo_proto::descriptor::SignedDescriptor::sign(&desc, key)
         .unwrap()
@@ -806,7 +808,7 @@ async fn discovery_finds_exits_on_the_dht_and_uses_a_relay_that_hosts_them() {
     for bootstrap in &net.config().bootstrap {
         args.extend(["--bootstrap".to_owned(), bootstrap.to_string()]);
     }
-    let client = common::start_client_process(&args).await;
+    let client = common::start_client_process(&[], &args).await;
     let (admin, url) = (&client.admin, &client.url);
 
     // The exit found on the DHT is listed by the relay it named: two sources vouch for it.

@@ -111,6 +111,7 @@ impl RawExit {
             issued_at: now,
             expires_at: now + 3600,
             max_streams,
+            access_token_required: false,
         };
         let signed = SignedDescriptor::sign(&descriptor, &identity).unwrap();
         let (mut send, recv) = tunnel.open_bi().await.unwrap();

@@ -41,61 +41,13 @@ fn params() -> TransportParams {
     }
 }
 
+/// A `tokengo client` process on `relays`, pinned to `pinned` when not empty.
 async fn start_client(relays: &[&RelayAddr], pinned: &[PeerId]) -> ClientProcess {
-    let mut args = Vec::new();
-    for relay in relays {
-        args.extend(["--relay".to_owned(), relay.to_string()]);
-    }
-    for exit in pinned {
-        args.extend(["--exit".to_owned(), exit.to_string()]);
-    }
-    common::start_client_process(&args).await
-}
-
-/// What the tests ask a client process.
-trait Ask {
-    async fn chat(&self) -> (u16, serde_json::Value);
-    async fn refreshed_status(&self) -> tokengo::status::StatusReport;
-    async fn metrics(&self) -> String;
-}
-
-impl Ask for ClientProcess {
-    async fn chat(&self) -> (u16, serde_json::Value) {
-        let response = reqwest::Client::new()
-            .post(format!("{}{CHAT}", self.url))
-            .json(&serde_json::json!({
-                "model": "test",
-                "messages": [{"role": "user", "content": "who am I talking to?"}],
-            }))
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap())
-    }
-
-    /// Makes the client fetch its relays' exit lists now (readiness does) and returns its
-    /// `/status`.
-    async fn refreshed_status(&self) -> tokengo::status::StatusReport {
-        reqwest::get(format!("{}/readyz", self.admin))
-            .await
-            .unwrap();
-        reqwest::get(format!("{}/status", self.admin))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    }
-
-    async fn metrics(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.admin))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    }
+    let args: Vec<String> = pinned
+        .iter()
+        .flat_map(|exit| ["--exit".to_owned(), exit.to_string()])
+        .collect();
+    common::start_client_process(relays, &args).await
 }
 
 /// An exit with a backend of its own that records what reaches it.
@@ -178,7 +130,7 @@ async fn pinned_client_never_uses_a_rogue_exit_and_names_the_pinned_exit_when_it
     let client = start_client(&[&relay.addr], &[honest.exit.peer_id]).await;
 
     for _ in 0..30 {
-        let (status, body) = client.chat().await;
+        let (status, body) = client.chat(false).await;
         assert_eq!(status, 200, "{body}");
     }
     println!(
@@ -211,7 +163,7 @@ async fn pinned_client_never_uses_a_rogue_exit_and_names_the_pinned_exit_when_it
     // The pinned exit goes away: the user is told, by name, and nothing reaches the rogue.
     honest.exit.stop.cancel();
     wait_registered(&relay.registry, honest.exit.peer_id, false).await;
-    let (status, body) = client.chat().await;
+    let (status, body) = client.chat(false).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "pinned_exit_unavailable", "{body}");
     let message = body["error"]["message"].as_str().unwrap();
@@ -234,7 +186,7 @@ async fn pinned_client_never_uses_a_rogue_exit_and_names_the_pinned_exit_when_it
     // No relay answers either: still the 503 that names the pinned exit, with the relay's error.
     relay.stop.cancel();
     relay.task.await.unwrap();
-    let (status, body) = client.chat().await;
+    let (status, body) = client.chat(false).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "pinned_exit_unavailable", "{body}");
     let message = body["error"]["message"].as_str().unwrap();
@@ -253,7 +205,7 @@ async fn a_relay_that_does_not_list_the_pinned_exit_is_skipped() {
     let pinned = recorded_exit(&[&hosting.addr], Duration::ZERO).await;
     let client = start_client(&[&empty.addr, &hosting.addr], &[pinned.exit.peer_id]).await;
     for _ in 0..10 {
-        let (status, body) = client.chat().await;
+        let (status, body) = client.chat(false).await;
         assert_eq!(status, 200, "{body}");
     }
     assert_eq!(pinned.backend.hits(CHAT), 10);
@@ -281,7 +233,7 @@ async fn unpinned_an_exit_only_one_relay_lists_is_not_used_while_corroborated_on
         .unwrap();
     assert_eq!(listed.vouched_by.len(), 2, "{listed:?}");
     for _ in 0..30 {
-        let (status, body) = client.chat().await;
+        let (status, body) = client.chat(false).await;
         assert_eq!(status, 200, "{body}");
     }
     println!(
@@ -308,7 +260,7 @@ async fn unpinned_a_fast_newcomer_gets_a_fair_share_not_all() {
     }
     let client = start_client(&[&relay.addr], &[]).await;
     for _ in 0..30 {
-        assert_eq!(client.chat().await.0, 200);
+        assert_eq!(client.chat(false).await.0, 200);
     }
     let newcomer = recorded_exit(&[&relay.addr], Duration::ZERO).await;
     let status = client.refreshed_status().await.client.unwrap();
@@ -316,7 +268,7 @@ async fn unpinned_a_fast_newcomer_gets_a_fair_share_not_all() {
     let before: Vec<usize> = honest.iter().map(|e| e.backend.hits(CHAT)).collect();
     let total = 200;
     for _ in 0..total {
-        assert_eq!(client.chat().await.0, 200);
+        assert_eq!(client.chat(false).await.0, 200);
     }
     let newcomer_hits = newcomer.backend.hits(CHAT);
     let honest_hits: Vec<usize> = honest
@@ -458,7 +410,7 @@ async fn a_stale_or_different_descriptor_from_another_relay_is_refused() {
         // Unpinned: the target exit is held; the bystander takes every request.
         let client = start_client(&[&relay.addr, &lying.addr], &[]).await;
         for _ in 0..10 {
-            let (status, body) = client.chat().await;
+            let (status, body) = client.chat(false).await;
             assert_eq!(status, 200, "{case}: {body}");
         }
         assert_eq!(target.backend.hits(CHAT), target_before, "{case}");
@@ -488,7 +440,7 @@ async fn a_stale_or_different_descriptor_from_another_relay_is_refused() {
 
         // Pinned to the held exit: refused with a reason, never sent with either key.
         let pinned = start_client(&[&relay.addr, &lying.addr], &[target.exit.peer_id]).await;
-        let (status, body) = pinned.chat().await;
+        let (status, body) = pinned.chat(false).await;
         assert_eq!(status, 503, "{case}: {body}");
         let message = body["error"]["message"].as_str().unwrap();
         assert!(message.contains("held"), "{case}: {message}");

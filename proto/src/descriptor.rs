@@ -12,6 +12,11 @@
 //! }
 //! ```
 //!
+//! The body's `access_token_required` is optional: written (as `true`) only by an exit that
+//! requires a group access token, absent otherwise, so descriptors of exits without tokens are
+//! byte for byte what older exits sign and older clients read. An older client refuses a body
+//! with the field (unknown fields are refused), which is what it should do: it has no token.
+//!
 //! Verification accepts exactly one encoding of a descriptor (minimal length prefixes, the
 //! canonical key encoding, no trailing bytes), so equal descriptors have equal bytes.
 
@@ -90,6 +95,9 @@ pub struct Descriptor {
     pub expires_at: u64,
     /// Concurrent streams the exit accepts: a capacity hint.
     pub max_streams: u32,
+    /// Requests must carry a group access token (inside the encrypted request); a client
+    /// without one skips this exit.
+    pub access_token_required: bool,
 }
 
 /// The JSON body, in the field order of the specification.
@@ -104,6 +112,9 @@ struct Body {
     issued_at: u64,
     expires_at: u64,
     max_streams: u32,
+    /// Present (and `true`) only when a token is required: one encoding per descriptor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    access_token_required: Option<bool>,
 }
 
 /// Just the body's version, read before the body is held to that version's format.
@@ -147,6 +158,7 @@ impl SignedDescriptor {
             issued_at: desc.issued_at,
             expires_at: desc.expires_at,
             max_streams: desc.max_streams,
+            access_token_required: desc.access_token_required.then_some(true),
         };
         let body = serde_json::to_vec(&body).map_err(|_| DescriptorError::Malformed("body"))?;
         let signature = key
@@ -202,6 +214,11 @@ impl SignedDescriptor {
         if peer_id != public.to_peer_id() {
             return Err(DescriptorError::PeerIdMismatch);
         }
+        if body.access_token_required == Some(false) {
+            return Err(DescriptorError::Malformed(
+                "access_token_required is written only when true",
+            ));
+        }
         let key_configs = hex::decode(&body.key_configs)
             .map_err(|_| DescriptorError::Malformed("key_configs is not hex"))?;
         let desc = Descriptor {
@@ -211,6 +228,7 @@ impl SignedDescriptor {
             issued_at: body.issued_at,
             expires_at: body.expires_at,
             max_streams: body.max_streams,
+            access_token_required: body.access_token_required == Some(true),
         };
         check_contents(&desc)?;
         check_time(&desc, now_unix)?;
@@ -350,6 +368,7 @@ mod tests {
             issued_at: NOW - 60,
             expires_at: NOW + 3600,
             max_streams: 64,
+            access_token_required: false,
         }
     }
 
@@ -567,6 +586,43 @@ mod tests {
         let bad_id = body_json(&id, "").replace(&id.to_base58(), "not-a-peer-id");
         assert_eq!(verify(&bad_id), Err(DescriptorError::Malformed("peer_id")));
         assert!(verify(&body_json(&id, "")).is_ok());
+    }
+
+    #[test]
+    fn access_token_required_is_optional_and_canonical() {
+        let key = keypair(1);
+        let pk = key.public().encode_protobuf();
+        let id = key.public().to_peer_id();
+        // A body without the field (every exit before it existed) means no token.
+        let old = SignedDescriptor::verify(&sign_raw(&key, &pk, &body_json(&id, "")), NOW);
+        assert!(!old.unwrap().access_token_required);
+        let required = body_json(&id, r#","access_token_required":true"#);
+        assert!(
+            SignedDescriptor::verify(&sign_raw(&key, &pk, &required), NOW)
+                .unwrap()
+                .access_token_required
+        );
+        // `false` is written by omission only: one encoding per descriptor.
+        let explicit = body_json(&id, r#","access_token_required":false"#);
+        assert_eq!(
+            SignedDescriptor::verify(&sign_raw(&key, &pk, &explicit), NOW),
+            Err(DescriptorError::Malformed(
+                "access_token_required is written only when true"
+            ))
+        );
+        // Signing writes the field only when a token is required, and it round-trips.
+        let open = SignedDescriptor::sign(&descriptor(&key), &key).unwrap();
+        let body = Wire::parse(open.as_bytes()).unwrap().body.to_vec();
+        assert!(!String::from_utf8(body).unwrap().contains("access_token"));
+        let gated = Descriptor {
+            access_token_required: true,
+            ..descriptor(&key)
+        };
+        let signed = SignedDescriptor::sign(&gated, &key).unwrap();
+        assert_eq!(
+            SignedDescriptor::verify(signed.as_bytes(), NOW).unwrap(),
+            gated
+        );
     }
 
     #[test]

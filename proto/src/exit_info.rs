@@ -333,6 +333,7 @@ mod tests {
             issued_at,
             expires_at,
             max_streams: 64,
+            access_token_required: false,
         };
         SignedDescriptor::sign(&desc, key)
             .unwrap()

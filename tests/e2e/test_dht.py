@@ -1,7 +1,8 @@
 """Relay discovery with the real binaries on a private DHT on loopback.
 
 Three `tokengo bootstrap` DHT servers, two relays that announce themselves, an exit and a
-client that are given no relay: the exit registers through discovery, the client finds a relay
+client that are given no relay: the exit (public: `--public`, since it discovers its relays)
+registers through discovery, the client finds a relay
 and a chat completion from the official openai SDK reaches the real model server. Everything
 uses the test protocol name `/tokengo-test/kad/1.0.0` and the `loopback` address policy, under
 which any attempt to dial a non-loopback address is refused and counted; the tests assert
@@ -141,7 +142,7 @@ def net(processes: Processes, tmp_path_factory: pytest.TempPathFactory) -> Itera
 def exit_proc(net: Net, backend: Backend) -> tuple[Proc, str]:
     proc = net.processes.start(
         "dht-exit",
-        [net.exe, "exit", "--backend", backend.url, "--admin-listen", "127.0.0.1:0",
+        [net.exe, "exit", "--public", "--backend", backend.url, "--admin-listen", "127.0.0.1:0",
          "--dht-listen", "127.0.0.1:0", "--data-dir", net.data_dir("exit"), *net.dht_flags()],
     )
     admin = proc.wait_for_line(RX_ADMIN, DHT_TIMEOUT).group(1)

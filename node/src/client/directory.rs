@@ -24,6 +24,7 @@ use super::{
     relay_link::RelayLink,
 };
 use crate::{
+    access::ExitTokens,
     api_error::ApiError,
     clock::unix_now,
     metrics::{DescriptorRefusal, RefusalLabel},
@@ -135,6 +136,8 @@ pub struct Directory {
     links: Mutex<Vec<Arc<RelayLink>>>,
     params: TransportParams,
     pinned: Vec<PeerId>,
+    /// Access tokens for exits that require one.
+    tokens: ExitTokens,
     state: Mutex<State>,
     refreshing: tokio::sync::Mutex<()>,
     refused: Family<RefusalLabel, Counter>,
@@ -142,10 +145,13 @@ pub struct Directory {
 
 impl Directory {
     /// A directory over `relays` (not dialled yet), routing only to `pinned` exits when that
-    /// is not empty; refused descriptors are counted in `refused`.
+    /// is not empty; `tokens` are sent to exits that require one (unpinned, an exit that
+    /// requires a token the client lacks is skipped); refused descriptors are counted in
+    /// `refused`.
     pub fn new(
         relays: &[RelayAddr],
         pinned: Vec<PeerId>,
+        tokens: ExitTokens,
         params: TransportParams,
         refused: Family<RefusalLabel, Counter>,
     ) -> std::io::Result<Self> {
@@ -168,6 +174,7 @@ impl Directory {
             links: Mutex::new(links),
             params,
             pinned,
+            tokens,
             state: Mutex::default(),
             refreshing: tokio::sync::Mutex::new(()),
             refused,
@@ -178,6 +185,12 @@ impl Directory {
     #[must_use]
     pub fn pinned(&self) -> &[PeerId] {
         &self.pinned
+    }
+
+    /// The access tokens to send.
+    #[must_use]
+    pub fn tokens(&self) -> &ExitTokens {
+        &self.tokens
     }
 
     /// The relay links, in the order the relays were given.
@@ -335,13 +348,22 @@ impl Directory {
     }
 
     /// The exits requests may go to now: usable, pinned when pinning, reachable through a
-    /// relay.
+    /// relay. Unpinned, an exit that requires an access token the client lacks is skipped
+    /// (its requests would only fail); a pinned one is kept, so its 401 tells the user what
+    /// is missing.
     fn routable(&self, state: &State) -> Vec<Usable> {
         state
             .set
             .usable()
             .into_iter()
-            .filter(|u| self.pinned.is_empty() || self.pinned.contains(&u.descriptor.peer_id))
+            .filter(|u| {
+                let d = &u.descriptor;
+                if self.pinned.is_empty() {
+                    !d.access_token_required || self.tokens.for_exit(&d.peer_id).is_some()
+                } else {
+                    self.pinned.contains(&d.peer_id)
+                }
+            })
             .filter(|u| !u.relays.is_empty() && !u.descriptor.key_configs.is_empty())
             .collect()
     }

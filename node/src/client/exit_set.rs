@@ -251,6 +251,7 @@ mod tests {
             issued_at,
             expires_at: issued_at + 1000,
             max_streams: 8,
+            access_token_required: false,
         }
     }
 

@@ -310,6 +310,7 @@ async fn attempt(
 ) -> Result<(Response, Option<Duration>), AttemptError> {
     let started = Instant::now();
     let exit = &route.exit;
+    let head = &state.directory.tokens().request_head(head, &exit.peer_id);
     let (mut send, recv) = route.link.open().await.map_err(AttemptError::RelayDown)?;
     let mut out = Vec::with_capacity(body.len() + 512);
     ClientRequest::Forward {

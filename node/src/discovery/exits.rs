@@ -352,6 +352,7 @@ mod tests {
             issued_at,
             expires_at: issued_at + 24 * 3600,
             max_streams: 8,
+            access_token_required: false,
         };
         SignedDescriptor::sign(&desc, key).unwrap()
     }

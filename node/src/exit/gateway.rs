@@ -20,6 +20,7 @@ use tokengo_proto::{
 use tracing::{Instrument as _, field::Empty};
 
 use super::{
+    access::Access,
     backend::{Backend, BackendRequest},
     replay::{ReplayError, ReplayWindow},
 };
@@ -50,6 +51,8 @@ pub struct Gateway {
     replay: ReplayWindow,
     /// The clock request dates are checked against.
     clock: Clock,
+    /// Who may use the exit (open unless tokens are required).
+    access: Access,
     limits: Limits,
     metrics: Arc<ExitMetrics>,
 }
@@ -165,6 +168,7 @@ impl Gateway {
             backend,
             replay: replay_window(&limits, &clock),
             clock,
+            access: Access::default(),
             limits,
             metrics,
         };
@@ -256,6 +260,12 @@ impl Gateway {
         &self.backend
     }
 
+    /// Who may use the exit.
+    #[must_use]
+    pub fn access(&self) -> &Access {
+        &self.access
+    }
+
     /// Serves one request stream opened by the relay.
     pub async fn handle(self: Arc<Self>, mut send: quinn::SendStream, recv: quinn::RecvStream) {
         let mut tally = Tally::start(&self.metrics);
@@ -339,7 +349,7 @@ impl Gateway {
             .decapsulate(&encapsulated)
             .map_err(Refusal::from_ohttp)?;
         let limits = self.bhttp_limits();
-        let (head, body) = match bhttp::decode_request(&message, &limits) {
+        let (mut head, body) = match bhttp::decode_request(&message, &limits) {
             Ok(request) => request,
             Err(error) => {
                 let (head, body) = self.failed(&ApiError::BadRequest(error.to_string()));
@@ -357,8 +367,7 @@ impl Gateway {
             }
         };
         // Checked after decapsulation so only authentic requests can fill the window.
-        if let Err(error) = self.admit(ohttp::enc_of(&encapsulated), &head) {
-            let (head, body) = self.refused(&error);
+        if let Err((head, body)) = self.gate(ohttp::enc_of(&encapsulated), &mut head) {
             write_single(
                 send,
                 sealer,
@@ -501,6 +510,19 @@ impl Gateway {
         )
     }
 
+    /// What a decapsulated request must pass before it reaches the backend: a fresh date and
+    /// an `enc` not seen before (replay), then the group token when one is required (its
+    /// field is removed either way). On refusal, the encrypted answer to send instead.
+    fn gate(
+        &self,
+        enc: Option<&[u8; 32]>,
+        head: &mut RequestHead,
+    ) -> Result<(), (ResponseHead, Bytes)> {
+        self.admit(enc, head)
+            .map_err(|error| self.refused(&error))?;
+        self.access.admit(head).map_err(|error| self.failed(&error))
+    }
+
     /// The encrypted answer to a request refused against replay, counted. A date problem
     /// carries the exit's `Date` so the client can tell how far off its clock is (RFC 9458
     /// §6.5.1).
@@ -628,15 +650,15 @@ impl Gateway {
             stall: self.limits.write_stall_timeout,
         };
         out.start(&nonce).await?;
-        let (head, body) = match read {
+        let (mut head, body) = match read {
             ChunkedRead::Request(head, body) => (head, body),
             ChunkedRead::Unusable(error) => {
                 out.whole(self.failed(&error), tally).await?;
                 return Ok(Answered::ByExit);
             }
         };
-        if let Err(error) = self.admit(opener.enc(), &head) {
-            out.whole(self.refused(&error), tally).await?;
+        if let Err(answer) = self.gate(opener.enc(), &mut head) {
+            out.whole(answer, tally).await?;
             return Ok(Answered::ByExit);
         }
         let request = match BackendRequest::from_bhttp(&head, body, self.backend.policy()) {

@@ -141,6 +141,8 @@ pub enum ErrorClass {
     GatewayTimeout,
     /// A policy refused the request (endpoint, host or web origin).
     Forbidden,
+    /// The exit requires an access token and the request had none, or a wrong one.
+    AccessDenied,
 }
 
 impl ErrorClass {
@@ -165,6 +167,7 @@ impl ErrorClass {
             Self::Overloaded => "overloaded",
             Self::GatewayTimeout => "gateway_timeout",
             Self::Forbidden => "forbidden",
+            Self::AccessDenied => "access_denied",
         }
     }
 }
@@ -186,6 +189,7 @@ impl From<&ApiError> for ErrorClass {
             ApiError::Forbidden { .. } => Self::Forbidden,
             ApiError::RequestExpired(_) | ApiError::Replayed => Self::Replay,
             ApiError::ReplayWindowFull => Self::Overloaded,
+            ApiError::ExitAccessDenied { .. } => Self::AccessDenied,
         }
     }
 }

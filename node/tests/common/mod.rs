@@ -440,43 +440,6 @@ pub async fn start_recording_backend(delay: Duration) -> Backend {
     serve_backend(router, Arc::new(Notify::new()), seen).await
 }
 
-/// A `tokengo client` process on loopback ports of its own; `url` is its HTTP base, `admin`
-/// its admin endpoint.
-pub struct ClientProcess {
-    pub url: String,
-    pub admin: String,
-    pub process: Process,
-    pub dir: tempfile::TempDir,
-}
-
-/// Starts `tokengo client` with a fresh data directory, one worker thread and `extra` flags
-/// (relays, pinned exits, DHT settings), and waits until it listens.
-pub async fn start_client_process(extra: &[String]) -> ClientProcess {
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().display().to_string();
-    let mut args = vec![
-        "client",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--worker-threads",
-        "1",
-        "--data-dir",
-        &data_dir,
-    ];
-    args.extend(extra.iter().map(String::as_str));
-    let mut process = Process::start(&args);
-    let admin = process.line_after("admin endpoint on ").await;
-    let url = process.line_after("client listening on ").await;
-    ClientProcess {
-        url,
-        admin,
-        process,
-        dir,
-    }
-}
-
 /// A `tokengo` process whose output is read line by line (killed when dropped).
 pub struct Process {
     pub child: tokio::process::Child,
@@ -559,6 +522,91 @@ pub async fn raw_http_with_head(addr: &str, request: &str) -> (u16, String, Stri
         body = plain;
     }
     (status, head, body)
+}
+
+/// A `tokengo client` process; `url` is its HTTP base, `admin` its admin endpoint.
+pub struct ClientProcess {
+    pub url: String,
+    pub admin: String,
+    _process: Process,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts `tokengo client` on `relays` (one thread, its own data directory, HTTP and admin on
+/// free loopback ports) with `args` added: pinned exits, tokens.
+pub async fn start_client_process(relays: &[&RelayAddr], args: &[String]) -> ClientProcess {
+    let dir = tempfile::tempdir().unwrap();
+    let mut all: Vec<String> = [
+        "client",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--worker-threads",
+        "1",
+        "--data-dir",
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    all.push(dir.path().display().to_string());
+    for relay in relays {
+        all.extend(["--relay".to_owned(), relay.to_string()]);
+    }
+    all.extend_from_slice(args);
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    let mut process = Process::start(&all);
+    let admin = process.line_after("admin endpoint on ").await;
+    let url = process.line_after("client listening on ").await;
+    ClientProcess {
+        url,
+        admin,
+        _process: process,
+        _dir: dir,
+    }
+}
+
+impl ClientProcess {
+    /// A chat completion request, streamed (chunked OHTTP) or not: status and JSON body (the
+    /// error, or what the echo backend received).
+    pub async fn chat(&self, stream: bool) -> (u16, serde_json::Value) {
+        let response = reqwest::Client::new()
+            .post(format!("{}/v1/chat/completions", self.url))
+            .json(&serde_json::json!({
+                "model": "test",
+                "stream": stream,
+                "messages": [{"role": "user", "content": "who am I talking to?"}],
+            }))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap())
+    }
+
+    /// Makes the client fetch its relays' exit lists now (readiness does) and returns its
+    /// `/status`.
+    pub async fn refreshed_status(&self) -> tokengo::status::StatusReport {
+        reqwest::get(format!("{}/readyz", self.admin))
+            .await
+            .unwrap();
+        reqwest::get(format!("{}/status", self.admin))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// The client's metrics text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
 }
 
 /// A running admin endpoint; `url` is its base.

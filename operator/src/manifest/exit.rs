@@ -8,7 +8,10 @@ use k8s_openapi::{
     ByteString,
     api::{
         apps::v1::Deployment,
-        core::v1::{Container, EnvVar, EnvVarSource, Secret, SecretKeySelector},
+        core::v1::{
+            Container, EnvVar, EnvVarSource, KeyToPath, Secret, SecretKeySelector,
+            SecretVolumeSource, Volume, VolumeMount,
+        },
     },
 };
 use kube::ResourceExt as _;
@@ -32,6 +35,12 @@ pub const ROTATION_HANDLED_ANNOTATION: &str = "tokengo.io/rotation-handled";
 /// Annotation a user sets (to any new value) on a `TokenGoExit` to rotate its key now.
 pub const ROTATE_ANNOTATION: &str = "tokengo.io/rotate";
 const COMPONENT: &str = "exit";
+/// Where the access-token Secret is mounted (a directory mount, not `subPath`, so an updated
+/// Secret reaches the running exit, which re-reads the file when it changes).
+pub const ACCESS_TOKENS_DIR: &str = "/etc/tokengo/access";
+/// The token file in [`ACCESS_TOKENS_DIR`].
+const ACCESS_TOKENS_FILE: &str = "tokens";
+const ACCESS_TOKENS_VOLUME: &str = "access-tokens";
 
 /// Name of the Deployment.
 #[must_use]
@@ -94,14 +103,24 @@ pub fn deployment(
     keys_hash: &str,
 ) -> Deployment {
     let spec = &exit.spec;
+    // Discovering relays is what a public exit does: the node refuses it otherwise.
+    let public = spec.public || matches!(relays, RelaySource::Dht(_));
+    let public_env = || {
+        if public {
+            vec![plain_env("TOKENGO_PUBLIC", "true".to_owned())]
+        } else {
+            Vec::new()
+        }
+    };
     let containers = match relays {
         RelaySource::Addresses(addresses) => addresses
             .iter()
             .enumerate()
-            .map(|(index, relay)| container(exit, settings, index, Some(relay), Vec::new()))
+            .map(|(index, relay)| container(exit, settings, index, Some(relay), public_env()))
             .collect(),
         RelaySource::Dht(dht) => {
-            let mut env = dht_env(&dht.bootstrap, dht.protocol.as_deref());
+            let mut env = public_env();
+            env.extend(dht_env(&dht.bootstrap, dht.protocol.as_deref()));
             if let Some(max) = dht.max_relays {
                 env.push(plain_env("TOKENGO_MAX_RELAYS", max.to_string()));
             }
@@ -118,6 +137,24 @@ pub fn deployment(
         containers,
         keys_secret: keys_secret_name(exit),
         key_files: &[IDENTITY_FILE, KEYRING_FILE],
+        extra_volumes: spec
+            .access_tokens_secret
+            .iter()
+            .map(|secret| Volume {
+                name: ACCESS_TOKENS_VOLUME.to_owned(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(secret.name.clone()),
+                    default_mode: Some(0o440),
+                    items: Some(vec![KeyToPath {
+                        key: secret.key.clone(),
+                        path: ACCESS_TOKENS_FILE.to_owned(),
+                        ..Default::default()
+                    }]),
+                    optional: Some(false),
+                }),
+                ..Default::default()
+            })
+            .collect(),
     })
 }
 
@@ -150,6 +187,10 @@ fn container(
         args.push("--header".to_owned());
         args.push(format!("{}: {}", header.name, header.value));
     }
+    if spec.access_tokens_secret.is_some() {
+        args.push("--access-token-file".to_owned());
+        args.push(format!("{ACCESS_TOKENS_DIR}/{ACCESS_TOKENS_FILE}"));
+    }
     let mut env = extra_env;
     if let Some(secret) = &spec.backend.api_key_secret {
         // From the Secret at start, so the key is never in the pod spec.
@@ -166,7 +207,7 @@ fn container(
             ..Default::default()
         });
     }
-    node_container(
+    let mut container = node_container(
         settings,
         NodeContainer {
             name: format!("exit-{index}"),
@@ -178,7 +219,19 @@ fn container(
             admin_port,
             resources: spec.resources.clone(),
         },
-    )
+    );
+    if spec.access_tokens_secret.is_some() {
+        container
+            .volume_mounts
+            .get_or_insert_with(Vec::new)
+            .push(VolumeMount {
+                name: ACCESS_TOKENS_VOLUME.to_owned(),
+                mount_path: ACCESS_TOKENS_DIR.to_owned(),
+                read_only: Some(true),
+                ..Default::default()
+            });
+    }
+    container
 }
 
 #[cfg(test)]
@@ -306,6 +359,7 @@ mod tests {
                 "env": [
                     {"name": "TOKENGO_LOG_FORMAT", "value": "json"},
                     {"name": "TOKENGO_ADMIN_LISTEN", "value": "0.0.0.0:9090"},
+                    {"name": "TOKENGO_PUBLIC", "value": "true"},
                     {"name": "TOKENGO_BOOTSTRAP", "value": "/ip4/10.0.0.1/udp/4001/quic-v1/p2p/12D3KooWB,/ip4/10.0.0.2/udp/4001/quic-v1/p2p/12D3KooWC"},
                     {"name": "TOKENGO_DHT_PROTOCOL", "value": "/mynet/kad/1.0.0"},
                     {"name": "TOKENGO_MAX_RELAYS", "value": "5"},
@@ -344,9 +398,90 @@ mod tests {
             [
                 "TOKENGO_LOG_FORMAT",
                 "TOKENGO_ADMIN_LISTEN",
+                "TOKENGO_PUBLIC",
                 "TOKENGO_API_KEY"
             ]
         );
+    }
+
+    #[test]
+    fn public_and_access_tokens_reach_every_container() {
+        let exit = exit(json!({
+            "backend": {"url": "https://api.example.com"},
+            "relay": {"addresses": RELAYS},
+            "public": true,
+            "accessTokensSecret": {"name": "research-tokens", "key": "tokens.txt"}
+        }));
+        let relays: Vec<String> = RELAYS.iter().map(|s| (*s).to_owned()).collect();
+        let d = deployment(
+            &exit,
+            &Settings::default(),
+            RelaySource::Addresses(&relays),
+            "hash",
+        );
+        let value = serde_json::to_value(&d).unwrap();
+        let pod = &value["spec"]["template"]["spec"];
+        let containers = pod["containers"].as_array().unwrap();
+        assert_eq!(containers.len(), 2);
+        for (index, c) in containers.iter().enumerate() {
+            assert_eq!(
+                c["args"],
+                json!([
+                    "exit",
+                    "--relay",
+                    RELAYS[index],
+                    "--backend",
+                    "https://api.example.com",
+                    "--data-dir",
+                    "/var/lib/tokengo",
+                    "--access-token-file",
+                    "/etc/tokengo/access/tokens"
+                ])
+            );
+            assert_eq!(
+                c["env"],
+                json!([
+                    {"name": "TOKENGO_LOG_FORMAT", "value": "json"},
+                    {"name": "TOKENGO_ADMIN_LISTEN", "value": format!("0.0.0.0:{}", 9090 + index)},
+                    {"name": "TOKENGO_PUBLIC", "value": "true"}
+                ])
+            );
+            assert_eq!(
+                c["volumeMounts"],
+                json!([
+                    {"name": "keys", "mountPath": "/var/lib/tokengo", "readOnly": true},
+                    {"name": "access-tokens", "mountPath": "/etc/tokengo/access", "readOnly": true}
+                ])
+            );
+        }
+        assert_eq!(
+            pod["volumes"][1],
+            json!({"name": "access-tokens", "secret": {
+                "secretName": "research-tokens",
+                "defaultMode": 0o440,
+                "items": [{"key": "tokens.txt", "path": "tokens"}],
+                "optional": false
+            }})
+        );
+        // The default: private, no token volume, and the spec stays as it was written.
+        let private = basic();
+        assert!(!private.spec.public);
+        assert!(
+            !serde_json::to_value(&private.spec)
+                .unwrap()
+                .as_object()
+                .unwrap()
+                .contains_key("public")
+        );
+        let d = deployment(
+            &private,
+            &Settings::default(),
+            RelaySource::Addresses(&relays),
+            "hash",
+        );
+        let value = serde_json::to_value(&d).unwrap();
+        assert!(!value.to_string().contains("TOKENGO_PUBLIC"));
+        assert!(!value.to_string().contains("access-token"));
     }
 
     #[test]

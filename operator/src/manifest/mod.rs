@@ -253,6 +253,8 @@ pub(crate) struct NodeWorkload<'a, K> {
     pub keys_secret: String,
     /// The files.
     pub key_files: &'a [&'a str],
+    /// Further volumes the containers mount (the exit's access tokens).
+    pub extra_volumes: Vec<Volume>,
 }
 
 /// A node Deployment: owned by its resource, pods selected by the resource's labels, with the
@@ -309,7 +311,7 @@ where
                     node_selector: non_empty(w.scheduling.node_selector.clone()),
                     tolerations: non_empty_vec(w.scheduling.tolerations.clone()),
                     affinity: w.scheduling.affinity.clone(),
-                    volumes: Some(vec![keys]),
+                    volumes: Some(std::iter::once(keys).chain(w.extra_volumes).collect()),
                     ..Default::default()
                 }),
             },

@@ -94,6 +94,7 @@ pub fn deployment(relay: &TokenGoRelay, settings: &Settings, peer_id: &str) -> D
         },
     );
     node_deployment(NodeWorkload {
+        extra_volumes: Vec::new(),
         owner: relay,
         component: COMPONENT,
         name: workload_name(relay),

@@ -63,6 +63,17 @@ pub struct TokenGoExitSpec {
     pub backend: ExitBackend,
     /// Which relays the exit registers with.
     pub relay: ExitRelay,
+    /// Serve the public (`TOKENGO_PUBLIC`): anyone who finds the exit may use it and its
+    /// backend credentials. Default false: the exit serves only through the relays it is
+    /// given. `relay.dht` discovers relays on the DHT, which makes the exit public whatever
+    /// this says.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub public: bool,
+    /// Secret key holding the group access tokens (one per line), mounted as the exit's
+    /// `--access-token-file`: only requests carrying one of them reach the backend. Updating
+    /// the Secret takes effect without restarting the pods. Default: no token required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_tokens_secret: Option<SecretKeyRef>,
     /// When the OHTTP key is replaced.
     #[serde(default)]
     pub key_rotation: KeyRotation,

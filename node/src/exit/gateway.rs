@@ -349,10 +349,17 @@ impl Gateway {
             .decapsulate(&encapsulated)
             .map_err(Refusal::from_ohttp)?;
         let limits = self.bhttp_limits();
-        let (mut head, body) = match bhttp::decode_request(&message, &limits) {
+        // Answered by the exit itself when unreadable, or refused by the gate (checked after
+        // decapsulation, so only authentic requests can fill the replay window).
+        let admitted = bhttp::decode_request(&message, &limits)
+            .map_err(|error| self.failed(&ApiError::BadRequest(error.to_string())))
+            .and_then(|(mut head, body)| {
+                self.gate(ohttp::enc_of(&encapsulated), &mut head)?;
+                Ok((head, body))
+            });
+        let (head, body) = match admitted {
             Ok(request) => request,
-            Err(error) => {
-                let (head, body) = self.failed(&ApiError::BadRequest(error.to_string()));
+            Err((head, body)) => {
                 write_single(
                     send,
                     sealer,
@@ -366,20 +373,6 @@ impl Gateway {
                 return Ok(Answered::ByExit);
             }
         };
-        // Checked after decapsulation so only authentic requests can fill the window.
-        if let Err((head, body)) = self.gate(ohttp::enc_of(&encapsulated), &mut head) {
-            write_single(
-                send,
-                sealer,
-                &head,
-                &body,
-                tally,
-                None,
-                self.limits.write_stall_timeout,
-            )
-            .await?;
-            return Ok(Answered::ByExit);
-        }
         let (head, body, backend) = self.exchange_whole(&head, Bytes::from(body)).await;
         write_single(
             send,

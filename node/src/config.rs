@@ -1947,6 +1947,7 @@ mod tests {
             request: RequestArgs {
                 request_timeout_secs: Some(60),
             },
+            public: true,
             ..ExitArgs::default()
         })
         .unwrap();

@@ -80,6 +80,23 @@ pub enum ConfigError {
     DataDir(#[from] crate::data_dir::DataDirError),
 }
 
+/// `value` seconds when within `range`, `default` when absent; otherwise an error naming `field`.
+fn seconds_within(
+    field: &'static str,
+    value: Option<u64>,
+    range: std::ops::RangeInclusive<u64>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(secs) if range.contains(&secs) => Ok(Duration::from_secs(secs)),
+        Some(_) => Err(invalid(
+            field,
+            format!("must be {} to {} seconds", range.start(), range.end()),
+        )),
+    }
+}
+
 fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         field,
@@ -293,26 +310,18 @@ impl Default for Limits {
 impl Limits {
     fn from_file(file: &FileConfig) -> Result<Self, ConfigError> {
         let defaults = Self::default();
-        let quic_idle_timeout = match file.quic_idle_timeout_secs {
-            None => defaults.quic_idle_timeout,
-            Some(secs @ 3..=600) => Duration::from_secs(secs),
-            Some(_) => {
-                return Err(invalid(
-                    "quic_idle_timeout_secs",
-                    "must be 3 to 600 seconds",
-                ));
-            }
-        };
-        let write_stall_timeout = match file.write_stall_timeout_secs {
-            None => defaults.write_stall_timeout,
-            Some(secs @ 1..=3600) => Duration::from_secs(secs),
-            Some(_) => {
-                return Err(invalid(
-                    "write_stall_timeout_secs",
-                    "must be 1 to 3600 seconds",
-                ));
-            }
-        };
+        let quic_idle_timeout = seconds_within(
+            "quic_idle_timeout_secs",
+            file.quic_idle_timeout_secs,
+            3..=600,
+            defaults.quic_idle_timeout,
+        )?;
+        let write_stall_timeout = seconds_within(
+            "write_stall_timeout_secs",
+            file.write_stall_timeout_secs,
+            1..=3600,
+            defaults.write_stall_timeout,
+        )?;
         let max_exits = match file.max_exits {
             None => defaults.max_exits,
             Some(n @ 1..=MAX_EXITS_CEILING) => n,

@@ -9,11 +9,14 @@
 //!
 //! - `attack`: one kind of abuse (stalled readers, stream floods, registration floods, slow
 //!   uploads, garbage, replays) against a relay and its exit for `bench/attack`.
+//! - `udp-link`: a UDP forwarder with delay, loss and reordering between network namespaces,
+//!   for the fault suite (`bench/faults`), since the kernel it runs on has no `tc netem`.
 //!
 //! Each prints one JSON line on standard output; progress and errors go to standard error.
 //! Everything they dial is the relay address given, which `bench/run` binds on loopback.
 
 mod attack;
+mod udp_link;
 
 use std::{
     sync::{
@@ -101,6 +104,32 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         streams: usize,
     },
+    /// Forward UDP from LISTEN to TO and back, with delay, loss and reordering each way;
+    /// print a JSON line of the datagram counts on SIGTERM.
+    UdpLink {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Where datagrams go.
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        /// One-way delay of every datagram, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        /// Probability that a datagram is lost (0..=1).
+        #[arg(long, default_value_t = 0.0)]
+        loss: f64,
+        /// Probability that a datagram is held back so later ones overtake it (0..=1).
+        #[arg(long, default_value_t = 0.0)]
+        reorder: f64,
+        /// How much longer a held-back datagram waits, in milliseconds (default: the delay,
+        /// at least 5).
+        #[arg(long)]
+        reorder_ms: Option<u64>,
+        /// Seed of the loss and reorder draws (default: from the clock).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -131,6 +160,30 @@ fn main() -> anyhow::Result<()> {
                 connections,
                 streams,
             } => attack::run(&relay, exit, kind, seconds, connections, streams).await,
+            Command::UdpLink {
+                listen,
+                to,
+                delay_ms,
+                loss,
+                reorder,
+                reorder_ms,
+                seed,
+            } => {
+                let policy = udp_link::LinkPolicy::new(
+                    Duration::from_millis(delay_ms),
+                    loss,
+                    reorder,
+                    reorder_ms.map(Duration::from_millis),
+                )?;
+                let seed = seed.unwrap_or_else(|| {
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |elapsed| {
+                            elapsed.as_secs() ^ u64::from(elapsed.subsec_nanos())
+                        })
+                });
+                udp_link::run(listen, to, policy, seed).await
+            }
         }
     })
 }

@@ -114,10 +114,15 @@ fn encapsulated(key: &KeyConfig, path: &str) -> anyhow::Result<Vec<u8>> {
         scheme: b"https".to_vec(),
         authority: b"localhost".to_vec(),
         path: path.as_bytes().to_vec(),
-        fields: vec![bhttp::Field {
-            name: b"content-type".to_vec(),
-            value: b"application/json".to_vec(),
-        }],
+        fields: vec![
+            bhttp::Field {
+                name: b"content-type".to_vec(),
+                value: b"application/json".to_vec(),
+            },
+            // Exits refuse undated requests (replay protection) before the backend: without
+            // it no attack that needs the backend's answer would reach it.
+            tokengo::http_message::date_field(std::time::SystemTime::now()),
+        ],
     };
     let body =
         br#"{"model":"bench","messages":[{"role":"user","content":"attack"}],"max_tokens":16}"#;

@@ -73,6 +73,12 @@ pub enum ApiError {
     /// forget one early (which would let it be replayed).
     #[error("the exit is at its limit of recent requests; retry shortly")]
     ReplayWindowFull,
+    /// The exit holds as many answer bytes as its memory budget allows, and none were freed
+    /// while the request waited. Sent encrypted by the exit.
+    #[error(
+        "the exit is overloaded: its memory for buffered answers is full; retry shortly, or ask for a streamed answer (\"stream\": true), which the exit does not buffer"
+    )]
+    ExitOverloaded,
     /// The exit requires a group access token and the request carried none (`missing`) or
     /// one it does not accept. Sent encrypted by the exit; the backend was not called.
     #[error(
@@ -98,6 +104,7 @@ impl ApiError {
             | Self::PinnedExitsUnavailable { .. }
             | Self::ExitUnavailable(_)
             | Self::Overloaded
+            | Self::ExitOverloaded
             | Self::ReplayWindowFull => StatusCode::SERVICE_UNAVAILABLE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BadRequest(_) | Self::RequestExpired(_) | Self::Replayed => {
@@ -122,6 +129,7 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::BadRequest(_) => "bad_request",
             Self::Overloaded => "overloaded",
+            Self::ExitOverloaded => "exit_overloaded",
             Self::GatewayTimeout => "gateway_timeout",
             Self::Forbidden { code, .. } => code,
             Self::RequestExpired(_) => "request_expired",

@@ -224,6 +224,17 @@ pub struct ExitGateArgs {
     /// (default 262144).
     #[arg(long, env = "TOKENGO_REPLAY_CACHE_ENTRIES", value_name = "N")]
     pub replay_cache_entries: Option<usize>,
+    /// Most bytes of non-streamed answers held in memory at once, all requests together
+    /// (default 268435456, 256 MiB); beyond it answers wait, then get a 503.
+    #[arg(long, env = "TOKENGO_ANSWER_BUDGET_BYTES", value_name = "BYTES")]
+    pub answer_budget_bytes: Option<usize>,
+    /// Seconds an answer may wait for the answer budget before a 503 (default 10).
+    #[arg(
+        long = "answer-budget-wait",
+        env = "TOKENGO_ANSWER_BUDGET_WAIT",
+        value_name = "SECS"
+    )]
+    pub answer_budget_wait_secs: Option<u64>,
 }
 
 /// Flags of `tokengo client`.

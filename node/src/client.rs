@@ -233,6 +233,8 @@ impl ClientProbe {
                     peer_id: view.exit.peer_id.to_string(),
                     key_id: view.exit.key_config.key_id,
                     vouched_by: view.vouched_by,
+                    access_token_required: view.access_token_required,
+                    token_configured: view.token_configured,
                 })
                 .collect(),
             held_exits: directory.held(),

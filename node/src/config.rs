@@ -179,6 +179,10 @@ struct FileConfig {
     max_clock_skew_secs: Option<u64>,
     /// Most recent requests remembered against replay.
     replay_cache_entries: Option<usize>,
+    /// Most bytes of single-message answers an exit holds at once.
+    answer_budget_bytes: Option<usize>,
+    /// Seconds an answer may wait for the answer budget before a 503.
+    answer_budget_wait_secs: Option<u64>,
     /// Request headers the client forwards besides the defaults.
     #[serde(default)]
     forward_headers: Vec<String>,
@@ -281,6 +285,20 @@ pub struct Limits {
     /// first (QUIC Retry), so spoofed sources cannot make it hold handshake state.
     /// Default 64.
     pub retry_above_handshakes: usize,
+    /// Most bytes of single-message (non-streamed) answers the exit holds at once, all
+    /// requests together. Such an answer is one AEAD seal, so it is held whole until the relay
+    /// has taken it, and a client that stops reading keeps it held until the write stall
+    /// timeout: without a bound, clients that never read could make an exit hold any amount.
+    /// Bytes beyond an answer's first 256 KiB may use only seven eighths of it, so large
+    /// answers never starve small ones. Streamed (chunked) answers are not buffered and do
+    /// not count. Default 256 MiB: three of the largest answers (`max_response_body`), or
+    /// about 56 stalled 4 MiB answers; at least eight sevenths of `max_response_body` plus
+    /// 1 MiB.
+    pub answer_budget: usize,
+    /// How long one answer may wait in all for the answer budget (the backend's body is not
+    /// read meanwhile) before the user gets an encrypted 503 `exit_overloaded` and the bytes
+    /// it collected are given back. Default 10 s.
+    pub answer_budget_wait: Duration,
 }
 
 /// The most exits `max_exits` may be: below the 1024 entries a client accepts, with room.
@@ -303,6 +321,8 @@ impl Default for Limits {
             registration_burst: 256,
             registrations_per_sec: 16,
             retry_above_handshakes: 64,
+            answer_budget: 256 << 20,
+            answer_budget_wait: Duration::from_secs(10),
         }
     }
 }
@@ -384,8 +404,49 @@ impl Limits {
                 ));
             }
         }
+        self.with_answer_budget(args, file)
+    }
+
+    /// Adds the exit's answer budget (exit, serve): it must hold the largest answer.
+    fn with_answer_budget(
+        mut self,
+        args: &ExitGateArgs,
+        file: &FileConfig,
+    ) -> Result<Self, ConfigError> {
+        if let Some(bytes) = args.answer_budget_bytes.or(file.answer_budget_bytes) {
+            self.answer_budget = bytes;
+        }
+        let smallest = min_answer_budget(self.max_response_body);
+        if self.answer_budget < smallest {
+            return Err(invalid(
+                "answer_budget_bytes",
+                format!(
+                    "must be at least {smallest} to hold the largest answer \
+                     (max_response_body_bytes {} plus the eighth kept for small answers); \
+                     raise it or lower max_response_body_bytes",
+                    self.max_response_body
+                ),
+            ));
+        }
+        self.answer_budget_wait = seconds_within(
+            "answer_budget_wait_secs",
+            args.answer_budget_wait_secs
+                .or(file.answer_budget_wait_secs),
+            1..=600,
+            self.answer_budget_wait,
+        )?;
         Ok(self)
     }
+}
+
+/// The smallest answer budget that holds an answer of `max_response_body` bytes, with a
+/// MiB for its head, framing and padding, in the seven eighths large answers may use.
+#[must_use]
+pub fn min_answer_budget(max_response_body: usize) -> usize {
+    max_response_body
+        .saturating_add(1 << 20)
+        .saturating_mul(8)
+        .div_ceil(7)
 }
 
 /// The endpoints an exit passes to its backend: the defaults plus `allow`, or `allow` alone
@@ -1613,6 +1674,12 @@ mod tests {
             ("write_stall_timeout_secs: 0\n", "write_stall_timeout_secs"),
             ("min_request_body_rate: 0\n", "min_request_body_rate"),
             ("max_exits: 1025\n", "max_exits"),
+            ("answer_budget_bytes: 1048576\n", "answer_budget_bytes"),
+            (
+                "max_response_body_bytes: 1073741824\n",
+                "answer_budget_bytes",
+            ),
+            ("answer_budget_wait_secs: 0\n", "answer_budget_wait_secs"),
         ];
         for (yaml, field) in cases {
             let file = file_with(yaml);
@@ -1915,6 +1982,60 @@ mod tests {
             }
         }
         assert!(seen >= 8, "{seen} example configs");
+    }
+
+    #[test]
+    fn the_answer_budget_comes_from_file_then_flags_and_must_hold_the_largest_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = file_with("");
+        let config = ServeConfig::resolve(ServeArgs {
+            common: common(empty.path(), dir.path()),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert_eq!(config.limits.answer_budget, 256 << 20);
+        assert_eq!(config.limits.answer_budget_wait, Duration::from_secs(10));
+        assert!(config.limits.answer_budget >= min_answer_budget(config.limits.max_response_body));
+        let file = file_with(
+            "answer_budget_bytes: 100000000\nanswer_budget_wait_secs: 3\n\
+             max_response_body_bytes: 8000000\n",
+        );
+        let config = ExitConfig::resolve(ExitArgs {
+            common: common(file.path(), dir.path()),
+            public: true,
+            ..ExitArgs::default()
+        })
+        .unwrap();
+        assert_eq!(config.limits.answer_budget, 100_000_000);
+        assert_eq!(config.limits.answer_budget_wait, Duration::from_secs(3));
+        let config = ExitConfig::resolve(ExitArgs {
+            common: common(file.path(), dir.path()),
+            gate: ExitGateArgs {
+                answer_budget_bytes: Some(min_answer_budget(8_000_000)),
+                answer_budget_wait_secs: Some(1),
+                ..ExitGateArgs::default()
+            },
+            public: true,
+            ..ExitArgs::default()
+        })
+        .unwrap();
+        assert_eq!(config.limits.answer_budget, min_answer_budget(8_000_000));
+        assert_eq!(config.limits.answer_budget_wait, Duration::from_secs(1));
+        let error = ExitConfig::resolve(ExitArgs {
+            common: common(file.path(), dir.path()),
+            gate: ExitGateArgs {
+                answer_budget_bytes: Some(min_answer_budget(8_000_000) - 1),
+                ..ExitGateArgs::default()
+            },
+            public: true,
+            ..ExitArgs::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("answer_budget_bytes") && error.contains("max_response_body_bytes"),
+            "{error}"
+        );
     }
 
     #[test]

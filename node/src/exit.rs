@@ -3,10 +3,12 @@
 //! Reconnects with capped exponential backoff when the relay goes away.
 
 pub mod access;
+mod answer_budget;
 mod backend;
 mod endpoint;
 mod gateway;
 mod replay;
+mod single_answer;
 
 use std::{sync::Arc, time::Duration};
 

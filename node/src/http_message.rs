@@ -155,6 +155,25 @@ pub fn backend_time_field(duration: std::time::Duration) -> Field {
     }
 }
 
+/// The backend time as a value of fixed width (12 bytes, zero-padded milliseconds, at most a
+/// day), so an answer whose head is written before its body can carry the time of the whole
+/// exchange: the value is rewritten in place once the body is in. Reads as
+/// [`backend_time_field`]'s does.
+#[must_use]
+pub fn backend_time_fixed(duration: std::time::Duration) -> Vec<u8> {
+    let millis = (duration.as_secs_f64() * 1000.0).min(86_400_000.0);
+    format!("{millis:012.3}").into_bytes()
+}
+
+/// [`backend_time_field`] with a [`backend_time_fixed`] value.
+#[must_use]
+pub fn backend_time_field_fixed(duration: std::time::Duration) -> Field {
+    Field {
+        name: BACKEND_TIME_FIELD.as_bytes().to_vec(),
+        value: backend_time_fixed(duration),
+    }
+}
+
 /// The field that dates a request (or an exit's refusal) with `time`, as an HTTP date.
 #[must_use]
 pub fn date_field(time: std::time::SystemTime) -> Field {
@@ -327,6 +346,20 @@ mod tests {
                 value: bad.to_vec(),
             };
             assert_eq!(backend_time(&[field]), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn fixed_width_backend_time_reads_the_same_and_never_widens() {
+        let field = backend_time_field_fixed(std::time::Duration::from_micros(12_345));
+        assert_eq!(field.value, b"00000012.345");
+        assert_eq!(backend_time(&[field]).unwrap().as_micros(), 12_345);
+        for duration in [
+            std::time::Duration::ZERO,
+            std::time::Duration::from_secs(86_400),
+            std::time::Duration::from_secs(10 * 86_400),
+        ] {
+            assert_eq!(backend_time_fixed(duration).len(), 12, "{duration:?}");
         }
     }
 

@@ -353,6 +353,13 @@ pub struct ExitMetrics {
     pub descriptor_expiry: TimestampGauge,
     /// Relay discovery.
     pub dht: DhtMetrics,
+    /// Bytes of single-message answers the exit holds now (collected from the backend and
+    /// not yet taken by the relay), drawn from its answer budget.
+    pub answer_bytes_held: Gauge,
+    /// The most `answer_bytes_held` has been since the exit started.
+    pub answer_bytes_held_peak: Gauge,
+    /// The answer budget: the most `answer_bytes_held` may be.
+    pub answer_budget_bytes: Gauge,
 }
 
 impl ExitMetrics {
@@ -454,6 +461,24 @@ impl ExitMetrics {
             "Expiry (Unix seconds) of the descriptor last registered",
             Unit::Seconds,
             self.descriptor_expiry.clone(),
+        );
+        r.register_with_unit(
+            "answer_held",
+            "Bytes of single-message answers held now, drawn from the answer budget",
+            Unit::Bytes,
+            self.answer_bytes_held.clone(),
+        );
+        r.register_with_unit(
+            "answer_held_peak",
+            "The most bytes of single-message answers held at once since the start",
+            Unit::Bytes,
+            self.answer_bytes_held_peak.clone(),
+        );
+        r.register_with_unit(
+            "answer_budget",
+            "The most bytes of single-message answers the exit may hold at once",
+            Unit::Bytes,
+            self.answer_budget_bytes.clone(),
         );
     }
 

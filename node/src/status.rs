@@ -181,6 +181,12 @@ pub struct ExitSummary {
     /// The sources that list it (relays, the DHT).
     #[serde(default)]
     pub vouched_by: Vec<String>,
+    /// Whether it requires an access token (its signed descriptor says so).
+    #[serde(default)]
+    pub access_token_required: bool,
+    /// Whether the client has a token for it (`--exit-token`, or `--exit PEERID=TOKEN`).
+    #[serde(default)]
+    pub token_configured: bool,
 }
 
 /// One of a client's relays.
@@ -429,10 +435,17 @@ pub fn summary(report: &StatusReport) -> String {
             .iter()
             .map(|e| {
                 format!(
-                    "{} (key {}, listed by {})",
+                    "{} (key {}, listed by {}{})",
                     e.peer_id,
                     e.key_id,
-                    e.vouched_by.len()
+                    e.vouched_by.len(),
+                    match (e.access_token_required, e.token_configured) {
+                        (false, _) => "",
+                        (true, true) => ", access token required: configured",
+                        (true, false) => {
+                            ", access token required: NONE configured, requests get 401"
+                        }
+                    }
                 )
             })
             .collect();
@@ -604,11 +617,29 @@ mod tests {
                     connected: true,
                 }],
                 pinned_exits: vec!["12D3KooExit".into()],
-                exits: vec![ExitSummary {
-                    peer_id: "12D3KooExit".into(),
-                    key_id: 1,
-                    vouched_by: vec!["relay 12D3KooRelay".into()],
-                }],
+                exits: vec![
+                    ExitSummary {
+                        peer_id: "12D3KooExit".into(),
+                        key_id: 1,
+                        vouched_by: vec!["relay 12D3KooRelay".into()],
+                        access_token_required: false,
+                        token_configured: false,
+                    },
+                    ExitSummary {
+                        peer_id: "12D3KooGated".into(),
+                        key_id: 2,
+                        vouched_by: vec!["relay 12D3KooRelay".into()],
+                        access_token_required: true,
+                        token_configured: true,
+                    },
+                    ExitSummary {
+                        peer_id: "12D3KooLocked".into(),
+                        key_id: 3,
+                        vouched_by: vec!["relay 12D3KooRelay".into()],
+                        access_token_required: true,
+                        token_configured: false,
+                    },
+                ],
                 held_exits: vec!["12D3KooOther: relay 12D3KooRelay (rollback)".into()],
                 requests_total: 7,
                 requests_per_sec: Some(0.1),
@@ -632,7 +663,9 @@ mod tests {
             "p50 1.25 ms p90 4.00 ms p99 31 ms (n=5)",
             "rate not known yet",
             "0.12/s over the last minute",
-            "1 exits usable: 12D3KooExit (key 1, listed by 1)",
+            "3 exits usable: 12D3KooExit (key 1, listed by 1), ",
+            "12D3KooGated (key 2, listed by 1, access token required: configured)",
+            "12D3KooLocked (key 3, listed by 1, access token required: NONE configured, requests get 401)",
             "pinned exits (no other is used): 12D3KooExit",
             "held (sources disagree on keys): 12D3KooOther",
             "no samples yet",

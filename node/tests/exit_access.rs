@@ -212,6 +212,16 @@ async fn a_token_protected_exit_serves_only_its_group_and_the_relay_never_sees_t
         }
     }
     assert_eq!(backend.hits(CHAT), 0, "the backend recorded nothing");
+    // The pinned client without a token shows why: the exit requires one it does not have.
+    let exits = without.refreshed_status().await.client.unwrap().exits;
+    assert_eq!(exits.len(), 1);
+    assert_eq!(exits[0].peer_id, pinned);
+    assert!(exits[0].access_token_required && !exits[0].token_configured);
+    let text = tokengo::status::summary(&without.refreshed_status().await);
+    assert!(
+        text.contains("access token required: NONE configured"),
+        "{text}"
+    );
 
     // The group's token, for any exit: served, and the token never reaches the backend.
     let member = start_client(&relay.addr, &["--exit-token".into(), TOKEN.into()]).await;
@@ -289,4 +299,20 @@ async fn an_unpinned_client_skips_exits_that_require_a_token_it_does_not_have() 
     let mut both = vec![gated.peer_id.to_string(), open.peer_id.to_string()];
     both.sort();
     assert_eq!(usable, both);
+    // Its status says which of them requires a token, and that it has one.
+    let report = member.refreshed_status().await;
+    let mut flags: Vec<_> = report
+        .client
+        .unwrap()
+        .exits
+        .into_iter()
+        .map(|e| (e.peer_id, e.access_token_required, e.token_configured))
+        .collect();
+    flags.sort();
+    let mut expected = vec![
+        (gated.peer_id.to_string(), true, true),
+        (open.peer_id.to_string(), false, true),
+    ];
+    expected.sort();
+    assert_eq!(flags, expected);
 }

@@ -295,25 +295,31 @@ impl SequencedAead {
         plaintext: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), HpkeError> {
-        let nonce = self.nonce()?;
         let start = out.len();
         out.reserve(plaintext.len() + TAG_LEN);
         out.extend_from_slice(plaintext);
-        let buffer = InOutBuf::from(&mut out[start..]);
-        match self
+        self.seal_in_place(aad, out, start)
+            .inspect_err(|_| out.truncate(start))
+    }
+
+    /// Seals the next message in place: `out[start..]` is the plaintext, encrypted where it
+    /// lies, and the tag is appended. A large message then exists once in memory. On error
+    /// `out` is unchanged.
+    pub(crate) fn seal_in_place(
+        &mut self,
+        aad: &[u8],
+        out: &mut Vec<u8>,
+        start: usize,
+    ) -> Result<(), HpkeError> {
+        let nonce = self.nonce()?;
+        let plaintext = out.get_mut(start..).ok_or(HpkeError::TooLarge)?;
+        let tag = self
             .cipher
-            .encrypt_inout_detached(&nonce.into(), aad, buffer)
-        {
-            Ok(tag) => {
-                out.extend_from_slice(&tag);
-                self.seq += 1;
-                Ok(())
-            }
-            Err(_) => {
-                out.truncate(start);
-                Err(HpkeError::TooLarge)
-            }
-        }
+            .encrypt_inout_detached(&nonce.into(), aad, InOutBuf::from(plaintext))
+            .map_err(|_| HpkeError::TooLarge)?;
+        out.extend_from_slice(&tag);
+        self.seq += 1;
+        Ok(())
     }
 
     /// Opens the next message. The sequence number advances only on success, so a forged

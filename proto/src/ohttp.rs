@@ -264,6 +264,34 @@ impl ResponseSealer {
         aead.seal_append(b"", response, &mut out)?;
         Ok(out)
     }
+
+    /// Seals a response built in the caller's buffer, so a large response exists once in
+    /// memory: `out[start..start + RESPONSE_NONCE_LEN]` is room for the response nonce (a
+    /// fresh random one is written there), the Binary HTTP message follows it and is
+    /// encrypted where it lies, and the tag is appended. The result from `start` on is what
+    /// [`seal`](Self::seal) returns for the same message and nonce.
+    ///
+    /// Fails with [`OhttpError::TooLarge`] when there is no room for the nonce or the
+    /// response is beyond AES-GCM's limit; `out` is then unchanged.
+    pub fn seal_in_place(self, out: &mut Vec<u8>, start: usize) -> Result<(), OhttpError> {
+        self.seal_in_place_with_nonce(random_response_nonce(), out, start)
+    }
+
+    fn seal_in_place_with_nonce(
+        self,
+        nonce: [u8; RESPONSE_NONCE_LEN],
+        out: &mut Vec<u8>,
+        start: usize,
+    ) -> Result<(), OhttpError> {
+        let message_start = start
+            .checked_add(RESPONSE_NONCE_LEN)
+            .filter(|end| *end <= out.len())
+            .ok_or(OhttpError::TooLarge)?;
+        let mut aead = response_aead(&self.secret, &self.enc, &nonce);
+        aead.seal_in_place(b"", out, message_start)?;
+        out[start..message_start].copy_from_slice(&nonce);
+        Ok(())
+    }
 }
 
 impl fmt::Debug for ResponseSealer {
@@ -450,6 +478,38 @@ mod tests {
             .unwrap();
         assert_eq!(hex::encode(&enc_response), ENC_RESPONSE);
         assert_eq!(opener.open(&enc_response).unwrap(), h(RESPONSE));
+    }
+
+    #[test]
+    fn a_response_sealed_in_place_matches_the_rfc_vector() {
+        let gateway = rfc_gateway();
+        let config = gateway.key_configs()[0];
+        let (enc_request, opener) =
+            encapsulate_request_with_ephemeral(&config, a(SK_E), &h(REQUEST)).unwrap();
+        let (_, sealer) = gateway.decapsulate(&enc_request).unwrap();
+        // Framing in front (a status byte), room for the nonce, then the message.
+        let mut out = vec![0x00];
+        out.extend_from_slice(&[0; RESPONSE_NONCE_LEN]);
+        out.extend_from_slice(&h(RESPONSE));
+        sealer
+            .seal_in_place_with_nonce(a(RESPONSE_NONCE), &mut out, 1)
+            .unwrap();
+        assert_eq!(out[0], 0x00, "bytes before `start` are left alone");
+        assert_eq!(hex::encode(&out[1..]), ENC_RESPONSE);
+        assert_eq!(opener.open(&out[1..]).unwrap(), h(RESPONSE));
+    }
+
+    #[test]
+    fn sealing_in_place_without_room_for_the_nonce_changes_nothing() {
+        let gateway = Gateway::new(vec![KeyPair::from_seed(9, &[4; 32])]);
+        let (enc_request, _) = encapsulate_request(&gateway.key_configs()[0], b"r").unwrap();
+        let (_, sealer) = gateway.decapsulate(&enc_request).unwrap();
+        let mut out = vec![7; RESPONSE_NONCE_LEN - 1];
+        assert!(matches!(
+            sealer.seal_in_place(&mut out, 0),
+            Err(OhttpError::TooLarge)
+        ));
+        assert_eq!(out, vec![7; RESPONSE_NONCE_LEN - 1]);
     }
 
     #[test]

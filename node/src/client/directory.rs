@@ -86,6 +86,10 @@ pub struct ExitView {
     pub exit: ExitInfo,
     /// The sources that vouch for it.
     pub vouched_by: Vec<String>,
+    /// Whether its descriptor says requests must carry an access token.
+    pub access_token_required: bool,
+    /// Whether the client has a token to send it (its own or the default one).
+    pub token_configured: bool,
 }
 
 /// How an exit or a relay has been doing.
@@ -513,8 +517,11 @@ impl Directory {
         self.routable(&state)
             .into_iter()
             .filter_map(|usable| {
+                let peer_id = usable.descriptor.peer_id;
                 Some(ExitView {
                     vouched_by: usable.vouched_by.iter().map(ToString::to_string).collect(),
+                    access_token_required: usable.descriptor.access_token_required,
+                    token_configured: self.tokens.for_exit(&peer_id).is_some(),
                     exit: ExitInfo::from_descriptor(usable.descriptor)?,
                 })
             })

@@ -21,8 +21,10 @@ use tracing::{Instrument as _, field::Empty};
 
 use super::{
     access::Access,
+    answer_budget::AnswerBudget,
     backend::{Backend, BackendRequest},
     replay::{ReplayError, ReplayWindow},
+    single_answer::{AnswerError, SingleAnswer},
 };
 use crate::{
     api_error::ApiError,
@@ -54,6 +56,8 @@ pub struct Gateway {
     /// Who may use the exit (open unless tokens are required).
     access: Access,
     limits: Limits,
+    /// What single-message answers may hold in memory, all together.
+    answers: AnswerBudget,
     metrics: Arc<ExitMetrics>,
 }
 
@@ -169,6 +173,7 @@ impl Gateway {
             replay: replay_window(&limits, &clock),
             clock,
             access: Access::default(),
+            answers: budget_for(&limits, &metrics),
             limits,
             metrics,
         };
@@ -373,78 +378,115 @@ impl Gateway {
                 return Ok(Answered::ByExit);
             }
         };
-        let (head, body, backend) = self.exchange_whole(&head, Bytes::from(body)).await;
-        write_single(
-            send,
-            sealer,
-            &head,
-            &body,
-            tally,
-            backend,
-            self.limits.write_stall_timeout,
-        )
-        .await?;
-        Ok(if backend.is_some() {
-            Answered::ByBackend
-        } else {
-            Answered::ByExit
-        })
+        self.answer_single(send, sealer, &head, Bytes::from(body), tally)
+            .await
     }
 
-    /// Calls the backend and collects the whole response (single-message mode). The response
-    /// head tells the client the backend's time.
-    async fn exchange_whole(
+    /// Calls the backend and sends its answer as one sealed message, built under the
+    /// exit's answer budget. When the budget stays spent the user gets an encrypted 503
+    /// instead, and the bytes collected so far are given back at once.
+    async fn answer_single(
+        &self,
+        send: &mut quinn::SendStream,
+        sealer: ohttp::ResponseSealer,
+        head: &RequestHead,
+        body: Bytes,
+        tally: &mut Tally,
+    ) -> Result<Answered, Refusal> {
+        let stall = self.limits.write_stall_timeout;
+        let exchanged = self.exchange_single(head, body).await;
+        let (answer, backend) = match exchanged {
+            Ok(answered) => answered,
+            Err(error) => {
+                let (head, body) = self.failed(&error);
+                write_single(send, sealer, &head, &body, tally, None, stall).await?;
+                return Ok(Answered::ByExit);
+            }
+        };
+        let sealed = answer
+            .seal(sealer)
+            .map_err(|e| Refusal::Undecryptable(e.to_string()))?;
+        tally.done(Some(backend));
+        stream::write_bounded(send, sealed.bytes, stall)
+            .await
+            .map_err(|_| Refusal::Stream)?;
+        let _ = send.finish();
+        // Only now, with the relay holding the answer, are its bytes given back.
+        drop(sealed.claim);
+        Ok(Answered::ByBackend)
+    }
+
+    /// Calls the backend and collects its whole response into a [`SingleAnswer`] as it
+    /// arrives, each piece drawn from the answer budget first (single-message mode). The
+    /// response head tells the client the backend's time, written once the body is in.
+    async fn exchange_single(
         &self,
         head: &RequestHead,
         body: Bytes,
-    ) -> (ResponseHead, Bytes, Option<Duration>) {
-        let request = match BackendRequest::from_bhttp(head, body, self.backend.policy()) {
-            Ok(request) => request,
-            Err(error) => {
-                let (head, body) = self.failed(&error);
-                return (head, body, None);
-            }
-        };
+    ) -> Result<(SingleAnswer, Duration), ApiError> {
+        let request = BackendRequest::from_bhttp(head, body, self.backend.policy())?;
         tracing::Span::current().record("http.request.method", request.method.as_str());
         let span = backend_span();
         let exchange = async {
             let started = Instant::now();
             let response = self.call(request).await?;
             let mut head = response_head(&response);
-            let mut body = BytesMut::new();
+            head.fields
+                .push(http_message::backend_time_field_fixed(Duration::ZERO));
+            let expected = response
+                .content_length()
+                .and_then(|len| usize::try_from(len).ok())
+                .filter(|len| *len <= self.limits.max_response_body);
+            let mut answer = SingleAnswer::new(self.answers.claim());
+            answer
+                .head(&head, expected)
+                .await
+                .map_err(|e| self.answer_failed(&e))?;
+            let mut received = 0usize;
             let mut stream = response.bytes_stream();
             while let Some(chunk) = self.next_piece(&mut stream).await? {
-                match chunk {
-                    Ok(chunk) if body.len() + chunk.len() <= self.limits.max_response_body => {
-                        self.received(chunk.len());
-                        body.extend_from_slice(&chunk);
-                    }
-                    Ok(_) => {
-                        return Err(ApiError::BackendFailed(format!(
-                            "response larger than {} bytes; use streaming",
-                            self.limits.max_response_body
-                        )));
-                    }
-                    Err(error) => return Err(super::backend::classify(&error)),
+                let chunk = chunk.map_err(|error| super::backend::classify(&error))?;
+                received = received.saturating_add(chunk.len());
+                if received > self.limits.max_response_body {
+                    return Err(ApiError::BackendFailed(format!(
+                        "response larger than {} bytes; use streaming",
+                        self.limits.max_response_body
+                    )));
                 }
+                self.received(chunk.len());
+                answer
+                    .body(&chunk)
+                    .await
+                    .map_err(|e| self.answer_failed(&e))?;
             }
             let total = started.elapsed();
-            head.fields.push(http_message::backend_time_field(total));
-            Ok((head, body.freeze(), total))
+            answer.rewrite_last_field(&http_message::backend_time_fixed(total));
+            answer.end().await.map_err(|e| self.answer_failed(&e))?;
+            Ok::<_, ApiError>((answer, total, head.status))
         }
         .instrument(span.clone())
         .await;
         match exchange {
-            Ok((head, body, time)) => {
-                tracing::Span::current()
-                    .record("http.response.status_code", i64::from(head.status));
-                (head, body, Some(time))
+            Ok((answer, total, status)) => {
+                tracing::Span::current().record("http.response.status_code", i64::from(status));
+                Ok((answer, total))
             }
             Err(error) => {
                 span.record("otel.status_code", "error");
-                let (head, body) = self.failed(&error);
-                (head, body, None)
+                Err(error)
             }
+        }
+    }
+
+    /// What the user learns when an answer could not be built: the budget stayed spent (an
+    /// overloaded exit), or the backend's head cannot be encoded.
+    fn answer_failed(&self, error: &AnswerError) -> ApiError {
+        match error {
+            AnswerError::Budget(spent) => {
+                tracing::info!(%spent, "answer refused: the exit's answer budget is spent");
+                ApiError::ExitOverloaded
+            }
+            other => ApiError::BackendFailed(other.to_string()),
         }
     }
 
@@ -728,6 +770,19 @@ enum ChunkedRead {
     Request(RequestHead, Bytes),
     /// Decrypted but unusable (malformed inside, too large): answered encrypted.
     Unusable(ApiError),
+}
+
+/// The answer budget for `limits`, reported through `metrics`.
+fn budget_for(limits: &Limits, metrics: &ExitMetrics) -> AnswerBudget {
+    metrics
+        .answer_budget_bytes
+        .set(i64::try_from(limits.answer_budget).unwrap_or(i64::MAX));
+    AnswerBudget::new(
+        limits.answer_budget,
+        limits.answer_budget_wait,
+        metrics.answer_bytes_held.clone(),
+        metrics.answer_bytes_held_peak.clone(),
+    )
 }
 
 /// The replay window for `limits`, counting the exit's start from `clock`'s now.

@@ -188,7 +188,7 @@ impl From<&ApiError> for ErrorClass {
             ApiError::GatewayTimeout => Self::GatewayTimeout,
             ApiError::Forbidden { .. } => Self::Forbidden,
             ApiError::RequestExpired(_) | ApiError::Replayed => Self::Replay,
-            ApiError::ReplayWindowFull => Self::Overloaded,
+            ApiError::ReplayWindowFull | ApiError::ExitOverloaded => Self::Overloaded,
             ApiError::ExitAccessDenied { .. } => Self::AccessDenied,
         }
     }

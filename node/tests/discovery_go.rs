@@ -66,13 +66,13 @@ struct AnnouncedRelay {
 }
 
 /// A real relay that announces itself on `config`'s DHT.
-fn start_relay(config: DhtConfig, schedule: Schedule) -> AnnouncedRelay {
+fn start_relay(config: DhtConfig, schedule: discovery::AnnounceSchedule) -> AnnouncedRelay {
     start_relay_at(config, schedule, Vec::new())
 }
 
 fn start_relay_at(
     config: DhtConfig,
-    schedule: Schedule,
+    schedule: discovery::AnnounceSchedule,
     external_ips: Vec<std::net::IpAddr>,
 ) -> AnnouncedRelay {
     let identity = Keypair::generate_ed25519();
@@ -100,8 +100,9 @@ fn start_relay_at(
         guard: DialGuard::default(),
     };
     let announce_stop = stop.clone();
-    let _ = schedule;
-    tokio::spawn(async move { discovery::announce(&config, announcer, announce_stop).await });
+    tokio::spawn(async move {
+        discovery::announce_with(&config, announcer, schedule, announce_stop).await
+    });
     AnnouncedRelay {
         addr,
         probe,
@@ -131,11 +132,9 @@ async fn wait_status(
     }
 }
 
-/// main has no announce schedule: kad republishes every 12 h.
-#[derive(Default)]
-struct Schedule { republish: Duration }
-fn scaled_schedule() -> Schedule {
-    Schedule::default()
+/// The schedule a relay runs with here: go's clock scaled like the servers'.
+fn scaled_schedule() -> discovery::AnnounceSchedule {
+    discovery::AnnounceSchedule::scaled(MINUTE)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -155,7 +154,40 @@ async fn relay_is_still_found_twenty_minutes_after_publishing_on_go_like_servers
     .await
     .expect("no go-like server stored the record");
 
-    // Found right after publishing ...
+    // A fresh identity verified the announcement ...
+    let status = wait_status(&mut relay, "verified", |s| {
+        s.verification != discovery::Verification::Checking
+            && s.verification != discovery::Verification::NotYet
+    })
+    .await;
+    assert_eq!(status.verification, discovery::Verification::Verified);
+    assert_eq!(relay.metrics.dht.provider_verified.get(), 1);
+    assert_eq!(net.dropped_add_provider(), 0);
+    // Operators read it in /readyz, /status and the metric.
+    let admin = common::start_admin(
+        tokengo::admin::Role::Relay,
+        vec![tokengo::admin::RoleProbe::Relay(relay.probe.clone())],
+    )
+    .await;
+    let (code, body) = admin.get("/readyz").await;
+    assert_eq!(code, 200);
+    assert!(body.contains("relay DHT: announced and verified"), "{body}");
+    let (_, body) = admin.get("/status").await;
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        report["relay"]["dht"]["verification"]["state"], "verified",
+        "{body}"
+    );
+    assert_eq!(
+        admin
+            .scrape()
+            .await
+            .get("tokengo_relay_dht_provider_verified"),
+        1.0
+    );
+    admin.stop.cancel();
+
+    // ... a client finds it right after publishing ...
     let first = discovery::discover(&config, seek(), &CancellationToken::new())
         .await
         .unwrap();
@@ -178,45 +210,50 @@ async fn relay_is_still_found_twenty_minutes_after_publishing_on_go_like_servers
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_client_finds_a_provider_whose_addresses_expired_through_peer_routing() {
-    common::init();
-    // The relay publishes once (kad's 12 h schedule): its record outlives its addresses.
-    let net = GoNet::start(&GoDhtConfig::scaled(TEST_PROTOCOL, MINUTE), 3).await;
-    let config = dht(net.bootstrap());
-    let schedule = Schedule {
-        republish: Duration::from_secs(12 * 3600),
-    };
-    let mut relay = start_relay(config.clone(), schedule);
-    wait_status(&mut relay, "announced", |s| s.state == DhtState::Announced).await;
-    let peer = relay.addr.peer_id();
-    let key = relay_key();
-    // Wait until every server that stores the record answers it without addresses.
-    tokio::time::timeout(WAIT, async {
-        loop {
-            let (stored, with_addrs) = net.stored(&key, &peer);
-            if stored > 0 && with_addrs == 0 {
-                break;
-            }
-            tokio::time::sleep(MINUTE).await;
-        }
-    })
-    .await
-    .expect("the go-like servers kept the relay's addresses");
-    let found = discovery::discover(&config, seek(), &CancellationToken::new()).await;
-    let found = found.unwrap_or_else(|e| panic!("provider without addresses not looked up: {e}"));
-    assert_eq!(found.relays[0].addr, relay.addr);
-    assert!(net.answered_without_addrs() > 0);
-    relay.stop.cancel();
-    net.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_announcement_whose_port_is_unreachable_is_reported_as_unverified() {
     common::init();
-    let net = GoNet::start(&GoDhtConfig::scaled(TEST_PROTOCOL, MINUTE), 3).await;
-    let config = dht(net.bootstrap());
-    let mut relay = start_relay_at(config, scaled_schedule(), vec!["127.0.0.2".parse().unwrap()]);
-    wait_status(&mut relay, "announced", |s| s.state == DhtState::Announced).await;
+    // rust-libp2p servers, which answer exactly the record's addresses (go servers add the
+    // listen addresses identify reports, here the reachable loopback one).
+    let mut servers = Vec::new();
+    let mut bootstrap = Vec::new();
+    for _ in 0..3 {
+        let server = tokengo::discovery::DhtServer::start(
+            &dht(bootstrap.clone()),
+            Keypair::generate_ed25519(),
+            "127.0.0.1:0".parse().unwrap(),
+            &[],
+            DialGuard::default(),
+        )
+        .await
+        .unwrap();
+        bootstrap.extend(server.addrs().to_vec());
+        let stop = CancellationToken::new();
+        servers.push((stop.clone(), tokio::spawn(server.run(stop))));
+    }
+    let config = dht(bootstrap);
+    // The relay's swarm listens on 127.0.0.1 but says it is reachable at 127.0.0.2 (a
+    // forwarded port that is closed): the record is stored, nobody can dial it.
+    let mut relay = start_relay_at(
+        config,
+        scaled_schedule(),
+        vec!["127.0.0.2".parse().unwrap()],
+    );
+    let status = wait_status(&mut relay, "checked", |s| {
+        matches!(s.verification, discovery::Verification::Unverified { .. })
+    })
+    .await;
+    assert_eq!(status.state, DhtState::Announced);
+    assert_eq!(status.external_addrs.len(), 1, "{status:?}");
+    assert!(
+        status.external_addrs[0].starts_with("/ip4/127.0.0.2/"),
+        "{status:?}"
+    );
+    let discovery::Verification::Unverified { reason } = &status.verification else {
+        unreachable!()
+    };
+    assert!(reason.contains("UDP"), "{reason}");
+    assert_eq!(relay.metrics.dht.provider_verified.get(), 0);
+    assert_eq!(relay.metrics.dht.provider_published.get(), 1);
     let admin = common::start_admin(
         tokengo::admin::Role::Relay,
         vec![tokengo::admin::RoleProbe::Relay(relay.probe.clone())],
@@ -226,7 +263,17 @@ async fn an_announcement_whose_port_is_unreachable_is_reported_as_unverified() {
     let report: tokengo::status::StatusReport = serde_json::from_str(&body).unwrap();
     let text = tokengo::status::summary(&report);
     assert!(text.contains("announced, unverified"), "{text}");
+    assert!(
+        admin
+            .get("/readyz")
+            .await
+            .1
+            .contains("relay DHT: announced, unverified")
+    );
     admin.stop.cancel();
     relay.stop.cancel();
-    net.stop().await;
+    for (stop, task) in servers {
+        stop.cancel();
+        task.await.unwrap();
+    }
 }

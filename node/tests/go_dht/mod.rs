@@ -241,7 +241,10 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<KadMe
     KadMessage::decode(&bytes)
 }
 
-async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, message: &KadMessage) -> io::Result<()> {
+async fn write_frame<T: AsyncWrite + Unpin + Send>(
+    io: &mut T,
+    message: &KadMessage,
+) -> io::Result<()> {
     let body = message.encode();
     let mut out = Vec::with_capacity(body.len() + 5);
     put_varint(&mut out, body.len() as u64);
@@ -515,9 +518,10 @@ async fn serve(
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(request_response::Event::Message {
                 peer,
-                message: request_response::Message::Request {
-                    request, channel, ..
-                },
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
                 ..
             })) => {
                 let local = *swarm.local_peer_id();
@@ -707,7 +711,12 @@ fn kad_messages_round_trip() {
         key: vec![0x12, 0x20, 1, 2, 3],
         closer: vec![WirePeer {
             id: PeerId::random().to_bytes(),
-            addrs: vec!["/ip4/127.0.0.1/udp/1/quic-v1".parse::<Multiaddr>().unwrap().to_vec()],
+            addrs: vec![
+                "/ip4/127.0.0.1/udp/1/quic-v1"
+                    .parse::<Multiaddr>()
+                    .unwrap()
+                    .to_vec(),
+            ],
             connection: 1,
         }],
         providers: vec![WirePeer {

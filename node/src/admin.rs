@@ -77,6 +77,17 @@ impl RoleProbe {
         }
     }
 
+    /// The role's DHT announcement in words, when it announces (not a readiness condition:
+    /// a relay serves its configured clients whether strangers can find it or not).
+    fn dht_note(&self) -> Option<String> {
+        let (role, dht) = match self {
+            Self::Relay(probe) => ("relay", probe.status(None).dht),
+            Self::Exit(probe) => ("exit", probe.status(None).dht),
+            Self::Client(_) => return None,
+        };
+        dht.map(|dht| format!("{role} DHT: {}", crate::status::dht_state(&dht)))
+    }
+
     fn register(&self, registry: &mut Registry) {
         match self {
             Self::Relay(probe) => probe.metrics().register(registry),
@@ -263,12 +274,18 @@ async fn not_ready(state: &AdminState) -> Vec<String> {
 
 async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
     let reasons = not_ready(&state).await;
+    let notes: String = state
+        .probes
+        .iter()
+        .filter_map(RoleProbe::dht_note)
+        .map(|note| format!("{note}\n"))
+        .collect();
     if reasons.is_empty() {
-        (StatusCode::OK, "ready\n".to_owned()).into_response()
+        (StatusCode::OK, format!("ready\n{notes}")).into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {}\n", reasons.join("; ")),
+            format!("not ready: {}\n{notes}", reasons.join("; ")),
         )
             .into_response()
     }

@@ -52,7 +52,7 @@ pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> anyhow::R
                 config.data_dir.file(crate::discovery::CACHE_FILE),
             )),
             want: crate::discovery::CLIENT_RELAYS,
-            settle: crate::discovery::DEFAULT_SETTLE,
+            settle: crate::discovery::settle_for(&config.dht),
             params: transport_params(&config.limits),
             guard: crate::discovery::DialGuard {
                 refused: dht.dials_refused.clone(),

@@ -23,11 +23,14 @@
 pub mod cache;
 mod codec;
 pub mod exits;
+mod peer_routing;
 pub mod policy;
+mod verification;
 
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
+    num::NonZeroUsize,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -53,6 +56,8 @@ use tokio_util::sync::CancellationToken;
 pub use cache::{CACHE_FILE, RelayCache, VerifiedRelay, rank};
 pub use exits::{ExitLookup, ExitRefusal, FoundExit, exit_info_source, find_exits};
 pub use policy::{AddressPolicy, DialGuard, DialRecord};
+
+pub use crate::status::Verification;
 
 use crate::{
     client::RelayLink,
@@ -83,12 +88,26 @@ pub const DEFAULT_DISCOVERY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_RELAYS: usize = 3;
 /// Relays a client keeps for failover.
 pub const CLIENT_RELAYS: usize = 3;
-/// kad republishes provider records this often (Amino's schedule: records expire after 48 h).
+/// kad republishes provider records this often on lookups' swarms (they provide nothing).
 const PROVIDER_PUBLICATION_INTERVAL: Duration = Duration::from_secs(12 * 3600);
+/// An announcer republishes this often by default: go-libp2p-kad-dht servers answer a
+/// provider with the addresses their peerstore holds, which lapse 15 minutes after the
+/// provider's last connection to them; each publication reconnects and renews them.
+pub const DEFAULT_REPUBLISH: Duration = Duration::from_secs(10 * 60);
+/// A provide (lookup of the closest peers, then ADD_PROVIDER to each) may take this long:
+/// on Amino the median is near 30 s and the 95th percentile over 2 minutes.
+pub const DEFAULT_PROVIDE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+/// The self-check after publishing may take this long.
+pub const DEFAULT_VERIFY_TIMEOUT: Duration = Duration::from_secs(2 * 60);
+/// Requests in flight per announcing query (Amino's go nodes use 10; kad's default is 3).
+const PROVIDE_PARALLELISM: usize = 10;
 /// Provider record lifetime (Amino's).
 const PROVIDER_RECORD_TTL: Duration = Duration::from_secs(48 * 3600);
-/// After the first verified relay, how long to wait for better ones.
+/// After the first verified relay, how long to wait for better ones (private DHTs).
 pub const DEFAULT_SETTLE: Duration = Duration::from_secs(1);
+/// The same on the public DHT, where providers keep arriving for seconds (lookups there
+/// take ~0.4 s median, ~2 s at p99, then each relay is dialled and probed).
+pub const PUBLIC_SETTLE: Duration = Duration::from_secs(5);
 /// A lookup that found nothing is repeated after this (a relay may announce a moment later).
 const REQUERY: Duration = Duration::from_secs(2);
 /// Verification of one relay (QUIC handshake and exit list) may take this long.
@@ -155,6 +174,77 @@ impl DhtConfig {
             protocol: StreamProtocol::new(DEFAULT_DHT_PROTOCOL),
             policy: AddressPolicy::Public,
             timeout: DEFAULT_DISCOVERY_TIMEOUT,
+        }
+    }
+}
+
+/// How long a seeker waits for better relays after the first one on `config`'s DHT:
+/// [`PUBLIC_SETTLE`] on the public protocol, [`DEFAULT_SETTLE`] on private ones.
+#[must_use]
+pub fn settle_for(config: &DhtConfig) -> Duration {
+    if config.protocol.as_ref() == DEFAULT_DHT_PROTOCOL {
+        PUBLIC_SETTLE
+    } else {
+        DEFAULT_SETTLE
+    }
+}
+
+/// The announcer's timing (see [`announce_with`]).
+#[derive(Debug, Clone)]
+pub struct AnnounceSchedule {
+    /// How often the provider record is published again. Default [`DEFAULT_REPUBLISH`].
+    pub republish: Duration,
+    /// How long one publication may take. Default [`DEFAULT_PROVIDE_TIMEOUT`].
+    pub provide_timeout: Duration,
+    /// How long the self-check after a publication may take. Default
+    /// [`DEFAULT_VERIFY_TIMEOUT`].
+    pub verify_timeout: Duration,
+}
+
+impl Default for AnnounceSchedule {
+    fn default() -> Self {
+        Self {
+            republish: DEFAULT_REPUBLISH,
+            provide_timeout: DEFAULT_PROVIDE_TIMEOUT,
+            verify_timeout: DEFAULT_VERIFY_TIMEOUT,
+        }
+    }
+}
+
+impl AnnounceSchedule {
+    /// The default schedule on a clock where `minute` stands for a minute (tests against
+    /// DHT servers with shortened lifetimes). Timeouts are not scaled.
+    #[must_use]
+    pub fn scaled(minute: Duration) -> Self {
+        Self {
+            republish: minute * 10,
+            ..Self::default()
+        }
+    }
+}
+
+/// kad settings that differ between a swarm that looks up and one that announces.
+#[derive(Debug, Clone)]
+struct KadTuning {
+    query_timeout: Duration,
+    parallelism: Option<NonZeroUsize>,
+    publication_interval: Duration,
+}
+
+impl KadTuning {
+    fn lookup(config: &DhtConfig) -> Self {
+        Self {
+            query_timeout: config.timeout,
+            parallelism: None,
+            publication_interval: PROVIDER_PUBLICATION_INTERVAL,
+        }
+    }
+
+    fn announce(schedule: &AnnounceSchedule) -> Self {
+        Self {
+            query_timeout: schedule.provide_timeout,
+            parallelism: NonZeroUsize::new(PROVIDE_PARALLELISM),
+            publication_interval: schedule.republish,
         }
     }
 }
@@ -252,9 +342,26 @@ fn build_swarm(
     mode: kad::Mode,
     support: InfoSupport,
 ) -> Result<Swarm<Behaviour>, DiscoveryError> {
+    build_swarm_with(
+        identity,
+        config,
+        guard,
+        mode,
+        support,
+        KadTuning::lookup(config),
+    )
+}
+
+fn build_swarm_with(
+    identity: Keypair,
+    config: &DhtConfig,
+    guard: DialGuard,
+    mode: kad::Mode,
+    support: InfoSupport,
+    tuning: KadTuning,
+) -> Result<Swarm<Behaviour>, DiscoveryError> {
     let policy = config.policy;
     let protocol = config.protocol.clone();
-    let timeout = config.timeout;
     let needs_dns = config.bootstrap.iter().any(is_dns_named);
     let swarm = libp2p::SwarmBuilder::with_existing_identity(identity)
         .with_tokio()
@@ -282,8 +389,11 @@ fn build_swarm(
         .with_behaviour(move |key| {
             let peer = key.public().to_peer_id();
             let mut kad_config = kad::Config::new(protocol);
-            kad_config.set_query_timeout(timeout);
-            kad_config.set_provider_publication_interval(Some(PROVIDER_PUBLICATION_INTERVAL));
+            kad_config.set_query_timeout(tuning.query_timeout);
+            if let Some(parallelism) = tuning.parallelism {
+                kad_config.set_parallelism(parallelism);
+            }
+            kad_config.set_provider_publication_interval(Some(tuning.publication_interval));
             kad_config.set_provider_record_ttl(Some(PROVIDER_RECORD_TTL));
             let mut kad = kad::Behaviour::with_config(peer, MemoryStore::new(peer), kad_config);
             kad.set_mode(Some(mode));
@@ -378,6 +488,26 @@ fn udp_port(addr: &Multiaddr) -> Option<u16> {
     })
 }
 
+/// The external addresses to announce for a listener: each configured IP with the bound
+/// port when the listener can be reached on its IP family (an IPv4 socket cannot answer on
+/// IPv6 and vice versa; `[::]` takes both on a dual-stack host); the others come back apart.
+fn external_for(listener: &Multiaddr, ips: &[IpAddr]) -> (Vec<Multiaddr>, Vec<IpAddr>) {
+    let Some(bound) = policy::ip_of(listener) else {
+        return (Vec::new(), ips.to_vec());
+    };
+    let port = udp_port(listener).unwrap_or(0);
+    let reachable = |ip: &IpAddr| match bound {
+        IpAddr::V4(_) => ip.is_ipv4(),
+        IpAddr::V6(v6) => ip.is_ipv6() || v6.is_unspecified(),
+    };
+    let (usable, skipped): (Vec<IpAddr>, Vec<IpAddr>) = ips.iter().partition(|ip| reachable(ip));
+    let usable = usable
+        .into_iter()
+        .map(|ip| quic_multiaddr(SocketAddr::new(ip, port)))
+        .collect();
+    (usable, skipped)
+}
+
 /// Whether a listen address counts as confirmed without configuration: only loopback under
 /// the `loopback` policy (a private network on one host, as in the tests). Anything else
 /// needs `external_addrs`, because a wrong address makes the relay silently unreachable.
@@ -436,9 +566,12 @@ impl DhtServer {
                 _ => {}
             }
         };
-        let port = udp_port(&bound).unwrap_or(listen.port());
-        for ip in external_ips {
-            swarm.add_external_address(quic_multiaddr(SocketAddr::new(*ip, port)));
+        let (usable, skipped) = external_for(&bound, external_ips);
+        if !skipped.is_empty() {
+            tracing::warn!(listen = %bound, ?skipped, "external addresses of another IP family than the listener are not announced");
+        }
+        for addr in usable {
+            swarm.add_external_address(addr);
         }
         if auto_confirmed(config.policy, &bound) {
             swarm.add_external_address(bound.clone());
@@ -536,10 +669,22 @@ impl std::fmt::Debug for Announcer {
 /// Announces a relay or an exit until `shutdown`: publishes the provider record once it has a
 /// confirmed external address, a reachable DHT and (an exit) a relay, retries failures with
 /// backoff, answers relay-info or exit-info. A node without a confirmed address is reported
-/// (warning, metric, `/status`), not hidden.
+/// (warning, metric, `/status`), not hidden. Uses the default [`AnnounceSchedule`].
 pub async fn announce(
     config: &DhtConfig,
     announcer: Announcer,
+    shutdown: CancellationToken,
+) -> Result<(), DiscoveryError> {
+    announce_with(config, announcer, AnnounceSchedule::default(), shutdown).await
+}
+
+/// [`announce`] on a given schedule: the record is published again every
+/// `schedule.republish`, and after each publication a fresh identity checks that it finds
+/// and reaches the node ([`Verification`] in `/status`, metric `dht_provider_verified`).
+pub async fn announce_with(
+    config: &DhtConfig,
+    announcer: Announcer,
+    schedule: AnnounceSchedule,
     shutdown: CancellationToken,
 ) -> Result<(), DiscoveryError> {
     let Announcer {
@@ -562,7 +707,20 @@ pub async fn announce(
             exit: ProtocolSupport::Inbound,
         },
     };
-    let mut swarm = build_swarm(identity, config, guard, kad::Mode::Client, support)?;
+    let mut swarm = build_swarm_with(
+        identity,
+        config,
+        guard,
+        kad::Mode::Client,
+        support,
+        KadTuning::announce(&schedule),
+    )?;
+    let me = *swarm.local_peer_id();
+    let asked = match info {
+        Answer::Relay(_) => verification::Asked::Relay,
+        Answer::Exit { .. } => verification::Asked::Exit,
+    };
+    let mut checks: JoinSet<Verification> = JoinSet::new();
     let listen_addr = quic_multiaddr(listen);
     swarm
         .listen_on(listen_addr.clone())
@@ -580,6 +738,7 @@ pub async fn announce(
         protocol: config.protocol.to_string(),
         listen_addrs: Vec::new(),
         external_addrs: Vec::new(),
+        verification: Verification::NotYet,
     };
     status.send_replace(Some(state.clone()));
     let started = Instant::now();
@@ -601,6 +760,24 @@ pub async fn announce(
                 }
                 continue;
             }
+            Some(checked) = checks.join_next(), if !checks.is_empty() => {
+                let Ok(checked) = checked else { continue };
+                match &checked {
+                    Verification::Verified => {
+                        if state.verification != Verification::Verified {
+                            tracing::info!(after = ?started.elapsed(), "{role} announcement verified: a fresh DHT node found and reached it");
+                        }
+                    }
+                    Verification::Unverified { reason } => {
+                        tracing::warn!("{role} announced on the DHT but UNVERIFIED: {reason}");
+                    }
+                    Verification::NotYet | Verification::Checking => continue,
+                }
+                metrics.provider_verified.set(i64::from(checked == Verification::Verified));
+                state.verification = checked;
+                status.send_replace(Some(state.clone()));
+                continue;
+            }
             () = info.ready_changed() => {
                 let confirmed = swarm.external_addresses().any(|_| true);
                 if confirmed && info.ready() && !publishing && state.state != DhtState::Announced
@@ -614,11 +791,20 @@ pub async fn announce(
         };
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
-                let port = udp_port(&address).unwrap_or(listen.port());
-                for ip in &external_ips {
-                    swarm.add_external_address(quic_multiaddr(SocketAddr::new(*ip, port)));
+                let (usable, skipped) = external_for(&address, &external_ips);
+                for addr in usable {
+                    swarm.add_external_address(addr);
                 }
-                if auto_confirmed(config.policy, &address) {
+                if !skipped.is_empty() {
+                    tracing::warn!(
+                        listen = %address,
+                        ?skipped,
+                        "external addresses of another IP family than the DHT listener are not announced (nobody could reach them); listen on [::] or an IPv6 address to announce IPv6"
+                    );
+                }
+                // Configured addresses say how the node is reached; only without them does
+                // loopback confirm itself.
+                if external_ips.is_empty() && auto_confirmed(config.policy, &address) {
                     swarm.add_external_address(address.clone());
                 }
                 state.listen_addrs.push(address.to_string());
@@ -669,10 +855,30 @@ pub async fn announce(
                         tracing::info!(
                             after = ?started.elapsed(),
                             republish,
-                            "{role} announced on the DHT (kad republishes every 12 h)"
+                            every = ?schedule.republish,
+                            "{role} announced on the DHT; checking from a fresh identity that it is found and reachable"
                         );
                     }
                     state.state = DhtState::Announced;
+                    if checks.is_empty() {
+                        if state.verification == Verification::NotYet {
+                            state.verification = Verification::Checking;
+                        }
+                        let config = config.clone();
+                        let key = key.clone();
+                        let port = state
+                            .external_addrs
+                            .first()
+                            .and_then(|a| a.parse::<Multiaddr>().ok())
+                            .and_then(|a| udp_port(&a))
+                            .unwrap_or(listen.port());
+                        let timeout = schedule.verify_timeout;
+                        let shutdown = shutdown.clone();
+                        checks.spawn(async move {
+                            verification::check(&config, key, me, asked, port, timeout, &shutdown)
+                                .await
+                        });
+                    }
                 } else {
                     metrics.provider_published.set(0);
                     state.state = DhtState::PublishFailed;
@@ -843,11 +1049,12 @@ pub async fn discover(
     let mut first_usable: Option<Instant> = None;
     let mut found = 0usize;
     let mut skipped = 0usize;
+    let mut routing = peer_routing::PeerRouting::default();
     loop {
         if verified.len() >= seek.want.max(1) {
             break;
         }
-        let idle = lookup.is_none() && pending.is_empty() && probes.is_empty();
+        let idle = lookup.is_none() && pending.is_empty() && probes.is_empty() && routing.is_idle();
         // Done: something verified and nothing is pending; or nothing can ever come (no DHT
         // peer to ask and no cached relay left).
         if idle && (!verified.is_empty() || peers == 0) {
@@ -885,7 +1092,7 @@ pub async fn discover(
                 })) if Some(id) == lookup => {
                     let (providers, finished) = lookup_progress(&mut swarm, id, &result, &step);
                     for peer in providers {
-                        if tried.insert(peer) {
+                        if tried.insert(peer) || routing.may_retry(&peer) {
                             found += 1;
                             // Ask now: kad knows the provider's addresses only while the
                             // lookup runs.
@@ -896,11 +1103,27 @@ pub async fn discover(
                     if finished {
                         lookup = None;
                         tracing::info!(providers = found, after = ?started.elapsed(), "DHT lookup finished");
-                        if verified.is_empty() && pending.is_empty() && probes.is_empty() {
+                        if verified.is_empty() && pending.is_empty() && probes.is_empty() && routing.is_idle() {
                             requery = Some(tokio::time::Instant::now() + REQUERY);
                         }
                     }
                 }
+                SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                    id, result: kad::QueryResult::GetClosestPeers(result), ..
+                })) => match routing.on_result(&mut swarm, id, &result) {
+                    Some(Ok(peer)) => {
+                        let request = swarm.behaviour_mut().info.send_request(&peer, ());
+                        pending.insert(request, peer);
+                    }
+                    Some(Err(peer)) => {
+                        skipped += 1;
+                        tracing::info!(relay = %peer, "relay skipped for now: the DHT has no reachable address for it, and a lookup of its PeerId found none");
+                        if verified.is_empty() && lookup.is_none() && requery.is_none() && routing.is_idle() {
+                            requery = Some(tokio::time::Instant::now() + REQUERY);
+                        }
+                    }
+                    None => {}
+                },
                 SwarmEvent::Behaviour(BehaviourEvent::Info(request_response::Event::Message {
                     peer,
                     message: request_response::Message::Response { request_id, response },
@@ -919,6 +1142,11 @@ pub async fn discover(
                     peer, request_id, error, ..
                 })) => {
                     pending.remove(&request_id);
+                    if matches!(error, request_response::OutboundFailure::DialFailure)
+                        && routing.unreachable(&mut swarm, peer)
+                    {
+                        continue;
+                    }
                     skipped += 1;
                     tracing::info!(relay = %peer, "relay skipped: no relay-info answer ({error})");
                 }
@@ -1170,6 +1398,51 @@ mod tests {
             InfoSupport::ASK,
         );
         assert!(swarm.is_ok(), "{:?}", swarm.err());
+    }
+
+    #[test]
+    fn external_addresses_follow_the_listeners_ip_family() {
+        let v4: IpAddr = "203.0.113.7".parse().unwrap();
+        let v6: IpAddr = "2001:db8::7".parse().unwrap();
+        let ips = [v4, v6];
+        let on_v4: Multiaddr = "/ip4/0.0.0.0/udp/4001/quic-v1".parse().unwrap();
+        let (usable, skipped) = external_for(&on_v4, &ips);
+        assert_eq!(
+            usable,
+            vec![
+                "/ip4/203.0.113.7/udp/4001/quic-v1"
+                    .parse::<Multiaddr>()
+                    .unwrap()
+            ]
+        );
+        assert_eq!(skipped, vec![v6]);
+        let on_v6: Multiaddr = "/ip6/2001:db8::1/udp/4002/quic-v1".parse().unwrap();
+        let (usable, skipped) = external_for(&on_v6, &ips);
+        assert_eq!(
+            usable,
+            vec![
+                "/ip6/2001:db8::7/udp/4002/quic-v1"
+                    .parse::<Multiaddr>()
+                    .unwrap()
+            ]
+        );
+        assert_eq!(skipped, vec![v4]);
+        let dual: Multiaddr = "/ip6/::/udp/4001/quic-v1".parse().unwrap();
+        assert_eq!(external_for(&dual, &ips).0.len(), 2);
+    }
+
+    #[test]
+    fn the_public_dht_waits_longer_for_more_relays() {
+        assert_eq!(settle_for(&DhtConfig::public()), PUBLIC_SETTLE);
+        let private = DhtConfig {
+            protocol: StreamProtocol::new("/mynet/kad/1.0.0"),
+            ..DhtConfig::public()
+        };
+        assert_eq!(settle_for(&private), DEFAULT_SETTLE);
+        assert!(PUBLIC_SETTLE > DEFAULT_SETTLE);
+        // Republishing renews go servers' 15-minute address lifetime with margin.
+        assert!(DEFAULT_REPUBLISH + Duration::from_secs(60) < Duration::from_secs(15 * 60));
+        assert!(DEFAULT_PROVIDE_TIMEOUT > DEFAULT_DISCOVERY_TIMEOUT);
     }
 
     #[test]

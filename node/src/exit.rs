@@ -163,7 +163,7 @@ async fn relays(
             config.data_dir.file(crate::discovery::CACHE_FILE),
         )),
         want: config.max_relays,
-        settle: crate::discovery::DEFAULT_SETTLE,
+        settle: crate::discovery::settle_for(&config.dht),
         params: TransportParams {
             idle_timeout: config.limits.quic_idle_timeout,
             max_incoming_streams: 0,

@@ -138,6 +138,9 @@ pub struct DhtMetrics {
     pub external_address_confirmed: Gauge,
     /// 1 after the provider record was published (and while it is republished).
     pub provider_published: Gauge,
+    /// 1 when a fresh identity got the published record back and reached the node through
+    /// it; 0 before, and when that check failed (see `/status` for why).
+    pub provider_verified: Gauge,
     /// Dials the address policy refused.
     pub dials_refused: Counter,
     /// Relays that passed verification in the last discovery.
@@ -171,6 +174,11 @@ impl DhtMetrics {
             "dht_provider_published",
             "1 after the node's provider record was published on the DHT",
             self.provider_published.clone(),
+        );
+        r.register(
+            "dht_provider_verified",
+            "1 when a fresh DHT identity found the node's record and reached the node through it",
+            self.provider_verified.clone(),
         );
     }
 

@@ -71,7 +71,7 @@ pub enum DhtState {
     Starting,
     /// No confirmed external address: the relay would be invisible, so it is not announced.
     NoExternalAddress,
-    /// The provider record is published (kad republishes it on its own schedule).
+    /// The provider record is published (and republished every 10 minutes).
     Announced,
     /// Publishing failed; it is retried.
     PublishFailed,
@@ -88,6 +88,29 @@ pub struct DhtStatus {
     pub listen_addrs: Vec<String>,
     /// Confirmed external addresses put in the provider record.
     pub external_addrs: Vec<String>,
+    /// Whether a fresh identity got the record back with addresses that reach this node.
+    #[serde(default)]
+    pub verification: Verification,
+}
+
+/// The self-check after publishing: a throwaway DHT node looks the record up and must reach
+/// this node through the addresses the DHT returns (as a stranger would).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Verification {
+    /// Nothing published yet.
+    #[default]
+    NotYet,
+    /// The check runs.
+    Checking,
+    /// The DHT returned this node's PeerId with addresses, and a fresh identity reached it
+    /// there.
+    Verified,
+    /// Published, but a fresh identity could not find or reach it.
+    Unverified {
+        /// Why, and what to check.
+        reason: String,
+    },
 }
 
 /// An exit's status.
@@ -479,13 +502,29 @@ pub fn summary(report: &StatusReport) -> String {
 
 /// One line on a DHT announcement (relay or exit).
 fn dht_line(out: &mut String, dht: &DhtStatus) {
-    let state = match dht.state {
+    let state = dht_state(dht);
+    let _ = writeln!(out, "        DHT {}: {state}", dht.protocol);
+    if let (DhtState::Announced, Verification::Unverified { reason }) =
+        (dht.state, &dht.verification)
+    {
+        let _ = writeln!(out, "          {reason}");
+    }
+}
+
+/// Where an announcement stands, in words: "announced and verified", "announced,
+/// unverified", or why it is not announced.
+#[must_use]
+pub fn dht_state(dht: &DhtStatus) -> &'static str {
+    match dht.state {
         DhtState::Starting => "starting",
         DhtState::NoExternalAddress => "NOT announced: no confirmed external address",
-        DhtState::Announced => "announced",
+        DhtState::Announced => match &dht.verification {
+            Verification::Verified => "announced and verified",
+            Verification::Unverified { .. } => "announced, unverified",
+            Verification::NotYet | Verification::Checking => "announced, verifying",
+        },
         DhtState::PublishFailed => "announcement failed, retrying",
-    };
-    let _ = writeln!(out, "        DHT {}: {state}", dht.protocol);
+    }
 }
 
 fn rate(per_sec: Option<f64>) -> String {
@@ -581,6 +620,7 @@ mod tests {
                     protocol: "/ipfs/kad/1.0.0".into(),
                     listen_addrs: vec!["/ip4/0.0.0.0/udp/4001/quic-v1".into()],
                     external_addrs: vec![],
+                    verification: Verification::NotYet,
                 }),
             }),
             exit: Some(ExitStatus {
@@ -607,6 +647,9 @@ mod tests {
                     protocol: "/mynet/kad/1.0.0".into(),
                     listen_addrs: vec!["/ip4/0.0.0.0/udp/4002/quic-v1".into()],
                     external_addrs: vec!["/ip4/203.0.113.9/udp/4002/quic-v1".into()],
+                    verification: Verification::Unverified {
+                        reason: "no answer on UDP 4002".into(),
+                    },
                 }),
             }),
             client: Some(ClientStatus {
@@ -670,7 +713,8 @@ mod tests {
             "held (sources disagree on keys): 12D3KooOther",
             "no samples yet",
             "DHT /ipfs/kad/1.0.0: NOT announced: no confirmed external address",
-            "DHT /mynet/kad/1.0.0: announced",
+            "DHT /mynet/kad/1.0.0: announced, unverified",
+            "no answer on UDP 4002",
         ] {
             assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
         }

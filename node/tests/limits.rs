@@ -614,8 +614,10 @@ async fn a_connection_sending_malformed_headers_is_closed() {
     init();
     let relay = start_relay(&Limits::default(), None).await;
     let (_endpoint, client) = dial(&relay.addr, transport::ALPN_CLIENT, 0).await;
+    // The budget refills at 2 a second: however slowly this loop runs, it spends faster than
+    // that only if it keeps going, so it goes on until the relay closes the connection.
     let mut answered = 0;
-    for _ in 0..64 {
+    for _ in 0..10_000 {
         let Ok((mut send, mut recv)) = client.open_bi().await else {
             break;
         };
@@ -635,7 +637,7 @@ async fn a_connection_sending_malformed_headers_is_closed() {
         matches!(&reason, quinn::ConnectionError::ApplicationClosed(close) if close.reason[..] == b"too many refused requests"[..]),
         "{reason}"
     );
-    assert!((16..64).contains(&answered), "{answered} answered");
+    assert!(answered >= 16, "{answered} answered");
     assert_eq!(relay.probe.metrics().refusal_closes.get(), 1);
     // The relay serves others.
     let (_endpoint, other) = dial(&relay.addr, transport::ALPN_CLIENT, 0).await;

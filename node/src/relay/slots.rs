@@ -452,7 +452,6 @@ mod tests {
         assert_eq!(handed, [0, 1]);
         assert_eq!(slots.in_use(), 16);
         // Once the other source has been gone a while, the flood is alone and uncapped.
-        drop(good_held);
         let later = t + ACTIVE_WINDOW + Duration::from_secs(60);
         let _more: Vec<Slot> = (0..20)
             .map(|_| granted(slots.acquire(holder(3, 2), later)))

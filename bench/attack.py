@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -39,6 +40,12 @@ ATTACKS = [
     # Last: the exits it registers stay in the good client's cached list until it refreshes.
     ("register", 1, 16),
 ]
+# Each attack comes from a loopback address of its own (127.0.0.10, .11, ...), never the good
+# clients' 127.0.0.1, as an attacker on a network has its own address.
+ATTACKER_FIRST_ADDRESS = 10
+# The attacker runs at this niceness: on one 2-core machine its own CPU would otherwise be
+# taken from the system under test, which a real attacker's (on its own machines) is not.
+ATTACKER_NICE = 19
 TARGET_P99_RATIO = 2.0
 TARGET_P99_SLACK_MS = 5.0
 TARGET_RELAY_RSS_MIB = 512
@@ -112,32 +119,45 @@ def good_clients(port, script, seconds):
     return result
 
 
-def phase(name, args, chain, client_port, script, relay_addr, exit_id, seconds, ramp):
+def phase(name, args, chain, client_port, script, relay_addr, exit_id, seconds, ramp, nginx):
     """One measurement: the good clients for `seconds`, with attack `name` running (from
-    `ramp` seconds before) unless it is None."""
+    `ramp` seconds before) unless it is None. Also the CPU seconds the system under test
+    (relay, exit, client, nginx) and the attacker spent over the phase."""
     relay, exit_, client = chain
     attacker = None
     kind = next((a for a in ATTACKS if a[0] == name), None)
+    sut_cpu = lambda: (sum(p.cpu_seconds() for p in chain)  # noqa: E731
+                       + driver.process_tree_cpu_seconds(nginx.pid))
+    cpu_before = sut_cpu()
+    attacker_cpu = 0.0
     with PeakRss([relay, exit_]) as rss:
         if kind:
             _, connections, streams = kind
+            source = f"127.0.0.{ATTACKER_FIRST_ADDRESS + [a[0] for a in ATTACKS].index(name)}"
             attacker = subprocess.Popen(
                 [args.bench_bin, "attack", "--relay", relay_addr, "--exit", exit_id, "--kind", name,
                  "--seconds", str(ramp + seconds + 1), "--connections", str(connections),
-                 "--streams", str(streams)],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 "--streams", str(streams), "--bind", source],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                preexec_fn=lambda: os.nice(args.attacker_nice))
             time.sleep(ramp)
         good = good_clients(client_port, script, seconds)
         answers = {}
         if attacker:
+            # wrk is reaped already: what children used from here on is the attacker's.
+            reaped_before = resource.getrusage(resource.RUSAGE_CHILDREN)
             try:
                 out, err = attacker.communicate(timeout=ramp + 30)
             except subprocess.TimeoutExpired:
                 attacker.kill()
                 out, err = attacker.communicate()
+            reaped_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            attacker_cpu = ((reaped_after.ru_utime + reaped_after.ru_stime)
+                            - (reaped_before.ru_utime + reaped_before.ru_stime))
             if attacker.returncode != 0:
                 raise BenchError(f"attacker {name} failed ({attacker.returncode}): {err[-2000:]}")
             answers = json.loads(out.strip().splitlines()[-1])["answers"]
+    cpu = sut_cpu() - cpu_before
     for proc in chain:
         if proc.popen.poll() is not None:
             raise BenchError(f"{proc.name} died during {name or 'baseline'}: {proc.tail()}")
@@ -145,11 +165,13 @@ def phase(name, args, chain, client_port, script, relay_addr, exit_id, seconds, 
     result = {"attack": name or "none", "p50_ms": ms(good["p50_us"]),
               "p99_ms": ms(good["p99_us"]), "requests": good["requests"],
               "failures": good["failures"], "relay_peak_rss_mib": rss.peak["relay"] / 1024,
-              "exit_peak_rss_mib": rss.peak["exit"] / 1024, "attacker_answers": answers}
+              "exit_peak_rss_mib": rss.peak["exit"] / 1024, "attacker_answers": answers,
+              "good_req_per_s": good["requests"] / seconds, "sut_cpu_s": cpu,
+              "attacker_cpu_s": attacker_cpu}
     log(f"{result['attack']}: good p50 {fmt_ms(result['p50_ms'])} p99 {fmt_ms(result['p99_ms'])}, "
         f"{result['requests']} requests, {result['failures']} failures; relay "
         f"{result['relay_peak_rss_mib']:.0f} MiB, exit {result['exit_peak_rss_mib']:.0f} MiB; "
-        f"attacker {answers}")
+        f"CPU s: system {cpu:.1f}, attacker {attacker_cpu:.1f}; attacker {answers}")
     return result
 
 
@@ -168,10 +190,12 @@ def report(baseline, results):
         ratio = "n/a" if r["p99_ms"] is None or not base_p99 else f"{r['p99_ms'] / base_p99:.2f}x"
         failures = str(r["failures"]) if r["requests"] else f"{r['failures']} (none served)"
         rows.append((r["attack"], fmt_ms(r["p50_ms"]), fmt_ms(r["p99_ms"]), ratio, failures,
-                     f"{r['relay_peak_rss_mib']:.0f} MiB", f"{r['exit_peak_rss_mib']:.0f} MiB",
-                     "met" if met else "MISSED", answers))
-    header = ("attack", "good p50", "good p99", "p99 vs none", "good failures", "relay peak RSS",
-              "exit peak RSS", "targets", "what the attacker got")
+                     f"{r['good_req_per_s']:.0f}", f"{r['relay_peak_rss_mib']:.0f} MiB",
+                     f"{r['exit_peak_rss_mib']:.0f} MiB", f"{r['sut_cpu_s']:.1f} s",
+                     f"{r['attacker_cpu_s']:.1f} s", "met" if met else "MISSED", answers))
+    header = ("attack", "good p50", "good p99", "p99 vs none", "good failures", "good req/s",
+              "relay peak RSS", "exit peak RSS", "system CPU", "attacker CPU", "targets",
+              "what the attacker got")
     widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
     lines = [" | ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip()
              for row in [header, tuple("-" * w for w in widths)] + rows]
@@ -186,6 +210,8 @@ def main():
     parser.add_argument("--out", required=True, help="JSON results file")
     parser.add_argument("--tokengo", required=True)
     parser.add_argument("--bench-bin", required=True)
+    parser.add_argument("--attacker-nice", type=int, default=ATTACKER_NICE,
+                        help=f"niceness of the attacker process (default {ATTACKER_NICE})")
     parser.add_argument("--only", action="append", choices=[a[0] for a in ATTACKS],
                         help="run only this attack (repeatable)")
     args = parser.parse_args()
@@ -222,11 +248,13 @@ def main():
             f.write(driver.WRK_LUA.format(body=body))
         good_clients(client_port, script, 1)  # warm-up
 
-        baseline = phase(None, args, chain, client_port, script, relay_addr, exit_id, seconds, ramp)
+        baseline = phase(None, args, chain, client_port, script, relay_addr, exit_id, seconds, ramp,
+                         nginx)
         attacked = [phase(name, args, chain, client_port, script, relay_addr, exit_id, seconds,
-                          ramp)
+                          ramp, nginx)
                     for name, _, _ in ATTACKS if not args.only or name in args.only]
-        after = phase(None, args, chain, client_port, script, relay_addr, exit_id, seconds, ramp)
+        after = phase(None, args, chain, client_port, script, relay_addr, exit_id, seconds, ramp,
+                         nginx)
         after["attack"] = "none, after all attacks"
         attacked.append(after)
         results["baseline"] = baseline

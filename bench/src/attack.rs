@@ -69,6 +69,15 @@ fn status_name(byte: Option<u8>) -> &'static str {
     }
 }
 
+/// The attacker's UDP endpoint: on `bind` (its own loopback address in the harness, as an
+/// attacker on the network has its own), or on any address.
+fn endpoint(bind: Option<std::net::IpAddr>) -> anyhow::Result<quinn::Endpoint> {
+    match bind {
+        Some(ip) => Ok(quinn::Endpoint::client(std::net::SocketAddr::new(ip, 0))?),
+        None => Ok(transport::client_endpoint(false)?),
+    }
+}
+
 fn params(incoming: u32) -> TransportParams {
     TransportParams {
         idle_timeout: Duration::from_secs(30),
@@ -114,13 +123,13 @@ fn encapsulated(key: &KeyConfig, path: &str) -> anyhow::Result<Vec<u8>> {
         scheme: b"https".to_vec(),
         authority: b"localhost".to_vec(),
         path: path.as_bytes().to_vec(),
+        // Dated like a real client's request, so the exit's replay window admits it and the
+        // backend does the work (an undated request is refused after decapsulation).
         fields: vec![
             bhttp::Field {
                 name: b"content-type".to_vec(),
                 value: b"application/json".to_vec(),
             },
-            // Exits refuse undated requests (replay protection) before the backend: without
-            // it no attack that needs the backend's answer would reach it.
             tokengo::http_message::date_field(std::time::SystemTime::now()),
         ],
     };
@@ -154,8 +163,43 @@ async fn request(connection: &quinn::Connection, bytes: Vec<u8>) -> &'static str
     }
 }
 
+/// A client connection that the attacker dials again whenever the relay closes it, as a
+/// determined attacker would.
+struct Redial {
+    endpoint: quinn::Endpoint,
+    identity: Keypair,
+    relay: RelayAddr,
+    current: tokio::sync::Mutex<quinn::Connection>,
+}
+
+impl Redial {
+    async fn dial(
+        endpoint: &quinn::Endpoint,
+        identity: &Keypair,
+        relay: &RelayAddr,
+    ) -> Result<quinn::Connection, transport::ConnectError> {
+        transport::connect(endpoint, identity, relay, transport::ALPN_CLIENT, params(0)).await
+    }
+
+    /// The open connection, dialled again (once, whoever asks first) when it was closed.
+    async fn get(&self, tally: &Mutex<Tally>) -> quinn::Connection {
+        let mut current = self.current.lock().await;
+        if current.close_reason().is_some() {
+            match Self::dial(&self.endpoint, &self.identity, &self.relay).await {
+                Ok(connection) => {
+                    Tally::add(tally, "redialled");
+                    *current = connection;
+                }
+                Err(_) => Tally::add(tally, "redial_refused"),
+            }
+        }
+        current.clone()
+    }
+}
+
 /// Runs `kind` against `relay` for `seconds`, with `connections` client connections of
-/// `streams` concurrent streams each; prints a JSON line of what the relay answered.
+/// `streams` concurrent streams each, from `bind` when given; prints a JSON line of what the
+/// relay answered.
 pub(crate) async fn run(
     relay: &RelayAddr,
     exit: Option<PeerId>,
@@ -163,26 +207,26 @@ pub(crate) async fn run(
     seconds: f64,
     connections: usize,
     streams: usize,
+    bind: Option<std::net::IpAddr>,
 ) -> anyhow::Result<()> {
-    let endpoint = transport::client_endpoint(false).context("binding a UDP socket")?;
+    let endpoint = endpoint(bind).context("binding a UDP socket")?;
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let tally = Arc::new(Mutex::new(Tally::default()));
     let identity = Keypair::generate_ed25519();
     let mut clients = Vec::new();
     for _ in 0..connections.max(1) {
-        clients.push(
-            transport::connect(
-                &endpoint,
-                &identity,
-                relay,
-                transport::ALPN_CLIENT,
-                params(0),
-            )
+        let connection = Redial::dial(&endpoint, &identity, relay)
             .await
-            .context("connecting to the relay")?,
-        );
+            .context("connecting to the relay")?;
+        clients.push(Arc::new(Redial {
+            endpoint: endpoint.clone(),
+            identity: identity.clone(),
+            relay: relay.clone(),
+            current: tokio::sync::Mutex::new(connection),
+        }));
     }
-    let (exit, key) = target(&clients[0], exit).await?;
+    let first = clients[0].get(&tally).await;
+    let (exit, key) = target(&first, exit).await?;
     let mut tasks = tokio::task::JoinSet::new();
     match kind {
         Kind::Register => {
@@ -205,13 +249,13 @@ pub(crate) async fn run(
         _ => {
             for client in &clients {
                 for _ in 0..streams.max(1) {
-                    let (client, tally) = (client.clone(), Arc::clone(&tally));
+                    let (client, tally) = (Arc::clone(client), Arc::clone(&tally));
                     tasks.spawn(async move {
                         while Instant::now() < deadline {
-                            let outcome = tokio::time::timeout_at(
-                                deadline.into(),
-                                one(kind, &client, exit, &key),
-                            )
+                            let outcome = tokio::time::timeout_at(deadline.into(), async {
+                                let connection = client.get(&tally).await;
+                                one(kind, &connection, exit, &key).await
+                            })
                             .await
                             .unwrap_or("cut_by_harness");
                             Tally::add(&tally, outcome);

@@ -103,6 +103,10 @@ enum Command {
         /// Concurrent streams per connection (for `register`: concurrent registrations).
         #[arg(long, default_value_t = 64)]
         streams: usize,
+        /// Local address to attack from (e.g. 127.0.0.2: an address of its own, not the good
+        /// clients'). Default: any.
+        #[arg(long)]
+        bind: Option<std::net::IpAddr>,
     },
     /// Forward UDP from LISTEN to TO and back, with delay, loss and reordering each way;
     /// print a JSON line of the datagram counts on SIGTERM.
@@ -159,7 +163,8 @@ fn main() -> anyhow::Result<()> {
                 seconds,
                 connections,
                 streams,
-            } => attack::run(&relay, exit, kind, seconds, connections, streams).await,
+                bind,
+            } => attack::run(&relay, exit, kind, seconds, connections, streams, bind).await,
             Command::UdpLink {
                 listen,
                 to,

@@ -313,6 +313,26 @@ pub struct RelayArgs {
         value_name = "MULTIADDR"
     )]
     pub external_addrs: Vec<String>,
+    #[command(flatten)]
+    pub admission: AdmissionArgs,
+}
+
+/// How much one source address may cost a relay (flags win over the file's keys of the same
+/// names).
+#[derive(Debug, Clone, Default, Args)]
+pub struct AdmissionArgs {
+    /// Streams in flight at one exit from which the relay shares it fairly among client
+    /// addresses active there; each then keeps at most its part in flight, its further
+    /// requests wait (0: share only a full exit). Default 16.
+    #[arg(long, env = "TOKENGO_CONTENDED_STREAMS", value_name = "N")]
+    pub contended_streams: Option<usize>,
+    /// New connections accepted per source address and second, after a burst (0: no limit).
+    /// Default 8.
+    #[arg(long, env = "TOKENGO_SOURCE_CONNECTIONS_PER_SEC", value_name = "N")]
+    pub source_connections_per_sec: Option<f64>,
+    /// New connections accepted from one source address at once. Default 64.
+    #[arg(long, env = "TOKENGO_SOURCE_CONNECTION_BURST", value_name = "N")]
+    pub source_connection_burst: Option<u32>,
 }
 
 /// Flags of `tokengo exit`.

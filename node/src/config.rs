@@ -97,6 +97,17 @@ fn seconds_within(
     }
 }
 
+/// A rate per second: finite and not negative.
+fn rate(field: &'static str, value: Option<f64>) -> Result<Option<f64>, ConfigError> {
+    match value {
+        Some(v) if !v.is_finite() || v < 0.0 => Err(invalid(
+            field,
+            "must be a number of at least 0 (0 turns the limit off)",
+        )),
+        other => Ok(other),
+    }
+}
+
 fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         field,
@@ -141,6 +152,12 @@ struct FileConfig {
     min_request_body_rate: Option<u64>,
     /// Most exits a relay keeps registered.
     max_exits: Option<usize>,
+    /// Streams in flight at one exit from which a relay shares them fairly by source.
+    contended_streams: Option<usize>,
+    /// New connections a relay accepts per source address and second (0: no limit).
+    source_connections_per_sec: Option<f64>,
+    /// New connections a relay accepts from one source address at once.
+    source_connection_burst: Option<u32>,
     /// Admin endpoint address (off when absent).
     admin_listen: Option<String>,
     /// OTLP collector base URL for traces (off when absent, unless `OTEL_*` says otherwise).
@@ -299,6 +316,20 @@ pub struct Limits {
     /// read meanwhile) before the user gets an encrypted 503 `exit_overloaded` and the bytes
     /// it collected are given back. Default 10 s.
     pub answer_budget_wait: Duration,
+    /// Streams in flight at one exit from which the relay shares that exit fairly among
+    /// client source addresses (IPv4 address, IPv6 /64) active there in the last second:
+    /// each then keeps at most its part of this many (at least 4) in flight and its further
+    /// requests wait for its own to finish (at most 5 s, then `Overloaded`). A source alone
+    /// at an exit is never limited by it; 0 shares only a full exit. Default 16.
+    pub contended_streams: usize,
+    /// New QUIC connections the relay accepts per source address and second, after a burst
+    /// of `source_connection_burst`; beyond it, an unproven address is asked for a QUIC
+    /// Retry and a proven one refused before the handshake (proven and unproven attempts
+    /// are counted apart, so spoofed packets cannot spend another's; an address that
+    /// answers Retries gets up to twice this). 0 turns the limit off. Default 8.
+    pub source_connections_per_sec: f64,
+    /// See `source_connections_per_sec`. Default 64.
+    pub source_connection_burst: u32,
 }
 
 /// The most exits `max_exits` may be: below the 1024 entries a client accepts, with room.
@@ -323,11 +354,36 @@ impl Default for Limits {
             retry_above_handshakes: 64,
             answer_budget: 256 << 20,
             answer_budget_wait: Duration::from_secs(10),
+            contended_streams: 16,
+            source_connections_per_sec: 8.0,
+            source_connection_burst: 64,
         }
     }
 }
 
 impl Limits {
+    /// The relay's admission flags over what the file said.
+    fn with_admission(self, args: &crate::cli::AdmissionArgs) -> Result<Self, ConfigError> {
+        if args.source_connection_burst == Some(0) {
+            return Err(invalid(
+                "source_connection_burst",
+                "must be at least 1 (turn the limit off with --source-connections-per-sec 0)",
+            ));
+        }
+        Ok(Self {
+            contended_streams: args.contended_streams.unwrap_or(self.contended_streams),
+            source_connections_per_sec: rate(
+                "source_connections_per_sec",
+                args.source_connections_per_sec,
+            )?
+            .unwrap_or(self.source_connections_per_sec),
+            source_connection_burst: args
+                .source_connection_burst
+                .unwrap_or(self.source_connection_burst),
+            ..self
+        })
+    }
+
     fn from_file(file: &FileConfig) -> Result<Self, ConfigError> {
         let defaults = Self::default();
         let quic_idle_timeout = seconds_within(
@@ -364,7 +420,25 @@ impl Limits {
             }
             Some(rate) => rate,
         };
+        let source_connection_burst = match file.source_connection_burst {
+            None => defaults.source_connection_burst,
+            Some(0) => {
+                return Err(invalid(
+                    "source_connection_burst",
+                    "must be at least 1 (turn the limit off with source_connections_per_sec: 0)",
+                ));
+            }
+            Some(burst) => burst,
+        };
+        let source_connections_per_sec = rate(
+            "source_connections_per_sec",
+            file.source_connections_per_sec,
+        )?
+        .unwrap_or(defaults.source_connections_per_sec);
         Ok(Self {
+            source_connections_per_sec,
+            contended_streams: file.contended_streams.unwrap_or(defaults.contended_streams),
+            source_connection_burst,
             max_request_body: positive("max_request_body_bytes", file.max_request_body_bytes)?
                 .unwrap_or(defaults.max_request_body),
             max_response_body: positive("max_response_body_bytes", file.max_response_body_bytes)?
@@ -1162,7 +1236,7 @@ impl RelayConfig {
         Ok(Self {
             listen: parse_listen("listen", listen.as_deref().unwrap_or(DEFAULT_RELAY_LISTEN))?,
             data_dir: data_dir(&args.common, &file)?,
-            limits: Limits::from_file(&file)?,
+            limits: Limits::from_file(&file)?.with_admission(&args.admission)?,
             observability: observability(&args.common, &file, "relay")?,
             dht,
             worker_threads: WorkerThreads::resolve(&args.common, &file)?,

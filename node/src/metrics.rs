@@ -221,6 +221,14 @@ pub struct RelayMetrics {
     /// Connection attempts asked to prove their address first (QUIC Retry) because many
     /// handshakes were in progress.
     pub handshake_retries: Counter,
+    /// Connection attempts refused or dropped before the handshake because their source
+    /// address opened connections faster than `source_connections_per_sec`.
+    pub source_connections_refused: Counter,
+    /// Requests that waited for a slot of their exit: their source address held its fair
+    /// part of the contended exit, or the exit was full.
+    pub source_waits: Counter,
+    /// Client connections closed because they sent too many malformed request headers.
+    pub refusal_closes: Counter,
     /// DHT announcement (all zero while the relay does not announce).
     pub dht: DhtMetrics,
 }
@@ -308,6 +316,21 @@ impl RelayMetrics {
             "Connection attempts asked to validate their address (QUIC Retry) under load",
             self.handshake_retries.clone(),
         );
+        r.register(
+            "source_connections_refused",
+            "Connection attempts refused before the handshake: their address opened connections too fast",
+            self.source_connections_refused.clone(),
+        );
+        r.register(
+            "source_waits",
+            "Requests that waited for an exit's slot (their address's fair part was taken, or the exit was full)",
+            self.source_waits.clone(),
+        );
+        r.register(
+            "refusal_closes",
+            "Client connections closed after too many malformed request headers",
+            self.refusal_closes.clone(),
+        );
         self.dht.register_announcer(r);
     }
 
@@ -359,6 +382,10 @@ pub struct ExitMetrics {
     pub ohttp_key_created: Family<KeyLabel, TimestampGauge>,
     /// Expiry (Unix seconds) of the descriptor last registered.
     pub descriptor_expiry: TimestampGauge,
+    /// Requests whose HPKE decapsulation was attempted (the exit's costliest step).
+    pub decapsulations: Counter,
+    /// Requests refused before decapsulation because their `enc` was already seen (replays).
+    pub replays_refused_early: Counter,
     /// Relay discovery.
     pub dht: DhtMetrics,
     /// Bytes of single-message answers the exit holds now (collected from the backend and
@@ -400,6 +427,16 @@ impl ExitMetrics {
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("exit");
         self.dht.register_announcing_seeker(r);
+        r.register(
+            "decapsulations",
+            "Requests whose HPKE decapsulation was attempted",
+            self.decapsulations.clone(),
+        );
+        r.register(
+            "replays_refused_early",
+            "Requests refused before decapsulation: their encapsulated key was already seen",
+            self.replays_refused_early.clone(),
+        );
         r.register(
             "requests",
             "Request streams, by media type",

@@ -2,6 +2,7 @@
 //! client stream to the exit it names. It never decrypts, never parses bodies, and never logs a
 //! client's address together with an exit.
 
+mod admission;
 mod registry;
 mod slots;
 
@@ -315,22 +316,19 @@ impl Relay {
         self.accepting.send_replace(true);
         self.metrics.accepting.set(1);
         let handshaking = Arc::new(AtomicUsize::new(0));
+        let gate = admission::ConnectionGate::new(
+            self.limits.source_connection_burst,
+            self.limits.source_connections_per_sec,
+        );
         loop {
             let incoming = tokio::select! {
                 () = shutdown.cancelled() => break,
                 incoming = self.endpoint.accept() => incoming,
             };
             let Some(incoming) = incoming else { break };
-            // Under a handshake flood, make new peers prove their address first (QUIC Retry):
-            // spoofed sources then cost one stateless packet, never handshake state.
-            if handshaking.load(Ordering::Relaxed) >= self.limits.retry_above_handshakes
-                && !incoming.remote_address_validated()
-                && incoming.may_retry()
-            {
-                self.metrics.handshake_retries.inc();
-                let _ = incoming.retry();
+            let Some(incoming) = self.screen(incoming, &gate, &handshaking) else {
                 continue;
-            }
+            };
             let shared = Arc::clone(&shared);
             let shutdown = shutdown.clone();
             let tracker = tasks.clone();
@@ -356,6 +354,48 @@ impl Relay {
         }
         self.endpoint.close(code::ABANDONED, b"relay shutting down");
         self.endpoint.wait_idle().await;
+    }
+}
+
+impl Relay {
+    /// What happens to a connection attempt before its handshake: it goes on, or it is asked
+    /// to prove its address (QUIC Retry), refused or dropped, each costing the relay one
+    /// stateless packet at most.
+    fn screen(
+        &self,
+        incoming: quinn::Incoming,
+        gate: &admission::ConnectionGate,
+        handshaking: &AtomicUsize,
+    ) -> Option<quinn::Incoming> {
+        let proven = incoming.remote_address_validated();
+        let can_retry = !proven && incoming.may_retry();
+        let source = admission::Source::of(incoming.remote_address());
+        match gate.admit(source, proven, can_retry, std::time::Instant::now()) {
+            admission::Verdict::Accept => {}
+            admission::Verdict::Retry => {
+                self.metrics.handshake_retries.inc();
+                let _ = incoming.retry();
+                return None;
+            }
+            admission::Verdict::Refuse => {
+                self.metrics.source_connections_refused.inc();
+                incoming.refuse();
+                return None;
+            }
+            admission::Verdict::Ignore => {
+                self.metrics.source_connections_refused.inc();
+                incoming.ignore();
+                return None;
+            }
+        }
+        // Under a handshake flood, make new peers prove their address first (QUIC Retry):
+        // spoofed sources then cost one stateless packet, never handshake state.
+        if handshaking.load(Ordering::Relaxed) >= self.limits.retry_above_handshakes && can_retry {
+            self.metrics.handshake_retries.inc();
+            let _ = incoming.retry();
+            return None;
+        }
+        Some(incoming)
     }
 }
 
@@ -405,6 +445,14 @@ async fn serve_client(
     tasks: TaskTracker,
     shutdown: CancellationToken,
 ) {
+    let client = Arc::new(Client {
+        holder: slots::Holder {
+            connection: connection.stable_id(),
+            source: admission::Source::of(connection.remote_address()),
+        },
+        refusals: admission::RefusalBudget::default(),
+        connection: connection.clone(),
+    });
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -412,12 +460,35 @@ async fn serve_client(
         };
         let Ok((send, recv)) = accepted else { break };
         let shared = Arc::clone(&shared);
-        let client = connection.stable_id();
+        let client = Arc::clone(&client);
         tasks.spawn(async move {
-            if let Err(error) = client_stream(send, recv, &shared, client).await {
+            if let Err(error) = client_stream(send, recv, &shared, &client).await {
                 tracing::debug!(%error, "client stream ended with an error");
             }
         });
+    }
+}
+
+/// A client connection as its streams see it.
+struct Client {
+    /// Whose slots its requests take.
+    holder: slots::Holder,
+    /// Malformed requests the relay answers on it before closing it.
+    refusals: admission::RefusalBudget,
+    connection: quinn::Connection,
+}
+
+impl Client {
+    /// Counts a malformed request header: a client sends none, so a connection past its
+    /// budget is closed (garbage then costs the sender a new handshake each, which its
+    /// address's connection rate bounds). Unknown exits are not counted: an honest client
+    /// may have many requests in flight to an exit that just left.
+    fn refused(&self, metrics: &RelayMetrics) {
+        if !self.refusals.spend(std::time::Instant::now()) {
+            metrics.refusal_closes.inc();
+            self.connection
+                .close(code::PROTOCOL, b"too many refused requests");
+        }
     }
 }
 
@@ -425,7 +496,7 @@ async fn client_stream(
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
     shared: &Shared,
-    client: slots::Holder,
+    client: &Client,
 ) -> anyhow::Result<()> {
     let metrics = &shared.metrics;
     let mut reader = StreamReader::new(recv);
@@ -442,6 +513,7 @@ async fn client_stream(
             metrics.error(ErrorClass::Malformed);
             reader.stop(code::PROTOCOL);
             reply_status(&mut send, Status::Malformed).await;
+            client.refused(metrics);
             return Err(anyhow::anyhow!("bad request header: {error}"));
         }
     };
@@ -484,7 +556,7 @@ async fn client_stream(
                     reply_status(&mut send, Status::NoSuchExit).await;
                     return Err(ErrorClass::NoSuchExit);
                 };
-                let Some(_slot) = slot(&route.slots, client).await else {
+                let Some(_slot) = slot(&route.slots, client.holder, metrics).await else {
                     reply_status(&mut send, Status::Overloaded).await;
                     return Err(ErrorClass::Overloaded);
                 };
@@ -510,11 +582,18 @@ async fn client_stream(
 
 /// One of the exit's stream slots for a request of `client`, waiting at most [`SLOT_WAIT`];
 /// `None` means the answer is `Overloaded`.
-async fn slot(slots: &Arc<slots::Slots>, client: slots::Holder) -> Option<slots::Slot> {
-    match slots.acquire(client) {
+async fn slot(
+    slots: &Arc<slots::Slots>,
+    client: slots::Holder,
+    metrics: &RelayMetrics,
+) -> Option<slots::Slot> {
+    match slots.acquire(client, std::time::Instant::now()) {
         slots::Admission::Granted(slot) => Some(slot),
         slots::Admission::Refused => None,
-        slots::Admission::Wait(grant) => tokio::time::timeout(SLOT_WAIT, grant).await.ok()?.ok(),
+        slots::Admission::Wait(grant) => {
+            metrics.source_waits.inc();
+            tokio::time::timeout(SLOT_WAIT, grant).await.ok()?.ok()
+        }
     }
 }
 

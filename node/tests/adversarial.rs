@@ -275,21 +275,40 @@ async fn exit_refuses_garbage_unknown_keys_truncation_and_replays() {
         undecryptable
     );
 
-    // The same encapsulated request twice: the second is a replay, refused with an answer
-    // only the original sender could read (the exit counts it; the backend never sees it).
+    // The same encapsulated request again: a replay, refused before any HPKE work (its
+    // `enc` is remembered from the first, which decapsulated), for both media types. The
+    // refusal is a status byte: only decapsulation yields a key to encrypt an answer with,
+    // and only the replayer sees it.
+    let metrics = chain.exit.probe.metrics();
     let (encapsulated, opener) = ohttp::encapsulate_request(&key, &get_request()).unwrap();
     let first = raw
         .exchange(&forward(exit.peer_id, MediaType::Single, &encapsulated))
         .await;
     assert_eq!(first[0], Status::Ok as u8);
     opener.open(&first[1..]).unwrap();
-    let metrics = chain.exit.probe.metrics();
-    let errors = metrics.errors_total();
-    let second = raw
-        .exchange(&forward(exit.peer_id, MediaType::Single, &encapsulated))
+    let mut inner = Vec::new();
+    bhttp::StreamingEncoder::request(&dated_head(b"/v1/ping"), &mut inner)
+        .unwrap()
+        .end(0, &mut inner);
+    let (mut sealer, mut chunked_request) = chunked::start_request(&key).unwrap();
+    chunked_request.extend_from_slice(&sealer.seal_split(&inner, true).unwrap());
+    let first = raw
+        .exchange(&forward(exit.peer_id, MediaType::Chunked, &chunked_request))
         .await;
-    assert_eq!(second[0], Status::Ok as u8);
-    assert_eq!(metrics.errors_total(), errors + 1);
+    assert_eq!(first[0], Status::Ok as u8);
+    let decapsulated = metrics.decapsulations.get();
+    let refused = metrics.replays_refused_early.get();
+    for _ in 0..3 {
+        for (media, body) in [
+            (MediaType::Single, &encapsulated),
+            (MediaType::Chunked, &chunked_request),
+        ] {
+            let again = raw.exchange(&forward(exit.peer_id, media, body)).await;
+            assert_eq!(again, undecryptable, "{media:?}");
+        }
+    }
+    assert_eq!(metrics.decapsulations.get(), decapsulated);
+    assert_eq!(metrics.replays_refused_early.get(), refused + 6);
 
     // Undated, or dated outside the window: an encrypted 400 that says why.
     let stale = std::time::SystemTime::now() - Duration::from_secs(600);

@@ -267,6 +267,8 @@ async fn registrations_beyond_the_rate_and_the_cap_are_refused_as_overloaded() {
     // client accepts (1024 entries), so the relay stays usable.
     let limits = Limits {
         registration_burst: 2000,
+        // All 1025 come from one address: this is about the registry's caps.
+        source_connections_per_sec: 0.0,
         ..Limits::default()
     };
     let relay = start_relay(&limits, None).await;
@@ -503,4 +505,141 @@ async fn many_handshakes_in_progress_make_the_relay_ask_for_address_validation()
     let (_endpoint, client) = dial(&relay.addr, transport::ALPN_CLIENT, 0).await;
     assert!(list_exits(&client).await.is_empty());
     assert!(relay.probe.metrics().handshake_retries.get() >= 1);
+}
+
+/// A client endpoint on `ip` (a loopback address of its own: the relay tells sources apart
+/// by address).
+fn endpoint_on(ip: [u8; 4]) -> quinn::Endpoint {
+    quinn::Endpoint::client(std::net::SocketAddr::from((ip, 0))).unwrap()
+}
+
+async fn dial_from(ip: [u8; 4], relay: &RelayAddr) -> (quinn::Endpoint, quinn::Connection) {
+    let endpoint = endpoint_on(ip);
+    let connection = transport::connect(
+        &endpoint,
+        &Keypair::generate_ed25519(),
+        relay,
+        transport::ALPN_CLIENT,
+        params(0),
+    )
+    .await
+    .unwrap();
+    (endpoint, connection)
+}
+
+#[tokio::test]
+async fn a_flooding_address_keeps_only_its_fair_part_of_a_contended_exit() {
+    init();
+    let limits = Limits {
+        contended_streams: 8,
+        ..Limits::default()
+    };
+    let relay = start_relay(&limits, None).await;
+    // An exit of 64 slots that holds every request open (a slow backend).
+    let endpoint = transport::client_endpoint(false).unwrap();
+    let exit = RawExit::register(&endpoint, &relay.addr, 64, 1024, true).await;
+    assert_eq!(exit.status, Status::Ok);
+    let mut streams = exit.streams.clone();
+    // A good client (127.0.0.1) has one request in flight.
+    let (_good_endpoint, good) = dial(&relay.addr, transport::ALPN_CLIENT, 0).await;
+    let held = good.clone();
+    tokio::spawn(async move { exchange(&held, exit.peer_id, b"hold").await });
+    tokio::time::timeout(PATIENCE, streams.wait_for(|n| *n == 1))
+        .await
+        .expect("the good request at the exit")
+        .unwrap();
+    // Another address floods: 40 requests at once on one connection.
+    let (_flood_endpoint, flood) = dial_from([127, 0, 0, 2], &relay.addr).await;
+    for _ in 0..40 {
+        let flood = flood.clone();
+        tokio::spawn(async move { exchange(&flood, exit.peer_id, b"hold").await });
+    }
+    // Until 8 are in flight the flood takes free slots (7); then it waits for its own.
+    let probe = relay.probe.clone();
+    eventually("33 flood requests waiting", || {
+        probe.metrics().source_waits.get() == 33
+    })
+    .await;
+    tokio::time::timeout(PATIENCE, streams.wait_for(|n| *n == 8))
+        .await
+        .expect("8 streams at the exit")
+        .unwrap();
+    assert_eq!(relay.probe.metrics().streams_in_flight.get(), 8);
+    // The good client is still served at once, past the flood's queue.
+    let answer = tokio::time::timeout(PATIENCE, exchange(&good, exit.peer_id, b"now"))
+        .await
+        .expect("the good client was not served");
+    assert_eq!(answer.as_deref(), Some(&b"\x00pong"[..]));
+    assert_eq!(*exit.streams.borrow(), 9);
+}
+
+#[tokio::test]
+async fn an_address_opening_connections_too_fast_is_refused_before_the_handshake() {
+    init();
+    let limits = Limits {
+        source_connection_burst: 2,
+        source_connections_per_sec: 0.001,
+        ..Limits::default()
+    };
+    let relay = start_relay(&limits, None).await;
+    let endpoint = endpoint_on([127, 0, 0, 3]);
+    let identity = Keypair::generate_ed25519();
+    let connect = || {
+        transport::connect(
+            &endpoint,
+            &identity,
+            &relay.addr,
+            transport::ALPN_CLIENT,
+            params(0),
+        )
+    };
+    // Two at once, two more once the address proved itself (QUIC Retry), then refused.
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        open.push(connect().await.unwrap());
+    }
+    let refused = connect().await;
+    assert!(refused.is_err(), "a fifth connection was accepted");
+    let metrics = relay.probe.metrics();
+    assert!(metrics.source_connections_refused.get() >= 1);
+    assert!(metrics.handshake_retries.get() >= 2);
+    // Another address connects as usual, and the open connections still work.
+    let (_other_endpoint, other) = dial(&relay.addr, transport::ALPN_CLIENT, 0).await;
+    assert!(list_exits(&other).await.is_empty());
+    assert!(list_exits(&open[0]).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_connection_sending_malformed_headers_is_closed() {
+    init();
+    let relay = start_relay(&Limits::default(), None).await;
+    let (_endpoint, client) = dial(&relay.addr, transport::ALPN_CLIENT, 0).await;
+    // The budget refills at 2 a second: however slowly this loop runs, it spends faster than
+    // that only if it keeps going, so it goes on until the relay closes the connection.
+    let mut answered = 0;
+    for _ in 0..10_000 {
+        let Ok((mut send, mut recv)) = client.open_bi().await else {
+            break;
+        };
+        // The relay may stop reading once it has answered: write errors do not matter.
+        if send.write_all(&[9, 9, 9]).await.is_ok() {
+            let _ = send.finish();
+        }
+        match recv.read_to_end(16).await {
+            Ok(answer) if answer == [Status::Malformed as u8] => answered += 1,
+            _ => break,
+        }
+    }
+    let reason = tokio::time::timeout(PATIENCE, client.closed())
+        .await
+        .expect("the connection was not closed");
+    assert!(
+        matches!(&reason, quinn::ConnectionError::ApplicationClosed(close) if close.reason[..] == b"too many refused requests"[..]),
+        "{reason}"
+    );
+    assert!(answered >= 16, "{answered} answered");
+    assert_eq!(relay.probe.metrics().refusal_closes.get(), 1);
+    // The relay serves others.
+    let (_endpoint, other) = dial(&relay.addr, transport::ALPN_CLIENT, 0).await;
+    assert!(list_exits(&other).await.is_empty());
 }

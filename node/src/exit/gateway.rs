@@ -121,6 +121,10 @@ enum Refusal {
     UnknownKey(u8),
     #[error("cannot decapsulate: {0}")]
     Undecryptable(String),
+    /// Its `enc` was already seen: refused before any HPKE work. It cannot be answered
+    /// encrypted (only decapsulation yields the response key), and only a replayer sees it.
+    #[error("encapsulated key already seen (replay)")]
+    Replayed,
     #[error("stream failed")]
     Stream,
     /// The backend failed after the response head was sent.
@@ -134,6 +138,7 @@ impl Refusal {
             Self::Malformed(_) => ErrorClass::Malformed,
             Self::UnknownKey(_) => ErrorClass::KeyUnknown,
             Self::Undecryptable(_) => ErrorClass::Undecryptable,
+            Self::Replayed => ErrorClass::Replay,
             Self::Stream => ErrorClass::StreamFailed,
             Self::Backend(class) => *class,
         }
@@ -143,7 +148,7 @@ impl Refusal {
         match self {
             Self::Malformed(_) => Some(Status::Malformed),
             Self::UnknownKey(_) => Some(Status::KeyUnknown),
-            Self::Undecryptable(_) => Some(Status::Undecryptable),
+            Self::Undecryptable(_) | Self::Replayed => Some(Status::Undecryptable),
             Self::Stream | Self::Backend(_) => None,
         }
     }
@@ -349,7 +354,9 @@ impl Gateway {
                 .await
                 .map_err(|_| Refusal::Malformed("request body timed out".into()))?
                 .map_err(|e| Refusal::Malformed(e.to_string()))?;
+        self.not_replayed(ohttp::enc_of(&encapsulated))?;
         let keys = self.keys();
+        self.metrics.decapsulations.inc();
         let (message, sealer) = keys
             .decapsulate(&encapsulated)
             .map_err(Refusal::from_ohttp)?;
@@ -534,6 +541,16 @@ impl Gateway {
             .map_err(|_| ApiError::BackendTimeout)
     }
 
+    /// Refuses a request whose `enc` the replay window remembers, before decapsulating it:
+    /// a replay flood then costs the exit a lookup per request, not an HPKE operation.
+    fn not_replayed(&self, enc: Option<&[u8; 32]>) -> Result<(), Refusal> {
+        if enc.is_some_and(|enc| self.replay.seen(enc)) {
+            self.metrics.replays_refused_early.inc();
+            return Err(Refusal::Replayed);
+        }
+        Ok(())
+    }
+
     /// Checks a decapsulated request's date and encapsulated key against replay.
     fn admit(&self, enc: Option<&[u8; 32]>, head: &RequestHead) -> Result<(), ReplayError> {
         // A request that decapsulated always has its `enc`; refused all the same if not.
@@ -607,7 +624,14 @@ impl Gateway {
         let mut finished = false;
         let deadline = self.backend.idle_timeout();
         let unusable = |error: String| ChunkedRead::Unusable(ApiError::BadRequest(error));
+        let mut checked = false;
         while !finished {
+            // The header's `enc` is checked against replay before the opener decapsulates.
+            if !checked && let Some(enc) = ohttp::enc_of(reader.buffer()) {
+                checked = true;
+                self.not_replayed(Some(enc))?;
+                self.metrics.decapsulations.inc();
+            }
             let chunk = if let Some(chunk) = opener
                 .decode(reader.buffer())
                 .map_err(Refusal::from_ohttp)?

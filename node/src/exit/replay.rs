@@ -82,6 +82,18 @@ impl ReplayWindow {
         self.not_before
     }
 
+    /// Whether `enc` is remembered now: such a request is a replay and can be refused before
+    /// the HPKE work of decapsulating it. Only [`admit`](Self::admit), after a successful
+    /// decapsulation, ever remembers a key, so nobody can make a fresh request look seen.
+    /// A key past its time is refused by its date anyway, so forgetting it lazily is fine.
+    pub(super) fn seen(&self, enc: &[u8; 32]) -> bool {
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .keys
+            .contains(enc)
+    }
+
     /// Checks a decapsulated request dated `date` (Unix seconds) against the exit's clock
     /// `now`, and remembers its `enc` if it is admitted.
     pub(super) fn admit(&self, enc: &[u8], date: Option<u64>, now: u64) -> Result<(), ReplayError> {
@@ -205,11 +217,14 @@ mod tests {
             );
         }
         for i in 0..3u8 {
+            assert!(window.seen(&[i; 32]));
             assert_eq!(
                 window.admit(&[i; 32], Some(t), t + 60),
                 Err(ReplayError::Replayed)
             );
         }
+        // Refused keys were never remembered.
+        assert!(!window.seen(&[3; 32]));
         assert_eq!(window.remembered(), 3);
         // Once the dates leave the window there is room again.
         assert_eq!(window.admit(&[7; 32], Some(t + 61), t + 61), Ok(()));

@@ -84,6 +84,8 @@ struct Table {
 pub struct Registry {
     table: Mutex<Table>,
     max_exits: usize,
+    /// Streams in flight at an exit from which its slots are shared by source.
+    contended_streams: usize,
     /// Number of registered exits, for whoever waits on changes (readiness, tests).
     count: tokio::sync::watch::Sender<usize>,
     /// The same number as a metric, set under the lock so concurrent changes cannot leave it
@@ -147,6 +149,7 @@ impl Registry {
                 ),
             }),
             max_exits: limits.max_exits.clamp(1, crate::config::MAX_EXITS_CEILING),
+            contended_streams: limits.contended_streams,
             count: tokio::sync::watch::Sender::new(0),
             gauge: Gauge::default(),
         }
@@ -181,7 +184,10 @@ impl Registry {
                 Some(old) if old.connection.stable_id() == connection.stable_id() => {
                     Arc::clone(&old.slots)
                 }
-                _ => Slots::new(max_streams.clamp(1, MAX_EXIT_SLOTS) as usize),
+                _ => Slots::new(
+                    max_streams.clamp(1, MAX_EXIT_SLOTS) as usize,
+                    self.contended_streams,
+                ),
             };
             let entry = Entry {
                 connection: connection.clone(),

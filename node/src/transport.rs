@@ -304,9 +304,40 @@ impl quinn::crypto::HmacKey for ResetKey {
 /// The endpoint configuration of a node with `identity`: its stateless-reset key derived
 /// from the identity (see [`ResetKey`]); without one (no identity), quinn's random key.
 fn endpoint_config(identity: Option<&Keypair>) -> quinn::EndpointConfig {
-    match identity.and_then(ResetKey::derive) {
-        Some(key) => quinn::EndpointConfig::new(Arc::new(key)),
-        None => quinn::EndpointConfig::default(),
+    let Some(key) = identity.and_then(ResetKey::derive) else {
+        return quinn::EndpointConfig::default();
+    };
+    let mut config = quinn::EndpointConfig::new(Arc::new(key));
+    config.cid_generator(|| Box::new(RandomCids));
+    config
+}
+
+/// Connection IDs a restarted node still answers with a stateless reset. quinn's default
+/// generator signs its IDs with a key random per process and silently drops a packet whose ID
+/// it did not sign, so a restarted relay never sent the reset [`ResetKey`] makes possible
+/// (found by the relay-restart fault test). These are plain random IDs (quinn's
+/// `RandomConnectionIdGenerator`, which quinn does not re-export): every short-header packet
+/// for an unknown connection is answered with a reset, rate-limited by quinn and never larger
+/// than the packet that caused it.
+#[derive(Clone, Copy, Debug)]
+struct RandomCids;
+
+impl RandomCids {
+    const LEN: usize = 8;
+}
+
+impl quinn::ConnectionIdGenerator for RandomCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        let id: [u8; Self::LEN] = rand::random();
+        quinn::ConnectionId::new(&id)
+    }
+
+    fn cid_len(&self) -> usize {
+        Self::LEN
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
     }
 }
 

@@ -345,10 +345,18 @@ async fn replays_are_refused_minutes_later_and_after_a_restart() {
     let recorded = recorded[2..].to_vec();
     // At once, 11 minutes later (the exit's clock moved), and after the exit restarted.
     let answer = send_raw(&s.relay.addr, s.exit.peer_id, &recorded).await;
-    assert_eq!(answer[0], Status::Ok as u8, "an encrypted refusal");
+    // Version 2: ACCEPTED (the exit decrypted it), then the status of the encrypted refusal.
+    assert_eq!(
+        answer[..2],
+        [tokengo_proto::frame::ACCEPTED, Status::Ok as u8],
+        "an encrypted refusal"
+    );
     offset.store(11 * 60, std::sync::atomic::Ordering::SeqCst);
     let answer = send_raw(&s.relay.addr, s.exit.peer_id, &recorded).await;
-    assert_eq!(answer[0], Status::Ok as u8);
+    assert_eq!(
+        answer[..2],
+        [tokengo_proto::frame::ACCEPTED, Status::Ok as u8]
+    );
     assert!(
         s.backend.take_seen().is_empty(),
         "a replay reached the backend"
@@ -370,7 +378,10 @@ async fn replays_are_refused_minutes_later_and_after_a_restart() {
     assert_eq!(restarted.peer_id, peer, "same identity and keys");
     s.backend.take_seen();
     let answer = send_raw(&s.relay.addr, peer, &recorded).await;
-    assert_eq!(answer[0], Status::Ok as u8);
+    assert_eq!(
+        answer[..2],
+        [tokengo_proto::frame::ACCEPTED, Status::Ok as u8]
+    );
     assert!(
         s.backend.take_seen().is_empty(),
         "a replay reached the backend after a restart"

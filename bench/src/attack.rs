@@ -56,6 +56,10 @@ impl Tally {
 }
 
 fn status_name(byte: Option<u8>) -> &'static str {
+    // Version 2: an exit says ACCEPTED before it calls its backend; the status follows.
+    if byte == Some(frame::ACCEPTED) {
+        return "accepted";
+    }
     match byte.map(Status::try_from) {
         None => "empty",
         Some(Ok(Status::Ok)) => "ok",

@@ -38,6 +38,13 @@ pub enum ApiError {
     /// The chosen exit went away and no other could take the request.
     #[error("the exit is unavailable: {0}")]
     ExitUnavailable(String),
+    /// The exit said it was passing the request to its backend and then failed before its
+    /// answer began. The request may have reached the backend, so it was not sent to another
+    /// exit (that could run it twice).
+    #[error(
+        "the exit took the request and then failed before answering ({0}); it may have reached the AI backend, so it was not sent again; retry it if running it twice is harmless"
+    )]
+    ExitLostRequest(String),
     /// The request is too large.
     #[error("request body too large (limit {limit} bytes)")]
     PayloadTooLarge {
@@ -96,9 +103,10 @@ impl ApiError {
     #[must_use]
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::BackendUnreachable | Self::BackendFailed(_) | Self::RelayUnreachable(_) => {
-                StatusCode::BAD_GATEWAY
-            }
+            Self::BackendUnreachable
+            | Self::BackendFailed(_)
+            | Self::RelayUnreachable(_)
+            | Self::ExitLostRequest(_) => StatusCode::BAD_GATEWAY,
             Self::BackendTimeout | Self::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::NoExit
             | Self::PinnedExitsUnavailable { .. }
@@ -126,6 +134,7 @@ impl ApiError {
             Self::PinnedExitsUnavailable { .. } => "pinned_exit_unavailable",
             Self::RelayUnreachable(_) => "relay_unreachable",
             Self::ExitUnavailable(_) => "exit_unavailable",
+            Self::ExitLostRequest(_) => "exit_failed_after_accepting",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::BadRequest(_) => "bad_request",
             Self::Overloaded => "overloaded",
@@ -187,6 +196,16 @@ mod tests {
                 .contains("unreachable")
         );
         assert_eq!(ApiError::NoExit.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let lost = ApiError::ExitLostRequest("stream reset".into());
+        assert_eq!(lost.status(), StatusCode::BAD_GATEWAY);
+        let json: serde_json::Value = serde_json::from_slice(&lost.body()).unwrap();
+        assert_eq!(json["error"]["code"], "exit_failed_after_accepting");
+        assert!(
+            json["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("not sent again")
+        );
         assert_eq!(
             ApiError::BackendTimeout.status(),
             StatusCode::GATEWAY_TIMEOUT

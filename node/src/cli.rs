@@ -163,6 +163,29 @@ pub struct RequestArgs {
     pub request_timeout_secs: Option<u64>,
 }
 
+/// How fast a dead exit tunnel or a silent exit is noticed, shared by the relay and the exit.
+#[derive(Debug, Clone, Default, Args)]
+pub struct LivenessArgs {
+    /// Seconds of silence after which an exit's tunnel to a relay counts as dead, with
+    /// keep-alives at a third of it (default 3): a crashed exit leaves the relay's list, and a
+    /// lost relay is redialled, within it.
+    #[arg(
+        long = "tunnel-liveness",
+        env = "TOKENGO_TUNNEL_LIVENESS",
+        value_name = "SECS"
+    )]
+    pub tunnel_liveness_secs: Option<u64>,
+    /// Relay: seconds an exit may take, once a request has reached it whole, to send the
+    /// first byte of its answer (an exit sends it before calling its backend) before the
+    /// request is taken back and tried elsewhere (default 10).
+    #[arg(
+        long = "exit-answer-timeout",
+        env = "TOKENGO_EXIT_ANSWER_TIMEOUT",
+        value_name = "SECS"
+    )]
+    pub exit_answer_timeout_secs: Option<u64>,
+}
+
 /// What the local endpoint answers and what it forwards.
 #[derive(Debug, Clone, Default, Args)]
 pub struct LocalEndpointArgs {
@@ -315,6 +338,8 @@ pub struct RelayArgs {
     pub external_addrs: Vec<String>,
     #[command(flatten)]
     pub admission: AdmissionArgs,
+    #[command(flatten)]
+    pub liveness: LivenessArgs,
 }
 
 /// How much one source address may cost a relay (flags win over the file's keys of the same
@@ -366,6 +391,8 @@ pub struct ExitArgs {
     pub gate: ExitGateArgs,
     #[command(flatten)]
     pub request: RequestArgs,
+    #[command(flatten)]
+    pub liveness: LivenessArgs,
     /// Announce this exit on the DHT, so clients learn it and its relays independently of any
     /// one relay (default: on for a --public exit, off otherwise; only a public exit may).
     /// `--dht-announce false` turns it off.

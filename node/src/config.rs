@@ -148,6 +148,10 @@ struct FileConfig {
     quic_idle_timeout_secs: Option<u64>,
     /// Seconds a write may wait for a reader that takes no bytes.
     write_stall_timeout_secs: Option<u64>,
+    /// Seconds of silence after which an exit tunnel counts as dead.
+    tunnel_liveness_secs: Option<u64>,
+    /// Seconds an exit may take to start answering a request it has whole (relay).
+    exit_answer_timeout_secs: Option<u64>,
     /// Lowest average rate of a request body at the relay, in bytes per second.
     min_request_body_rate: Option<u64>,
     /// Most exits a relay keeps registered.
@@ -283,6 +287,21 @@ pub struct Limits {
     /// How long the relay waits for an exit's tunnel to take a new stream before it answers
     /// `ExitUnavailable`. Default 10 s.
     pub stream_open_timeout: Duration,
+    /// Silence after which an exit's tunnel counts as dead. The exit asks for it as the
+    /// tunnel's QUIC idle timeout (QUIC takes the lower of the two ends' values, so the relay
+    /// applies it too) and sends keep-alives at a third of it: a crashed exit leaves the
+    /// relay's list and its streams fail within it, and an exit notices a lost relay within
+    /// it. One keep-alive packet per tunnel per second at the default, against which a
+    /// relay's 1000 tunnels cost little; client connections keep `quic_idle_timeout`.
+    /// Default 3 s (1 to 60).
+    pub tunnel_liveness: Duration,
+    /// How long an exit may take, once the relay has sent it a whole request, to send the
+    /// first byte of its answer: version 2 exits send `ACCEPTED` right before they call their
+    /// backend, so only a wedged exit misses it. Then the relay resets the exit's stream and
+    /// answers `ExitUnavailable`, and the client tries another exit. Requests in version 1
+    /// (the first byte comes with the backend's answer) are not bounded. Default 10 s
+    /// (1 to 600).
+    pub exit_answer_timeout: Duration,
     /// A request body must reach the relay at this average rate (bytes per second, counted
     /// from the stream's start) once `request_body_grace` has passed, or the stream is
     /// reset: trickling bytes cannot hold an exit's slot. Default 16 KiB/s.
@@ -346,6 +365,8 @@ impl Default for Limits {
             replay_cache_entries: 1 << 18,
             write_stall_timeout: Duration::from_secs(30),
             stream_open_timeout: Duration::from_secs(10),
+            tunnel_liveness: Duration::from_secs(3),
+            exit_answer_timeout: Duration::from_secs(10),
             min_request_body_rate: 16 * 1024,
             request_body_grace: Duration::from_secs(10),
             max_exits: MAX_EXITS_CEILING,
@@ -398,6 +419,18 @@ impl Limits {
             1..=3600,
             defaults.write_stall_timeout,
         )?;
+        let tunnel_liveness = seconds_within(
+            "tunnel_liveness_secs",
+            file.tunnel_liveness_secs,
+            1..=60,
+            defaults.tunnel_liveness,
+        )?;
+        let exit_answer_timeout = seconds_within(
+            "exit_answer_timeout_secs",
+            file.exit_answer_timeout_secs,
+            1..=600,
+            defaults.exit_answer_timeout,
+        )?;
         let max_exits = match file.max_exits {
             None => defaults.max_exits,
             Some(n @ 1..=MAX_EXITS_CEILING) => n,
@@ -445,10 +478,29 @@ impl Limits {
                 .unwrap_or(defaults.max_response_body),
             quic_idle_timeout,
             write_stall_timeout,
+            tunnel_liveness,
+            exit_answer_timeout,
             min_request_body_rate,
             max_exits,
             ..defaults
         })
+    }
+
+    /// Adds the liveness flags, which win over the file (relay, exit).
+    fn with_liveness(mut self, args: &crate::cli::LivenessArgs) -> Result<Self, ConfigError> {
+        if let Some(secs) = args.tunnel_liveness_secs {
+            self.tunnel_liveness =
+                seconds_within("tunnel_liveness", Some(secs), 1..=60, self.tunnel_liveness)?;
+        }
+        if let Some(secs) = args.exit_answer_timeout_secs {
+            self.exit_answer_timeout = seconds_within(
+                "exit_answer_timeout",
+                Some(secs),
+                1..=600,
+                self.exit_answer_timeout,
+            )?;
+        }
+        Ok(self)
     }
 
     /// Adds the request timeout (client, exit, serve).
@@ -1236,7 +1288,8 @@ impl RelayConfig {
         Ok(Self {
             listen: parse_listen("listen", listen.as_deref().unwrap_or(DEFAULT_RELAY_LISTEN))?,
             data_dir: data_dir(&args.common, &file)?,
-            limits: Limits::from_file(&file)?.with_admission(&args.admission)?,
+            limits: Limits::from_file(&file)?.with_admission(&args.admission)?
+                .with_liveness(&args.liveness)?,
             observability: observability(&args.common, &file, "relay")?,
             dht,
             worker_threads: WorkerThreads::resolve(&args.common, &file)?,
@@ -1381,7 +1434,8 @@ impl ExitConfig {
             data_dir: data_dir(&args.common, &file)?,
             limits: Limits::from_file(&file)?
                 .with_request(&args.request, &file)?
-                .with_gate(&args.gate, &file)?,
+                .with_gate(&args.gate, &file)?
+                .with_liveness(&args.liveness)?,
             observability: observability(&args.common, &file, "exit")?,
             worker_threads: WorkerThreads::resolve(&args.common, &file)?,
         })
@@ -1728,6 +1782,41 @@ mod tests {
     }
 
     #[test]
+    fn liveness_defaults_come_from_the_file_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let defaults = Limits::default();
+        assert_eq!(defaults.tunnel_liveness, Duration::from_secs(3));
+        assert_eq!(defaults.exit_answer_timeout, Duration::from_secs(10));
+        let file = file_with("tunnel_liveness_secs: 5\nexit_answer_timeout_secs: 20\n");
+        let args = RelayArgs {
+            common: common(file.path(), dir.path()),
+            ..RelayArgs::default()
+        };
+        let limits = RelayConfig::resolve(args.clone()).unwrap().limits;
+        assert_eq!(limits.tunnel_liveness, Duration::from_secs(5));
+        assert_eq!(limits.exit_answer_timeout, Duration::from_secs(20));
+        let flagged = RelayArgs {
+            liveness: crate::cli::LivenessArgs {
+                tunnel_liveness_secs: Some(2),
+                exit_answer_timeout_secs: None,
+            },
+            ..args
+        };
+        let limits = RelayConfig::resolve(flagged.clone()).unwrap().limits;
+        assert_eq!(limits.tunnel_liveness, Duration::from_secs(2));
+        assert_eq!(limits.exit_answer_timeout, Duration::from_secs(20));
+        let bad = RelayArgs {
+            liveness: crate::cli::LivenessArgs {
+                tunnel_liveness_secs: Some(0),
+                exit_answer_timeout_secs: None,
+            },
+            ..flagged
+        };
+        let error = RelayConfig::resolve(bad).unwrap_err().to_string();
+        assert!(error.contains("tunnel_liveness"), "{error}");
+    }
+
+    #[test]
     fn bad_values_name_their_field() {
         let dir = tempfile::tempdir().unwrap();
         let cases = [
@@ -1754,6 +1843,9 @@ mod tests {
                 "answer_budget_bytes",
             ),
             ("answer_budget_wait_secs: 0\n", "answer_budget_wait_secs"),
+            ("tunnel_liveness_secs: 0\n", "tunnel_liveness_secs"),
+            ("tunnel_liveness_secs: 61\n", "tunnel_liveness_secs"),
+            ("exit_answer_timeout_secs: 0\n", "exit_answer_timeout_secs"),
         ];
         for (yaml, field) in cases {
             let file = file_with(yaml);

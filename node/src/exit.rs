@@ -502,7 +502,9 @@ impl Exit {
         registered: watch::Sender<bool>,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
-        let endpoint = transport::client_endpoint(false).context("binding a UDP socket")?;
+        // Its reset key is the identity's: a restarted exit resets what its last run left.
+        let endpoint =
+            transport::node_endpoint(false, &self.identity).context("binding a UDP socket")?;
         let tasks = TaskTracker::new();
         let mut backoff = BACKOFF_MIN;
         let result = loop {
@@ -620,8 +622,10 @@ impl Exit {
             tasks,
             shutdown,
         } = *context;
+        // The tunnel's liveness deadline is its idle timeout (QUIC takes the lower end's, so
+        // the relay applies it too), with keep-alives at a third of it.
         let params = TransportParams {
-            idle_timeout: self.limits.quic_idle_timeout,
+            idle_timeout: self.limits.tunnel_liveness,
             max_incoming_streams: MAX_TUNNEL_STREAMS,
             keep_alive: true,
         };

@@ -500,11 +500,11 @@ async fn client_stream(
 ) -> anyhow::Result<()> {
     let metrics = &shared.metrics;
     let mut reader = StreamReader::new(recv);
-    let request = match reader
+    let (request, version) = match reader
         .decode(
             frame::MAX_EXIT_ID_LEN + 16,
             HEADER_DEADLINE,
-            ClientRequest::decode,
+            ClientRequest::decode_versioned,
         )
         .await
     {
@@ -560,7 +560,11 @@ async fn client_stream(
                     reply_status(&mut send, Status::Overloaded).await;
                     return Err(ErrorClass::Overloaded);
                 };
-                forward(reader, send, &route.connection, media, shared).await
+                let exit = Tunnel {
+                    connection: &route.connection,
+                    version,
+                };
+                forward(reader, send, exit, media, shared).await
             }
             .instrument(span.clone())
             .await;
@@ -597,14 +601,22 @@ async fn slot(
     }
 }
 
+/// The exit a request goes to, and the stream protocol version the client spoke (which the
+/// exit answers in).
+struct Tunnel<'a> {
+    connection: &'a quinn::Connection,
+    version: u8,
+}
+
 /// Opens a stream on the exit's tunnel and splices the two streams together.
 async fn forward(
     reader: StreamReader,
     mut client_send: quinn::SendStream,
-    exit: &quinn::Connection,
+    tunnel: Tunnel<'_>,
     media: frame::MediaType,
     shared: &Shared,
 ) -> Result<(), ErrorClass> {
+    let exit = tunnel.connection;
     let tap = shared.tap.as_deref();
     let metrics = &shared.metrics;
     let started = std::time::Instant::now();
@@ -634,7 +646,7 @@ async fn forward(
     };
     let (mut client_recv, already_read, client_done) = reader.into_parts();
     let mut head = Vec::with_capacity(2 + already_read.len());
-    ExitRequest { media }.encode(&mut head);
+    ExitRequest { media }.encode_version(tunnel.version, &mut head);
     head.extend_from_slice(&already_read);
     observe(Direction::ToExit, &head);
     let stall = shared.limits.write_stall_timeout;
@@ -645,8 +657,11 @@ async fn forward(
         reply_status(&mut client_send, Status::ExitUnavailable).await;
         return Err(ErrorClass::ExitUnavailable);
     }
+    // Set once the request has gone to the exit whole (or its upload ended otherwise): from
+    // then on the exit's first answer byte is due within `exit_answer_timeout`.
+    let (whole_tx, whole_rx) = watch::channel(false);
     let upstream = async {
-        if client_done {
+        let sent = if client_done {
             let _ = exit_send.finish();
             Ok(0)
         } else {
@@ -662,7 +677,9 @@ async fn forward(
                 observe(Direction::ToExit, bytes);
             })
             .await
-        }
+        };
+        whole_tx.send_replace(true);
+        sent
     };
     let mut first = true;
     // The response: the backend may pause for minutes (its idle timeout is the exit's), but a
@@ -671,21 +688,78 @@ async fn forward(
         write_stall: stall,
         read: ReadBound::None,
     };
-    let downstream = stream::pipe(&mut exit_recv, &mut client_send, limits, |bytes| {
-        if std::mem::take(&mut first) {
+    let downstream = async {
+        // Version 2: the exit answers (`ACCEPTED` at the latest) before it calls its backend,
+        // so until its first byte the request cannot have reached a backend. An exit that
+        // went away or stayed silent before it is told to stop, and the client is told the
+        // exit is unavailable: it may send the request to another exit.
+        if tunnel.version >= frame::VERSION_ACCEPTED {
+            let timeout = shared.limits.exit_answer_timeout;
+            let Some(bytes) = first_answer(&mut exit_recv, whole_rx, timeout).await else {
+                let _ = exit_recv.stop(code::ABANDONED);
+                reply_status(&mut client_send, Status::ExitUnavailable).await;
+                return Err(Downstream::NotAnswered);
+            };
+            first = false;
             metrics.exit_first_byte.observe(started.elapsed());
+            observe(Direction::ToClient, &bytes);
+            if stream::write_bounded(&mut client_send, bytes, stall)
+                .await
+                .is_err()
+            {
+                let _ = exit_recv.stop(code::PEER_GONE);
+                return Err(Downstream::Pipe(stream::PipeError::WriteSide));
+            }
         }
-        observe(Direction::ToClient, bytes);
-    });
+        stream::pipe(&mut exit_recv, &mut client_send, limits, |bytes| {
+            if std::mem::take(&mut first) {
+                metrics.exit_first_byte.observe(started.elapsed());
+            }
+            observe(Direction::ToClient, bytes);
+        })
+        .await
+        .map_err(Downstream::Pipe)
+    };
     let (up, down) = tokio::join!(upstream, downstream);
     match (up, down) {
         (Ok(_), Ok(_)) => Ok(()),
+        (_, Err(Downstream::NotAnswered)) => Err(ErrorClass::ExitUnavailable),
         (up, down) => {
-            if let Some(error) = up.err().or(down.err()) {
+            let down = match down {
+                Err(Downstream::Pipe(error)) => Some(error),
+                _ => None,
+            };
+            if let Some(error) = up.err().or(down) {
                 tracing::debug!(%error, "forwarded stream failed");
             }
             Err(ErrorClass::StreamFailed)
         }
+    }
+}
+
+/// How the exit's side of a forwarded stream ended badly.
+enum Downstream {
+    /// The exit went away, ended the stream or stayed silent before its first answer byte.
+    NotAnswered,
+    /// The copy failed after it.
+    Pipe(stream::PipeError),
+}
+
+/// The exit's first answer bytes; `None` when its stream failed or ended first, or when it
+/// stayed silent for `timeout` after the request reached it whole (`whole` turns true; a
+/// sender dropped without that starts the deadline too).
+async fn first_answer(
+    exit_recv: &mut quinn::RecvStream,
+    mut whole: watch::Receiver<bool>,
+    timeout: Duration,
+) -> Option<Bytes> {
+    let deadline = async move {
+        let _ = whole.wait_for(|whole| *whole).await;
+        tokio::time::sleep(timeout).await;
+    };
+    tokio::select! {
+        read = exit_recv.read_chunk(usize::MAX, true) => read.ok()?.map(|chunk| chunk.bytes),
+        () = deadline => None,
     }
 }
 

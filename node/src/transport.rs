@@ -11,12 +11,14 @@ use std::{
     time::Duration,
 };
 
+use hmac::{Hmac, Mac as _};
 use libp2p_identity::{Keypair, PeerId};
 use multiaddr::{Multiaddr, Protocol};
 use quinn::{
     ConnectionError, IdleTimeout, TransportConfig, VarInt,
     crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig},
 };
+use sha2::Sha256;
 
 /// ALPN of client connections to a relay.
 pub const ALPN_CLIENT: &[u8] = tokengo_proto::frame::ALPN_CLIENT;
@@ -254,6 +256,91 @@ impl TransportParams {
     }
 }
 
+/// The HKDF label (info) under which a node's QUIC stateless-reset key is derived from its
+/// identity key. A distinct label means the reset key reveals nothing about the identity key
+/// and serves no other purpose.
+const RESET_KEY_LABEL: &[u8] = b"tokengo/quic-stateless-reset-key/1";
+
+/// The key a node signs QUIC stateless-reset tokens with (HMAC-SHA256), derived from its
+/// identity key. quinn's default key is random per process, so a restarted node could not
+/// reset the connections its previous run left open, and its peers waited for their idle
+/// timeout (30 s measured). With a key derived from the identity, a restarted relay or exit
+/// answers the first packet of a stale connection with a reset the peer recognises, and the
+/// peer reconnects at once.
+struct ResetKey(Hmac<Sha256>);
+
+impl ResetKey {
+    /// The reset key of `identity`; `None` for a key type that cannot derive secrets (only
+    /// Ed25519 identities are loaded, so not in practice).
+    fn derive(identity: &Keypair) -> Option<Self> {
+        let secret = zeroize::Zeroizing::new(identity.derive_secret(RESET_KEY_LABEL)?);
+        <Hmac<Sha256> as hmac::KeyInit>::new_from_slice(&secret[..])
+            .ok()
+            .map(Self)
+    }
+}
+
+impl quinn::crypto::HmacKey for ResetKey {
+    fn sign(&self, data: &[u8], out: &mut [u8]) {
+        let mut mac = self.0.clone();
+        mac.update(data);
+        let tag = mac.finalize().into_bytes();
+        let len = out.len().min(tag.len());
+        out[..len].copy_from_slice(&tag[..len]);
+    }
+
+    fn signature_len(&self) -> usize {
+        32
+    }
+
+    fn verify(&self, data: &[u8], signature: &[u8]) -> Result<(), quinn::crypto::CryptoError> {
+        let mut mac = self.0.clone();
+        mac.update(data);
+        mac.verify_slice(signature)
+            .map_err(|_| quinn::crypto::CryptoError)
+    }
+}
+
+/// The endpoint configuration of a node with `identity`: its stateless-reset key derived
+/// from the identity (see [`ResetKey`]); without one (no identity), quinn's random key.
+fn endpoint_config(identity: Option<&Keypair>) -> quinn::EndpointConfig {
+    let Some(key) = identity.and_then(ResetKey::derive) else {
+        return quinn::EndpointConfig::default();
+    };
+    let mut config = quinn::EndpointConfig::new(Arc::new(key));
+    config.cid_generator(|| Box::new(RandomCids));
+    config
+}
+
+/// Connection IDs a restarted node still answers with a stateless reset. quinn's default
+/// generator signs its IDs with a key random per process and silently drops a packet whose ID
+/// it did not sign, so a restarted relay never sent the reset [`ResetKey`] makes possible
+/// (found by the relay-restart fault test). These are plain random IDs (quinn's
+/// `RandomConnectionIdGenerator`, which quinn does not re-export): every short-header packet
+/// for an unknown connection is answered with a reset, rate-limited by quinn and never larger
+/// than the packet that caused it.
+#[derive(Clone, Copy, Debug)]
+struct RandomCids;
+
+impl RandomCids {
+    const LEN: usize = 8;
+}
+
+impl quinn::ConnectionIdGenerator for RandomCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        let id: [u8; Self::LEN] = rand::random();
+        quinn::ConnectionId::new(&id)
+    }
+
+    fn cid_len(&self) -> usize {
+        Self::LEN
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
+}
+
 /// Binds a relay's server endpoint with the identity-bound certificate.
 pub fn server_endpoint(
     listen: SocketAddr,
@@ -270,7 +357,7 @@ pub fn server_endpoint(
     config.transport_config(params.build());
     let socket = udp_socket(listen).map_err(|source| ServerError::Bind { listen, source })?;
     quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        endpoint_config(Some(identity)),
         Some(config),
         socket,
         Arc::new(quinn::TokioRuntime),
@@ -330,13 +417,25 @@ pub enum ServerError {
 
 /// A client-side endpoint (exits and clients dial out; nothing listens).
 pub fn client_endpoint(ipv6: bool) -> std::io::Result<quinn::Endpoint> {
+    bind_client(ipv6, None)
+}
+
+/// A client-side endpoint of a node with a lasting identity (an exit): its stateless-reset
+/// key is derived from the identity, so after a restart the node resets what its previous
+/// run left open (see [`ResetKey`]). Clients, whose identity is new at every start, use
+/// [`client_endpoint`].
+pub fn node_endpoint(ipv6: bool, identity: &Keypair) -> std::io::Result<quinn::Endpoint> {
+    bind_client(ipv6, Some(identity))
+}
+
+fn bind_client(ipv6: bool, identity: Option<&Keypair>) -> std::io::Result<quinn::Endpoint> {
     let bind: SocketAddr = if ipv6 {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     } else {
         (Ipv4Addr::UNSPECIFIED, 0).into()
     };
     quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        endpoint_config(identity),
         None,
         udp_socket(bind)?,
         Arc::new(quinn::TokioRuntime),
@@ -460,6 +559,37 @@ mod tests {
             let error = text.parse::<RelayAddr>().unwrap_err().to_string();
             assert!(error.contains(needle), "{text}: {error}");
         }
+    }
+
+    #[test]
+    fn reset_key_is_derived_from_the_identity_and_is_not_the_key_itself() {
+        use quinn::crypto::HmacKey as _;
+        let identity = Keypair::generate_ed25519();
+        let sign = |key: &ResetKey| {
+            let mut out = [0u8; 32];
+            key.sign(b"connection id", &mut out);
+            out
+        };
+        let first = ResetKey::derive(&identity).unwrap();
+        let again = ResetKey::derive(&identity).unwrap();
+        // A restarted node (same identity) signs the same tokens: it can reset old connections.
+        assert_eq!(sign(&first), sign(&again));
+        assert!(again.verify(b"connection id", &sign(&first)).is_ok());
+        assert!(again.verify(b"other id", &sign(&first)).is_err());
+        // Another identity signs other tokens.
+        let other = ResetKey::derive(&Keypair::generate_ed25519()).unwrap();
+        assert_ne!(sign(&first), sign(&other));
+        // The HMAC key is not the identity's secret: keyed with that, tokens would differ.
+        let secret = identity
+            .clone()
+            .try_into_ed25519()
+            .unwrap()
+            .secret()
+            .as_ref()
+            .to_vec();
+        let raw = ResetKey(<Hmac<Sha256> as hmac::KeyInit>::new_from_slice(&secret).unwrap());
+        assert_ne!(sign(&first), sign(&raw));
+        assert_eq!(first.signature_len(), 32);
     }
 
     #[test]

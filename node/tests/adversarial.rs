@@ -112,9 +112,13 @@ async fn exchange_single(raw: &RawClient, exit: &Descriptor, inner: &[u8]) -> (u
     let answer = raw
         .exchange(&forward(exit.peer_id, MediaType::Single, &encapsulated))
         .await;
-    assert_eq!(answer[0], Status::Ok as u8, "an encrypted answer");
+    assert_eq!(
+        answer[..2],
+        [tokengo_proto::frame::ACCEPTED, Status::Ok as u8],
+        "an encrypted answer"
+    );
     let (head, body) = bhttp::decode_response(
-        &opener.open(&answer[1..]).unwrap(),
+        &opener.open(&answer[2..]).unwrap(),
         &bhttp::Limits::default(),
     )
     .unwrap();
@@ -158,11 +162,11 @@ async fn assert_still_serving(raw: &RawClient, exit: &Descriptor) {
         .exchange(&forward(exit.peer_id, MediaType::Single, &encapsulated))
         .await;
     assert_eq!(
-        answer[0],
-        Status::Ok as u8,
+        answer[..2],
+        [tokengo_proto::frame::ACCEPTED, Status::Ok as u8],
         "good request refused after bad input"
     );
-    let message = opener.open(&answer[1..]).unwrap();
+    let message = opener.open(&answer[2..]).unwrap();
     let (head, _) = bhttp::decode_response(&message, &bhttp::Limits::default()).unwrap();
     assert_eq!(head.status, 200);
 }
@@ -284,8 +288,11 @@ async fn exit_refuses_garbage_unknown_keys_truncation_and_replays() {
     let first = raw
         .exchange(&forward(exit.peer_id, MediaType::Single, &encapsulated))
         .await;
-    assert_eq!(first[0], Status::Ok as u8);
-    opener.open(&first[1..]).unwrap();
+    assert_eq!(
+        first[..2],
+        [tokengo_proto::frame::ACCEPTED, Status::Ok as u8]
+    );
+    opener.open(&first[2..]).unwrap();
     let mut inner = Vec::new();
     bhttp::StreamingEncoder::request(&dated_head(b"/v1/ping"), &mut inner)
         .unwrap()
@@ -295,7 +302,10 @@ async fn exit_refuses_garbage_unknown_keys_truncation_and_replays() {
     let first = raw
         .exchange(&forward(exit.peer_id, MediaType::Chunked, &chunked_request))
         .await;
-    assert_eq!(first[0], Status::Ok as u8);
+    assert_eq!(
+        first[..2],
+        [tokengo_proto::frame::ACCEPTED, Status::Ok as u8]
+    );
     let decapsulated = metrics.decapsulations.get();
     let refused = metrics.replays_refused_early.get();
     for _ in 0..3 {
@@ -346,8 +356,12 @@ async fn exit_refuses_garbage_unknown_keys_truncation_and_replays() {
         let answer = raw
             .exchange(&forward(exit.peer_id, MediaType::Chunked, &request))
             .await;
-        assert_eq!(answer[0], Status::Ok as u8, "{code}");
-        let (got, body) = open_chunked(&mut opener, &answer[1..]);
+        assert_eq!(
+            answer[..2],
+            [tokengo_proto::frame::ACCEPTED, Status::Ok as u8],
+            "{code}"
+        );
+        let (got, body) = open_chunked(&mut opener, &answer[2..]);
         assert_eq!(got, status);
         assert!(String::from_utf8_lossy(&body).contains(code), "{code}");
     }
@@ -368,9 +382,12 @@ async fn exit_refuses_garbage_unknown_keys_truncation_and_replays() {
     let answer = raw
         .exchange(&forward(exit.peer_id, MediaType::Single, &encapsulated))
         .await;
-    assert_eq!(answer[0], Status::Ok as u8);
+    assert_eq!(
+        answer[..2],
+        [tokengo_proto::frame::ACCEPTED, Status::Ok as u8]
+    );
     let (head, _) = bhttp::decode_response(
-        &opener.open(&answer[1..]).unwrap(),
+        &opener.open(&answer[2..]).unwrap(),
         &bhttp::Limits::default(),
     )
     .unwrap();

@@ -218,8 +218,8 @@ async fn an_answer_refused_for_memory_is_an_encrypted_503_that_says_so() {
         .await
         .expect("no answer")
         .unwrap();
-    assert_eq!(answer[0], Status::Ok as u8);
-    let message = opener.open(&answer[1..]).unwrap();
+    assert_eq!(answer[..2], [frame::ACCEPTED, Status::Ok as u8]);
+    let message = opener.open(&answer[2..]).unwrap();
     let (head, body) = bhttp::decode_response(&message, &bhttp::Limits::default()).unwrap();
     assert_eq!(head.status, 503);
     let json: serde_json::Value = serde_json::from_slice(&body).unwrap();

@@ -9,8 +9,28 @@ use bytes::{Buf, BufMut, BytesMut};
 
 use crate::varint;
 
-/// Protocol version carried in every stream header.
-pub const VERSION: u8 = 1;
+/// Protocol version the encoders write in every stream header.
+///
+/// - 1: the answer starts with its status byte.
+/// - 2: the answer may start with [`ACCEPTED`] before the status byte: the exit sends it once
+///   the request has decrypted and before it does anything with it (before its backend is
+///   called), so whoever sees a stream break before it knows the exit cannot have passed the
+///   request on (and may send it to another exit), and whoever sees it knows the request may
+///   have reached a backend (and must not). Every decrypted request gets it, also one the
+///   exit then answers itself, so the relay cannot tell those apart.
+///
+/// Decoders accept every version from [`MIN_VERSION`] to [`VERSION`]: a relay carries a
+/// client's version to the exit, which answers in it.
+pub const VERSION: u8 = 2;
+/// The oldest stream header version the decoders accept.
+pub const MIN_VERSION: u8 = 1;
+/// The first version in which an exit announces [`ACCEPTED`].
+pub const VERSION_ACCEPTED: u8 = 2;
+/// Version 2: the answer byte an exit sends once a request has decrypted, before it passes the
+/// request to its backend. It precedes the status byte, at most once, and only [`Status::Ok`]
+/// may follow it (after it, every failure travels inside the encrypted response, or as a
+/// broken stream).
+pub const ACCEPTED: u8 = 0x05;
 /// ALPN of client connections to a relay.
 pub const ALPN_CLIENT: &[u8] = b"tokengo/1";
 /// ALPN of exit tunnel connections to a relay.
@@ -153,11 +173,18 @@ impl ClientRequest {
     /// Takes one header from the front of `buf`, leaving the body bytes after it in place.
     /// `Ok(None)`: the header is incomplete and nothing was consumed.
     pub fn decode(buf: &mut BytesMut) -> Result<Option<Self>, FrameError> {
+        Ok(Self::decode_versioned(buf)?.map(|(request, _)| request))
+    }
+
+    /// [`ClientRequest::decode`], also returning the header's version (which the relay
+    /// carries to the exit).
+    pub fn decode_versioned(buf: &mut BytesMut) -> Result<Option<(Self, u8)>, FrameError> {
         let Some((request, len)) = Self::parse(buf)? else {
             return Ok(None);
         };
+        let version = buf.first().copied().unwrap_or(VERSION);
         buf.advance(len);
-        Ok(Some(request))
+        Ok(Some((request, version)))
     }
 
     /// Parses a header at the front of `input`, returning it and its length. Errors are
@@ -214,14 +241,24 @@ impl ExitRequest {
     /// Encoded length of the header.
     pub const LEN: usize = 2;
 
-    /// Appends the header.
+    /// Appends the header in the current [`VERSION`].
     pub fn encode(&self, out: &mut impl BufMut) {
-        out.put_u8(VERSION);
+        self.encode_version(VERSION, out);
+    }
+
+    /// Appends the header in `version` (the client's, which the relay carries over).
+    pub fn encode_version(&self, version: u8, out: &mut impl BufMut) {
+        out.put_u8(version);
         out.put_u8(u8::from(self.media));
     }
 
     /// Takes one header from the front of `buf`. `Ok(None)`: incomplete, nothing consumed.
     pub fn decode(buf: &mut BytesMut) -> Result<Option<Self>, FrameError> {
+        Ok(Self::decode_versioned(buf)?.map(|(request, _)| request))
+    }
+
+    /// [`ExitRequest::decode`], also returning the header's version (the exit answers in it).
+    pub fn decode_versioned(buf: &mut BytesMut) -> Result<Option<(Self, u8)>, FrameError> {
         let Some(&version) = buf.first() else {
             return Ok(None);
         };
@@ -231,7 +268,71 @@ impl ExitRequest {
         };
         let media = MediaType::try_from(media)?;
         buf.advance(Self::LEN);
-        Ok(Some(Self { media }))
+        Ok(Some((Self { media }, version)))
+    }
+}
+
+/// What the start of an answer says (exit → relay → client).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnswerEvent {
+    /// [`ACCEPTED`]: the exit is passing the request to its backend.
+    Accepted,
+    /// The status byte; the body (if any) follows.
+    Status(Status),
+}
+
+/// Reads the start of an answer in a given version: in version 2 an optional [`ACCEPTED`],
+/// then the status byte. Push-style, like the other decoders; no I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnswerStart {
+    version: u8,
+    accepted: bool,
+    done: bool,
+}
+
+impl AnswerStart {
+    /// A reader for an answer to a request sent with header `version`.
+    #[must_use]
+    pub const fn new(version: u8) -> Self {
+        Self {
+            version,
+            accepted: false,
+            done: false,
+        }
+    }
+
+    /// Whether [`ACCEPTED`] was seen: the request may have reached the backend.
+    #[must_use]
+    pub const fn accepted(&self) -> bool {
+        self.accepted
+    }
+
+    /// Takes the next event from the front of `buf`. `Ok(None)`: need more bytes (nothing
+    /// consumed). After the status byte, the body's bytes stay in `buf` and further calls
+    /// are an error.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<AnswerEvent>, FrameError> {
+        if self.done {
+            return Err(FrameError::Malformed("answer start already read"));
+        }
+        let Some(&byte) = buf.first() else {
+            return Ok(None);
+        };
+        let event = if byte == ACCEPTED && self.version >= VERSION_ACCEPTED {
+            if self.accepted {
+                return Err(FrameError::Malformed("ACCEPTED sent twice"));
+            }
+            self.accepted = true;
+            AnswerEvent::Accepted
+        } else {
+            let status = Status::try_from(byte)?;
+            if self.accepted && status != Status::Ok {
+                return Err(FrameError::Malformed("a refusal after ACCEPTED"));
+            }
+            self.done = true;
+            AnswerEvent::Status(status)
+        };
+        buf.advance(1);
+        Ok(Some(event))
     }
 }
 
@@ -427,7 +528,7 @@ pub fn decode_exit_list(mut bytes: &[u8], max_count: usize) -> Result<Vec<Vec<u8
 }
 
 fn check_version(version: u8) -> Result<(), FrameError> {
-    if version == VERSION {
+    if (MIN_VERSION..=VERSION).contains(&version) {
         Ok(())
     } else {
         Err(FrameError::UnknownVersion(version))
@@ -454,14 +555,14 @@ mod tests {
     #[test]
     fn client_request_wire_bytes() {
         let list = encoded(|b| ClientRequest::ListExits.encode(b));
-        assert_eq!(&list[..], [0x01, 0x01]);
+        assert_eq!(&list[..], [0x02, 0x01]);
 
         let forward = ClientRequest::Forward {
             exit_id: vec![0xaa, 0xbb],
             media: MediaType::Chunked,
         };
         let bytes = encoded(|b| forward.encode(b));
-        assert_eq!(&bytes[..], [0x01, 0x02, 0x02, 0xaa, 0xbb, 0x02]);
+        assert_eq!(&bytes[..], [0x02, 0x02, 0x02, 0xaa, 0xbb, 0x02]);
 
         // The body that follows the header stays in the buffer.
         let mut buf = bytes.clone();
@@ -478,7 +579,7 @@ mod tests {
             }
             .encode(b)
         });
-        assert_eq!(&bytes[..], [0x01, 0x01]);
+        assert_eq!(&bytes[..], [0x02, 0x01]);
         for (byte, status) in [
             (0x00, Status::Ok),
             (0x01, Status::NoSuchExit),
@@ -493,6 +594,99 @@ mod tests {
             assert!(!status.to_string().is_empty());
         }
         assert_eq!(Status::try_from(0x05), Err(FrameError::UnknownStatus(0x05)));
+    }
+
+    #[test]
+    fn version_1_headers_are_still_read_and_their_version_is_kept() {
+        let mut buf = BytesMut::from(&[0x01, 0x02, 0x01, 0xaa, 0x01, b'x'][..]);
+        assert_eq!(
+            ClientRequest::decode_versioned(&mut buf),
+            Ok(Some((
+                ClientRequest::Forward {
+                    exit_id: vec![0xaa],
+                    media: MediaType::Single
+                },
+                1
+            )))
+        );
+        assert_eq!(&buf[..], b"x");
+        let mut head = BytesMut::new();
+        ExitRequest {
+            media: MediaType::Chunked,
+        }
+        .encode_version(1, &mut head);
+        assert_eq!(&head[..], [0x01, 0x02]);
+        assert_eq!(
+            ExitRequest::decode_versioned(&mut head),
+            Ok(Some((
+                ExitRequest {
+                    media: MediaType::Chunked
+                },
+                1
+            )))
+        );
+    }
+
+    #[test]
+    fn answer_start_in_version_2_reads_accepted_then_the_status() {
+        let mut start = AnswerStart::new(VERSION);
+        let mut buf = BytesMut::new();
+        assert_eq!(start.decode(&mut buf), Ok(None));
+        buf.extend_from_slice(&[ACCEPTED]);
+        assert_eq!(start.decode(&mut buf), Ok(Some(AnswerEvent::Accepted)));
+        assert!(start.accepted());
+        assert_eq!(
+            start.decode(&mut buf),
+            Ok(None),
+            "the status is still to come"
+        );
+        buf.extend_from_slice(&[0x00, 0xee]);
+        assert_eq!(
+            start.decode(&mut buf),
+            Ok(Some(AnswerEvent::Status(Status::Ok)))
+        );
+        assert_eq!(&buf[..], [0xee], "the body stays");
+        assert!(start.decode(&mut buf).is_err(), "nothing more to read");
+
+        // A refusal comes without ACCEPTED: the backend was never called.
+        let mut start = AnswerStart::new(VERSION);
+        let mut buf = BytesMut::from(&[0x10][..]);
+        assert_eq!(
+            start.decode(&mut buf),
+            Ok(Some(AnswerEvent::Status(Status::KeyUnknown)))
+        );
+        assert!(!start.accepted());
+    }
+
+    #[test]
+    fn answer_start_refuses_what_an_honest_exit_never_sends() {
+        // Only OK may follow ACCEPTED: once the backend may have the request, failures are
+        // encrypted answers or broken streams.
+        let mut start = AnswerStart::new(VERSION);
+        let mut buf = BytesMut::from(&[ACCEPTED, 0x02][..]);
+        assert_eq!(start.decode(&mut buf), Ok(Some(AnswerEvent::Accepted)));
+        assert_eq!(
+            start.decode(&mut buf),
+            Err(FrameError::Malformed("a refusal after ACCEPTED"))
+        );
+        let mut start = AnswerStart::new(VERSION);
+        let mut buf = BytesMut::from(&[ACCEPTED, ACCEPTED][..]);
+        assert_eq!(start.decode(&mut buf), Ok(Some(AnswerEvent::Accepted)));
+        assert_eq!(
+            start.decode(&mut buf),
+            Err(FrameError::Malformed("ACCEPTED sent twice"))
+        );
+        // Version 1 has no ACCEPTED: the byte is an unknown status there.
+        let mut start = AnswerStart::new(1);
+        let mut buf = BytesMut::from(&[ACCEPTED][..]);
+        assert_eq!(
+            start.decode(&mut buf),
+            Err(FrameError::UnknownStatus(ACCEPTED))
+        );
+        assert!(
+            Status::try_from(ACCEPTED).is_err(),
+            "no status shares its byte"
+        );
     }
 
     #[test]
@@ -518,14 +712,19 @@ mod tests {
     #[test]
     fn header_errors_are_reported_early() {
         // A wrong version fails on its first byte, before the rest of the header arrives.
-        let mut buf = BytesMut::from(&[0x02][..]);
+        let mut buf = BytesMut::from(&[0x03][..]);
         assert_eq!(
             ClientRequest::decode(&mut buf),
-            Err(FrameError::UnknownVersion(2))
+            Err(FrameError::UnknownVersion(3))
         );
         assert_eq!(
             ExitRequest::decode(&mut buf),
-            Err(FrameError::UnknownVersion(2))
+            Err(FrameError::UnknownVersion(3))
+        );
+        let mut buf = BytesMut::from(&[0x00][..]);
+        assert_eq!(
+            ClientRequest::decode(&mut buf),
+            Err(FrameError::UnknownVersion(0))
         );
         let mut buf = BytesMut::from(&[0x01, 0x07][..]);
         assert_eq!(
@@ -709,6 +908,9 @@ mod tests {
             let _ = ExitRequest::decode(&mut BytesMut::from(&bytes[..]));
             let _ = ControlFrame::decode(&mut BytesMut::from(&bytes[..]), max);
             let _ = decode_exit_list(&bytes, max);
+            let mut start = AnswerStart::new(VERSION);
+            let mut buf = BytesMut::from(&bytes[..]);
+            while let Ok(Some(_)) = start.decode(&mut buf) {}
             if let Some(&b) = bytes.first() {
                 let _ = Status::try_from(b);
                 let _ = MediaType::try_from(b);

@@ -14,7 +14,7 @@ use libp2p_identity::PeerId;
 use tokengo_proto::{
     bhttp::{self, RequestHead, ResponseDecoder, ResponseEvent, ResponseHead, StreamingEncoder},
     chunked::{self, ChunkedResponseOpener},
-    frame::{ClientRequest, MediaType, Status},
+    frame::{self, AnswerEvent, AnswerStart, ClientRequest, MediaType, Status},
     ohttp, padding,
 };
 use tracing::{Instrument as _, field::Empty};
@@ -353,6 +353,12 @@ async fn attempt(
         // The exit (or relay) stopped reading because it has answered already (a request it
         // refused before reading it whole): the answer follows.
         Ok(()) | Err(quinn::WriteError::Stopped(_)) => {}
+        // The relay connection died (a restarted relay resets it): another route.
+        Err(quinn::WriteError::ConnectionLost(e)) => {
+            return Err(AttemptError::RelayDown(ApiError::RelayUnreachable(
+                e.to_string(),
+            )));
+        }
         Err(e) => {
             return Err(AttemptError::Retry(ApiError::ExitUnavailable(
                 e.to_string(),
@@ -408,28 +414,44 @@ enum Opener {
     Chunked(Box<ChunkedResponseOpener>),
 }
 
+/// Reads the start of the answer (version 2: `ACCEPTED`, then the status byte) and decides
+/// what a failure means. Before `ACCEPTED` the exit cannot have passed the request to its
+/// backend, so a stream that breaks is another exit's (or, when the relay connection died,
+/// another route's) to try; after it, the request may have reached the backend and is never
+/// sent again: the user gets an error that says so.
 async fn read_status(reader: &mut StreamReader, wait: Duration) -> Result<Status, AttemptError> {
-    let byte = reader
-        .decode(1, wait, |buf| {
-            if buf.is_empty() {
-                return Ok(None);
-            }
-            let byte = buf[0];
-            bytes::Buf::advance(buf, 1);
-            Ok::<_, std::convert::Infallible>(Some(byte))
-        })
-        .await
-        .map_err(|e| match e {
-            crate::stream::ReadError::Timeout => AttemptError::Fatal(ApiError::GatewayTimeout),
-            // The relay or exit dropped the stream before answering: the exit may have the
-            // request, so it is not retried.
-            other => AttemptError::Fatal(ApiError::ExitUnavailable(other.to_string())),
-        })?;
-    Status::try_from(byte).map_err(|_| {
-        AttemptError::Fatal(ApiError::ExitUnavailable(format!(
-            "unknown status {byte:#04x}"
-        )))
-    })
+    let mut start = AnswerStart::new(frame::VERSION);
+    loop {
+        let event = reader
+            .decode(1, wait, |buf| start.decode(buf))
+            .await
+            .map_err(|error| failed_before_answer(&error, start.accepted()))?;
+        match event {
+            AnswerEvent::Accepted => continue,
+            AnswerEvent::Status(status) => return Ok(status),
+        }
+    }
+}
+
+/// What a failure while waiting for the answer's status means for the request.
+fn failed_before_answer(
+    error: &crate::stream::ReadError<frame::FrameError>,
+    accepted: bool,
+) -> AttemptError {
+    use crate::stream::ReadError;
+    match error {
+        ReadError::Timeout => AttemptError::Fatal(ApiError::GatewayTimeout),
+        ReadError::Decode(error) => AttemptError::Fatal(ApiError::ExitUnavailable(format!(
+            "the answer does not start as the protocol says: {error}"
+        ))),
+        other if accepted => AttemptError::Fatal(ApiError::ExitLostRequest(other.to_string())),
+        ReadError::Stream(quinn::ReadError::ConnectionLost(error)) => {
+            AttemptError::RelayDown(ApiError::RelayUnreachable(error.to_string()))
+        }
+        other => AttemptError::Retry(ApiError::ExitUnavailable(format!(
+            "the exit went away before it took the request ({other})"
+        ))),
+    }
 }
 
 async fn single_response(
@@ -442,7 +464,7 @@ async fn single_response(
     let encapsulated = tokio::time::timeout(wait, reader.read_to_end(max))
         .await
         .map_err(|_| ApiError::GatewayTimeout)?
-        .map_err(|e| ApiError::ExitUnavailable(format!("response: {e}")))?;
+        .map_err(|e| ApiError::ExitLostRequest(format!("response: {e}")))?;
     state.metrics.bytes(Flow::FromRelay, encapsulated.len());
     let message = opener
         .open(&encapsulated)
@@ -480,7 +502,7 @@ async fn chunked_response(
     // What arrived with the status byte and is buffered already was not counted yet.
     let buffered = stream.reader.buffer().len();
     stream.metrics.bytes(Flow::FromRelay, buffered);
-    let head = match stream.next().await.map_err(ApiError::ExitUnavailable)? {
+    let head = match stream.next().await.map_err(ApiError::ExitLostRequest)? {
         Some(ResponseEvent::Head(head)) => head,
         Some(_) => {
             return Err(ApiError::ExitUnavailable(

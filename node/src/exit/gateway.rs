@@ -13,7 +13,7 @@ use futures_util::StreamExt as _;
 use tokengo_proto::{
     bhttp::{self, RequestDecoder, RequestEvent, RequestHead, ResponseHead, StreamingEncoder},
     chunked::{ChunkedRequestOpener, ChunkedResponseSealer},
-    frame::{ExitRequest, MediaType, Status},
+    frame::{self, ExitRequest, MediaType, Status},
     ohttp::{self, OhttpError},
     padding,
 };
@@ -293,10 +293,13 @@ impl Gateway {
         );
         let mut reader = StreamReader::new(recv);
         let outcome = async {
-            let header = reader
-                .decode(16, HEADER_DEADLINE, ExitRequest::decode)
+            let (header, version) = reader
+                .decode(16, HEADER_DEADLINE, ExitRequest::decode_versioned)
                 .await
                 .map_err(|error| Refusal::Malformed(error.to_string()))?;
+            let accept = Accept {
+                announce: version >= frame::VERSION_ACCEPTED,
+            };
             let media = Media::from(header.media);
             tracing::Span::current().record("tokengo.media", media.as_str());
             self.metrics
@@ -305,8 +308,14 @@ impl Gateway {
                 .inc();
             tally.media = Some(media);
             match header.media {
-                MediaType::Single => self.single(&mut reader, &mut send, &mut tally).await,
-                MediaType::Chunked => self.chunked(&mut reader, &mut send, &mut tally).await,
+                MediaType::Single => {
+                    self.single(&mut reader, &mut send, &mut tally, accept)
+                        .await
+                }
+                MediaType::Chunked => {
+                    self.chunked(&mut reader, &mut send, &mut tally, accept)
+                        .await
+                }
             }
         }
         .instrument(span.clone())
@@ -347,6 +356,7 @@ impl Gateway {
         reader: &mut StreamReader,
         send: &mut quinn::SendStream,
         tally: &mut Tally,
+        accept: Accept,
     ) -> Result<Answered, Refusal> {
         let max = self.limits.max_request_body.saturating_add(64 * 1024);
         let encapsulated =
@@ -360,6 +370,9 @@ impl Gateway {
         let (message, sealer) = keys
             .decapsulate(&encapsulated)
             .map_err(Refusal::from_ohttp)?;
+        accept
+            .announce(send, self.limits.write_stall_timeout)
+            .await?;
         let limits = self.bhttp_limits();
         // Answered by the exit itself when unreadable, or refused by the gate (checked after
         // decapsulation, so only authentic requests can fill the replay window).
@@ -697,6 +710,7 @@ impl Gateway {
         reader: &mut StreamReader,
         send: &mut quinn::SendStream,
         tally: &mut Tally,
+        accept: Accept,
     ) -> Result<Answered, Refusal> {
         let keys = self.keys();
         let mut opener = keys.chunked_request();
@@ -708,7 +722,7 @@ impl Gateway {
             encoder: None,
             stall: self.limits.write_stall_timeout,
         };
-        out.start(&nonce).await?;
+        out.start(&nonce, accept).await?;
         let (mut head, body) = match read {
             ChunkedRead::Request(head, body) => (head, body),
             ChunkedRead::Unusable(error) => {
@@ -818,6 +832,29 @@ fn replay_window(limits: &Limits, clock: &Clock) -> ReplayWindow {
     )
 }
 
+/// Version 2 of the stream protocol: whether the exit says `ACCEPTED` (the client's header was
+/// version 2). It is sent once a request has decrypted, before the exit does anything with
+/// it, for every such request (also those the exit then answers itself, so the relay cannot
+/// tell a refusal from a request the backend served). Until it is written the request can go
+/// elsewhere; after it, the client never sends the request again.
+#[derive(Debug, Clone, Copy)]
+struct Accept {
+    announce: bool,
+}
+
+impl Accept {
+    /// Writes `ACCEPTED` (version 2). The request goes on only when this succeeded: a relay
+    /// that gave up on the exit has stopped the stream, and the write fails.
+    async fn announce(self, send: &mut quinn::SendStream, stall: Duration) -> Result<(), Refusal> {
+        if !self.announce {
+            return Ok(());
+        }
+        stream::write_bounded(send, Bytes::from_static(&[frame::ACCEPTED]), stall)
+            .await
+            .map_err(|_| Refusal::Stream)
+    }
+}
+
 /// Seals and writes a chunked response.
 struct ChunkedWriter<'a> {
     send: &'a mut quinn::SendStream,
@@ -829,8 +866,13 @@ struct ChunkedWriter<'a> {
 }
 
 impl ChunkedWriter<'_> {
-    async fn start(&mut self, nonce: &[u8]) -> Result<(), Refusal> {
-        let mut first = Vec::with_capacity(1 + nonce.len());
+    /// Writes the status byte and the nonce, after `ACCEPTED` when `accept` says so (one
+    /// write).
+    async fn start(&mut self, nonce: &[u8], accept: Accept) -> Result<(), Refusal> {
+        let mut first = Vec::with_capacity(2 + nonce.len());
+        if accept.announce {
+            first.push(frame::ACCEPTED);
+        }
         first.push(Status::Ok as u8);
         first.extend_from_slice(nonce);
         self.write(first).await

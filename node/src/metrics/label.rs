@@ -182,6 +182,7 @@ impl From<&ApiError> for ErrorClass {
             ApiError::NoExit | ApiError::PinnedExitsUnavailable { .. } => Self::NoExit,
             ApiError::RelayUnreachable(_) => Self::RelayUnreachable,
             ApiError::ExitUnavailable(_) => Self::ExitUnavailable,
+            ApiError::ExitLostRequest(_) => Self::StreamFailed,
             ApiError::PayloadTooLarge { .. } => Self::PayloadTooLarge,
             ApiError::BadRequest(_) => Self::BadRequest,
             ApiError::Overloaded => Self::Overloaded,

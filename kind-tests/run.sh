@@ -70,7 +70,7 @@ peer="$(kubectl -n tokengo get tokengorelay edge -o jsonpath='{.status.peerId}')
 exit_peer="$(kubectl -n tokengo get tokengoexit ollama -o jsonpath='{.status.peerId}')"
 echo "relay $relay_addr, exit $exit_peer"
 # The exit has registered with the relay once its pod is Ready; its log says so.
-kubectl -n tokengo logs deploy/ollama-exit -c exit-0 | grep -q "registered with relay" \
+kubectl -n tokengo logs deploy/ollama-exit -c exit | grep -q "registered with relay" \
     || { echo "the exit did not register with the relay"; exit 1; }
 
 step "chat completion: host client -> relay (NodePort) -> exit -> Ollama"

@@ -148,6 +148,9 @@ pub struct ServeArgs {
     pub gate: ExitGateArgs,
     #[command(flatten)]
     pub request: RequestArgs,
+    /// Hours between the exit's OHTTP key rotations (default 168; 0 turns rotation off).
+    #[arg(long, env = "TOKENGO_KEY_ROTATION_HOURS", value_name = "HOURS")]
+    pub key_rotation_hours: Option<f64>,
 }
 
 /// How long one request may take, shared by the client and the exit.
@@ -368,9 +371,16 @@ pub struct ExitArgs {
     #[command(flatten)]
     pub backend: BackendArgs,
     /// Relay multiaddr to register with, e.g. /ip4/203.0.113.7/udp/4433/quic-v1/p2p/12D3Koo...
-    /// The exit serves only through the relay it is given, unless --public.
-    #[arg(short = 'r', long, env = "TOKENGO_RELAY")]
-    pub relay: Option<String>,
+    /// (repeatable, or comma-separated in TOKENGO_RELAY): one process keeps a tunnel to each.
+    /// The exit serves only through the relays it is given, unless --public.
+    #[arg(
+        short = 'r',
+        long = "relay",
+        env = "TOKENGO_RELAY",
+        value_delimiter = ',',
+        value_name = "MULTIADDR"
+    )]
+    pub relays: Vec<String>,
     /// Serve the public: without --relay, discover relays on the DHT and register with them,
     /// so anyone who finds this exit can use it and its backend credentials (default: off,
     /// the exit is private to the relay given with --relay).
@@ -387,6 +397,11 @@ pub struct ExitArgs {
     /// Most discovered relays to register with (default 3).
     #[arg(long, env = "TOKENGO_MAX_RELAYS")]
     pub max_relays: Option<usize>,
+    /// Hours between OHTTP key rotations (default 168; 0 turns rotation off; fractions
+    /// allowed, e.g. 0.001 for a rotation every 3.6 s in tests). The previous key stays
+    /// valid for an overlap of the smaller of the period and 15 minutes.
+    #[arg(long, env = "TOKENGO_KEY_ROTATION_HOURS", value_name = "HOURS")]
+    pub key_rotation_hours: Option<f64>,
     #[command(flatten)]
     pub gate: ExitGateArgs,
     #[command(flatten)]

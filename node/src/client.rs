@@ -76,6 +76,7 @@ pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> anyhow::R
         refused: dht.dials_refused.clone(),
         observer: None,
     };
+    let params = transport_params(&config.limits);
     let client = Client::bind_pinned(
         config.listen,
         relays,
@@ -91,6 +92,26 @@ pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> anyhow::R
             config.dht.clone(),
             guard,
             client.exit_feed(),
+            shutdown.clone(),
+        ));
+        let seek = crate::discovery::Seek {
+            cache: Some(crate::discovery::RelayCache::new(
+                config.data_dir.file(crate::discovery::CACHE_FILE),
+            )),
+            want: crate::discovery::CLIENT_RELAYS,
+            settle: crate::discovery::DEFAULT_SETTLE,
+            params,
+            guard: crate::discovery::DialGuard {
+                refused: client.state.metrics.dht.dials_refused.clone(),
+                observer: None,
+            },
+            metrics: client.state.metrics.dht.clone(),
+        };
+        tokio::spawn(rediscover_relays(
+            config.dht.clone(),
+            seek,
+            config.fallback_relays.clone(),
+            Arc::clone(&client.state),
             shutdown.clone(),
         ));
     }
@@ -139,6 +160,59 @@ async fn look_up_exits(
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(EXIT_LOOKUP_EVERY) => {}
+        }
+    }
+}
+
+/// How often a discovering client checks whether all its relays failed.
+const RELAY_CHECK_EVERY: Duration = Duration::from_secs(2);
+/// Shortest and longest wait between discoveries while every relay stays down.
+const REDISCOVER_MIN: Duration = Duration::from_secs(5);
+const REDISCOVER_MAX: Duration = Duration::from_secs(300);
+
+/// Discovers relays again whenever every relay the client has failed (their lists cannot be
+/// fetched, or requests cannot reach them), and uses what verified instead (the relay cache
+/// is rewritten with it). Backs off while discovery finds nothing that helps.
+async fn rediscover_relays(
+    dht: crate::discovery::DhtConfig,
+    seek: crate::discovery::Seek,
+    fallback: Vec<RelayAddr>,
+    state: Arc<ClientState>,
+    shutdown: CancellationToken,
+) {
+    let mut wait = REDISCOVER_MIN;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(RELAY_CHECK_EVERY) => {}
+        }
+        if !state.directory.relays_down() {
+            wait = REDISCOVER_MIN;
+            continue;
+        }
+        tracing::warn!("every relay failed; discovering relays again");
+        let found = crate::discovery::discover(&dht, seek.clone(), &shutdown).await;
+        match crate::discovery::or_fallback(found, &fallback) {
+            Ok(relays) if !relays.is_empty() => {
+                tracing::info!(relays = relays.len(), "using newly discovered relays");
+                state.directory.replace_relays(&relays);
+                // The new relays' lists are fetched now, so the next check sees them.
+                if let Err(error) = state.directory.refresh().await {
+                    tracing::warn!(%error, "the newly discovered relays do not answer yet");
+                }
+            }
+            Ok(_) => {}
+            Err(crate::discovery::DiscoveryError::Cancelled) => return,
+            Err(error) => tracing::warn!(%error, "no relay found; trying again later"),
+        }
+        if state.directory.relays_down() {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(REDISCOVER_MAX);
+        } else {
+            wait = REDISCOVER_MIN;
         }
     }
 }

@@ -120,7 +120,7 @@ fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     listen: Option<String>,
-    /// One relay, or (client only) a list of them.
+    /// One relay, or a list of them (client and exit).
     relay: Option<OneOrMany>,
     /// Exit PeerIds a client is pinned to (`PEERID` or `PEERID=TOKEN`).
     #[serde(default)]
@@ -184,6 +184,8 @@ struct FileConfig {
     external_addrs: Vec<String>,
     /// Most discovered relays an exit registers with.
     max_relays: Option<usize>,
+    /// Hours between an exit's OHTTP key rotations (0: off).
+    key_rotation_hours: Option<f64>,
     /// Relays used when discovery and the cache yield none.
     #[serde(default)]
     fallback_relays: Vec<String>,
@@ -228,15 +230,6 @@ impl OneOrMany {
         match self {
             Self::One(one) => vec![one],
             Self::Many(many) => many,
-        }
-    }
-
-    /// The single value; a list of one is accepted, a longer one is an error for `field`.
-    fn into_one(self, field: &'static str) -> Result<String, ConfigError> {
-        match self {
-            Self::One(one) => Ok(one),
-            Self::Many(mut many) if many.len() == 1 => Ok(many.remove(0)),
-            Self::Many(_) => Err(invalid(field, "this role takes one relay")),
         }
     }
 }
@@ -843,15 +836,8 @@ fn parse_listen(field: &'static str, raw: &str) -> Result<SocketAddr, ConfigErro
     })
 }
 
-fn parse_relay(raw: Option<String>) -> Result<Option<RelayAddr>, ConfigError> {
-    raw.map(|raw| {
-        raw.parse()
-            .map_err(|e: crate::transport::AddrError| invalid("relay", e.to_string()))
-    })
-    .transpose()
-}
-
-/// A client's relays: flags (or `TOKENGO_RELAY`) win over the file's `relay` (one or a list).
+/// A client's or an exit's relays: flags (or `TOKENGO_RELAY`) win over the file's `relay`
+/// (one or a list).
 fn client_relays(args: &[String], file: &FileConfig) -> Result<Vec<RelayAddr>, ConfigError> {
     let raw = if args.is_empty() {
         file.relay
@@ -1341,12 +1327,45 @@ impl BootstrapConfig {
     }
 }
 
+/// Most relays one exit process is given.
+const MAX_EXIT_RELAYS: usize = 16;
+/// Default hours between an exit's key rotations (a week).
+const DEFAULT_KEY_ROTATION_HOURS: f64 = 168.0;
+/// Longest rotation period accepted (ten years, in hours).
+const MAX_KEY_ROTATION_HOURS: f64 = 87_600.0;
+
+/// The key rotation period from hours (`None` when 0: off). A fraction of an hour is allowed
+/// down to one second, so tests and the fault suite can rotate every few seconds.
+fn key_rotation(hours: Option<f64>) -> Result<Option<Duration>, ConfigError> {
+    let hours = hours.unwrap_or(DEFAULT_KEY_ROTATION_HOURS);
+    if hours == 0.0 {
+        return Ok(None);
+    }
+    if !hours.is_finite() || !(0.0..=MAX_KEY_ROTATION_HOURS).contains(&hours) {
+        return Err(invalid(
+            "key_rotation_hours",
+            format!("must be 0 (off) or a number of hours up to {MAX_KEY_ROTATION_HOURS}"),
+        ));
+    }
+    let period = Duration::from_secs_f64(hours * 3600.0);
+    if period < Duration::from_secs(1) {
+        return Err(invalid(
+            "key_rotation_hours",
+            "must be at least one second (0.0003 hours), or 0 to turn rotation off",
+        ));
+    }
+    Ok(Some(period))
+}
+
 /// Checked configuration of `tokengo exit`.
 #[derive(Debug, Clone)]
 pub struct ExitConfig {
-    /// The relay to register with; `None` discovers relays on the DHT, which only a public
-    /// exit does.
-    pub relay: Option<RelayAddr>,
+    /// The relays to register with, one tunnel each, all kept in one process; empty
+    /// discovers relays on the DHT, which only a public exit does. At most 16.
+    pub relays: Vec<RelayAddr>,
+    /// Time between OHTTP key rotations; `None` when rotation is off. Default 168 hours.
+    /// The previous key is accepted for [`crate::keyring::overlap`] after each rotation.
+    pub key_rotation: Option<Duration>,
     /// Whether the exit serves the public: it may discover relays on the DHT, and anyone who
     /// finds it may use it. Default false: the exit serves only through the relay it was
     /// given, and one with neither is refused at start.
@@ -1384,21 +1403,21 @@ impl ExitConfig {
             Some(n @ 1..=16) => n,
             Some(_) => return Err(invalid("max_relays", "must be 1 to 16")),
         };
-        let relay = parse_relay(match args.relay {
-            Some(relay) => Some(relay),
-            None => file
-                .relay
-                .clone()
-                .map(|r| r.into_one("relay"))
-                .transpose()?,
-        })?;
+        let relays = client_relays(&args.relays, &file)?;
+        if relays.len() > MAX_EXIT_RELAYS {
+            return Err(invalid(
+                "relay",
+                format!("at most {MAX_EXIT_RELAYS} relays per exit"),
+            ));
+        }
         let public = args.public || file.public.unwrap_or(false);
-        if relay.is_none() && !public {
+        if relays.is_empty() && !public {
             return Err(ConfigError::Missing {
                 field: "relay",
-                hint: "an exit is private by default and serves only through the relay it is given: pass --relay MULTIADDR (TOKENGO_RELAY, YAML relay:), or --public (TOKENGO_PUBLIC=true, YAML public: true) to discover relays on the DHT and serve anyone who finds this exit",
+                hint: "an exit is private by default and serves only through the relays it is given: pass --relay MULTIADDR (repeatable; TOKENGO_RELAY, YAML relay:), or --public (TOKENGO_PUBLIC=true, YAML public: true) to discover relays on the DHT and serve anyone who finds this exit",
             });
         }
+        let key_rotation = key_rotation(args.key_rotation_hours.or(file.key_rotation_hours))?;
         // Announcing lets anyone find the exit: only a public exit does, and by default.
         let announce = args.dht_announce.or(file.dht_announce).unwrap_or(public);
         if announce && !public {
@@ -1421,7 +1440,8 @@ impl ExitConfig {
             None
         };
         Ok(Self {
-            relay,
+            relays,
+            key_rotation,
             public,
             access_token_file: args
                 .access_token_file
@@ -1522,6 +1542,8 @@ pub struct ServeConfig {
     pub backend: BackendConfig,
     /// Where the relay and exit keys live.
     pub data_dir: DataDir,
+    /// Time between the exit's OHTTP key rotations; `None` when off. Default 168 hours.
+    pub key_rotation: Option<Duration>,
     /// Timeouts and sizes.
     pub limits: Limits,
     /// One admin endpoint for all three roles, and trace export.
@@ -1540,6 +1562,7 @@ impl ServeConfig {
             policy: client_policy(&args.local, &file)?,
             backend: BackendConfig::resolve(args.backend, &args.gate, &file)?,
             data_dir: data_dir(&args.common, &file)?,
+            key_rotation: key_rotation(args.key_rotation_hours.or(file.key_rotation_hours))?,
             limits: Limits::from_file(&file)?
                 .with_request(&args.request, &file)?
                 .with_gate(&args.gate, &file)?,
@@ -1879,10 +1902,11 @@ mod tests {
         );
         let given = ExitConfig::resolve(ExitArgs {
             common: common(file.path(), dir.path()),
-            relay: Some(relay),
+            relays: vec![relay.clone()],
             ..ExitArgs::default()
         })
         .unwrap();
+        assert_eq!(given.relays.len(), 1);
         assert!(!given.public, "private by default");
         assert!(given.access_token_file.is_none());
         let public = file_with("public: true\naccess_token_file: /run/tokens\n");
@@ -1902,11 +1926,80 @@ mod tests {
             ..ExitArgs::default()
         };
         let config = ExitConfig::resolve(args).unwrap();
-        assert!(config.relay.is_none());
+        assert!(config.relays.is_empty());
         assert_eq!(config.max_relays, crate::discovery::DEFAULT_MAX_RELAYS);
         assert_eq!(config.dht.protocol.as_ref(), "/ipfs/kad/1.0.0");
         assert_eq!(config.dht.policy, AddressPolicy::Public);
         assert!(!config.dht.bootstrap.is_empty());
+    }
+
+    #[test]
+    fn an_exit_takes_several_relays_and_a_fractional_key_rotation_period() {
+        let dir = tempfile::tempdir().unwrap();
+        let relay = || {
+            format!(
+                "/ip4/127.0.0.1/udp/4433/quic-v1/p2p/{}",
+                libp2p_identity::Keypair::generate_ed25519()
+                    .public()
+                    .to_peer_id()
+            )
+        };
+        let (a, b) = (relay(), relay());
+        let resolve = |yaml: &str, relays: Vec<String>, hours: Option<f64>| {
+            let file = file_with(yaml);
+            ExitConfig::resolve(ExitArgs {
+                common: common(file.path(), dir.path()),
+                relays,
+                key_rotation_hours: hours,
+                ..ExitArgs::default()
+            })
+        };
+        let flags = resolve("", vec![a.clone(), b.clone()], None).unwrap();
+        assert_eq!(
+            flags
+                .relays
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            vec![a.clone(), b.clone()]
+        );
+        assert_eq!(
+            flags.key_rotation,
+            Some(Duration::from_secs(168 * 3600)),
+            "a week by default"
+        );
+        let listed = resolve(
+            &format!("relay: [{a}, {b}]\nkey_rotation_hours: 0.001\n"),
+            Vec::new(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(listed.relays.len(), 2);
+        assert_eq!(listed.key_rotation, Some(Duration::from_millis(3600)));
+        let off = resolve("key_rotation_hours: 0\n", vec![a.clone()], None).unwrap();
+        assert_eq!(off.key_rotation, None);
+        let flag_wins = resolve("key_rotation_hours: 0\n", vec![a.clone()], Some(2.0)).unwrap();
+        assert_eq!(flag_wins.key_rotation, Some(Duration::from_secs(7200)));
+        for hours in [-1.0, f64::NAN, f64::INFINITY, 0.0001, 1e9] {
+            let error = resolve("", vec![a.clone()], Some(hours))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("key_rotation_hours"), "{hours}: {error}");
+        }
+        let error = resolve(
+            "",
+            vec![a.clone(), "/ip4/1.2.3.4/udp/1/quic-v1".into()],
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("relay") && error.contains("/p2p/"),
+            "{error}"
+        );
+        let many = (0..17).map(|_| relay()).collect();
+        let error = resolve("", many, None).unwrap_err().to_string();
+        assert!(error.contains("at most 16"), "{error}");
     }
 
     #[test]
@@ -2076,8 +2169,9 @@ mod tests {
             common: common(file.path(), dir.path()),
             ..ExitArgs::default()
         })
-        .unwrap_err();
-        assert!(exit.to_string().contains("one relay"), "{exit}");
+        .unwrap();
+        // An exit takes several relays now (one tunnel each), from the same file.
+        assert_eq!(exit.relays.len(), 2);
         let bad = ClientConfig::resolve(ClientArgs {
             common: common(one.path(), dir.path()),
             exits: vec!["not-a-peer".into()],

@@ -7,16 +7,23 @@ mod answer_budget;
 mod backend;
 mod endpoint;
 mod gateway;
+mod relay_set;
 mod replay;
+mod rotation;
 mod single_answer;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use libp2p_identity::Keypair;
 use tokengo_proto::{
     descriptor::{Descriptor, SignedDescriptor},
     frame::{ControlFrame, Status},
+    key_config::KeyConfig,
 };
 use tokio::sync::watch;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -24,6 +31,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 pub use backend::Backend;
 pub use endpoint::{DEFAULT_ENDPOINTS, EndpointPolicy, EndpointRule, PathError, RuleError};
 pub use gateway::Gateway;
+pub use relay_set::Replenish;
 
 use crate::{
     admin::{self, RoleProbe},
@@ -53,6 +61,7 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 pub async fn run(config: ExitConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut exit = Exit::load(&config.data_dir, &config.backend, config.limits.clone())?;
     exit.set_public(config.public);
+    exit.set_key_rotation(config.key_rotation);
     if let Some(path) = &config.access_token_file {
         let tokens = access::load_tokens(path)?;
         tracing::info!(
@@ -91,8 +100,20 @@ pub async fn run(config: ExitConfig, shutdown: CancellationToken) -> anyhow::Res
             let announce: RegisteredHook = Arc::new(move |relay: &RelayAddr| {
                 println!("exit {peer} registered with relay {relay}");
             });
-            exit.run_many(relays, registered, Some(announce), shutdown.clone())
+            if config.relays.is_empty() {
+                let replenish = replenish(&config, &exit);
+                exit.run_discovering(
+                    relays,
+                    replenish,
+                    registered,
+                    Some(announce),
+                    shutdown.clone(),
+                )
                 .await
+            } else {
+                exit.run_many(relays, registered, Some(announce), shutdown.clone())
+                    .await
+            }
         }
         Err(e) => Err(e.into()),
     };
@@ -147,18 +168,30 @@ fn spawn_announcer(
     }))
 }
 
-/// The relays to register with: the configured one, or what discovery (with the cache and
+/// The relays to register with: the configured ones, or what discovery (with the cache and
 /// the fallback relays) finds.
 async fn relays(
     config: &ExitConfig,
     exit: &Exit,
     shutdown: &CancellationToken,
 ) -> Result<Vec<RelayAddr>, crate::discovery::DiscoveryError> {
-    if let Some(relay) = &config.relay {
-        return Ok(vec![relay.clone()]);
+    if !config.relays.is_empty() {
+        return Ok(config.relays.clone());
     }
+    let seek = seek(config, exit);
+    let found = crate::discovery::discover(&config.dht, seek, shutdown).await;
+    Ok(
+        crate::discovery::or_fallback(found, &config.fallback_relays)?
+            .into_iter()
+            .take(config.max_relays)
+            .collect(),
+    )
+}
+
+/// What a discovery of relays for this exit looks for.
+fn seek(config: &ExitConfig, exit: &Exit) -> crate::discovery::Seek {
     let dht = exit.metrics.dht.clone();
-    let seek = crate::discovery::Seek {
+    crate::discovery::Seek {
         cache: Some(crate::discovery::RelayCache::new(
             config.data_dir.file(crate::discovery::CACHE_FILE),
         )),
@@ -174,14 +207,17 @@ async fn relays(
             observer: None,
         },
         metrics: dht,
-    };
-    let found = crate::discovery::discover(&config.dht, seek, shutdown).await;
-    Ok(
-        crate::discovery::or_fallback(found, &config.fallback_relays)?
-            .into_iter()
-            .take(config.max_relays)
-            .collect(),
-    )
+    }
+}
+
+/// How a discovering exit replaces relays it lost.
+fn replenish(config: &ExitConfig, exit: &Exit) -> Replenish {
+    Replenish {
+        dht: config.dht.clone(),
+        seek: seek(config, exit),
+        fallback: config.fallback_relays.clone(),
+        want: config.max_relays,
+    }
 }
 
 /// Called the first time the exit registers with each relay.
@@ -193,6 +229,7 @@ pub struct ExitProbe {
     peer_id: libp2p_identity::PeerId,
     public: bool,
     relay: watch::Receiver<String>,
+    tunnels: watch::Receiver<Vec<crate::status::ExitRelayStatus>>,
     dht: watch::Receiver<Option<crate::status::DhtStatus>>,
     registered: watch::Receiver<bool>,
     gateway: Arc<Gateway>,
@@ -241,6 +278,7 @@ impl ExitProbe {
             access_token_required: self.gateway.access().required(),
             relay: self.relay.borrow().clone(),
             registered: *self.registered.borrow(),
+            relays: self.tunnels.borrow().clone(),
             backend_up: self.metrics.backend_up.get() == 1,
             keys: self.gateway.key_status(),
             descriptor_expires_at: u64::try_from(expiry).ok().filter(|at| *at > 0),
@@ -260,7 +298,14 @@ impl ExitProbe {
 pub struct Exit {
     identity: Keypair,
     gateway: Arc<Gateway>,
-    keyring: Keyring,
+    /// The OHTTP keys (replaced at each rotation).
+    keyring: Arc<Mutex<Keyring>>,
+    /// The keyring's file, rewritten at each rotation.
+    keyring_path: PathBuf,
+    /// Time between key rotations; `None`: the keys are never rotated by this process.
+    key_rotation: Option<Duration>,
+    /// Bumped at each key rotation: every tunnel registers the new descriptor.
+    key_changes: watch::Sender<u64>,
     limits: Limits,
     metrics: Arc<ExitMetrics>,
     /// The relays it registers with, for `/status` (set once discovery has chosen them, so
@@ -273,6 +318,8 @@ pub struct Exit {
     current: watch::Sender<Option<SignedDescriptor>>,
     /// The relays it is registered with now (the DHT announcement names them).
     registered_relays: watch::Sender<Vec<RelayAddr>>,
+    /// Every relay it keeps a tunnel to, and whether that tunnel is registered, for `/status`.
+    tunnels: watch::Sender<Vec<crate::status::ExitRelayStatus>>,
     /// The DHT announcement's state; `None` while the exit does not announce.
     dht: Arc<watch::Sender<Option<crate::status::DhtStatus>>>,
 }
@@ -299,8 +346,8 @@ impl Exit {
         if created {
             tracing::info!(peer_id = %identity::peer_id(&identity), "created exit identity");
         }
-        let (keyring, created) =
-            keyring::load_or_create(&data_dir.file("ohttp_keys.json"), unix_now())?;
+        let keyring_path = data_dir.file("ohttp_keys.json");
+        let (keyring, created) = keyring::load_or_create(&keyring_path, unix_now())?;
         if created {
             tracing::info!("created OHTTP key");
         }
@@ -311,13 +358,17 @@ impl Exit {
         Ok(Self {
             identity,
             gateway: Arc::new(gateway),
-            keyring,
+            keyring: Arc::new(Mutex::new(keyring)),
+            keyring_path,
+            key_rotation: None,
+            key_changes: watch::Sender::new(0),
             limits,
             metrics,
             relays_label: watch::Sender::new(String::new()),
             public: false,
             current: watch::Sender::new(None),
             registered_relays: watch::Sender::new(Vec::new()),
+            tunnels: watch::Sender::new(Vec::new()),
             dht: Arc::new(watch::Sender::new(None)),
         })
     }
@@ -369,6 +420,7 @@ impl Exit {
             peer_id: self.peer_id(),
             public: self.public,
             relay: self.relays_label.subscribe(),
+            tunnels: self.tunnels.subscribe(),
             dht: self.dht.subscribe(),
             registered,
             gateway: Arc::clone(&self.gateway),
@@ -379,6 +431,38 @@ impl Exit {
     /// Marks the exit as serving the public (what `/status` reports; set before probing).
     pub fn set_public(&mut self, public: bool) {
         self.public = public;
+    }
+
+    /// Rotates the OHTTP key every `period` while running (`None`: never). The previous key
+    /// is accepted for [`keyring::overlap`] after each rotation; every relay gets the new
+    /// descriptor at once.
+    pub fn set_key_rotation(&mut self, period: Option<Duration>) {
+        self.key_rotation = period;
+    }
+
+    /// The rotation task, when rotation is on.
+    fn rotation(&self) -> Option<rotation::Rotation> {
+        Some(rotation::Rotation {
+            period: self.key_rotation?,
+            path: self.keyring_path.clone(),
+            ring: Arc::clone(&self.keyring),
+            gateway: Arc::clone(&self.gateway),
+            changes: self.key_changes.clone(),
+        })
+    }
+
+    /// The key configurations the descriptor lists: the current key only. Clients encrypt
+    /// to the first key; the previous one is still accepted during its overlap without being
+    /// listed, so retiring it changes no descriptor (a changed descriptor that reached one
+    /// relay before another would hold the exit at clients of both).
+    fn published_keys(&self) -> Vec<KeyConfig> {
+        self.keyring
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .configs()
+            .into_iter()
+            .take(1)
+            .collect()
     }
 
     /// Who may use the exit: require access tokens through it before running.
@@ -393,124 +477,29 @@ impl Exit {
         identity::peer_id(&self.identity)
     }
 
-    /// Keeps a registered tunnel to `relay` until shutdown. `registered` turns true on every
-    /// successful registration and false while disconnected. Fails only on errors that
-    /// retrying cannot fix (the relay is not who its address says, the relay refuses us).
-    pub async fn run(
-        self,
-        relay: RelayAddr,
-        registered: watch::Sender<bool>,
-        shutdown: CancellationToken,
-    ) -> anyhow::Result<()> {
-        self.run_many(vec![relay], registered, None, shutdown).await
-    }
-
-    /// Keeps a registered tunnel to each of `relays` until shutdown. `registered` is true
-    /// while at least one tunnel is registered; `hook` is called at each relay's first
-    /// registration. Fails when every relay failed with an error retrying cannot fix.
-    pub async fn run_many(
-        self,
-        relays: Vec<RelayAddr>,
-        registered: watch::Sender<bool>,
-        hook: Option<RegisteredHook>,
-        shutdown: CancellationToken,
-    ) -> anyhow::Result<()> {
-        // Requests dated in the second the exit started are refused (a previous run may have
-        // seen them): registering only after it keeps honest clients from meeting that.
-        self.gateway.wait_until_accepting().await;
-        let models = self.gateway.backend().models().await;
-        tracing::info!(
-            models = models.len(),
-            relays = relays.len(),
-            "backend models discovered"
-        );
-        let endpoints: Vec<_> = self
-            .gateway
-            .backend()
-            .policy()
-            .rules()
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        tracing::info!(?endpoints, "endpoints passed to the backend");
-        let states = Arc::new(std::sync::Mutex::new(vec![false; relays.len()]));
-        let registered = Arc::new(registered);
-        let all = Arc::new(relays.clone());
-        let mut runs = Vec::with_capacity(relays.len());
-        for (index, relay) in relays.iter().enumerate() {
-            let (tx, mut rx) = watch::channel(false);
-            let states = Arc::clone(&states);
-            let registered = Arc::clone(&registered);
-            let registered_relays = self.registered_relays.clone();
-            let all = Arc::clone(&all);
-            let hook = hook.clone();
-            let relay_for_hook = relay.clone();
-            // Folds this relay's state into the exit's: registered while any tunnel is.
-            tokio::spawn(async move {
-                let mut announced = false;
-                while rx.changed().await.is_ok() {
-                    let now = *rx.borrow_and_update();
-                    let (any, current) = {
-                        let mut states = states
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner);
-                        states[index] = now;
-                        let current: Vec<RelayAddr> = all
-                            .iter()
-                            .zip(states.iter())
-                            .filter(|(_, up)| **up)
-                            .map(|(relay, _)| relay.clone())
-                            .collect();
-                        (!current.is_empty(), current)
-                    };
-                    registered_relays.send_if_modified(|relays| {
-                        let changed = *relays != current;
-                        *relays = current;
-                        changed
-                    });
-                    registered.send_replace(any);
-                    if now
-                        && !announced
-                        && let Some(hook) = &hook
-                    {
-                        announced = true;
-                        hook(&relay_for_hook);
-                    }
-                }
-            });
-            runs.push(self.run_one(relay, &models, tx, &shutdown));
-        }
-        let results = futures_util::future::join_all(runs).await;
-        registered.send_replace(false);
-        self.metrics.relay_connected.set(0);
-        let failures = results.iter().filter(|r| r.is_err()).count();
-        match results.into_iter().find_map(Result::err) {
-            Some(error) if failures == relays.len() => Err(error),
-            Some(error) => {
-                tracing::warn!("{error:#}");
-                Ok(())
-            }
-            None => Ok(()),
-        }
-    }
-
-    /// One relay's tunnel, reconnecting with backoff until shutdown or a fatal error.
+    /// One relay's tunnel, reconnecting with backoff until shutdown or a fatal error; with
+    /// `give_up`, also when the tunnel has not been registered for that long (a discovered
+    /// relay that is gone: the exit finds another).
     async fn run_one(
         &self,
         relay: &RelayAddr,
         models: &[String],
         registered: watch::Sender<bool>,
+        give_up: Option<Duration>,
         shutdown: &CancellationToken,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Ended> {
         // Its reset key is the identity's: a restarted exit resets what its last run left.
         let endpoint =
             transport::node_endpoint(false, &self.identity).context("binding a UDP socket")?;
         let tasks = TaskTracker::new();
         let mut backoff = BACKOFF_MIN;
+        let mut down_since = tokio::time::Instant::now();
         let result = loop {
             if shutdown.is_cancelled() {
-                break Ok(());
+                break Ok(Ended::Shutdown);
             }
+            // Subscribed before the descriptor is made: a rotation after this is seen.
+            let mut keys = self.key_changes.subscribe();
             let descriptor = self.descriptor(models)?;
             let context = SessionContext {
                 endpoint: &endpoint,
@@ -520,11 +509,12 @@ impl Exit {
                 tasks: &tasks,
                 shutdown,
             };
-            match self.session(&context, &descriptor).await {
-                Ok(Session::Shutdown) => break Ok(()),
+            match self.session(&context, &descriptor, &mut keys).await {
+                Ok(Session::Shutdown) => break Ok(Ended::Shutdown),
                 Ok(Session::Lost { was_registered }) => {
                     if was_registered {
                         backoff = BACKOFF_MIN;
+                        down_since = tokio::time::Instant::now();
                     }
                     tracing::warn!(%relay, retry_in = ?backoff, "lost the relay; reconnecting");
                 }
@@ -538,8 +528,12 @@ impl Exit {
                 }
             }
             let _ = registered.send(false);
+            if give_up.is_some_and(|after| down_since.elapsed() >= after) {
+                tracing::warn!(%relay, down_for = ?down_since.elapsed(), "relay lost; looking for another");
+                break Ok(Ended::GaveUp);
+            }
             tokio::select! {
-                () = shutdown.cancelled() => break Ok(()),
+                () = shutdown.cancelled() => break Ok(Ended::Shutdown),
                 () = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -588,13 +582,13 @@ impl Exit {
             && let Ok(desc) = SignedDescriptor::verify(current.as_bytes(), now)
             && desc.expires_at.saturating_sub(now) > DESCRIPTOR_LIFETIME.as_secs() / 2
             && desc.models == models
-            && desc.key_configs == self.keyring.configs()
+            && desc.key_configs == self.published_keys()
         {
             return Ok((current.clone(), desc.expires_at));
         }
         let descriptor = Descriptor {
             peer_id: self.peer_id(),
-            key_configs: self.keyring.configs(),
+            key_configs: self.published_keys(),
             models: models.to_vec(),
             issued_at: now,
             expires_at: now + DESCRIPTOR_LIFETIME.as_secs(),
@@ -613,6 +607,7 @@ impl Exit {
         &self,
         context: &SessionContext<'_>,
         descriptor: &(SignedDescriptor, u64),
+        keys: &mut watch::Receiver<u64>,
     ) -> Result<Session, SessionError> {
         let SessionContext {
             endpoint,
@@ -656,6 +651,8 @@ impl Exit {
             tokio::time::Instant::now() + DESCRIPTOR_LIFETIME / 2,
             DESCRIPTOR_LIFETIME / 2,
         );
+        // A re-registration the relay refused as too frequent, to send again then.
+        let mut register_again: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => {
@@ -669,17 +666,26 @@ impl Exit {
                     tasks.spawn(Arc::clone(&self.gateway).handle(send, recv));
                 }
                 _ = refresh.tick() => {
-                    let (fresh, expires_at) = self.descriptor(models).map_err(SessionError::Fatal)?;
-                    send_register(&mut control_send, &fresh).await?;
-                    self.metrics
-                        .descriptor_expiry
-                        .set(i64::try_from(expires_at).unwrap_or(i64::MAX));
+                    self.register_fresh(&mut control_send, models).await?;
+                }
+                // A key rotation: the relay lists the new key at once (the old one is still
+                // accepted during its overlap, so requests in flight to it are fine).
+                Ok(()) = keys.changed() => {
+                    register_again = None;
+                    self.register_fresh(&mut control_send, models).await?;
+                }
+                () = at(register_again) => {
+                    register_again = None;
+                    self.register_fresh(&mut control_send, models).await?;
                 }
                 ack = control.decode(MAX_ACK, Duration::MAX, |b| ControlFrame::decode(b, MAX_ACK)) => {
                     match ack {
                         Ok(ControlFrame::Ack { status: Status::Ok, .. }) => {}
+                        // The relay keeps the registered descriptor and the tunnel: only the
+                        // re-registration came too soon. Requests go on; send it again later.
                         Ok(ControlFrame::Ack { status: Status::Overloaded, reason }) => {
-                            return Err(SessionError::Retry(anyhow::anyhow!("relay is busy: {reason}")));
+                            tracing::warn!(%relay, %reason, retry_in = ?REREGISTER_AFTER, "relay refused a re-registration");
+                            register_again = Some(tokio::time::Instant::now() + REREGISTER_AFTER);
                         }
                         Ok(ControlFrame::Ack { reason, .. }) => {
                             return Err(SessionError::Fatal(anyhow::anyhow!("relay refused the exit's descriptor: {reason}")));
@@ -691,6 +697,44 @@ impl Exit {
         }
     }
 }
+
+impl Exit {
+    /// Sends the current descriptor (re-signed when the keys changed or it is half expired)
+    /// on a registered tunnel; the relay's answer arrives on the control stream.
+    async fn register_fresh(
+        &self,
+        control: &mut quinn::SendStream,
+        models: &[String],
+    ) -> Result<(), SessionError> {
+        let (fresh, expires_at) = self.descriptor(models).map_err(SessionError::Fatal)?;
+        send_register(control, &fresh).await?;
+        self.metrics
+            .descriptor_expiry
+            .set(i64::try_from(expires_at).unwrap_or(i64::MAX));
+        Ok(())
+    }
+}
+
+/// Sleeps until `deadline`; forever when there is none.
+async fn at(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How a relay's tunnel task ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// The exit is shutting down.
+    Shutdown,
+    /// The relay stayed unreachable for the give-up time.
+    GaveUp,
+}
+
+/// How long after a refused (too frequent) re-registration it is sent again: the relay
+/// accepts a few at once, then one a minute per tunnel.
+const REREGISTER_AFTER: Duration = Duration::from_secs(60);
 
 /// What every session of one exit run shares.
 struct SessionContext<'a> {

@@ -1,8 +1,9 @@
 //! The exit's OHTTP keyring file (`ohttp_keys.json`, mode 0600): loading, creating and saving
-//! it. The format and the rotation rule are `tokengo_proto::keyring`'s, shared with the
+//! it, and the exit's rotation schedule (pure: when the next rotation or retirement is due).
+//! The format and the rotation rule are `tokengo_proto::keyring`'s, shared with the
 //! operator, which writes the same bytes into a Secret.
 
-use std::path::Path;
+use std::{path::Path, time::Duration};
 
 pub use tokengo_proto::keyring::Keyring;
 use tokengo_proto::keyring::KeyringError as FormatError;
@@ -67,10 +68,90 @@ pub fn save(ring: &Keyring, path: &Path) -> Result<(), KeyringError> {
     Ok(data_dir::replace_secret(path, &ring.encode())?)
 }
 
+/// Longest time the previous key is still accepted after a rotation. A key is needed only
+/// until a request's header is decapsulated (a long answer keeps the context it derived, not
+/// the key), so what the overlap must cover is how long clients take to learn the new key:
+/// they fetch relay lists every minute and DHT exit records every 10 minutes, and a client
+/// that still missed it gets "key unknown", refreshes and retries the same exit once.
+/// A short overlap limits how long a key that may have leaked still opens requests.
+pub const MAX_OVERLAP: Duration = Duration::from_secs(15 * 60);
+
+/// How long the previous key stays accepted after a rotation every `period`: the smaller of
+/// the period and [`MAX_OVERLAP`] (a ring holds two keys, so a rotation drops the oldest).
+#[must_use]
+pub fn overlap(period: Duration) -> Duration {
+    period.min(MAX_OVERLAP)
+}
+
+/// A change the rotation schedule makes to the ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyEvent {
+    /// A fresh key becomes current; the current one becomes the previous one.
+    Rotate,
+    /// The previous key's overlap ended: it is dropped.
+    RetirePrevious,
+}
+
+/// The next change to `ring` under a rotation every `period`, and when it is due (as time
+/// since the Unix epoch; at or before now means at once).
+#[must_use]
+pub fn next_event(ring: &Keyring, period: Duration) -> (Duration, KeyEvent) {
+    let created = Duration::from_secs(ring.current_created_at());
+    let rotate_at = created.saturating_add(period);
+    let retire_at = created.saturating_add(overlap(period));
+    if ring.has_previous() && retire_at < rotate_at {
+        (retire_at, KeyEvent::RetirePrevious)
+    } else {
+        (rotate_at, KeyEvent::Rotate)
+    }
+}
+
+/// A copy of `ring` (the ring holds secrets and is not `Clone`: the copy goes through its
+/// encoding, which the caller then zeroizes with the copy).
+pub fn duplicate(ring: &Keyring) -> Result<Keyring, KeyringError> {
+    Keyring::parse(&ring.encode()).map_err(|e| KeyringError::of(Path::new("(memory)"), e))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_schedule_rotates_each_period_and_retires_the_previous_key_after_the_overlap() {
+        let hour = Duration::from_secs(3600);
+        let week = hour * 168;
+        assert_eq!(overlap(week), MAX_OVERLAP);
+        assert_eq!(overlap(Duration::from_secs(4)), Duration::from_secs(4));
+        let mut ring = Keyring::generate(1, 1_000).unwrap();
+        assert_eq!(
+            next_event(&ring, week),
+            (Duration::from_secs(1_000) + week, KeyEvent::Rotate)
+        );
+        ring.rotate(2_000).unwrap();
+        assert_eq!(
+            next_event(&ring, week),
+            (
+                Duration::from_secs(2_000) + MAX_OVERLAP,
+                KeyEvent::RetirePrevious
+            )
+        );
+        let copy = duplicate(&ring).unwrap();
+        assert_eq!(copy.public_keys(), ring.public_keys());
+        ring.retire_previous();
+        assert_eq!(
+            next_event(&ring, week),
+            (Duration::from_secs(2_000) + week, KeyEvent::Rotate)
+        );
+        // A period shorter than the longest overlap: the rotation itself drops the oldest key.
+        let fast = Duration::from_secs(4);
+        let mut ring = Keyring::generate(1, 10).unwrap();
+        ring.rotate(14).unwrap();
+        assert_eq!(
+            next_event(&ring, fast),
+            (Duration::from_secs(18), KeyEvent::Rotate)
+        );
+    }
 
     #[test]
     fn persists_and_rotates_with_overlap() {

@@ -376,6 +376,10 @@ pub struct ExitMetrics {
     pub relay_connected: Gauge,
     /// Attempts to connect and register, by outcome.
     pub relay_connects: Family<ConnectLabel, Counter>,
+    /// Relays the exit keeps a tunnel to now.
+    pub relays: Gauge,
+    /// Relays the exit is registered with now.
+    pub relays_registered: Gauge,
     /// OHTTP key rotations applied while running.
     pub key_rotations: Counter,
     /// Creation time (Unix seconds) of each OHTTP key the exit holds.
@@ -489,6 +493,16 @@ impl ExitMetrics {
             "relay_connects",
             "Attempts to connect to the relay and register, by outcome",
             self.relay_connects.clone(),
+        );
+        r.register(
+            "relays",
+            "Relays the exit keeps a tunnel to now",
+            self.relays.clone(),
+        );
+        r.register(
+            "relays_registered",
+            "Relays the exit is registered with now",
+            self.relays_registered.clone(),
         );
         r.register(
             "key_rotations",

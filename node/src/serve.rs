@@ -23,7 +23,8 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
     config.data_dir.ensure()?;
     let (relay_identity, _) =
         identity::load_or_create(&config.data_dir.file("relay_identity.key"))?;
-    let exit = Exit::load(&config.data_dir, &config.backend, config.limits.clone())?;
+    let mut exit = Exit::load(&config.data_dir, &config.backend, config.limits.clone())?;
+    exit.set_key_rotation(config.key_rotation);
     // The internal relay takes only this exit's registration, and the client sends only to
     // it: another local process cannot slip its own exit into the path.
     let relay = Relay::bind(

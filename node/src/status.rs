@@ -124,10 +124,13 @@ pub struct ExitStatus {
     /// Whether requests must carry an access token.
     #[serde(default)]
     pub access_token_required: bool,
-    /// The relay it registers with.
+    /// The relays it registers with, space-separated.
     pub relay: String,
-    /// Whether it is registered now.
+    /// Whether it is registered now (with at least one relay).
     pub registered: bool,
+    /// Each relay it keeps a tunnel to, and whether that tunnel is registered now.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub relays: Vec<ExitRelayStatus>,
     /// Whether the backend answered the last probe.
     pub backend_up: bool,
     /// The OHTTP keys it holds, current first.
@@ -149,6 +152,15 @@ pub struct ExitStatus {
     /// Announcement on the DHT; absent when the exit does not announce.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dht: Option<DhtStatus>,
+}
+
+/// One of an exit's relays.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitRelayStatus {
+    /// The relay's multiaddr.
+    pub address: String,
+    /// Whether the exit's tunnel to it is registered now.
+    pub registered: bool,
 }
 
 /// One of an exit's OHTTP keys.
@@ -393,17 +405,30 @@ pub fn summary(report: &StatusReport) -> String {
                 "no access token required"
             }
         );
-        let _ = writeln!(
-            out,
-            "        relay {} ({}), backend {}",
-            exit.relay,
-            if exit.registered {
-                "registered"
-            } else {
-                "NOT registered"
-            },
-            if exit.backend_up { "up" } else { "DOWN" }
-        );
+        let registered = |yes: bool| if yes { "registered" } else { "NOT registered" };
+        if exit.relays.len() > 1 {
+            let _ = writeln!(
+                out,
+                "        backend {}",
+                if exit.backend_up { "up" } else { "DOWN" }
+            );
+            for relay in &exit.relays {
+                let _ = writeln!(
+                    out,
+                    "        relay {} ({})",
+                    relay.address,
+                    registered(relay.registered)
+                );
+            }
+        } else {
+            let _ = writeln!(
+                out,
+                "        relay {} ({}), backend {}",
+                exit.relay,
+                registered(exit.registered),
+                if exit.backend_up { "up" } else { "DOWN" }
+            );
+        }
         let keys: Vec<String> = exit
             .keys
             .iter()
@@ -629,6 +654,7 @@ mod tests {
                 access_token_required: true,
                 relay: "/ip4/127.0.0.1/udp/1/quic-v1/p2p/12D3KooRelay".into(),
                 registered: true,
+                relays: Vec::new(),
                 backend_up: false,
                 keys: vec![KeyStatus {
                     key_id: 1,

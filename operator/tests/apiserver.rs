@@ -936,8 +936,15 @@ async fn exit_relay_sources() {
     })
     .await;
     let containers = d.spec.unwrap().template.spec.unwrap().containers;
-    assert_eq!(containers.len(), 2, "one exit container per relay");
-    assert_eq!(containers[1].args.as_ref().unwrap()[2], addrs[1]);
+    assert_eq!(
+        containers.len(),
+        1,
+        "one exit container keeps a tunnel to every relay"
+    );
+    assert_eq!(
+        containers[0].args.as_ref().unwrap()[..5],
+        ["exit", "--relay", &addrs[0], "--relay", &addrs[1]]
+    );
 
     let bootstrap = "/ip4/10.0.0.5/udp/4001/quic-v1/p2p/12D3KooWBoot";
     exits

@@ -210,6 +210,18 @@ impl Keyring {
         Ok(())
     }
 
+    /// Drops the previous key (its overlap ended): requests encrypted to it are then
+    /// answered "key unknown". A ring with one key is unchanged.
+    pub fn retire_previous(&mut self) {
+        self.entries.truncate(1);
+    }
+
+    /// Whether a previous key is still held.
+    #[must_use]
+    pub fn has_previous(&self) -> bool {
+        self.entries.len() > 1
+    }
+
     /// The HPKE key pairs, current first.
     #[must_use]
     pub fn key_pairs(&self) -> Vec<KeyPair> {
@@ -335,6 +347,7 @@ mod tests {
             "the previous key is kept for the overlap"
         );
         assert!(!ring.rotation_due(250, 100));
+        assert!(ring.has_previous());
 
         ring.rotate(300).unwrap();
         let third = ring.public_keys();
@@ -345,6 +358,17 @@ mod tests {
         assert_eq!(reparsed.public_keys(), third);
         assert_eq!(reparsed.current_created_at(), 300);
         assert_eq!(reparsed.key_ids(), vec![(3, 300), (2, 200)]);
+
+        ring.retire_previous();
+        assert!(!ring.has_previous());
+        assert_eq!(ring.key_ids(), vec![(3, 300)]);
+        assert_eq!(ring.public_keys()[0], third[0]);
+        ring.retire_previous();
+        assert_eq!(
+            ring.key_ids(),
+            vec![(3, 300)],
+            "the current key is never dropped"
+        );
     }
 
     #[test]

@@ -220,7 +220,37 @@ impl Directory {
         Ok(self.routable(&state).len())
     }
 
+    /// Makes sure the lists were fetched after `since` (fetching them now unless another
+    /// caller's fetch began after it), then returns a route to `exit` itself if it is still
+    /// usable: what a request does after the exit answered "key unknown", to retry that exit
+    /// with its fresh descriptor before trying any other. `None` when the exit is no longer
+    /// usable or no relay that lists it is reachable.
+    pub async fn route_to(&self, exit: PeerId, since: Instant) -> Option<Route> {
+        {
+            let _turn = self.refreshing.lock().await;
+            if self.lock().fetched_at.is_none_or(|at| at < since) {
+                self.fetch_all().await;
+            }
+        }
+        let (usable, relay) = {
+            let state = self.lock();
+            let usable = self
+                .routable(&state)
+                .into_iter()
+                .find(|u| u.descriptor.peer_id == exit)?;
+            let relay = pick_relay(&usable.relays, &state.relays, Instant::now())?;
+            (usable, relay)
+        };
+        let link = self.link_for(&relay)?;
+        Some(Route {
+            exit: ExitInfo::from_descriptor(usable.descriptor)?,
+            link,
+        })
+    }
+
     async fn fetch_all(&self) {
+        // The lists are as of when the fetch began (what `route_to` relies on).
+        let began = Instant::now();
         let links = self.links();
         let fetched = futures_util::future::join_all(
             links
@@ -248,7 +278,7 @@ impl Directory {
             );
         }
         state.set.expire(now);
-        state.fetched_at = Some(Instant::now());
+        state.fetched_at = Some(began);
         let held = state.set.held();
         // Counted and logged when an exit becomes held, not at every refresh while it is.
         let new: Vec<Refused> = held
@@ -526,6 +556,56 @@ impl Directory {
                 })
             })
             .collect()
+    }
+
+    /// Whether every relay failed: its last exit list could not be fetched, or it is backing
+    /// off after a request could not reach it. A discovering client then looks for relays
+    /// again.
+    #[must_use]
+    pub fn relays_down(&self) -> bool {
+        let links = self.links();
+        let state = self.lock();
+        let now = Instant::now();
+        !links.is_empty()
+            && links.iter().all(|link| {
+                let peer = link.relay().peer_id();
+                matches!(state.fetches.get(&peer), Some(Err(_)))
+                    || state.relays.get(&peer).is_some_and(|h| h.backed_off(now))
+            })
+    }
+
+    /// Replaces the relays with `relays` (links to relays kept are reused; the lists are
+    /// fetched again at the next request). Nothing changes when `relays` is empty.
+    pub fn replace_relays(&self, relays: &[RelayAddr]) {
+        if relays.is_empty() {
+            return;
+        }
+        let mut links = self.lock_links();
+        let mut next: Vec<Arc<RelayLink>> = Vec::with_capacity(relays.len());
+        for relay in relays.iter().take(MAX_LINKS) {
+            if next.iter().any(|l| l.relay().peer_id() == relay.peer_id()) {
+                continue;
+            }
+            let kept = links
+                .iter()
+                .find(|l| l.relay().peer_id() == relay.peer_id())
+                .cloned();
+            match kept {
+                Some(link) => next.push(link),
+                None => match RelayLink::new(relay.clone(), self.params) {
+                    Ok(link) => next.push(Arc::new(link)),
+                    Err(error) => tracing::warn!(%relay, %error, "cannot make a relay link"),
+                },
+            }
+        }
+        if next.is_empty() {
+            return;
+        }
+        *links = next;
+        drop(links);
+        let mut state = self.lock();
+        state.fetches.clear();
+        state.fetched_at = None;
     }
 
     /// Exits held back because their sources disagree, as `PEERID: reason`.

@@ -156,6 +156,9 @@ enum AttemptError {
     /// The relay could not be reached: the exit never saw the request; another relay may
     /// reach it.
     RelayDown(ApiError),
+    /// The exit no longer holds the key the request was encrypted to (it rotated): it
+    /// never opened the request; the same exit is tried once more with its fresh keys.
+    KeyUnknown(ApiError),
     /// Stop and report.
     Fatal(ApiError),
 }
@@ -187,12 +190,29 @@ async fn proxy(state: &ClientState, request: http::Request<Body>) -> Result<Prox
     let mut excluded: Vec<PeerId> = Vec::new();
     let mut last_error = ApiError::NoExit;
     let mut refresh = false;
-    for number in 1..=MAX_ATTEMPTS {
-        let route = match state
-            .directory
-            .route(model.as_deref(), &excluded, refresh)
-            .await
-        {
+    // An exit that answered "key unknown", to try again with its fresh keys before anything
+    // else (once per request: it is not counted as an attempt).
+    let mut fresh_keys: Option<(PeerId, Instant)> = None;
+    let mut key_retried = false;
+    let mut number = 0;
+    while number < MAX_ATTEMPTS {
+        let again = match fresh_keys.take() {
+            Some((exit, since)) => state.directory.route_to(exit, since).await,
+            None => None,
+        };
+        if again.is_none() {
+            number += 1;
+        }
+        let route = match again {
+            Some(route) => Ok(route),
+            None => {
+                state
+                    .directory
+                    .route(model.as_deref(), &excluded, refresh)
+                    .await
+            }
+        };
+        let route = match route {
             Ok(route) => route,
             // Nothing left to try: the last attempt's error says more than "no exit", unless
             // the user pinned exits (then the answer names them and what was tried).
@@ -221,18 +241,28 @@ async fn proxy(state: &ClientState, request: http::Request<Body>) -> Result<Prox
                 });
             }
             Err(AttemptError::Fatal(error)) => return Err(error),
-            Err(AttemptError::RelayDown(error)) => {
-                tracing::debug!(relay = %route.link.relay(), %error, "relay unreachable; trying another route");
+            Err(AttemptError::KeyUnknown(error)) if !key_retried => {
+                tracing::debug!(exit = %route.exit.peer_id, "exit rotated its keys; retrying it with fresh keys");
                 state.metrics.retries.inc();
-                state.directory.relay_failed(route.link.relay().peer_id());
+                key_retried = true;
+                fresh_keys = Some((route.exit.peer_id, Instant::now()));
+                // Tried again at once, or (no longer usable) excluded like any failed exit.
+                excluded.push(route.exit.peer_id);
+                refresh = true;
                 last_error = error;
             }
-            Err(AttemptError::Retry(error)) => {
+            Err(AttemptError::KeyUnknown(error) | AttemptError::Retry(error)) => {
                 tracing::debug!(exit = %route.exit.peer_id, %error, "retrying with fresh exit lists");
                 state.metrics.retries.inc();
                 state.directory.exit_failed(route.exit.peer_id);
                 excluded.push(route.exit.peer_id);
                 refresh = true;
+                last_error = error;
+            }
+            Err(AttemptError::RelayDown(error)) => {
+                tracing::debug!(relay = %route.link.relay(), %error, "relay unreachable; trying another route");
+                state.metrics.retries.inc();
+                state.directory.relay_failed(route.link.relay().peer_id());
                 last_error = error;
             }
         }
@@ -373,7 +403,7 @@ async fn attempt(
         Status::Ok => state.directory.succeeded(route, started.elapsed()),
         Status::KeyUnknown => {
             state.metrics.key_refreshes.inc();
-            return Err(AttemptError::Retry(ApiError::ExitUnavailable(
+            return Err(AttemptError::KeyUnknown(ApiError::ExitUnavailable(
                 "exit rotated its keys".into(),
             )));
         }

@@ -218,6 +218,18 @@ impl Gateway {
         tracing::info!(key_ids = ?keyring.key_ids().iter().map(|(id, _)| *id).collect::<Vec<_>>(), "OHTTP keys rotated");
     }
 
+    /// Swaps in the keys of `keyring` after the previous key's overlap ended (not a
+    /// rotation: not counted as one).
+    pub fn retire_keys(&self, keyring: &Keyring) {
+        *self
+            .ohttp
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Arc::new(ohttp::Gateway::new(keyring.key_pairs()));
+        self.record_keys(keyring);
+        tracing::info!(key_ids = ?keyring.key_ids().iter().map(|(id, _)| *id).collect::<Vec<_>>(), "previous OHTTP key retired");
+    }
+
     fn record_keys(&self, keyring: &Keyring) {
         self.metrics.ohttp_key_created.clear();
         let mut keys = Vec::new();

@@ -1,6 +1,7 @@
 //! Desired children of a `TokenGoExit`: its key Secret (identity and OHTTP keyring) and a
-//! Deployment whose pods run one `tokengo exit` container per relay, all with the same keys, or
-//! with DHT discovery one container that finds its relays itself.
+//! Deployment whose pods run one `tokengo exit` container: registered with every relay (one
+//! `--relay` each; the node keeps a tunnel to each), or with DHT discovery finding its relays
+//! itself.
 
 use std::collections::BTreeMap;
 
@@ -84,17 +85,18 @@ pub fn keys_hash(peer_id: &str, keys: &[PublicKey]) -> String {
     digest(std::iter::once(peer_id.as_bytes()).chain(encoded.iter().map(Vec::as_slice)))
 }
 
-/// Where the exit's containers find their relays.
+/// Where the exit's container finds its relays.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum RelaySource<'a> {
-    /// One container per relay multiaddr (non-empty, at most
+    /// These relay multiaddrs, one `--relay` each (non-empty, at most
     /// [`crate::resource::exit::MAX_RELAYS`]).
     Addresses(&'a [String]),
     /// One container without `--relay`: the node discovers relays on this DHT.
     Dht(&'a ExitDht),
 }
 
-/// The exit Deployment: one container per relay address, or one discovering relays on the DHT.
+/// The exit Deployment: one container, registered with every relay address or discovering
+/// relays on the DHT.
 #[must_use]
 pub fn deployment(
     exit: &TokenGoExit,
@@ -113,18 +115,16 @@ pub fn deployment(
         }
     };
     let containers = match relays {
-        RelaySource::Addresses(addresses) => addresses
-            .iter()
-            .enumerate()
-            .map(|(index, relay)| container(exit, settings, index, Some(relay), public_env()))
-            .collect(),
+        RelaySource::Addresses(addresses) => {
+            vec![container(exit, settings, addresses, public_env())]
+        }
         RelaySource::Dht(dht) => {
             let mut env = public_env();
             env.extend(dht_env(&dht.bootstrap, dht.protocol.as_deref()));
             if let Some(max) = dht.max_relays {
                 env.push(plain_env("TOKENGO_MAX_RELAYS", max.to_string()));
             }
-            vec![container(exit, settings, 0, None, env)]
+            vec![container(exit, settings, &[], env)]
         }
     };
     node_deployment(NodeWorkload {
@@ -158,22 +158,17 @@ pub fn deployment(
     })
 }
 
-/// The `index`-th exit container: registers with `relay`, or discovers relays when `None`;
-/// `extra_env` follows the log and admin settings.
+/// The exit container: registers with each of `relays`, or discovers relays when there are
+/// none; `extra_env` follows the log and admin settings.
 fn container(
     exit: &TokenGoExit,
     settings: &Settings,
-    index: usize,
-    relay: Option<&String>,
+    relays: &[String],
     extra_env: Vec<EnvVar>,
 ) -> Container {
     let spec = &exit.spec;
-    // Each container needs its own admin port: containers of a pod share the network.
-    let admin_port = spec
-        .admin_port
-        .saturating_add(i32::try_from(index).unwrap_or(0));
     let mut args = vec!["exit".to_owned()];
-    if let Some(relay) = relay {
+    for relay in relays {
         args.push("--relay".to_owned());
         args.push(relay.clone());
     }
@@ -192,6 +187,10 @@ fn container(
         args.push(format!("{ACCESS_TOKENS_DIR}/{ACCESS_TOKENS_FILE}"));
     }
     let mut env = extra_env;
+    // The operator rotates the keys (in the Secret, rolling the pods): every replica serves
+    // one identity, and pods rotating on their own would give it different keys, which
+    // clients refuse as a key conflict; the mounted key files are read-only anyway.
+    env.push(plain_env("TOKENGO_KEY_ROTATION_HOURS", "0".to_owned()));
     if let Some(secret) = &spec.backend.api_key_secret {
         // From the Secret at start, so the key is never in the pod spec.
         env.push(EnvVar {
@@ -210,13 +209,13 @@ fn container(
     let mut container = node_container(
         settings,
         NodeContainer {
-            name: format!("exit-{index}"),
+            name: "exit".to_owned(),
             image: spec.image.as_ref(),
             args,
             env,
             ports: Vec::new(),
-            admin_port_name: format!("admin-{index}"),
-            admin_port,
+            admin_port_name: "admin".to_owned(),
+            admin_port: spec.admin_port,
             resources: spec.resources.clone(),
         },
     );
@@ -266,7 +265,7 @@ mod tests {
     ];
 
     #[test]
-    fn one_container_per_relay_with_backend_headers_and_secret_api_key() {
+    fn one_container_for_every_relay_with_backend_headers_and_secret_api_key() {
         let exit = basic();
         let relays: Vec<String> = RELAYS.iter().map(|s| (*s).to_owned()).collect();
         let d = deployment(
@@ -282,22 +281,28 @@ mod tests {
             "hash"
         );
         let containers = pod["spec"]["containers"].as_array().unwrap();
-        assert_eq!(containers.len(), 2);
+        assert_eq!(
+            containers.len(),
+            1,
+            "one process keeps a tunnel to each relay"
+        );
         assert_eq!(
             containers[0],
             json!({
-                "name": "exit-0",
+                "name": "exit",
                 "image": "tokengo/node:latest",
                 "args": [
-                    "exit", "--relay", RELAYS[0], "--backend", "http://ollama.models.svc:11434",
+                    "exit", "--relay", RELAYS[0], "--relay", RELAYS[1],
+                    "--backend", "http://ollama.models.svc:11434",
                     "--data-dir", "/var/lib/tokengo", "--header", "X-Team: ml"
                 ],
                 "env": [
                     {"name": "TOKENGO_LOG_FORMAT", "value": "json"},
                     {"name": "TOKENGO_ADMIN_LISTEN", "value": "0.0.0.0:9090"},
+                    {"name": "TOKENGO_KEY_ROTATION_HOURS", "value": "0"},
                     {"name": "TOKENGO_API_KEY", "valueFrom": {"secretKeyRef": {"name": "backend", "key": "token", "optional": false}}}
                 ],
-                "ports": [{"name": "admin-0", "containerPort": 9090, "protocol": "TCP"}],
+                "ports": [{"name": "admin", "containerPort": 9090, "protocol": "TCP"}],
                 "livenessProbe": {"httpGet": {"path": "/healthz", "port": 9090}, "periodSeconds": 10, "failureThreshold": 3},
                 "readinessProbe": {"httpGet": {"path": "/readyz", "port": 9090}, "periodSeconds": 5, "failureThreshold": 3},
                 "securityContext": {
@@ -309,9 +314,6 @@ mod tests {
                 "volumeMounts": [{"name": "keys", "mountPath": "/var/lib/tokengo", "readOnly": true}]
             })
         );
-        assert_eq!(containers[1]["args"][2], RELAYS[1]);
-        assert_eq!(containers[1]["ports"][0]["containerPort"], 9091);
-        assert_eq!(containers[1]["readinessProbe"]["httpGet"]["port"], 9091);
         assert_eq!(
             pod["spec"]["volumes"],
             json!([{"name": "keys", "secret": {
@@ -353,7 +355,7 @@ mod tests {
         assert_eq!(
             value["spec"]["template"]["spec"]["containers"],
             json!([{
-                "name": "exit-0",
+                "name": "exit",
                 "image": "tokengo/node:latest",
                 "args": ["exit", "--backend", "http://ollama.models.svc:11434", "--data-dir", "/var/lib/tokengo"],
                 "env": [
@@ -363,9 +365,10 @@ mod tests {
                     {"name": "TOKENGO_BOOTSTRAP", "value": "/ip4/10.0.0.1/udp/4001/quic-v1/p2p/12D3KooWB,/ip4/10.0.0.2/udp/4001/quic-v1/p2p/12D3KooWC"},
                     {"name": "TOKENGO_DHT_PROTOCOL", "value": "/mynet/kad/1.0.0"},
                     {"name": "TOKENGO_MAX_RELAYS", "value": "5"},
+                    {"name": "TOKENGO_KEY_ROTATION_HOURS", "value": "0"},
                     {"name": "TOKENGO_API_KEY", "valueFrom": {"secretKeyRef": {"name": "backend", "key": "token", "optional": false}}}
                 ],
-                "ports": [{"name": "admin-0", "containerPort": 9090, "protocol": "TCP"}],
+                "ports": [{"name": "admin", "containerPort": 9090, "protocol": "TCP"}],
                 "livenessProbe": {"httpGet": {"path": "/healthz", "port": 9090}, "periodSeconds": 10, "failureThreshold": 3},
                 "readinessProbe": {"httpGet": {"path": "/readyz", "port": 9090}, "periodSeconds": 5, "failureThreshold": 3},
                 "securityContext": {
@@ -399,6 +402,7 @@ mod tests {
                 "TOKENGO_LOG_FORMAT",
                 "TOKENGO_ADMIN_LISTEN",
                 "TOKENGO_PUBLIC",
+                "TOKENGO_KEY_ROTATION_HOURS",
                 "TOKENGO_API_KEY"
             ]
         );
@@ -422,14 +426,16 @@ mod tests {
         let value = serde_json::to_value(&d).unwrap();
         let pod = &value["spec"]["template"]["spec"];
         let containers = pod["containers"].as_array().unwrap();
-        assert_eq!(containers.len(), 2);
-        for (index, c) in containers.iter().enumerate() {
+        assert_eq!(containers.len(), 1);
+        for c in containers {
             assert_eq!(
                 c["args"],
                 json!([
                     "exit",
                     "--relay",
-                    RELAYS[index],
+                    RELAYS[0],
+                    "--relay",
+                    RELAYS[1],
                     "--backend",
                     "https://api.example.com",
                     "--data-dir",
@@ -442,8 +448,9 @@ mod tests {
                 c["env"],
                 json!([
                     {"name": "TOKENGO_LOG_FORMAT", "value": "json"},
-                    {"name": "TOKENGO_ADMIN_LISTEN", "value": format!("0.0.0.0:{}", 9090 + index)},
-                    {"name": "TOKENGO_PUBLIC", "value": "true"}
+                    {"name": "TOKENGO_ADMIN_LISTEN", "value": "0.0.0.0:9090"},
+                    {"name": "TOKENGO_PUBLIC", "value": "true"},
+                    {"name": "TOKENGO_KEY_ROTATION_HOURS", "value": "0"}
                 ])
             );
             assert_eq!(

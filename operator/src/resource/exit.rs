@@ -1,8 +1,8 @@
 //! `TokenGoExit`: an exit (decrypts requests, calls the AI backend) run as a Deployment that
-//! dials its relays. Each pod runs one `tokengo exit` container per relay address, all with the
-//! exit's one identity and OHTTP keyring from one Secret, so the exit is reachable through
-//! every relay it names; with DHT discovery, one container that finds and registers with up to
-//! `maxRelays` relays itself.
+//! dials its relays. Each pod runs one `tokengo exit` container with the exit's identity and
+//! OHTTP keyring from one Secret, given every relay address (`--relay` each; the node keeps a
+//! tunnel to each), so the exit is reachable through every relay it names; with DHT
+//! discovery, the container finds and registers with up to `maxRelays` relays itself.
 
 use k8s_openapi::{
     api::core::v1::ResourceRequirements, apimachinery::pkg::apis::meta::v1::Condition,
@@ -54,8 +54,7 @@ pub struct TokenGoExitSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "image_schema")]
     pub image: Option<String>,
-    /// Port of the node's admin endpoint (`/healthz`, `/readyz`, `/metrics`) the probes use;
-    /// the n-th relay's container uses this port plus n.
+    /// Port of the node's admin endpoint (`/healthz`, `/readyz`, `/metrics`) the probes use.
     #[serde(default = "default_admin_port")]
     #[schemars(range(min = 1, max = 65000))]
     pub admin_port: i32,
@@ -77,7 +76,7 @@ pub struct TokenGoExitSpec {
     /// When the OHTTP key is replaced.
     #[serde(default)]
     pub key_rotation: KeyRotation,
-    /// CPU and memory requests and limits of each exit container.
+    /// CPU and memory requests and limits of the exit container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     /// Where the pods may run.
@@ -173,8 +172,10 @@ pub struct ExitDht {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct KeyRotation {
-    /// Hours between rotations. The previous key stays valid until the next rotation, so
-    /// clients holding it have a whole interval to refresh.
+    /// Hours between rotations. The operator rotates (the key Secret, then the pods roll);
+    /// the pods' own rotation schedule is off, since replicas share one identity. The previous
+    /// key stays valid until the next rotation, so clients holding it have a whole interval
+    /// to refresh.
     #[serde(default = "default_interval_hours")]
     #[schemars(range(min = 1, max = 8760))]
     pub interval_hours: i32,

@@ -23,7 +23,10 @@
 pub mod cache;
 mod codec;
 pub mod exits;
+mod lookup;
 pub mod policy;
+pub mod selection;
+pub mod store;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -38,7 +41,7 @@ use libp2p::{
     core::{Transport as _, muxing::StreamMuxerBox},
     identify,
     identity::Keypair,
-    kad::{self, store::MemoryStore},
+    kad,
     multiaddr::Protocol,
     request_response::{self, ProtocolSupport},
     swarm::{NetworkBehaviour, SwarmEvent},
@@ -53,6 +56,8 @@ use tokio_util::sync::CancellationToken;
 pub use cache::{CACHE_FILE, RelayCache, VerifiedRelay, rank};
 pub use exits::{ExitLookup, ExitRefusal, FoundExit, exit_info_source, find_exits};
 pub use policy::{AddressPolicy, DialGuard, DialRecord};
+pub use selection::{Selection, SelectionLimits, SelectionStats};
+use store::ProviderStore;
 
 use crate::{
     client::RelayLink,
@@ -98,6 +103,15 @@ const PUBLISH_RETRY_MIN: Duration = Duration::from_secs(5);
 const PUBLISH_RETRY_MAX: Duration = Duration::from_secs(300);
 /// A relay-info or exit-info request may take this long.
 const INFO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest kad message a seeker decodes: go-libp2p's own message limit (4 MiB), so any
+/// answer a go server can send is readable. go servers answer GET_PROVIDERS with every stored
+/// provider; kad's default of 16 KiB made a few hundred records (or a handful with long
+/// address lists) turn every answer for the key into an error, and discovery into nothing.
+/// Memory: kad reads at most `parallelism` (3) such answers at once.
+pub const MAX_KAD_PACKET: usize = 4 * 1024 * 1024;
+/// Largest kad message a DHT server decodes: it is asked, and requests are small (an
+/// ADD_PROVIDER of a relay lists a few addresses); answers it sends are not limited by this.
+const MAX_KAD_REQUEST: usize = 64 * 1024;
 /// Identify's protocol name (the standard one; kad learns peers' protocols through it).
 const IDENTIFY_PROTOCOL: &str = "/ipfs/id/1.0.0";
 
@@ -224,10 +238,11 @@ impl Answer {
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
-    kad: kad::Behaviour<MemoryStore>,
+    kad: kad::Behaviour<ProviderStore>,
     identify: identify::Behaviour,
     info: request_response::Behaviour<codec::RelayInfoCodec>,
     exit_info: request_response::Behaviour<codec::ExitInfoCodec>,
+    gate: lookup::ProviderGate,
 }
 
 /// Which side of the two info protocols a swarm takes.
@@ -256,17 +271,22 @@ fn build_swarm(
     let protocol = config.protocol.clone();
     let timeout = config.timeout;
     let needs_dns = config.bootstrap.iter().any(is_dns_named);
+    let bootstrap = config.bootstrap.clone();
     let swarm = libp2p::SwarmBuilder::with_existing_identity(identity)
         .with_tokio()
         .with_other_transport(move |key| {
             let quic = libp2p::quic::tokio::Transport::new(libp2p::quic::Config::new(key));
+            let named_guard = guard.clone();
             let guarded = policy::PolicyTransport::new(quic, policy, guard)
                 .map(|(peer, conn), _| (peer, StreamMuxerBox::new(conn)));
-            // DNS sits outside the policy, so the policy judges the resolved IP addresses.
-            // Only networks that name a peer by DNS pay for reading the system resolver.
+            // DNS sits outside the policy, so the policy judges the resolved IP addresses;
+            // only the bootstrap peers' names reach the resolver. Only networks that name a
+            // peer by DNS pay for reading the system resolver.
             let transport: Result<_, Box<dyn std::error::Error + Send + Sync>> = if needs_dns {
                 match libp2p::dns::tokio::Transport::system(guarded) {
-                    Ok(resolving) => Ok(resolving.boxed()),
+                    Ok(resolving) => {
+                        Ok(policy::NamedDials::new(resolving, &bootstrap, named_guard).boxed())
+                    }
                     Err(e) => Err(format!(
                         "a bootstrap peer is named by DNS but the system resolver configuration \
                          cannot be read ({e}); give --bootstrap addresses with IPs"
@@ -285,7 +305,11 @@ fn build_swarm(
             kad_config.set_query_timeout(timeout);
             kad_config.set_provider_publication_interval(Some(PROVIDER_PUBLICATION_INTERVAL));
             kad_config.set_provider_record_ttl(Some(PROVIDER_RECORD_TTL));
-            let mut kad = kad::Behaviour::with_config(peer, MemoryStore::new(peer), kad_config);
+            kad_config.set_max_packet_size(match mode {
+                kad::Mode::Client => MAX_KAD_PACKET,
+                kad::Mode::Server => MAX_KAD_REQUEST,
+            });
+            let mut kad = kad::Behaviour::with_config(peer, ProviderStore::new(peer), kad_config);
             kad.set_mode(Some(mode));
             Behaviour {
                 kad,
@@ -303,6 +327,7 @@ fn build_swarm(
                     [(StreamProtocol::new(exit_info::PROTOCOL), support.exit)],
                     request_response::Config::default().with_request_timeout(INFO_TIMEOUT),
                 ),
+                gate: lookup::ProviderGate::default(),
             }
         })
         .map_err(|e| DiscoveryError::Swarm(e.to_string()))?
@@ -817,7 +842,12 @@ pub async fn discover(
         InfoSupport::ASK,
     )?;
     let mut probes: JoinSet<(Source, PeerId, Result<VerifiedRelay, String>)> = JoinSet::new();
+    // Cached relays only dedupe among themselves: a cached PeerId must not block the same
+    // relay's fresh DHT record (its cached address may be the stale one).
     let mut tried: HashSet<PeerId> = HashSet::new();
+    let mut selection = Selection::new(SelectionLimits::default(), config.policy);
+    let mut dialling = lookup::Dialling::default();
+    let mut probe_ips: HashMap<PeerId, IpAddr> = HashMap::new();
     let cached = seek
         .cache
         .as_ref()
@@ -838,6 +868,7 @@ pub async fn discover(
     let key = kad::RecordKey::new(&relay_info::provider_key(relay_info::RELAY_NAMESPACE));
     let mut lookup = (peers > 0).then(|| swarm.behaviour_mut().kad.get_providers(key.clone()));
     let mut requery: Option<tokio::time::Instant> = None;
+    let mut provider_answers = 0usize;
     let mut pending: HashMap<request_response::OutboundRequestId, PeerId> = HashMap::new();
     let mut verified: Vec<VerifiedRelay> = Vec::new();
     let mut first_usable: Option<Instant> = None;
@@ -847,11 +878,25 @@ pub async fn discover(
         if verified.len() >= seek.want.max(1) {
             break;
         }
-        let idle = lookup.is_none() && pending.is_empty() && probes.is_empty();
+        for peer in lookup::contact_next(&mut swarm, &mut selection, &mut dialling) {
+            let request = swarm.behaviour_mut().info.send_request(&peer, ());
+            pending.insert(request, peer);
+        }
+        let idle = lookup.is_none()
+            && pending.is_empty()
+            && probes.is_empty()
+            && dialling.is_empty()
+            && selection.is_idle();
         // Done: something verified and nothing is pending; or nothing can ever come (no DHT
-        // peer to ask and no cached relay left).
-        if idle && (!verified.is_empty() || peers == 0) {
+        // peer to ask and no cached relay left, or every provider this discovery may contact
+        // was contacted).
+        if idle && (!verified.is_empty() || peers == 0 || !selection.has_budget()) {
             break;
+        }
+        // Every provider found so far failed: look again (a relay may announce a moment
+        // later, or move).
+        if idle && requery.is_none() {
+            requery = Some(tokio::time::Instant::now() + REQUERY);
         }
         let settle = first_usable.map(|t| tokio::time::Instant::from_std(t + seek.settle));
         tokio::select! {
@@ -860,15 +905,25 @@ pub async fn discover(
             () = sleep_until(settle) => break,
             () = sleep_until(requery) => {
                 requery = None;
+                provider_answers = 0;
                 lookup = Some(swarm.behaviour_mut().kad.get_providers(key.clone()));
             }
             Some(done) = probes.join_next(), if !probes.is_empty() => {
                 let Ok((source, peer, outcome)) = done else { continue };
+                if matches!(source, Source::Dht) {
+                    if let (Err(_), Some(ip)) = (&outcome, probe_ips.get(&peer)) {
+                        selection.probe_failed(peer, *ip);
+                    }
+                    probe_ips.remove(&peer);
+                    selection.finished(peer, &selection::Outcome::Answered);
+                }
                 match outcome {
                     Ok(relay) => {
                         tracing::info!(relay = %peer, ?source, rtt = ?relay.rtt, exits = relay.exits, "relay verified");
                         first_usable.get_or_insert_with(Instant::now);
                         verified.push(relay);
+                        // The cache and the DHT may both verify one relay: count it once.
+                        rank(&mut verified);
                     }
                     Err(reason) => {
                         skipped += 1;
@@ -883,22 +938,33 @@ pub async fn discover(
                 SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                     id, result: kad::QueryResult::GetProviders(result), step, ..
                 })) if Some(id) == lookup => {
-                    let (providers, finished) = lookup_progress(&mut swarm, id, &result, &step);
-                    for peer in providers {
-                        if tried.insert(peer) {
-                            found += 1;
-                            // Ask now: kad knows the provider's addresses only while the
-                            // lookup runs.
-                            let request = swarm.behaviour_mut().info.send_request(&peer, ());
-                            pending.insert(request, peer);
-                        }
+                    // Offered now: kad knows the providers' addresses only while the lookup
+                    // runs.
+                    found += lookup::offer_providers(&mut swarm, &mut selection, &result, |peer| {
+                        verified.iter().any(|r| r.addr.peer_id() == *peer)
+                    });
+                    let (providers, mut finished) = lookup_progress(&mut swarm, id, &result, &step);
+                    if !providers.is_empty() {
+                        provider_answers += 1;
+                    }
+                    if !finished && provider_answers >= lookup::ENOUGH_PROVIDER_ANSWERS {
+                        lookup::finish(&mut swarm, id);
+                        finished = true;
                     }
                     if finished {
                         lookup = None;
-                        tracing::info!(providers = found, after = ?started.elapsed(), "DHT lookup finished");
-                        if verified.is_empty() && pending.is_empty() && probes.is_empty() {
-                            requery = Some(tokio::time::Instant::now() + REQUERY);
-                        }
+                        tracing::info!(providers = found, selection = ?selection.stats(), after = ?started.elapsed(), "DHT lookup finished");
+                    }
+                }
+                SwarmEvent::ConnectionEstablished { peer_id, .. } if dialling.connected(peer_id) => {
+                    let request = swarm.behaviour_mut().info.send_request(&peer_id, ());
+                    pending.insert(request, peer_id);
+                }
+                SwarmEvent::OutgoingConnectionError { connection_id, error, .. } => {
+                    if let Some(peer) = dialling.failed(connection_id) {
+                        skipped += 1;
+                        tracing::info!(relay = %peer, "relay skipped: cannot connect ({error})");
+                        selection.finished(peer, &lookup::outcome_of(&error));
                     }
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Info(request_response::Event::Message {
@@ -906,11 +972,21 @@ pub async fn discover(
                     message: request_response::Message::Response { request_id, response },
                     ..
                 })) => {
-                    pending.remove(&request_id);
-                    match quic_candidates(&response, peer, config.policy, &seek.guard) {
-                        Ok(addr) => spawn_verify(&mut probes, Source::Dht, addr, &seek, config.policy),
+                    if pending.remove(&request_id).is_none() {
+                        continue;
+                    }
+                    let candidate = quic_candidates(&response, peer, config.policy, &seek.guard)
+                        .and_then(|addr| probe_budget(&selection, addr));
+                    match candidate {
+                        Ok(addr) => {
+                            if let Some(ip) = policy::ip_of(&addr.to_multiaddr()) {
+                                probe_ips.insert(peer, ip);
+                            }
+                            spawn_verify(&mut probes, Source::Dht, addr, &seek, config.policy);
+                        }
                         Err(reason) => {
                             skipped += 1;
+                            selection.finished(peer, &selection::Outcome::Answered);
                             tracing::info!(relay = %peer, "relay skipped: {reason}");
                         }
                     }
@@ -918,8 +994,12 @@ pub async fn discover(
                 SwarmEvent::Behaviour(BehaviourEvent::Info(request_response::Event::OutboundFailure {
                     peer, request_id, error, ..
                 })) => {
-                    pending.remove(&request_id);
+                    if pending.remove(&request_id).is_none() {
+                        continue;
+                    }
                     skipped += 1;
+                    // Connected, so something lives at its address: no failure of the IP.
+                    selection.finished(peer, &selection::Outcome::Answered);
                     tracing::info!(relay = %peer, "relay skipped: no relay-info answer ({error})");
                 }
                 _ => {}
@@ -944,6 +1024,7 @@ pub async fn discover(
     tracing::info!(
         relays = verified.len(),
         skipped,
+        selection = ?selection.stats(),
         first_usable = ?first.duration_since(started),
         elapsed = ?elapsed,
         "discovery done"
@@ -993,6 +1074,17 @@ fn quic_candidates(
         "relay-info has no usable QUIC address for this PeerId ({} listed, {refused} outside the address policy)",
         info.quic_addrs.len()
     ))
+}
+
+/// A relay's QUIC address is probed only while its IP has not failed too often in this
+/// discovery (relay-info is the provider's word: it may name a victim).
+fn probe_budget(selection: &Selection, addr: RelayAddr) -> Result<RelayAddr, String> {
+    match policy::ip_of(&addr.to_multiaddr()) {
+        Some(ip) if selection.ip_exhausted(ip) => Err(format!(
+            "probes to {ip} already failed too often in this discovery"
+        )),
+        _ => Ok(addr),
+    }
 }
 
 fn spawn_verify(

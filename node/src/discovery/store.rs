@@ -24,9 +24,14 @@ pub const MAX_RECORD_ADDRS: usize = 32;
 pub const MAX_RECORD_ADDR_BYTES: usize = 2048;
 
 /// `MemoryStore` with many providers per key and bounded provider records.
-#[derive(Debug)]
 pub struct ProviderStore {
     inner: MemoryStore,
+}
+
+impl std::fmt::Debug for ProviderStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderStore").finish_non_exhaustive()
+    }
 }
 
 impl ProviderStore {

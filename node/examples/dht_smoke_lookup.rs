@@ -42,9 +42,7 @@ fn args() -> anyhow::Result<Args> {
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
-        let value = it
-            .next()
-            .with_context(|| format!("{flag} needs a value"))?;
+        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--bootstrap" => parsed
                 .bootstrap
@@ -87,11 +85,8 @@ async fn main() -> anyhow::Result<()> {
             let mut config = kad::Config::new(protocol);
             config.set_query_timeout(timeout);
             config.set_max_packet_size(MAX_KAD_PACKET);
-            let mut kad = kad::Behaviour::with_config(
-                peer,
-                kad::store::MemoryStore::new(peer),
-                config,
-            );
+            let mut kad =
+                kad::Behaviour::with_config(peer, kad::store::MemoryStore::new(peer), config);
             kad.set_mode(Some(kad::Mode::Client));
             kad
         })?
@@ -146,7 +141,11 @@ async fn main() -> anyhow::Result<()> {
                             Endpoint::Dialer,
                         )
                         .unwrap_or_default();
-                    let mark = if Some(peer) == args.expect { " <- expected" } else { "" };
+                    let mark = if Some(peer) == args.expect {
+                        " <- expected"
+                    } else {
+                        ""
+                    };
                     println!("  {peer} with {} address(es){mark}", addrs.len());
                     for addr in addrs.iter().take(8) {
                         println!("    {addr}");

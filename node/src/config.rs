@@ -1855,7 +1855,6 @@ mod tests {
         );
     }
 
-
     #[test]
     fn client_relays_and_pinned_exits_from_flags_or_file() {
         let dir = tempfile::tempdir().unwrap();

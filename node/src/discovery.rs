@@ -267,6 +267,28 @@ fn build_swarm(
     mode: kad::Mode,
     support: InfoSupport,
 ) -> Result<Swarm<Behaviour>, DiscoveryError> {
+    build_swarm_with(identity, config, guard, mode, support, KadRole::Peer)
+}
+
+/// How a swarm's kad is tuned beyond its mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KadRole {
+    /// Announcers and seekers: read answers up to [`MAX_KAD_PACKET`].
+    Peer,
+    /// `tokengo bootstrap`: answers with every stored provider (kad caps an answer at its
+    /// replication factor, 20 by default, first come), reads requests up to
+    /// [`MAX_KAD_REQUEST`].
+    Storage,
+}
+
+fn build_swarm_with(
+    identity: Keypair,
+    config: &DhtConfig,
+    guard: DialGuard,
+    mode: kad::Mode,
+    support: InfoSupport,
+    role: KadRole,
+) -> Result<Swarm<Behaviour>, DiscoveryError> {
     let policy = config.policy;
     let protocol = config.protocol.clone();
     let timeout = config.timeout;
@@ -305,10 +327,17 @@ fn build_swarm(
             kad_config.set_query_timeout(timeout);
             kad_config.set_provider_publication_interval(Some(PROVIDER_PUBLICATION_INTERVAL));
             kad_config.set_provider_record_ttl(Some(PROVIDER_RECORD_TTL));
-            kad_config.set_max_packet_size(match mode {
-                kad::Mode::Client => MAX_KAD_PACKET,
-                kad::Mode::Server => MAX_KAD_REQUEST,
-            });
+            match role {
+                KadRole::Peer => {
+                    kad_config.set_max_packet_size(MAX_KAD_PACKET);
+                }
+                KadRole::Storage => {
+                    kad_config.set_max_packet_size(MAX_KAD_REQUEST);
+                    if let Some(all) = std::num::NonZeroUsize::new(store::MAX_PROVIDERS_PER_KEY) {
+                        kad_config.set_replication_factor(all);
+                    }
+                }
+            }
             let mut kad = kad::Behaviour::with_config(peer, ProviderStore::new(peer), kad_config);
             kad.set_mode(Some(mode));
             Behaviour {
@@ -438,7 +467,14 @@ impl DhtServer {
         external_ips: &[IpAddr],
         guard: DialGuard,
     ) -> Result<Self, DiscoveryError> {
-        let mut swarm = build_swarm(identity, config, guard, kad::Mode::Server, InfoSupport::ASK)?;
+        let mut swarm = build_swarm_with(
+            identity,
+            config,
+            guard,
+            kad::Mode::Server,
+            InfoSupport::ASK,
+            KadRole::Storage,
+        )?;
         let addr = quic_multiaddr(listen);
         swarm
             .listen_on(addr.clone())

@@ -284,10 +284,7 @@ async fn register_fake(bootstrap: &[Multiaddr], stored: &[Stored], addrs: Vec<Mu
         swarm.add_external_address(addr);
     }
     let me = *swarm.local_peer_id();
-    swarm
-        .behaviour_mut()
-        .start_providing(relay_key())
-        .unwrap();
+    swarm.behaviour_mut().start_providing(relay_key()).unwrap();
     // kad reports a provide done when the ADD_PROVIDER messages are queued: keep the swarm
     // running until every server holds the record.
     let everywhere = || stored.iter().all(|s| s.lock().unwrap().contains(&me));
@@ -350,7 +347,12 @@ fn assert_loopback(record: &DialRecord) {
 const VICTIMS: u8 = 10;
 
 fn victim(i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(127, 0, 0, 2 + u8::try_from(i % usize::from(VICTIMS)).unwrap())
+    Ipv4Addr::new(
+        127,
+        0,
+        0,
+        2 + u8::try_from(i % usize::from(VICTIMS)).unwrap(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -141,7 +141,11 @@ impl Selection {
     /// A selection choosing at random.
     #[must_use]
     pub fn new(limits: SelectionLimits, policy: AddressPolicy) -> Self {
-        Self::with_pick(limits, policy, Box::new(|n| rand::random_range(0..n.max(1))))
+        Self::with_pick(
+            limits,
+            policy,
+            Box::new(|n| rand::random_range(0..n.max(1))),
+        )
     }
 
     /// A selection choosing with `pick`.
@@ -368,7 +372,11 @@ fn without_peer(mut addr: Multiaddr) -> Multiaddr {
 /// Distinct IPs among `addrs` (for logs).
 #[must_use]
 pub fn distinct_ips<'a>(addrs: impl IntoIterator<Item = &'a Multiaddr>) -> usize {
-    addrs.into_iter().filter_map(ip_of).collect::<HashSet<_>>().len()
+    addrs
+        .into_iter()
+        .filter_map(ip_of)
+        .collect::<HashSet<_>>()
+        .len()
 }
 
 #[cfg(test)]

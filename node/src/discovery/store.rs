@@ -108,7 +108,9 @@ mod tests {
     }
 
     fn addr(port: u16) -> Multiaddr {
-        format!("/ip4/127.0.0.1/udp/{port}/quic-v1").parse().unwrap()
+        format!("/ip4/127.0.0.1/udp/{port}/quic-v1")
+            .parse()
+            .unwrap()
     }
 
     #[test]

@@ -992,7 +992,10 @@ pub async fn discover(
                         tracing::info!(providers = found, selection = ?selection.stats(), after = ?started.elapsed(), "DHT lookup finished");
                     }
                 }
-                SwarmEvent::ConnectionEstablished { peer_id, .. } if dialling.connected(peer_id) => {
+                SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } if dialling.connected(peer_id) => {
+                    if let Some(ip) = policy::ip_of(endpoint.get_remote_address()) {
+                        selection.reached(ip);
+                    }
                     let request = swarm.behaviour_mut().info.send_request(&peer_id, ());
                     pending.insert(request, peer_id);
                 }

@@ -201,7 +201,7 @@ pub(super) fn contact_next(
     dialling: &mut Dialling,
 ) -> Vec<PeerId> {
     let mut ask = Vec::new();
-    while let Some(Contact { peer, addrs }) = selection.next() {
+    while let Some(Contact { peer, addrs }) = selection.next_contact() {
         if swarm.is_connected(&peer) {
             ask.push(peer);
             continue;

@@ -10,7 +10,9 @@
 //! - in random order, first choosing an IP at random and then a provider at that IP, so a
 //!   thousand records naming one IP weigh as much as one record at another;
 //! - never at an IP where [`SelectionLimits::failures_per_ip`] attempts already failed, and
-//!   never at two providers of one IP at once;
+//!   never at two providers of one IP at once until a provider was reached there (silence
+//!   and failures are what a victim's IP yields; an IP where a provider answered runs libp2p
+//!   for it, and several relays sharing a host must not be contacted one by one);
 //! - never at an endpoint another PeerId proved to own (a dial that reached the wrong PeerId
 //!   tells who is really there: records copying a relay's addresses are then dropped, and the
 //!   owner, when it is a provider too, is contacted next);
@@ -121,6 +123,8 @@ pub struct Selection {
     contacted: HashMap<PeerId, Vec<Multiaddr>>,
     in_flight: HashMap<PeerId, Vec<IpAddr>>,
     busy_ips: HashMap<IpAddr, usize>,
+    /// IPs where a dial reached the provider it was meant for.
+    reached: HashSet<IpAddr>,
     failures: HashMap<IpAddr, usize>,
     owners: HashMap<Multiaddr, PeerId>,
     stats: SelectionStats,
@@ -159,6 +163,7 @@ impl Selection {
             contacted: HashMap::new(),
             in_flight: HashMap::new(),
             busy_ips: HashMap::new(),
+            reached: HashSet::new(),
             failures: HashMap::new(),
             owners: HashMap::new(),
             stats: SelectionStats::default(),
@@ -203,7 +208,7 @@ impl Selection {
     /// The next provider to contact, if a slot is free and one is eligible. Records that can
     /// never be contacted (every address owned by another PeerId or at an exhausted IP) are
     /// dropped on the way.
-    pub fn next(&mut self) -> Option<Contact> {
+    pub fn next_contact(&mut self) -> Option<Contact> {
         if self.in_flight.len() >= self.limits.in_flight
             || self.stats.contacted >= self.limits.per_discovery
         {
@@ -259,6 +264,12 @@ impl Selection {
                 self.owners.insert(without_peer(addr.clone()), *obtained);
             }
         }
+    }
+
+    /// A dial reached the provider it was meant for at `ip`: more providers there may be
+    /// contacted at once from now on.
+    pub fn reached(&mut self, ip: IpAddr) {
+        self.reached.insert(ip);
     }
 
     /// A verification probe to the QUIC address at `ip` that `peer`'s relay-info named
@@ -333,8 +344,9 @@ impl Selection {
         }
     }
 
-    /// A random IP among those with a queued provider and no provider in flight, then a
-    /// random provider whose first usable address is there.
+    /// A random IP among those with a queued provider and either no provider in flight or a
+    /// provider reached there before, then a random provider whose first usable address is
+    /// there.
     fn random_by_ip(&mut self) -> Option<PeerId> {
         let mut by_ip: HashMap<Option<IpAddr>, Vec<PeerId>> = HashMap::new();
         for (peer, addrs) in &self.queued {
@@ -342,7 +354,9 @@ impl Selection {
                 continue;
             };
             let ip = ip_of(first);
-            if ip.is_some_and(|ip| self.busy_ips.get(&ip).copied().unwrap_or(0) > 0) {
+            if ip.is_some_and(|ip| {
+                !self.reached.contains(&ip) && self.busy_ips.get(&ip).copied().unwrap_or(0) > 0
+            }) {
                 continue;
             }
             by_ip.entry(ip).or_default().push(*peer);
@@ -409,7 +423,7 @@ mod tests {
         assert_eq!(s.offer(peer(), &[]), Offered::NoAddress);
         // Outside the policy counts as no address.
         assert_eq!(s.offer(peer(), &[at("10.0.0.1", 1)]), Offered::NoAddress);
-        assert!(s.next().is_none());
+        assert!(s.next_contact().is_none());
         let stats = s.stats();
         assert_eq!((stats.absurd, stats.no_address, stats.contacted), (1, 2, 0));
     }
@@ -427,14 +441,14 @@ mod tests {
             let ip = format!("127.0.0.{}", i + 1);
             assert_eq!(s.offer(*p, &[at(&ip, 1)]), Offered::Queued);
         }
-        let a = s.next().unwrap();
-        let b = s.next().unwrap();
-        assert!(s.next().is_none(), "two in flight at most");
+        let a = s.next_contact().unwrap();
+        let b = s.next_contact().unwrap();
+        assert!(s.next_contact().is_none(), "two in flight at most");
         s.finished(a.peer, &Outcome::Answered);
-        let c = s.next().unwrap();
+        let c = s.next_contact().unwrap();
         s.finished(b.peer, &Outcome::Answered);
         s.finished(c.peer, &Outcome::Answered);
-        assert!(s.next().is_none(), "three per discovery at most");
+        assert!(s.next_contact().is_none(), "three per discovery at most");
         assert!(!s.has_budget());
         assert_eq!(s.stats().contacted, 3);
     }
@@ -453,7 +467,7 @@ mod tests {
         }
         let honest = peer();
         s.offer(honest, &[at("127.0.0.9", 1)]);
-        assert_eq!(s.next().unwrap().peer, honest);
+        assert_eq!(s.next_contact().unwrap().peer, honest);
     }
 
     #[test]
@@ -463,16 +477,37 @@ mod tests {
         for (i, p) in victims.iter().enumerate() {
             s.offer(*p, &[at("127.0.0.66", 3000 + u16::try_from(i).unwrap())]);
         }
-        let one = s.next().unwrap();
-        assert!(s.next().is_none(), "one provider per IP at a time");
+        let one = s.next_contact().unwrap();
+        assert!(s.next_contact().is_none(), "one provider per IP at a time");
         s.finished(one.peer, &Outcome::Failed);
-        let two = s.next().unwrap();
+        let two = s.next_contact().unwrap();
         s.finished(two.peer, &Outcome::Failed);
-        assert!(s.next().is_none(), "the IP failed twice: nobody else there");
+        assert!(
+            s.next_contact().is_none(),
+            "the IP failed twice: nobody else there"
+        );
         assert!(s.ip_exhausted("127.0.0.66".parse().unwrap()));
         assert_eq!(s.stats().ip_exhausted, 48);
         assert_eq!(s.stats().contacted, 2);
         assert!(s.is_idle());
+    }
+
+    #[test]
+    fn an_ip_where_a_provider_was_reached_gets_several_in_flight() {
+        let mut s = selection(SelectionLimits::default());
+        for port in 0..10 {
+            s.offer(peer(), &[at("127.0.0.1", 5000 + port)]);
+        }
+        let one = s.next_contact().unwrap();
+        assert!(
+            s.next_contact().is_none(),
+            "one at a time before anyone answered"
+        );
+        s.reached("127.0.0.1".parse().unwrap());
+        let more: Vec<Contact> = std::iter::from_fn(|| s.next_contact()).collect();
+        assert_eq!(more.len(), 5, "the in-flight bound still holds");
+        s.finished(one.peer, &Outcome::Answered);
+        assert!(s.next_contact().is_some());
     }
 
     #[test]
@@ -484,7 +519,7 @@ mod tests {
         for liar in &liars {
             s.offer(*liar, std::slice::from_ref(&endpoint));
         }
-        let contact = s.next().unwrap();
+        let contact = s.next_contact().unwrap();
         assert_ne!(contact.peer, honest);
         s.finished(
             contact.peer,
@@ -494,12 +529,12 @@ mod tests {
             },
         );
         // The liars' records name an endpoint that is proven to be someone else's.
-        assert!(s.next().is_none());
+        assert!(s.next_contact().is_none());
         assert_eq!(s.stats().impostors, 19);
         // The owner's own record arrives: it is contacted, whatever else is queued.
         s.offer(peer(), &[at("127.0.0.7", 1)]);
         s.offer(honest, std::slice::from_ref(&endpoint));
-        assert_eq!(s.next().unwrap().peer, honest);
+        assert_eq!(s.next_contact().unwrap().peer, honest);
         // A wrong PeerId is no failure of the IP: someone answered.
         assert!(!s.ip_exhausted("127.0.0.1".parse().unwrap()));
     }
@@ -509,7 +544,7 @@ mod tests {
         let mut s = selection(SelectionLimits::default());
         let p = peer();
         s.offer(p, &[at("127.0.0.1", 1)]);
-        s.next().unwrap();
+        s.next_contact().unwrap();
         let own: IpAddr = "127.0.0.1".parse().unwrap();
         let victim: IpAddr = "127.0.0.99".parse().unwrap();
         for _ in 0..3 {
@@ -527,13 +562,13 @@ mod tests {
         let p = peer();
         s.offer(p, &[at("127.0.0.1", 1)]);
         assert_eq!(s.offer(p, &[at("127.0.0.1", 1)]), Offered::Known);
-        let contact = s.next().unwrap();
+        let contact = s.next_contact().unwrap();
         assert_eq!(contact.addrs, vec![at("127.0.0.1", 1)]);
         assert_eq!(s.offer(p, &[at("127.0.0.1", 1)]), Offered::Known);
         s.finished(p, &Outcome::Failed);
         assert_eq!(s.offer(p, &[at("127.0.0.1", 1)]), Offered::Known);
         assert_eq!(s.offer(p, &[at("127.0.0.2", 1)]), Offered::Queued);
-        assert_eq!(s.next().unwrap().addrs, vec![at("127.0.0.2", 1)]);
+        assert_eq!(s.next_contact().unwrap().addrs, vec![at("127.0.0.2", 1)]);
     }
 
     #[test]
@@ -543,7 +578,7 @@ mod tests {
         let mut addrs: Vec<Multiaddr> = (1..=6).map(|i| at(&format!("127.0.0.{i}"), 9)).collect();
         addrs.push(at("127.0.0.1", 9).with(Protocol::P2p(p)));
         s.offer(p, &addrs);
-        let contact = s.next().unwrap();
+        let contact = s.next_contact().unwrap();
         assert_eq!(contact.addrs, addrs[..4].to_vec());
         assert_eq!(distinct_ips(&contact.addrs), 4);
     }

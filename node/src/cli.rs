@@ -92,7 +92,7 @@ pub struct DhtArgs {
     #[arg(long, env = "TOKENGO_DHT_PROTOCOL", value_name = "PROTOCOL")]
     pub dht_protocol: Option<String>,
     /// Addresses discovery may dial: public, loopback or any (default: public on the public
-    /// DHT, any with --bootstrap).
+    /// DHT, any with --bootstrap and a --dht-protocol of their own).
     #[arg(long, env = "TOKENGO_ADDRESS_POLICY", value_name = "POLICY")]
     pub address_policy: Option<String>,
 }

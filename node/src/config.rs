@@ -24,7 +24,7 @@ use crate::{
     },
     client::ClientPolicy,
     data_dir::DataDir,
-    discovery::{AddressPolicy, DhtConfig},
+    discovery::{AddressPolicy, DEFAULT_DHT_PROTOCOL, DhtConfig},
     exit::{EndpointPolicy, EndpointRule},
     transport::RelayAddr,
 };
@@ -907,8 +907,10 @@ fn fallback_relays(args: &FallbackArgs, file: &FileConfig) -> Result<Vec<RelayAd
 }
 
 /// The DHT to join: flags win over the file; no bootstrap peers given means the public IPFS
-/// DHT with the `public` address policy, given ones mean a private network (policy `any`
-/// unless set).
+/// DHT with the `public` address policy; given ones with a protocol name of their own mean a
+/// private network (policy `any` unless set). Given ones on the public protocol name keep
+/// `public`: they are entry points into the public DHT, whose records must not steer dials
+/// into the local network.
 fn dht_config(args: &DhtArgs, file: &FileConfig) -> Result<DhtConfig, ConfigError> {
     let mut config = DhtConfig::public();
     let raw = if args.bootstrap.is_empty() {
@@ -921,7 +923,6 @@ fn dht_config(args: &DhtArgs, file: &FileConfig) -> Result<DhtConfig, ConfigErro
             .iter()
             .map(|a| parse_bootstrap(a))
             .collect::<Result<_, _>>()?;
-        config.policy = AddressPolicy::Any;
     }
     if let Some(name) = args.dht_protocol.as_ref().or(file.dht_protocol.as_ref()) {
         let name = name.trim();
@@ -934,6 +935,10 @@ fn dht_config(args: &DhtArgs, file: &FileConfig) -> Result<DhtConfig, ConfigErro
         config.protocol = StreamProtocol::try_from_owned(name.to_owned())
             .map_err(|e| invalid("dht_protocol", e.to_string()))?;
     }
+    let private = !raw.is_empty() && config.protocol.as_ref() != DEFAULT_DHT_PROTOCOL;
+    if private {
+        config.policy = AddressPolicy::Any;
+    }
     if let Some(policy) = args
         .address_policy
         .as_ref()
@@ -942,6 +947,17 @@ fn dht_config(args: &DhtArgs, file: &FileConfig) -> Result<DhtConfig, ConfigErro
         config.policy = policy
             .parse()
             .map_err(|e: String| invalid("address_policy", e))?;
+    } else if let Some(refused) = config
+        .bootstrap
+        .iter()
+        .find(|a| crate::discovery::policy::ip_of(a).is_some() && !config.policy.allows(a))
+    {
+        return Err(invalid(
+            "bootstrap",
+            format!(
+                "`{refused}` is not a public address, and on the public DHT protocol name ({DEFAULT_DHT_PROTOCOL}) only public addresses are dialled; a private network names its own protocol (--dht-protocol /mynet/kad/1.0.0), or set --address-policy any"
+            ),
+        ));
     }
     config.timeout = match file.discovery_timeout_secs {
         None => crate::discovery::DEFAULT_DISCOVERY_TIMEOUT,
@@ -2121,6 +2137,48 @@ mod tests {
             };
             assert!(error.contains(field), "{yaml} -> {error}");
         }
+    }
+
+    #[test]
+    fn bootstrap_peers_on_the_public_protocol_name_keep_the_public_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let peer = libp2p_identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id();
+        let client = |bootstrap: &str, protocol: Option<&str>, policy: Option<&str>| {
+            let file = file_with("");
+            ClientConfig::resolve(ClientArgs {
+                common: common(file.path(), dir.path()),
+                dht: DhtArgs {
+                    bootstrap: vec![format!("{bootstrap}/udp/4001/quic-v1/p2p/{peer}")],
+                    dht_protocol: protocol.map(str::to_owned),
+                    address_policy: policy.map(str::to_owned),
+                },
+                ..ClientArgs::default()
+            })
+            .map(|c| c.dht.policy)
+        };
+        // Own entry points into the public DHT: its records still must not steer dials
+        // into the local network.
+        assert_eq!(
+            client("/ip4/104.131.131.82", None, None).unwrap(),
+            AddressPolicy::Public
+        );
+        // A private network names its own protocol.
+        assert_eq!(
+            client("/ip4/10.0.0.5", Some("/mynet/kad/1.0.0"), None).unwrap(),
+            AddressPolicy::Any
+        );
+        // A LAN peer on the public name would be refused at every dial: said at start.
+        let error = client("/ip4/10.0.0.5", None, None).unwrap_err().to_string();
+        assert!(
+            error.contains("--dht-protocol") && error.contains("--address-policy any"),
+            "{error}"
+        );
+        assert_eq!(
+            client("/ip4/10.0.0.5", None, Some("any")).unwrap(),
+            AddressPolicy::Any
+        );
     }
 
     #[test]

@@ -23,8 +23,11 @@
 pub mod cache;
 mod codec;
 pub mod exits;
+mod lookup;
 mod peer_routing;
 pub mod policy;
+pub mod selection;
+pub mod store;
 mod verification;
 
 use std::{
@@ -41,7 +44,7 @@ use libp2p::{
     core::{Transport as _, muxing::StreamMuxerBox},
     identify,
     identity::Keypair,
-    kad::{self, store::MemoryStore},
+    kad,
     multiaddr::Protocol,
     request_response::{self, ProtocolSupport},
     swarm::{NetworkBehaviour, SwarmEvent},
@@ -56,6 +59,8 @@ use tokio_util::sync::CancellationToken;
 pub use cache::{CACHE_FILE, RelayCache, VerifiedRelay, rank};
 pub use exits::{ExitLookup, ExitRefusal, FoundExit, exit_info_source, find_exits};
 pub use policy::{AddressPolicy, DialGuard, DialRecord};
+pub use selection::{Selection, SelectionLimits, SelectionStats};
+use store::ProviderStore;
 
 pub use crate::status::Verification;
 
@@ -117,6 +122,15 @@ const PUBLISH_RETRY_MIN: Duration = Duration::from_secs(5);
 const PUBLISH_RETRY_MAX: Duration = Duration::from_secs(300);
 /// A relay-info or exit-info request may take this long.
 const INFO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest kad message a seeker decodes: go-libp2p's own message limit (4 MiB), so any
+/// answer a go server can send is readable. go servers answer GET_PROVIDERS with every stored
+/// provider; kad's default of 16 KiB made a few hundred records (or a handful with long
+/// address lists) turn every answer for the key into an error, and discovery into nothing.
+/// Memory: kad reads at most `parallelism` (3) such answers at once.
+pub const MAX_KAD_PACKET: usize = 4 * 1024 * 1024;
+/// Largest kad message a DHT server decodes: it is asked, and requests are small (an
+/// ADD_PROVIDER of a relay lists a few addresses); answers it sends are not limited by this.
+const MAX_KAD_REQUEST: usize = 64 * 1024;
 /// Identify's protocol name (the standard one; kad learns peers' protocols through it).
 const IDENTIFY_PROTOCOL: &str = "/ipfs/id/1.0.0";
 
@@ -226,6 +240,7 @@ impl AnnounceSchedule {
 /// kad settings that differ between a swarm that looks up and one that announces.
 #[derive(Debug, Clone)]
 struct KadTuning {
+    role: KadRole,
     query_timeout: Duration,
     parallelism: Option<NonZeroUsize>,
     publication_interval: Duration,
@@ -234,14 +249,24 @@ struct KadTuning {
 impl KadTuning {
     fn lookup(config: &DhtConfig) -> Self {
         Self {
+            role: KadRole::Peer,
             query_timeout: config.timeout,
             parallelism: None,
             publication_interval: PROVIDER_PUBLICATION_INTERVAL,
         }
     }
 
+    /// `tokengo bootstrap`: a lookup's timings, storing and answering for everyone.
+    fn storage(config: &DhtConfig) -> Self {
+        Self {
+            role: KadRole::Storage,
+            ..Self::lookup(config)
+        }
+    }
+
     fn announce(schedule: &AnnounceSchedule) -> Self {
         Self {
+            role: KadRole::Peer,
             query_timeout: schedule.provide_timeout,
             parallelism: NonZeroUsize::new(PROVIDE_PARALLELISM),
             publication_interval: schedule.republish,
@@ -314,10 +339,11 @@ impl Answer {
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
-    kad: kad::Behaviour<MemoryStore>,
+    kad: kad::Behaviour<ProviderStore>,
     identify: identify::Behaviour,
     info: request_response::Behaviour<codec::RelayInfoCodec>,
     exit_info: request_response::Behaviour<codec::ExitInfoCodec>,
+    gate: lookup::ProviderGate,
 }
 
 /// Which side of the two info protocols a swarm takes.
@@ -352,6 +378,17 @@ fn build_swarm(
     )
 }
 
+/// How a swarm's kad is tuned beyond its mode and timings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KadRole {
+    /// Announcers and seekers: read answers up to [`MAX_KAD_PACKET`].
+    Peer,
+    /// `tokengo bootstrap`: answers with every stored provider (kad caps an answer at its
+    /// replication factor, 20 by default, first come), reads requests up to
+    /// [`MAX_KAD_REQUEST`].
+    Storage,
+}
+
 fn build_swarm_with(
     identity: Keypair,
     config: &DhtConfig,
@@ -363,17 +400,22 @@ fn build_swarm_with(
     let policy = config.policy;
     let protocol = config.protocol.clone();
     let needs_dns = config.bootstrap.iter().any(is_dns_named);
+    let bootstrap = config.bootstrap.clone();
     let swarm = libp2p::SwarmBuilder::with_existing_identity(identity)
         .with_tokio()
         .with_other_transport(move |key| {
             let quic = libp2p::quic::tokio::Transport::new(libp2p::quic::Config::new(key));
+            let named_guard = guard.clone();
             let guarded = policy::PolicyTransport::new(quic, policy, guard)
                 .map(|(peer, conn), _| (peer, StreamMuxerBox::new(conn)));
-            // DNS sits outside the policy, so the policy judges the resolved IP addresses.
-            // Only networks that name a peer by DNS pay for reading the system resolver.
+            // DNS sits outside the policy, so the policy judges the resolved IP addresses;
+            // only the bootstrap peers' names reach the resolver. Only networks that name a
+            // peer by DNS pay for reading the system resolver.
             let transport: Result<_, Box<dyn std::error::Error + Send + Sync>> = if needs_dns {
                 match libp2p::dns::tokio::Transport::system(guarded) {
-                    Ok(resolving) => Ok(resolving.boxed()),
+                    Ok(resolving) => {
+                        Ok(policy::NamedDials::new(resolving, &bootstrap, named_guard).boxed())
+                    }
                     Err(e) => Err(format!(
                         "a bootstrap peer is named by DNS but the system resolver configuration \
                          cannot be read ({e}); give --bootstrap addresses with IPs"
@@ -395,7 +437,18 @@ fn build_swarm_with(
             }
             kad_config.set_provider_publication_interval(Some(tuning.publication_interval));
             kad_config.set_provider_record_ttl(Some(PROVIDER_RECORD_TTL));
-            let mut kad = kad::Behaviour::with_config(peer, MemoryStore::new(peer), kad_config);
+            match tuning.role {
+                KadRole::Peer => {
+                    kad_config.set_max_packet_size(MAX_KAD_PACKET);
+                }
+                KadRole::Storage => {
+                    kad_config.set_max_packet_size(MAX_KAD_REQUEST);
+                    if let Some(all) = std::num::NonZeroUsize::new(store::MAX_PROVIDERS_PER_KEY) {
+                        kad_config.set_replication_factor(all);
+                    }
+                }
+            }
+            let mut kad = kad::Behaviour::with_config(peer, ProviderStore::new(peer), kad_config);
             kad.set_mode(Some(mode));
             Behaviour {
                 kad,
@@ -413,6 +466,7 @@ fn build_swarm_with(
                     [(StreamProtocol::new(exit_info::PROTOCOL), support.exit)],
                     request_response::Config::default().with_request_timeout(INFO_TIMEOUT),
                 ),
+                gate: lookup::ProviderGate::default(),
             }
         })
         .map_err(|e| DiscoveryError::Swarm(e.to_string()))?
@@ -543,7 +597,14 @@ impl DhtServer {
         external_ips: &[IpAddr],
         guard: DialGuard,
     ) -> Result<Self, DiscoveryError> {
-        let mut swarm = build_swarm(identity, config, guard, kad::Mode::Server, InfoSupport::ASK)?;
+        let mut swarm = build_swarm_with(
+            identity,
+            config,
+            guard,
+            kad::Mode::Server,
+            InfoSupport::ASK,
+            KadTuning::storage(config),
+        )?;
         let addr = quic_multiaddr(listen);
         swarm
             .listen_on(addr.clone())
@@ -1023,7 +1084,12 @@ pub async fn discover(
         InfoSupport::ASK,
     )?;
     let mut probes: JoinSet<(Source, PeerId, Result<VerifiedRelay, String>)> = JoinSet::new();
+    // Cached relays only dedupe among themselves: a cached PeerId must not block the same
+    // relay's fresh DHT record (its cached address may be the stale one).
     let mut tried: HashSet<PeerId> = HashSet::new();
+    let mut selection = Selection::new(SelectionLimits::default(), config.policy);
+    let mut dialling = lookup::Dialling::default();
+    let mut probe_ips: HashMap<PeerId, IpAddr> = HashMap::new();
     let cached = seek
         .cache
         .as_ref()
@@ -1044,6 +1110,7 @@ pub async fn discover(
     let key = kad::RecordKey::new(&relay_info::provider_key(relay_info::RELAY_NAMESPACE));
     let mut lookup = (peers > 0).then(|| swarm.behaviour_mut().kad.get_providers(key.clone()));
     let mut requery: Option<tokio::time::Instant> = None;
+    let mut provider_answers = 0usize;
     let mut pending: HashMap<request_response::OutboundRequestId, PeerId> = HashMap::new();
     let mut verified: Vec<VerifiedRelay> = Vec::new();
     let mut first_usable: Option<Instant> = None;
@@ -1054,11 +1121,26 @@ pub async fn discover(
         if verified.len() >= seek.want.max(1) {
             break;
         }
-        let idle = lookup.is_none() && pending.is_empty() && probes.is_empty() && routing.is_idle();
+        for peer in lookup::contact_next(&mut swarm, &mut selection, &mut dialling) {
+            let request = swarm.behaviour_mut().info.send_request(&peer, ());
+            pending.insert(request, peer);
+        }
+        let idle = lookup.is_none()
+            && pending.is_empty()
+            && probes.is_empty()
+            && dialling.is_empty()
+            && selection.is_idle()
+            && routing.is_idle();
         // Done: something verified and nothing is pending; or nothing can ever come (no DHT
-        // peer to ask and no cached relay left).
-        if idle && (!verified.is_empty() || peers == 0) {
+        // peer to ask and no cached relay left, or every provider this discovery may contact
+        // was contacted).
+        if idle && (!verified.is_empty() || peers == 0 || !selection.has_budget()) {
             break;
+        }
+        // Every provider found so far failed: look again (a relay may announce a moment
+        // later, or move).
+        if idle && requery.is_none() {
+            requery = Some(tokio::time::Instant::now() + REQUERY);
         }
         let settle = first_usable.map(|t| tokio::time::Instant::from_std(t + seek.settle));
         tokio::select! {
@@ -1067,15 +1149,25 @@ pub async fn discover(
             () = sleep_until(settle) => break,
             () = sleep_until(requery) => {
                 requery = None;
+                provider_answers = 0;
                 lookup = Some(swarm.behaviour_mut().kad.get_providers(key.clone()));
             }
             Some(done) = probes.join_next(), if !probes.is_empty() => {
                 let Ok((source, peer, outcome)) = done else { continue };
+                if matches!(source, Source::Dht) {
+                    if let (Err(_), Some(ip)) = (&outcome, probe_ips.get(&peer)) {
+                        selection.probe_failed(peer, *ip);
+                    }
+                    probe_ips.remove(&peer);
+                    selection.finished(peer, &selection::Outcome::Answered);
+                }
                 match outcome {
                     Ok(relay) => {
                         tracing::info!(relay = %peer, ?source, rtt = ?relay.rtt, exits = relay.exits, "relay verified");
                         first_usable.get_or_insert_with(Instant::now);
                         verified.push(relay);
+                        // The cache and the DHT may both verify one relay: count it once.
+                        rank(&mut verified);
                     }
                     Err(reason) => {
                         skipped += 1;
@@ -1090,37 +1182,61 @@ pub async fn discover(
                 SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                     id, result: kad::QueryResult::GetProviders(result), step, ..
                 })) if Some(id) == lookup => {
-                    let (providers, finished) = lookup_progress(&mut swarm, id, &result, &step);
-                    for peer in providers {
-                        if tried.insert(peer) || routing.may_retry(&peer) {
-                            found += 1;
-                            // Ask now: kad knows the provider's addresses only while the
-                            // lookup runs.
-                            let request = swarm.behaviour_mut().info.send_request(&peer, ());
-                            pending.insert(request, peer);
-                        }
+                    // Offered now: kad knows the providers' addresses only while the lookup
+                    // runs. Those it lists without addresses (go servers, once their
+                    // peerstore forgot them) are looked up by PeerId.
+                    let offered = lookup::offer_providers(&mut swarm, &mut selection, &result, |peer| {
+                        verified.iter().any(|r| r.addr.peer_id() == *peer)
+                    });
+                    found += offered.queued;
+                    for peer in offered.unaddressed {
+                        routing.unreachable(&mut swarm, peer);
+                    }
+                    let (providers, mut finished) = lookup_progress(&mut swarm, id, &result, &step);
+                    if !providers.is_empty() {
+                        provider_answers += 1;
+                    }
+                    if !finished && provider_answers >= lookup::ENOUGH_PROVIDER_ANSWERS {
+                        lookup::finish(&mut swarm, id);
+                        finished = true;
                     }
                     if finished {
                         lookup = None;
-                        tracing::info!(providers = found, after = ?started.elapsed(), "DHT lookup finished");
-                        if verified.is_empty() && pending.is_empty() && probes.is_empty() && routing.is_idle() {
-                            requery = Some(tokio::time::Instant::now() + REQUERY);
+                        tracing::info!(providers = found, selection = ?selection.stats(), after = ?started.elapsed(), "DHT lookup finished");
+                    }
+                }
+                SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } if dialling.connected(peer_id) => {
+                    if let Some(ip) = policy::ip_of(endpoint.get_remote_address()) {
+                        selection.reached(ip);
+                    }
+                    let request = swarm.behaviour_mut().info.send_request(&peer_id, ());
+                    pending.insert(request, peer_id);
+                }
+                SwarmEvent::OutgoingConnectionError { connection_id, error, .. } => {
+                    if let Some(peer) = dialling.failed(connection_id) {
+                        skipped += 1;
+                        tracing::info!(relay = %peer, "relay skipped: cannot connect ({error})");
+                        let outcome = lookup::outcome_of(&error);
+                        selection.finished(peer, &outcome);
+                        // The record's addresses may be stale: the peer's own may differ.
+                        if matches!(outcome, selection::Outcome::Failed) {
+                            routing.unreachable(&mut swarm, peer);
                         }
                     }
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                     id, result: kad::QueryResult::GetClosestPeers(result), ..
-                })) => match routing.on_result(&mut swarm, id, &result) {
-                    Some(Ok(peer)) => {
-                        let request = swarm.behaviour_mut().info.send_request(&peer, ());
-                        pending.insert(request, peer);
+                })) => match routing.on_result(id, &result) {
+                    Some(Ok((peer, addrs))) => {
+                        // Found addresses are DHT hints like a record's: the selection's
+                        // bounds apply to them too.
+                        if selection.offer(peer, &addrs) == selection::Offered::Queued {
+                            found += 1;
+                        }
                     }
                     Some(Err(peer)) => {
                         skipped += 1;
                         tracing::info!(relay = %peer, "relay skipped for now: the DHT has no reachable address for it, and a lookup of its PeerId found none");
-                        if verified.is_empty() && lookup.is_none() && requery.is_none() && routing.is_idle() {
-                            requery = Some(tokio::time::Instant::now() + REQUERY);
-                        }
                     }
                     None => {}
                 },
@@ -1129,11 +1245,21 @@ pub async fn discover(
                     message: request_response::Message::Response { request_id, response },
                     ..
                 })) => {
-                    pending.remove(&request_id);
-                    match quic_candidates(&response, peer, config.policy, &seek.guard) {
-                        Ok(addr) => spawn_verify(&mut probes, Source::Dht, addr, &seek, config.policy),
+                    if pending.remove(&request_id).is_none() {
+                        continue;
+                    }
+                    let candidate = quic_candidates(&response, peer, config.policy, &seek.guard)
+                        .and_then(|addr| probe_budget(&selection, addr));
+                    match candidate {
+                        Ok(addr) => {
+                            if let Some(ip) = policy::ip_of(&addr.to_multiaddr()) {
+                                probe_ips.insert(peer, ip);
+                            }
+                            spawn_verify(&mut probes, Source::Dht, addr, &seek, config.policy);
+                        }
                         Err(reason) => {
                             skipped += 1;
+                            selection.finished(peer, &selection::Outcome::Answered);
                             tracing::info!(relay = %peer, "relay skipped: {reason}");
                         }
                     }
@@ -1141,13 +1267,12 @@ pub async fn discover(
                 SwarmEvent::Behaviour(BehaviourEvent::Info(request_response::Event::OutboundFailure {
                     peer, request_id, error, ..
                 })) => {
-                    pending.remove(&request_id);
-                    if matches!(error, request_response::OutboundFailure::DialFailure)
-                        && routing.unreachable(&mut swarm, peer)
-                    {
+                    if pending.remove(&request_id).is_none() {
                         continue;
                     }
                     skipped += 1;
+                    // Connected, so something lives at its address: no failure of the IP.
+                    selection.finished(peer, &selection::Outcome::Answered);
                     tracing::info!(relay = %peer, "relay skipped: no relay-info answer ({error})");
                 }
                 _ => {}
@@ -1172,6 +1297,7 @@ pub async fn discover(
     tracing::info!(
         relays = verified.len(),
         skipped,
+        selection = ?selection.stats(),
         first_usable = ?first.duration_since(started),
         elapsed = ?elapsed,
         "discovery done"
@@ -1221,6 +1347,17 @@ fn quic_candidates(
         "relay-info has no usable QUIC address for this PeerId ({} listed, {refused} outside the address policy)",
         info.quic_addrs.len()
     ))
+}
+
+/// A relay's QUIC address is probed only while its IP has not failed too often in this
+/// discovery (relay-info is the provider's word: it may name a victim).
+fn probe_budget(selection: &Selection, addr: RelayAddr) -> Result<RelayAddr, String> {
+    match policy::ip_of(&addr.to_multiaddr()) {
+        Some(ip) if selection.ip_exhausted(ip) => Err(format!(
+            "probes to {ip} already failed too often in this discovery"
+        )),
+        _ => Ok(addr),
+    }
 }
 
 fn spawn_verify(

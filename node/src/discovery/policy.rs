@@ -65,8 +65,9 @@ impl AddressPolicy {
         }
     }
 
-    /// Whether a multiaddr may be dialled: it must start with an IP address the policy allows
-    /// (DNS names are not resolved by discovery, so they are refused too).
+    /// Whether a multiaddr may be dialled: it must start with an IP address the policy allows.
+    /// DNS names are refused here; the only names resolved are the configured bootstrap
+    /// peers' ([`NamedDials`]), and what they resolve to is judged here as IP addresses.
     #[must_use]
     pub fn allows(self, addr: &Multiaddr) -> bool {
         match addr.iter().next() {
@@ -216,6 +217,86 @@ impl<T: libp2p::core::Transport + Unpin> libp2p::core::Transport for PolicyTrans
     }
 }
 
+/// A transport (around the DNS resolver) that resolves only the names of the configured
+/// bootstrap peers: any other `/dns*` address, such as one a DHT record or identify handed
+/// out, is refused without a lookup, so nobody can make a node query names of their choice
+/// (a lookup of an attacker's name tells the attacker's name server who is looking).
+#[derive(Debug)]
+pub struct NamedDials<T> {
+    inner: T,
+    names: Vec<String>,
+    guard: DialGuard,
+}
+
+impl<T> NamedDials<T> {
+    /// Wraps `inner`, resolving the names that `bootstrap` addresses start with.
+    pub fn new(inner: T, bootstrap: &[Multiaddr], guard: DialGuard) -> Self {
+        Self {
+            inner,
+            names: bootstrap.iter().filter_map(dns_name).collect(),
+            guard,
+        }
+    }
+
+    /// Whether `addr` may go to the resolver (or needs none).
+    #[must_use]
+    pub fn allows(&self, addr: &Multiaddr) -> bool {
+        dns_name(addr).is_none_or(|name| self.names.contains(&name))
+    }
+}
+
+/// The host name an address starts with, if it starts with one.
+fn dns_name(addr: &Multiaddr) -> Option<String> {
+    match addr.iter().next() {
+        Some(Protocol::Dns(n) | Protocol::Dns4(n) | Protocol::Dns6(n) | Protocol::Dnsaddr(n)) => {
+            Some(n.to_ascii_lowercase())
+        }
+        _ => None,
+    }
+}
+
+impl<T: libp2p::core::Transport + Unpin> libp2p::core::Transport for NamedDials<T> {
+    type Output = T::Output;
+    type Error = T::Error;
+    type ListenerUpgrade = T::ListenerUpgrade;
+    type Dial = T::Dial;
+
+    fn listen_on(
+        &mut self,
+        id: ListenerId,
+        addr: Multiaddr,
+    ) -> Result<(), TransportError<Self::Error>> {
+        self.inner.listen_on(id, addr)
+    }
+
+    fn remove_listener(&mut self, id: ListenerId) -> bool {
+        self.inner.remove_listener(id)
+    }
+
+    fn dial(
+        &mut self,
+        addr: Multiaddr,
+        opts: DialOpts,
+    ) -> Result<Self::Dial, TransportError<Self::Error>> {
+        if !self.allows(&addr) {
+            if let Some(observer) = &self.guard.observer {
+                observer(&addr, false);
+            }
+            self.guard.refused.inc();
+            tracing::debug!("refusing to resolve a name that is no bootstrap peer's");
+            return Err(TransportError::MultiaddrNotSupported(addr));
+        }
+        self.inner.dial(addr, opts)
+    }
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<TransportEvent<Self::ListenerUpgrade, Self::Error>> {
+        Pin::new(&mut self.inner).poll(cx)
+    }
+}
+
 /// Records addresses for tests: every dial attempt, allowed or not.
 #[derive(Debug, Default)]
 pub struct DialRecord(pub Mutex<Vec<(Multiaddr, bool)>>);
@@ -345,6 +426,20 @@ mod tests {
         let a = AddressPolicy::Any;
         assert!(a.allows(&ma("/ip4/10.0.0.1/udp/1/quic-v1")));
         assert!(!a.allows(&ma("/ip4/0.0.0.0/udp/1/quic-v1")));
+    }
+
+    #[test]
+    fn only_bootstrap_names_go_to_the_resolver() {
+        let bootstrap = [ma(
+            "/dnsaddr/Bootstrap.libp2p.io/p2p/QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN",
+        )];
+        let named = NamedDials::new((), &bootstrap, DialGuard::default());
+        assert!(named.allows(&ma("/dnsaddr/bootstrap.libp2p.io")));
+        assert!(named.allows(&ma("/ip4/104.131.131.82/udp/4001/quic-v1")));
+        assert!(!named.allows(&ma("/dns4/attacker.example/udp/4001/quic-v1")));
+        assert!(!named.allows(&ma("/dnsaddr/attacker.example")));
+        let none = NamedDials::new((), &[], DialGuard::default());
+        assert!(!none.allows(&ma("/dns/localhost/udp/1/quic-v1")));
     }
 
     #[test]

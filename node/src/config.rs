@@ -1290,7 +1290,8 @@ impl RelayConfig {
         Ok(Self {
             listen: parse_listen("listen", listen.as_deref().unwrap_or(DEFAULT_RELAY_LISTEN))?,
             data_dir: data_dir(&args.common, &file)?,
-            limits: Limits::from_file(&file)?.with_admission(&args.admission)?
+            limits: Limits::from_file(&file)?
+                .with_admission(&args.admission)?
                 .with_liveness(&args.liveness)?,
             observability: observability(&args.common, &file, "relay")?,
             dht,

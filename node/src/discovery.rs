@@ -1227,18 +1227,16 @@ pub async fn discover(
                 SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                     id, result: kad::QueryResult::GetClosestPeers(result), ..
                 })) => match routing.on_result(id, &result) {
-                    Some(Ok((peer, addrs))) => {
-                        // Found addresses are DHT hints like a record's: the selection's
-                        // bounds apply to them too.
-                        if selection.offer(peer, &addrs) == selection::Offered::Queued {
-                            found += 1;
-                        }
+                    // Found addresses are DHT hints like a record's: the selection's bounds
+                    // apply to them too.
+                    Some(Ok((peer, addrs))) if selection.offer(peer, &addrs) == selection::Offered::Queued => {
+                        found += 1;
                     }
                     Some(Err(peer)) => {
                         skipped += 1;
                         tracing::info!(relay = %peer, "relay skipped for now: the DHT has no reachable address for it, and a lookup of its PeerId found none");
                     }
-                    None => {}
+                    Some(Ok(_)) | None => {}
                 },
                 SwarmEvent::Behaviour(BehaviourEvent::Info(request_response::Event::Message {
                     peer,

@@ -115,7 +115,7 @@ async fn one_exit_process_serves_the_clients_of_two_relays_and_survives_one_dyin
         dir.path().display().to_string(),
     ])
     .await;
-    let mut registered = vec![
+    let mut registered = [
         exit.line_after("exit ").await,
         exit.line_after("exit ").await,
     ];

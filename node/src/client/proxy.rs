@@ -397,8 +397,9 @@ async fn attempt(
     }
     let _ = send.finish();
     let mut reader = StreamReader::new(recv);
-    let status = read_status(&mut reader, state.limits.request_timeout + TIMEOUT_MARGIN).await?;
-    state.metrics.bytes(Flow::FromRelay, 1);
+    let (status, start_len) =
+        read_status(&mut reader, state.limits.request_timeout + TIMEOUT_MARGIN).await?;
+    state.metrics.bytes(Flow::FromRelay, start_len);
     match status {
         Status::Ok => state.directory.succeeded(route, started.elapsed()),
         Status::KeyUnknown => {
@@ -448,8 +449,12 @@ enum Opener {
 /// what a failure means. Before `ACCEPTED` the exit cannot have passed the request to its
 /// backend, so a stream that breaks is another exit's (or, when the relay connection died,
 /// another route's) to try; after it, the request may have reached the backend and is never
-/// sent again: the user gets an error that says so.
-async fn read_status(reader: &mut StreamReader, wait: Duration) -> Result<Status, AttemptError> {
+/// sent again: the user gets an error that says so. Returns the status and how many bytes
+/// the answer's start took (the relay forwarded them too).
+async fn read_status(
+    reader: &mut StreamReader,
+    wait: Duration,
+) -> Result<(Status, usize), AttemptError> {
     let mut start = AnswerStart::new(frame::VERSION);
     loop {
         let event = reader
@@ -458,7 +463,9 @@ async fn read_status(reader: &mut StreamReader, wait: Duration) -> Result<Status
             .map_err(|error| failed_before_answer(&error, start.accepted()))?;
         match event {
             AnswerEvent::Accepted => continue,
-            AnswerEvent::Status(status) => return Ok(status),
+            AnswerEvent::Status(status) => {
+                return Ok((status, 1 + usize::from(start.accepted())));
+            }
         }
     }
 }

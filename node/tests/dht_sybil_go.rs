@@ -1,0 +1,364 @@
+//! A relay lookup against a DHT full of fake provider records (issue 13): a thousand records
+//! for the relay key, planted straight into go-like servers ([`go_dht`], which answer every
+//! stored provider with its peerstore addresses, as go-libp2p-kad-dht does) next to one
+//! honest relay's own announcement. The fakes are silent, lying, list absurd address lists,
+//! or list none; together they make one GET_PROVIDERS answer far larger than kad's old
+//! 16 KiB limit. The client must still find and verify the honest relay, with a bounded
+//! number of dials, at most a couple of them at the IP many records share, and all on
+//! loopback. Figures (time to the first verified relay, dials, peak memory) go to stderr:
+//! `cargo test -p tokengo --test dht_sybil_go -- --nocapture`.
+//!
+//! In a file of its own so that the process's peak memory is this test's.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+mod go_dht;
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr},
+    sync::Arc,
+    time::Duration,
+};
+
+use go_dht::{GoDhtConfig, GoNet};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, multiaddr::Protocol};
+use libp2p_identity::Keypair;
+use tokengo::{
+    config::Limits,
+    discovery::{
+        self, AddressPolicy, Announcer, Answer, DhtConfig, DialGuard, DialRecord, Seek,
+        SelectionLimits,
+    },
+    metrics::DhtMetrics,
+    relay::Relay,
+    status::{DhtState, DhtStatus},
+    transport::{RelayAddr, TransportParams},
+};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+const TEST_PROTOCOL: &str = "/tokengo-sybil-go/kad/1.0.0";
+const WAIT: Duration = Duration::from_secs(60);
+/// One go-clock minute in real time: long enough that nothing the servers hold (records,
+/// peerstore addresses) expires during the test.
+const MINUTE: Duration = Duration::from_secs(10);
+/// Lifetime of the planted records and their addresses.
+const PLANTED_TTL: Duration = Duration::from_secs(3600);
+/// The IP many silent records share (nothing listens there).
+const VICTIM: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 66);
+/// kad's answer limit before TokenGo raised it to go's 4 MiB.
+const OLD_KAD_LIMIT: usize = 16 * 1024;
+
+fn dht(bootstrap: Vec<Multiaddr>) -> DhtConfig {
+    DhtConfig {
+        bootstrap,
+        protocol: StreamProtocol::new(TEST_PROTOCOL),
+        policy: AddressPolicy::Loopback,
+        timeout: Duration::from_secs(30),
+    }
+}
+
+fn params() -> TransportParams {
+    TransportParams {
+        idle_timeout: Duration::from_secs(30),
+        max_incoming_streams: 0,
+        keep_alive: false,
+    }
+}
+
+fn relay_key() -> Vec<u8> {
+    tokengo_proto::relay_info::provider_key(tokengo_proto::relay_info::RELAY_NAMESPACE)
+}
+
+struct AnnouncedRelay {
+    addr: RelayAddr,
+    status: watch::Receiver<Option<DhtStatus>>,
+    stop: CancellationToken,
+}
+
+/// A real relay announcing itself on `config`'s DHT.
+fn start_relay(config: DhtConfig) -> AnnouncedRelay {
+    let identity = Keypair::generate_ed25519();
+    let relay = Relay::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        &identity,
+        &Limits::default(),
+    )
+    .unwrap();
+    let addr = relay.addr().clone();
+    let status_tx = relay.dht_status();
+    let status = status_tx.subscribe();
+    let metrics = relay.metrics();
+    let info = discovery::relay_info_source(vec![addr.clone()], relay.registry());
+    let stop = CancellationToken::new();
+    tokio::spawn(relay.run(stop.clone()));
+    let announcer = Announcer {
+        identity,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        external_ips: Vec::new(),
+        info: Answer::Relay(info),
+        status: status_tx,
+        metrics: metrics.dht.clone(),
+        guard: DialGuard::default(),
+    };
+    let announce_stop = stop.clone();
+    let schedule = discovery::AnnounceSchedule::scaled(MINUTE);
+    tokio::spawn(async move {
+        discovery::announce_with(&config, announcer, schedule, announce_stop).await
+    });
+    AnnouncedRelay { addr, status, stop }
+}
+
+fn quic(ip: Ipv4Addr, port: u16) -> Multiaddr {
+    Multiaddr::empty()
+        .with(Protocol::Ip4(ip))
+        .with(Protocol::Udp(port))
+        .with(Protocol::QuicV1)
+}
+
+/// UDP ports nothing listens on (bound on all interfaces, then released).
+fn closed_udp_ports(n: usize) -> Vec<u16> {
+    let sockets: Vec<std::net::UdpSocket> = (0..n)
+        .map(|_| std::net::UdpSocket::bind("0.0.0.0:0").unwrap())
+        .collect();
+    sockets
+        .iter()
+        .map(|s| s.local_addr().unwrap().port())
+        .collect()
+}
+
+/// `VmRSS` and `VmHWM` (peak resident set) of this process, in KiB.
+fn memory_kib() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// The fake records: `(kind, addresses)`, interleaved so that every part of an answer holds
+/// each kind.
+fn fakes(honest_dht: &[Multiaddr], servers: &[Multiaddr]) -> Vec<(&'static str, Vec<Multiaddr>)> {
+    let ports = closed_udp_ports(64);
+    let silent_ips: Vec<Ipv4Addr> = (2..=9).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
+    (0..1000usize)
+        .map(|i| {
+            let port = ports[i % ports.len()];
+            match i % 4 {
+                // Silent, half of them at the victim's IP.
+                0 if i % 8 == 0 => ("silent", vec![quic(VICTIM, port)]),
+                0 => ("silent", vec![quic(silent_ips[i / 8 % silent_ips.len()], port)]),
+                // Lying: the honest relay's own DHT address, or a go server's, under
+                // another PeerId.
+                1 if i % 8 == 1 => ("lying", honest_dht.to_vec()),
+                1 => (
+                    "lying",
+                    vec![without_p2p(servers[i / 8 % servers.len()].clone())],
+                ),
+                // 200 distinct addresses at the victim's and other silent IPs, and the
+                // honest relay's.
+                2 => (
+                    "many addresses",
+                    (0..200)
+                        .map(|j| match j {
+                            0 => honest_dht[0].clone(),
+                            _ => {
+                                let ip = [VICTIM, silent_ips[0], silent_ips[1], silent_ips[2]];
+                                quic(ip[j / ports.len()], ports[j % ports.len()])
+                            }
+                        })
+                        .collect(),
+                ),
+                _ => ("no address", Vec::new()),
+            }
+        })
+        .collect()
+}
+
+fn without_p2p(mut addr: Multiaddr) -> Multiaddr {
+    if matches!(addr.iter().last(), Some(Protocol::P2p(_))) {
+        addr.pop();
+    }
+    addr
+}
+
+fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+    addr.iter().find_map(|p| match p {
+        Protocol::P2p(peer) => Some(peer),
+        _ => None,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_fake_providers_do_not_hide_the_honest_relay() {
+    common::init();
+    let net = GoNet::start(&GoDhtConfig::scaled(TEST_PROTOCOL, MINUTE), 3).await;
+    let config = dht(net.bootstrap());
+    let key = relay_key();
+    let mut relay = start_relay(config.clone());
+    let honest = relay.addr.peer_id();
+    // kad calls a provide done once ADD_PROVIDER is sent: wait until every server answers
+    // the record with an address, and until the relay's own check of its announcement ended.
+    tokio::time::timeout(WAIT, async {
+        while net.stored(&key, &honest) != (3, 3) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the go-like servers did not all store the honest relay's record");
+    tokio::time::timeout(
+        WAIT,
+        relay.status.wait_for(|s| {
+            s.as_ref().is_some_and(|s| {
+                s.state == DhtState::Announced
+                    && s.verification != discovery::Verification::Checking
+                    && s.verification != discovery::Verification::NotYet
+            })
+        }),
+    )
+    .await
+    .expect("the relay never checked its announcement")
+    .unwrap();
+
+    // The honest relay's addresses as the DHT answers them.
+    let honest_dht = net.servers[0].state.lock().unwrap().addrs_now(&honest);
+    assert!(!honest_dht.is_empty());
+    let servers = net.bootstrap();
+    let fakes = fakes(&honest_dht, &servers);
+    let fakes: Vec<(&str, PeerId, Vec<Multiaddr>)> = fakes
+        .into_iter()
+        .map(|(kind, addrs)| (kind, PeerId::random(), addrs))
+        .collect();
+    let mut kinds: HashMap<&str, usize> = HashMap::new();
+    // The same records on every server, as a Sybil's ADD_PROVIDER to the closest peers
+    // would leave them.
+    for server in &net.servers {
+        let mut state = server.state.lock().unwrap();
+        for (_, peer, addrs) in &fakes {
+            state.plant_provider(&key, *peer, addrs.clone(), PLANTED_TTL);
+        }
+    }
+    for (kind, _, _) in &fakes {
+        *kinds.entry(kind).or_default() += 1;
+    }
+    let mut answer_bytes = Vec::new();
+    for server in &net.servers {
+        let state = server.state.lock().unwrap();
+        let providers = state.providers(&key);
+        assert_eq!(providers.len(), 1001);
+        assert!(providers.contains(&honest));
+        answer_bytes.push(state.provider_answer(&key).encode().len());
+    }
+    for bytes in &answer_bytes {
+        // Far over kad's old limit, within go's (and TokenGo's) 4 MiB.
+        assert!(*bytes > OLD_KAD_LIMIT, "answer of {bytes} bytes");
+        assert!(*bytes < 4 << 20, "answer of {bytes} bytes");
+    }
+    eprintln!(
+        "FIGURES planted 1000 fake providers per server ({kinds:?}); GET_PROVIDERS answers of \
+         {answer_bytes:?} bytes (kad's old limit: {OLD_KAD_LIMIT})"
+    );
+
+    let (rss_before, hwm_before) = memory_kib();
+    let record = Arc::new(DialRecord::default());
+    let seek = Seek {
+        cache: None,
+        want: 1,
+        settle: Duration::from_millis(200),
+        params: params(),
+        guard: DialGuard {
+            refused: Default::default(),
+            observer: Some(record.observer()),
+        },
+        metrics: DhtMetrics::default(),
+    };
+    let found = discovery::discover(&config, seek, &CancellationToken::new())
+        .await
+        .expect("the honest relay was not found among 1000 fake providers");
+    let (rss_after, hwm_after) = memory_kib();
+    assert_eq!(found.relays.len(), 1, "{found:?}");
+    assert_eq!(found.relays[0].addr, relay.addr, "{found:?}");
+    assert!(found.first_usable <= config.timeout, "{found:?}");
+
+    // Every dial stayed on loopback.
+    let dials = record.addrs();
+    assert!(!dials.is_empty(), "nothing was dialled at all");
+    for (addr, _) in &dials {
+        let ip = discovery::policy::ip_of(addr);
+        assert!(
+            ip.is_some_and(|ip| ip.is_loopback()),
+            "dialled a non-loopback address: {addr}"
+        );
+    }
+    // Dials to the DHT servers (lookups) and to providers (the selection's contacts and the
+    // verification probe). The swarm dials `/p2p/`-suffixed addresses, so every recorded
+    // dial names the peer it is for.
+    let server_peers: HashSet<PeerId> = net.servers.iter().map(|s| s.peer_id).collect();
+    let (to_servers, to_providers): (Vec<_>, Vec<_>) = dials
+        .iter()
+        .partition(|(addr, _)| peer_of(addr).is_some_and(|p| server_peers.contains(&p)));
+    let providers_dialled: HashSet<Option<PeerId>> =
+        to_providers.iter().map(|(addr, _)| peer_of(addr)).collect();
+    assert!(
+        !providers_dialled.contains(&None),
+        "a dial without a PeerId: {to_providers:?}"
+    );
+    let limits = SelectionLimits::default();
+    // The honest relay is dialled twice: its DHT swarm and its QUIC endpoint.
+    assert!(
+        providers_dialled.len() <= limits.per_discovery,
+        "{} providers dialled: {to_providers:?}",
+        providers_dialled.len()
+    );
+    assert!(
+        to_providers.len() <= limits.per_discovery * limits.dial_addrs + 1,
+        "{} provider dials",
+        to_providers.len()
+    );
+    // Peer lookups (records without addresses, failed dials) go to the servers, bounded by
+    // the lookups one discovery may make.
+    assert!(
+        to_servers.len() <= 3 * 40,
+        "{} dials to the DHT servers",
+        to_servers.len()
+    );
+    // The IP many records name got at most the per-IP failure bound of attempts.
+    let victim_attempts = dials
+        .iter()
+        .filter(|(addr, _)| discovery::policy::ip_of(addr) == Some(IpAddr::V4(VICTIM)))
+        .count();
+    assert!(
+        victim_attempts <= limits.failures_per_ip,
+        "{victim_attempts} dials to the victim's IP"
+    );
+    let mut per_ip: HashMap<IpAddr, usize> = HashMap::new();
+    for (addr, _) in &to_providers {
+        if let Some(ip) = discovery::policy::ip_of(addr) {
+            *per_ip.entry(ip).or_default() += 1;
+        }
+    }
+    let mut per_ip: Vec<(IpAddr, usize)> = per_ip.into_iter().collect();
+    per_ip.sort_unstable();
+    eprintln!(
+        "FIGURES first verified relay after {:?}; discovery took {:?}; dials made {} ({} to the \
+         3 DHT servers, {} to {} providers, per provider IP {per_ip:?}); victim-IP attempts \
+         {victim_attempts}; providers skipped {}; VmHWM before {hwm_before} KiB, after \
+         {hwm_after} KiB (VmRSS before {rss_before} KiB, after {rss_after} KiB)",
+        found.first_usable,
+        found.elapsed,
+        dials.len(),
+        to_servers.len(),
+        to_providers.len(),
+        providers_dialled.len(),
+        found.skipped,
+    );
+    relay.stop.cancel();
+    net.stop().await;
+}

@@ -154,7 +154,10 @@ fn fakes(honest_dht: &[Multiaddr], servers: &[Multiaddr]) -> Vec<(&'static str, 
             match i % 4 {
                 // Silent, half of them at the victim's IP.
                 0 if i % 8 == 0 => ("silent", vec![quic(VICTIM, port)]),
-                0 => ("silent", vec![quic(silent_ips[i / 8 % silent_ips.len()], port)]),
+                0 => (
+                    "silent",
+                    vec![quic(silent_ips[i / 8 % silent_ips.len()], port)],
+                ),
                 // Lying: the honest relay's own DHT address, or a go server's, under
                 // another PeerId.
                 1 if i % 8 == 1 => ("lying", honest_dht.to_vec()),
@@ -266,12 +269,57 @@ async fn a_thousand_fake_providers_do_not_hide_the_honest_relay() {
          {answer_bytes:?} bytes (kad's old limit: {OLD_KAD_LIMIT})"
     );
 
+    let server_peers: HashSet<PeerId> = net.servers.iter().map(|s| s.peer_id).collect();
+    let limits = SelectionLimits::default();
+
+    // The figures of issue 13: a client that wants one relay.
     let (rss_before, hwm_before) = memory_kib();
+    let (found, dials) = seek_relays(&config, 1, Duration::from_millis(200)).await;
+    let (rss_after, hwm_after) = memory_kib();
+    let found = found.expect("the honest relay was not found among 1000 fake providers");
+    assert_eq!(found.relays.len(), 1, "{found:?}");
+    assert_eq!(found.relays[0].addr, relay.addr, "{found:?}");
+    assert!(found.first_usable <= config.timeout, "{found:?}");
+    let tally = Tally::of(&dials, &server_peers);
+    tally.check(&limits, net.servers.len());
+    eprintln!(
+        "FIGURES want 1: first verified relay after {:?}; discovery took {:?}; {tally}; \
+         providers skipped {}; VmHWM before {hwm_before} KiB, after {hwm_after} KiB (VmRSS \
+         before {rss_before} KiB, after {rss_after} KiB)",
+        found.first_usable, found.elapsed, found.skipped,
+    );
+
+    // A client that wants more relays than there are goes on contacting providers after the
+    // honest one until none is left it may contact: the per-IP bounds are reached.
+    let (found, dials) = seek_relays(&config, 2, config.timeout).await;
+    let found = found.expect("the honest relay was not found among 1000 fake providers");
+    assert_eq!(found.relays.len(), 1, "{found:?}");
+    assert_eq!(found.relays[0].addr, relay.addr, "{found:?}");
+    let tally = Tally::of(&dials, &server_peers);
+    tally.check(&limits, net.servers.len());
+    eprintln!(
+        "FIGURES want 2: first verified relay after {:?}; discovery took {:?}; {tally}; \
+         providers skipped {}",
+        found.first_usable, found.elapsed, found.skipped,
+    );
+    relay.stop.cancel();
+    net.stop().await;
+}
+
+/// Runs one discovery with a fresh identity; every address it dialled, in order.
+async fn seek_relays(
+    config: &DhtConfig,
+    want: usize,
+    settle: Duration,
+) -> (
+    Result<discovery::Discovered, discovery::DiscoveryError>,
+    Vec<(Multiaddr, bool)>,
+) {
     let record = Arc::new(DialRecord::default());
     let seek = Seek {
         cache: None,
-        want: 1,
-        settle: Duration::from_millis(200),
+        want,
+        settle,
         params: params(),
         guard: DialGuard {
             refused: Default::default(),
@@ -279,86 +327,111 @@ async fn a_thousand_fake_providers_do_not_hide_the_honest_relay() {
         },
         metrics: DhtMetrics::default(),
     };
-    let found = discovery::discover(&config, seek, &CancellationToken::new())
-        .await
-        .expect("the honest relay was not found among 1000 fake providers");
-    let (rss_after, hwm_after) = memory_kib();
-    assert_eq!(found.relays.len(), 1, "{found:?}");
-    assert_eq!(found.relays[0].addr, relay.addr, "{found:?}");
-    assert!(found.first_usable <= config.timeout, "{found:?}");
+    let found = discovery::discover(config, seek, &CancellationToken::new()).await;
+    (found, record.addrs())
+}
 
-    // Every dial stayed on loopback.
-    let dials = record.addrs();
-    assert!(!dials.is_empty(), "nothing was dialled at all");
-    for (addr, _) in &dials {
-        let ip = discovery::policy::ip_of(addr);
+/// What one discovery dialled. The swarm dials `/p2p/`-suffixed addresses and the
+/// verification probe's address names the relay, so every recorded dial names its peer.
+struct Tally {
+    all: usize,
+    /// Dials to the DHT servers (the lookups).
+    to_servers: usize,
+    /// Dials to providers: the selection's contacts, the verification probe.
+    to_providers: usize,
+    /// Providers dialled (the honest relay once, for its DHT swarm and its QUIC endpoint).
+    providers: HashSet<PeerId>,
+    /// Dials to providers per IP.
+    per_ip: Vec<(IpAddr, usize)>,
+    victim: usize,
+}
+
+impl Tally {
+    fn of(dials: &[(Multiaddr, bool)], servers: &HashSet<PeerId>) -> Self {
+        assert!(!dials.is_empty(), "nothing was dialled at all");
+        let mut tally = Self {
+            all: dials.len(),
+            to_servers: 0,
+            to_providers: 0,
+            providers: HashSet::new(),
+            per_ip: Vec::new(),
+            victim: 0,
+        };
+        let mut per_ip: HashMap<IpAddr, usize> = HashMap::new();
+        for (addr, _) in dials {
+            let ip = discovery::policy::ip_of(addr);
+            assert!(
+                ip.is_some_and(|ip| ip.is_loopback()),
+                "dialled a non-loopback address: {addr}"
+            );
+            let peer = peer_of(addr).unwrap_or_else(|| panic!("a dial without a PeerId: {addr}"));
+            if ip == Some(IpAddr::V4(VICTIM)) {
+                tally.victim += 1;
+            }
+            if servers.contains(&peer) {
+                tally.to_servers += 1;
+                continue;
+            }
+            tally.to_providers += 1;
+            tally.providers.insert(peer);
+            if let Some(ip) = ip {
+                *per_ip.entry(ip).or_default() += 1;
+            }
+        }
+        tally.per_ip = per_ip.into_iter().collect();
+        tally.per_ip.sort_unstable();
+        tally
+    }
+
+    fn check(&self, limits: &SelectionLimits, servers: usize) {
         assert!(
-            ip.is_some_and(|ip| ip.is_loopback()),
-            "dialled a non-loopback address: {addr}"
+            self.providers.len() <= limits.per_discovery,
+            "{} providers dialled",
+            self.providers.len()
+        );
+        // Each contact at its first `dial_addrs` addresses, and one verification probe.
+        assert!(
+            self.to_providers <= limits.per_discovery * limits.dial_addrs + 1,
+            "{} dials to providers",
+            self.to_providers
+        );
+        // Every silent record has one address: each dial at a silent IP is a provider
+        // contacted there, and nothing answers at those IPs.
+        for (ip, dials) in &self.per_ip {
+            if *ip != IpAddr::V4(Ipv4Addr::LOCALHOST) {
+                assert!(
+                    *dials <= limits.failures_per_ip,
+                    "{dials} dials to {ip}: {:?}",
+                    self.per_ip
+                );
+            }
+        }
+        assert!(
+            self.victim <= limits.failures_per_ip,
+            "{} dials to the victim's IP",
+            self.victim
+        );
+        // The lookups reuse their connection to each server.
+        assert!(
+            self.to_servers <= 2 * servers,
+            "{} dials to {servers} DHT servers",
+            self.to_servers
         );
     }
-    // Dials to the DHT servers (lookups) and to providers (the selection's contacts and the
-    // verification probe). The swarm dials `/p2p/`-suffixed addresses, so every recorded
-    // dial names the peer it is for.
-    let server_peers: HashSet<PeerId> = net.servers.iter().map(|s| s.peer_id).collect();
-    let (to_servers, to_providers): (Vec<_>, Vec<_>) = dials
-        .iter()
-        .partition(|(addr, _)| peer_of(addr).is_some_and(|p| server_peers.contains(&p)));
-    let providers_dialled: HashSet<Option<PeerId>> =
-        to_providers.iter().map(|(addr, _)| peer_of(addr)).collect();
-    assert!(
-        !providers_dialled.contains(&None),
-        "a dial without a PeerId: {to_providers:?}"
-    );
-    let limits = SelectionLimits::default();
-    // The honest relay is dialled twice: its DHT swarm and its QUIC endpoint.
-    assert!(
-        providers_dialled.len() <= limits.per_discovery,
-        "{} providers dialled: {to_providers:?}",
-        providers_dialled.len()
-    );
-    assert!(
-        to_providers.len() <= limits.per_discovery * limits.dial_addrs + 1,
-        "{} provider dials",
-        to_providers.len()
-    );
-    // Peer lookups (records without addresses, failed dials) go to the servers, bounded by
-    // the lookups one discovery may make.
-    assert!(
-        to_servers.len() <= 3 * 40,
-        "{} dials to the DHT servers",
-        to_servers.len()
-    );
-    // The IP many records name got at most the per-IP failure bound of attempts.
-    let victim_attempts = dials
-        .iter()
-        .filter(|(addr, _)| discovery::policy::ip_of(addr) == Some(IpAddr::V4(VICTIM)))
-        .count();
-    assert!(
-        victim_attempts <= limits.failures_per_ip,
-        "{victim_attempts} dials to the victim's IP"
-    );
-    let mut per_ip: HashMap<IpAddr, usize> = HashMap::new();
-    for (addr, _) in &to_providers {
-        if let Some(ip) = discovery::policy::ip_of(addr) {
-            *per_ip.entry(ip).or_default() += 1;
-        }
+}
+
+impl std::fmt::Display for Tally {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "dials made {} ({} to the DHT servers, {} to {} providers; per provider IP {:?}); \
+             victim-IP attempts {}",
+            self.all,
+            self.to_servers,
+            self.to_providers,
+            self.providers.len(),
+            self.per_ip,
+            self.victim
+        )
     }
-    let mut per_ip: Vec<(IpAddr, usize)> = per_ip.into_iter().collect();
-    per_ip.sort_unstable();
-    eprintln!(
-        "FIGURES first verified relay after {:?}; discovery took {:?}; dials made {} ({} to the \
-         3 DHT servers, {} to {} providers, per provider IP {per_ip:?}); victim-IP attempts \
-         {victim_attempts}; providers skipped {}; VmHWM before {hwm_before} KiB, after \
-         {hwm_after} KiB (VmRSS before {rss_before} KiB, after {rss_after} KiB)",
-        found.first_usable,
-        found.elapsed,
-        dials.len(),
-        to_servers.len(),
-        to_providers.len(),
-        providers_dialled.len(),
-        found.skipped,
-    );
-    relay.stop.cancel();
-    net.stop().await;
 }

@@ -145,9 +145,12 @@ fn memory_kib() -> (u64, u64) {
 
 /// The fake records: `(kind, addresses)`, interleaved so that every part of an answer holds
 /// each kind.
-fn fakes(honest_dht: &[Multiaddr], servers: &[Multiaddr]) -> Vec<(&'static str, Vec<Multiaddr>)> {
+fn fakes(
+    honest_dht: &[Multiaddr],
+    servers: &[Multiaddr],
+    silent_ips: &[Ipv4Addr],
+) -> Vec<(&'static str, Vec<Multiaddr>)> {
     let ports = closed_udp_ports(64);
-    let silent_ips: Vec<Ipv4Addr> = (2..=9).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
     (0..1000usize)
         .map(|i| {
             let port = ports[i % ports.len()];
@@ -201,6 +204,26 @@ fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_fake_providers_do_not_hide_the_honest_relay() {
+    // The silent records not at the victim's IP are spread over eight more IPs.
+    thousand_fakes((2..=9).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect()).await;
+}
+
+/// The same with the silent records not at the victim's IP spread over 125 IPs, one each:
+/// free for a Sybil on the real DHT (records may name any IP). With an IP chosen at random
+/// for each contact, at most `per_discovery` contacts (48) and a ~5 s QUIC handshake timeout
+/// per silent one (6 at a time, so ~36 contacts in the 30 s discovery), the honest relay's
+/// IP is rarely drawn: when this test was written, its first discovery missed the honest
+/// relay in 5 runs out of 6 (~36 providers contacted, none at the relay's IP), the second
+/// discovery in the sixth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "known limitation: silent records at more IPs than a discovery's contact budget hide the honest relay"]
+async fn a_thousand_fake_providers_at_125_ips_do_not_hide_the_honest_relay() {
+    thousand_fakes((1..=125).map(|i| Ipv4Addr::new(127, 0, 1, i)).collect()).await;
+}
+
+/// 1000 fake records (a quarter each silent, lying, with 200 addresses, without any; the
+/// silent ones half at [`VICTIM`], half at `silent_ips`) next to one honest relay.
+async fn thousand_fakes(silent_ips: Vec<Ipv4Addr>) {
     common::init();
     let net = GoNet::start(&GoDhtConfig::scaled(TEST_PROTOCOL, MINUTE), 3).await;
     let config = dht(net.bootstrap());
@@ -234,7 +257,7 @@ async fn a_thousand_fake_providers_do_not_hide_the_honest_relay() {
     let honest_dht = net.servers[0].state.lock().unwrap().addrs_now(&honest);
     assert!(!honest_dht.is_empty());
     let servers = net.bootstrap();
-    let fakes = fakes(&honest_dht, &servers);
+    let fakes = fakes(&honest_dht, &servers, &silent_ips);
     let fakes: Vec<(&str, PeerId, Vec<Multiaddr>)> = fakes
         .into_iter()
         .map(|(kind, addrs)| (kind, PeerId::random(), addrs))
@@ -276,12 +299,15 @@ async fn a_thousand_fake_providers_do_not_hide_the_honest_relay() {
     let (rss_before, hwm_before) = memory_kib();
     let (found, dials) = seek_relays(&config, 1, Duration::from_millis(200)).await;
     let (rss_after, hwm_after) = memory_kib();
-    let found = found.expect("the honest relay was not found among 1000 fake providers");
+    // The bounds hold whether or not the relay was found.
+    let tally = Tally::of(&dials, &server_peers);
+    tally.check(&limits, net.servers.len());
+    let found = found.unwrap_or_else(|e| {
+        panic!("the honest relay was not found among 1000 fake providers: {e}; {tally}")
+    });
     assert_eq!(found.relays.len(), 1, "{found:?}");
     assert_eq!(found.relays[0].addr, relay.addr, "{found:?}");
     assert!(found.first_usable <= config.timeout, "{found:?}");
-    let tally = Tally::of(&dials, &server_peers);
-    tally.check(&limits, net.servers.len());
     eprintln!(
         "FIGURES want 1: first verified relay after {:?}; discovery took {:?}; {tally}; \
          providers skipped {}; VmHWM before {hwm_before} KiB, after {hwm_after} KiB (VmRSS \

@@ -357,6 +357,39 @@ impl GoDhtState {
         self.addrs(peer, Instant::now())
     }
 
+    /// Stores a provider record for `key` as if `peer` had sent ADD_PROVIDER with `addrs`
+    /// (none: a provider whose addresses the peerstore no longer holds), without any network
+    /// traffic: for tests that need many records fast. Record and addresses last `ttl`.
+    pub fn plant_provider(
+        &mut self,
+        key: &[u8],
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        ttl: Duration,
+    ) {
+        self.add_addrs(peer, addrs, ttl);
+        self.providers
+            .entry(key.to_vec())
+            .or_default()
+            .insert(peer, Instant::now() + ttl);
+    }
+
+    /// The providers part of the GET_PROVIDERS answer for `key` this server would send now
+    /// (without closer peers), for tests that check its size.
+    pub fn provider_answer(&self, key: &[u8]) -> KadMessage {
+        let now = Instant::now();
+        KadMessage {
+            kind: GET_PROVIDERS,
+            key: key.to_vec(),
+            closer: Vec::new(),
+            providers: self
+                .providers(key)
+                .into_iter()
+                .map(|peer| wire_peer(self, peer, self.addrs(&peer, now)))
+                .collect(),
+        }
+    }
+
     fn connected(&mut self, peer: PeerId) {
         self.peers.entry(peer).or_default().connections += 1;
     }

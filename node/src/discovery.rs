@@ -237,10 +237,19 @@ impl AnnounceSchedule {
     }
 }
 
+/// A seeker's QUIC handshake timeout (see [`KadTuning`]).
+const SEEKER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// libp2p-quic's default handshake timeout, kept by announcers and DHT servers.
+const LIBP2P_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// kad settings that differ between a swarm that looks up and one that announces.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 struct KadTuning {
     role: KadRole,
+    /// QUIC handshake timeout of every libp2p dial. A seeker's is short (3 s): a provider
+    /// record naming a silent address holds a contact slot this long, and a relay that
+    /// takes longer to answer a handshake is a poor relay anyway. Others keep libp2p's 5 s.
+    handshake_timeout: Duration,
     query_timeout: Duration,
     parallelism: Option<NonZeroUsize>,
     publication_interval: Duration,
@@ -250,6 +259,7 @@ impl KadTuning {
     fn lookup(config: &DhtConfig) -> Self {
         Self {
             role: KadRole::Peer,
+            handshake_timeout: SEEKER_HANDSHAKE_TIMEOUT,
             query_timeout: config.timeout,
             parallelism: None,
             publication_interval: PROVIDER_PUBLICATION_INTERVAL,
@@ -260,6 +270,7 @@ impl KadTuning {
     fn storage(config: &DhtConfig) -> Self {
         Self {
             role: KadRole::Storage,
+            handshake_timeout: LIBP2P_HANDSHAKE_TIMEOUT,
             ..Self::lookup(config)
         }
     }
@@ -267,6 +278,7 @@ impl KadTuning {
     fn announce(schedule: &AnnounceSchedule) -> Self {
         Self {
             role: KadRole::Peer,
+            handshake_timeout: LIBP2P_HANDSHAKE_TIMEOUT,
             query_timeout: schedule.provide_timeout,
             parallelism: NonZeroUsize::new(PROVIDE_PARALLELISM),
             publication_interval: schedule.republish,
@@ -404,7 +416,9 @@ fn build_swarm_with(
     let swarm = libp2p::SwarmBuilder::with_existing_identity(identity)
         .with_tokio()
         .with_other_transport(move |key| {
-            let quic = libp2p::quic::tokio::Transport::new(libp2p::quic::Config::new(key));
+            let mut quic_config = libp2p::quic::Config::new(key);
+            quic_config.handshake_timeout = tuning.handshake_timeout;
+            let quic = libp2p::quic::tokio::Transport::new(quic_config);
             let named_guard = guard.clone();
             let guarded = policy::PolicyTransport::new(quic, policy, guard)
                 .map(|(peer, conn), _| (peer, StreamMuxerBox::new(conn)));

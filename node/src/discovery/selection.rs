@@ -32,9 +32,13 @@ use super::policy::{AddressPolicy, ip_of};
 /// Bounds of one discovery's provider contacts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SelectionLimits {
-    /// Providers being contacted at once (dial, relay-info, verification). Default 6.
+    /// Providers being contacted at once (dial, relay-info, verification). Default 16: a
+    /// silent address costs a slot for the seeker's handshake timeout (3 s), so records
+    /// naming a hundred silent IPs must not outlast the discovery timeout (30 s).
     pub in_flight: usize,
-    /// Providers contacted in one discovery, lookup repetitions included. Default 48.
+    /// Providers contacted in one discovery, lookup repetitions included. Default 160: with
+    /// at most `failures_per_ip` failures per IP, silent records spread over up to about 80
+    /// IPs cannot use it all up before the honest relay's IP is drawn.
     pub per_discovery: usize,
     /// A record listing more addresses than this is not contacted. Default 32 (a go peer
     /// lists a dozen or so; a TokenGo relay one or two).
@@ -48,8 +52,8 @@ pub struct SelectionLimits {
 impl Default for SelectionLimits {
     fn default() -> Self {
         Self {
-            in_flight: 6,
-            per_discovery: 48,
+            in_flight: 16,
+            per_discovery: 160,
             max_listed_addrs: 32,
             dial_addrs: 4,
             failures_per_ip: 2,
@@ -494,8 +498,9 @@ mod tests {
 
     #[test]
     fn an_ip_where_a_provider_was_reached_gets_several_in_flight() {
-        let mut s = selection(SelectionLimits::default());
-        for port in 0..10 {
+        let limits = SelectionLimits::default();
+        let mut s = selection(limits);
+        for port in 0..u16::try_from(limits.in_flight + 4).unwrap() {
             s.offer(peer(), &[at("127.0.0.1", 5000 + port)]);
         }
         let one = s.next_contact().unwrap();
@@ -505,7 +510,11 @@ mod tests {
         );
         s.reached("127.0.0.1".parse().unwrap());
         let more: Vec<Contact> = std::iter::from_fn(|| s.next_contact()).collect();
-        assert_eq!(more.len(), 5, "the in-flight bound still holds");
+        assert_eq!(
+            more.len(),
+            limits.in_flight - 1,
+            "the in-flight bound still holds"
+        );
         s.finished(one.peer, &Outcome::Answered);
         assert!(s.next_contact().is_some());
     }

@@ -170,7 +170,7 @@ pub struct RequestArgs {
 #[derive(Debug, Clone, Default, Args)]
 pub struct LivenessArgs {
     /// Seconds of silence after which an exit's tunnel to a relay counts as dead, with
-    /// keep-alives at a third of it (default 3): a crashed exit leaves the relay's list, and a
+    /// keep-alives at a third of it (default 2): a crashed exit leaves the relay's list, and a
     /// lost relay is redialled, within it.
     #[arg(
         long = "tunnel-liveness",

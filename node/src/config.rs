@@ -284,9 +284,11 @@ pub struct Limits {
     /// tunnel's QUIC idle timeout (QUIC takes the lower of the two ends' values, so the relay
     /// applies it too) and sends keep-alives at a third of it: a crashed exit leaves the
     /// relay's list and its streams fail within it, and an exit notices a lost relay within
-    /// it. One keep-alive packet per tunnel per second at the default, against which a
-    /// relay's 1000 tunnels cost little; client connections keep `quic_idle_timeout`.
-    /// Default 3 s (1 to 60).
+    /// it. Three keep-alive packets per tunnel every two seconds at the default, against
+    /// which a relay's 1000 tunnels cost little; client connections keep `quic_idle_timeout`.
+    /// Default 2 s (1 to 60): a request in flight at an exit that crashes then ends within
+    /// about 2.5 s (the fault suite's bound is 3 s), and three keep-alives in a row must be
+    /// lost for a live tunnel to count as dead.
     pub tunnel_liveness: Duration,
     /// How long an exit may take, once the relay has sent it a whole request, to send the
     /// first byte of its answer: version 2 exits send `ACCEPTED` right before they call their
@@ -358,7 +360,7 @@ impl Default for Limits {
             replay_cache_entries: 1 << 18,
             write_stall_timeout: Duration::from_secs(30),
             stream_open_timeout: Duration::from_secs(10),
-            tunnel_liveness: Duration::from_secs(3),
+            tunnel_liveness: Duration::from_secs(2),
             exit_answer_timeout: Duration::from_secs(10),
             min_request_body_rate: 16 * 1024,
             request_body_grace: Duration::from_secs(10),
@@ -1825,7 +1827,7 @@ mod tests {
     fn liveness_defaults_come_from_the_file_and_flags_win() {
         let dir = tempfile::tempdir().unwrap();
         let defaults = Limits::default();
-        assert_eq!(defaults.tunnel_liveness, Duration::from_secs(3));
+        assert_eq!(defaults.tunnel_liveness, Duration::from_secs(2));
         assert_eq!(defaults.exit_answer_timeout, Duration::from_secs(10));
         let file = file_with("tunnel_liveness_secs: 5\nexit_answer_timeout_secs: 20\n");
         let args = RelayArgs {

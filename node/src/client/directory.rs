@@ -5,7 +5,7 @@
 //! ever routed to.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -37,6 +37,13 @@ const FRESH_FOR: Duration = Duration::from_secs(60);
 /// How soon lists are fetched again while an exit is held for disagreeing sources (a key
 /// rotation that reached one relay before another settles within this).
 const HELD_FRESH_FOR: Duration = Duration::from_secs(5);
+/// How soon lists are fetched again while an exit is backing off or recently left every
+/// list: a partitioned or restarted exit registers again within a second of being back, and
+/// its users should see it within the next (a list fetch is one small stream per relay).
+const RECOVERY_FRESH_FOR: Duration = Duration::from_secs(1);
+/// How long an exit that left every list is watched for (lists fetched every
+/// [`RECOVERY_FRESH_FOR`] meanwhile).
+const VANISHED_WATCH: Duration = Duration::from_secs(300);
 /// Largest exit list accepted from a relay.
 const MAX_LIST_BYTES: usize = 4 << 20;
 /// Most exits accepted from one relay.
@@ -132,6 +139,9 @@ struct State {
     fetches: BTreeMap<PeerId, Result<usize, String>>,
     /// The exits held after the last fetch.
     held: Vec<Refused>,
+    /// Exits that were routable and are listed by no relay now, since when: their health
+    /// is forgotten (an exit that comes back starts without the backoff its outage earned).
+    vanished: HashMap<PeerId, Instant>,
 }
 
 /// The client's relays and the exits they (and other sources) list.
@@ -279,6 +289,7 @@ impl Directory {
         }
         state.set.expire(now);
         state.fetched_at = Some(began);
+        self.track_vanished(&mut state, began);
         let held = state.set.held();
         // Counted and logged when an exit becomes held, not at every refresh while it is.
         let new: Vec<Refused> = held
@@ -289,6 +300,29 @@ impl Directory {
         state.held = held;
         drop(state);
         self.count_refused(&new);
+    }
+
+    /// Forgets the health of exits no list holds any more (and remembers them for a while,
+    /// so lists are fetched often until they come back).
+    fn track_vanished(&self, state: &mut State, now: Instant) {
+        let listed: HashSet<PeerId> = self
+            .routable(state)
+            .into_iter()
+            .map(|u| u.descriptor.peer_id)
+            .collect();
+        let gone: Vec<PeerId> = state
+            .exits
+            .keys()
+            .filter(|id| !listed.contains(id))
+            .copied()
+            .collect();
+        for id in gone {
+            state.exits.remove(&id);
+            state.vanished.insert(id, now);
+        }
+        state.vanished.retain(|id, since| {
+            !listed.contains(id) && now.duration_since(*since) < VANISHED_WATCH
+        });
     }
 
     fn count_refused(&self, refused: &[Refused]) {
@@ -339,10 +373,16 @@ impl Directory {
         state.fetched_at = None;
     }
 
-    /// Whether the lists are older than their freshness (shorter while an exit is held).
+    /// Whether the lists are older than their freshness (shorter while an exit is held, and
+    /// shorter still while one is backing off or recently left every list).
     fn stale(&self) -> bool {
         let state = self.lock();
-        let fresh_for = if state.held.is_empty() {
+        let now = Instant::now();
+        let recovering =
+            !state.vanished.is_empty() || state.exits.values().any(|health| health.backed_off(now));
+        let fresh_for = if recovering {
+            RECOVERY_FRESH_FOR
+        } else if state.held.is_empty() {
             FRESH_FOR
         } else {
             HELD_FRESH_FOR

@@ -111,7 +111,10 @@ def good_clients(port, script, seconds):
     if run.returncode != 0 or not match:
         raise BenchError(f"wrk failed ({run.returncode}): {run.stdout}\n{run.stderr}")
     result = json.loads(match.group(1))
-    result["failures"] = sum(result[k] for k in ("connect", "read", "write", "status", "timeout"))
+    kinds = ("connect", "read", "write", "status", "timeout")
+    result["failures"] = sum(result[k] for k in kinds)
+    # Which kind of failure, for the log: wrk's "status" is an HTTP status above 399.
+    result["failure_kinds"] = {k: result[k] for k in kinds if result[k]}
     if result["requests"] < 1:
         # A figure too: nobody was served. Latencies do not exist.
         log(f"the good clients completed no request: {result}")
@@ -164,12 +167,14 @@ def phase(name, args, chain, client_port, script, relay_addr, exit_id, seconds, 
     ms = (lambda us: None if us is None else us / 1e3)
     result = {"attack": name or "none", "p50_ms": ms(good["p50_us"]),
               "p99_ms": ms(good["p99_us"]), "requests": good["requests"],
-              "failures": good["failures"], "relay_peak_rss_mib": rss.peak["relay"] / 1024,
+              "failures": good["failures"], "failure_kinds": good["failure_kinds"],
+              "relay_peak_rss_mib": rss.peak["relay"] / 1024,
               "exit_peak_rss_mib": rss.peak["exit"] / 1024, "attacker_answers": answers,
               "good_req_per_s": good["requests"] / seconds, "sut_cpu_s": cpu,
               "attacker_cpu_s": attacker_cpu}
     log(f"{result['attack']}: good p50 {fmt_ms(result['p50_ms'])} p99 {fmt_ms(result['p99_ms'])}, "
-        f"{result['requests']} requests, {result['failures']} failures; relay "
+        f"{result['requests']} requests, {result['failures']} failures "
+        f"{result['failure_kinds'] or ''}; relay "
         f"{result['relay_peak_rss_mib']:.0f} MiB, exit {result['exit_peak_rss_mib']:.0f} MiB; "
         f"CPU s: system {cpu:.1f}, attacker {attacker_cpu:.1f}; attacker {answers}")
     return result

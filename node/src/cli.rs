@@ -247,7 +247,7 @@ pub struct ExitGateArgs {
     )]
     pub max_clock_skew_secs: Option<u64>,
     /// Most recent requests remembered against replay; beyond it new requests are refused
-    /// (default 262144).
+    /// (default 2097152).
     #[arg(long, env = "TOKENGO_REPLAY_CACHE_ENTRIES", value_name = "N")]
     pub replay_cache_entries: Option<usize>,
     /// Most bytes of non-streamed answers held in memory at once, all requests together

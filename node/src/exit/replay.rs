@@ -9,11 +9,18 @@
 //!   remembered until its date leaves the window. When the memory bound is reached the exit
 //!   refuses new requests (fails closed) rather than forget one early.
 //!
+//! A key is remembered as a 64-bit fingerprint under a per-process random SipHash key (about
+//! 40 bytes an entry instead of about 100): two different requests share a fingerprint with a
+//! probability of about n / 2^64 for n remembered (below 10^-12 at the default bound), and
+//! nobody can aim at a collision without the process's key. A collision refuses an honest
+//! request as a replay; it can never admit a replay.
+//!
 //! Pure logic: times are passed in, so tests move the clock.
 
 use std::{
     cmp::Reverse,
     collections::{BinaryHeap, HashSet},
+    hash::{BuildHasher as _, RandomState},
     sync::Mutex,
 };
 
@@ -53,14 +60,17 @@ pub(super) struct ReplayWindow {
     capacity: usize,
     /// Requests dated before this (Unix seconds) are refused.
     not_before: u64,
+    /// Keys the fingerprints (random per process).
+    fingerprints: RandomState,
     seen: Mutex<Seen>,
 }
 
 #[derive(Debug, Default)]
 struct Seen {
-    keys: HashSet<[u8; 32]>,
-    /// (when the key may be forgotten, key), earliest first.
-    expiry: BinaryHeap<Reverse<(u64, [u8; 32])>>,
+    /// Fingerprints of the remembered keys.
+    keys: HashSet<u64>,
+    /// (when the key may be forgotten, its fingerprint), earliest first.
+    expiry: BinaryHeap<Reverse<(u64, u64)>>,
 }
 
 impl ReplayWindow {
@@ -72,8 +82,13 @@ impl ReplayWindow {
             skew,
             capacity: capacity.max(1),
             not_before: started.saturating_add(1),
+            fingerprints: RandomState::new(),
             seen: Mutex::default(),
         }
+    }
+
+    fn fingerprint(&self, enc: &[u8; 32]) -> u64 {
+        self.fingerprints.hash_one(enc)
     }
 
     /// The first second (Unix) whose requests are accepted.
@@ -87,18 +102,19 @@ impl ReplayWindow {
     /// decapsulation, ever remembers a key, so nobody can make a fresh request look seen.
     /// A key past its time is refused by its date anyway, so forgetting it lazily is fine.
     pub(super) fn seen(&self, enc: &[u8; 32]) -> bool {
+        let key = self.fingerprint(enc);
         self.seen
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .keys
-            .contains(enc)
+            .contains(&key)
     }
 
     /// Checks a decapsulated request dated `date` (Unix seconds) against the exit's clock
     /// `now`, and remembers its `enc` if it is admitted.
     pub(super) fn admit(&self, enc: &[u8], date: Option<u64>, now: u64) -> Result<(), ReplayError> {
         let date = date.ok_or(ReplayError::NoDate)?;
-        let key = <[u8; 32]>::try_from(enc).map_err(|_| ReplayError::NoDate)?;
+        let key = self.fingerprint(&<[u8; 32]>::try_from(enc).map_err(|_| ReplayError::NoDate)?);
         if date < self.not_before {
             return Err(ReplayError::BeforeStart);
         }

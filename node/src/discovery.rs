@@ -507,7 +507,17 @@ fn split_peer(addr: &Multiaddr) -> Option<(PeerId, Multiaddr)> {
 }
 
 /// Adds the bootstrap peers to kad's routing table; returns how many were usable.
-fn add_bootstrap(swarm: &mut Swarm<Behaviour>, config: &DhtConfig) -> usize {
+/// Whether a swarm walks the DHT to fill its routing table after adding the bootstrap peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Walk {
+    /// Announcers and DHT servers: they store and serve records, so they need a full table.
+    Bootstrap,
+    /// Throwaway seekers: their one lookup walks towards the key anyway, and a full
+    /// bootstrap walk would cost dozens of dials per client start for nothing.
+    LookupOnly,
+}
+
+fn add_bootstrap(swarm: &mut Swarm<Behaviour>, config: &DhtConfig, walk: Walk) -> usize {
     let mut added = 0;
     for addr in &config.bootstrap {
         match split_peer(addr) {
@@ -519,7 +529,7 @@ fn add_bootstrap(swarm: &mut Swarm<Behaviour>, config: &DhtConfig) -> usize {
             None => tracing::warn!(%addr, "bootstrap address without /p2p/PEERID ignored"),
         }
     }
-    if added > 0 {
+    if added > 0 && walk == Walk::Bootstrap {
         // Fills the routing table beyond the bootstrap peers; failures only mean fewer peers.
         let _ = swarm.behaviour_mut().kad.bootstrap();
     }
@@ -653,7 +663,7 @@ impl DhtServer {
         } else if bound_is_unspecified_loopback(config, &bound) {
             swarm.add_external_address(printable(bound.clone()));
         }
-        add_bootstrap(&mut swarm, config);
+        add_bootstrap(&mut swarm, config, Walk::Bootstrap);
         let peer = *swarm.local_peer_id();
         let mut addrs: Vec<Multiaddr> = swarm.external_addresses().cloned().collect();
         if addrs.is_empty() {
@@ -803,7 +813,7 @@ pub async fn announce_with(
             addr: listen_addr,
             reason: e.to_string(),
         })?;
-    let bootstrap_peers = add_bootstrap(&mut swarm, config);
+    let bootstrap_peers = add_bootstrap(&mut swarm, config, Walk::Bootstrap);
     if bootstrap_peers == 0 {
         tracing::warn!("no usable bootstrap peer: the {role} cannot announce itself");
     }
@@ -1114,7 +1124,7 @@ pub async fn discover(
             spawn_verify(&mut probes, Source::Cache, addr, &seek, config.policy);
         }
     }
-    let peers = add_bootstrap(&mut swarm, config);
+    let peers = add_bootstrap(&mut swarm, config, Walk::LookupOnly);
     tracing::info!(
         bootstrap_peers = peers,
         cached = probes.len(),

@@ -31,7 +31,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     AddressPolicy, BehaviourEvent, DhtConfig, DialGuard, DiscoveryError, ExitInfoSource,
-    InfoSupport, REQUERY, add_bootstrap, build_swarm, lookup_progress, on_identify, sleep_until,
+    InfoSupport, REQUERY, Walk, add_bootstrap, build_swarm, lookup_progress, on_identify,
+    sleep_until,
 };
 use crate::{clock::unix_now, transport::RelayAddr};
 
@@ -185,7 +186,7 @@ pub async fn find_exits(
         kad::Mode::Client,
         InfoSupport::ASK,
     )?;
-    if add_bootstrap(&mut swarm, config) == 0 {
+    if add_bootstrap(&mut swarm, config, Walk::LookupOnly) == 0 {
         tracing::info!("no DHT bootstrap peer: no exit lookup");
         return Ok(Vec::new());
     }

@@ -16,7 +16,7 @@ use libp2p::{PeerId, identity::Keypair, kad, request_response, swarm::SwarmEvent
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    BehaviourEvent, DhtConfig, DialGuard, InfoSupport, REQUERY, add_bootstrap, build_swarm,
+    BehaviourEvent, DhtConfig, DialGuard, InfoSupport, REQUERY, Walk, add_bootstrap, build_swarm,
     lookup_progress, on_identify, sleep_until,
 };
 use crate::status::Verification;
@@ -51,7 +51,7 @@ pub(super) async fn check(
         Ok(swarm) => swarm,
         Err(e) => return unverified(format!("cannot start the checking DHT node: {e}")),
     };
-    if add_bootstrap(&mut swarm, config) == 0 {
+    if add_bootstrap(&mut swarm, config, Walk::LookupOnly) == 0 {
         return unverified("no usable bootstrap peer to check with".to_owned());
     }
     let deadline = tokio::time::Instant::now() + timeout;

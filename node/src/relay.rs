@@ -620,7 +620,7 @@ async fn forward(
     let tap = shared.tap.as_deref();
     let metrics = &shared.metrics;
     let started = std::time::Instant::now();
-    let _in_flight = InFlight::start(&metrics.streams_in_flight);
+    let in_flight = InFlight::start(&metrics.streams_in_flight);
     let counter = |direction| {
         metrics
             .forwarded_bytes
@@ -721,6 +721,14 @@ async fn forward(
         .map_err(Downstream::Pipe)
     };
     let (up, down) = tokio::join!(upstream, downstream);
+    drop(in_flight);
+    if up.is_ok() && down.is_ok() {
+        // The task lasts until the client has acknowledged the whole answer: a draining relay
+        // closes its endpoint once these tasks end, and closing drops data not yet
+        // acknowledged, which cut answers after `ACCEPTED` (502s in the rolling-restart fault
+        // scenario).
+        let _ = tokio::time::timeout(stall, client_send.stopped()).await;
+    }
     match (up, down) {
         (Ok(_), Ok(_)) => Ok(()),
         (_, Err(Downstream::NotAnswered)) => Err(ErrorClass::ExitUnavailable),

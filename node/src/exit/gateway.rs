@@ -332,6 +332,11 @@ impl Gateway {
         }
         .instrument(span.clone())
         .await;
+        if outcome.is_ok() {
+            // Held until the relay has acknowledged the whole answer: a draining exit closes
+            // its endpoint once these tasks end, and closing drops data not yet acknowledged.
+            let _ = tokio::time::timeout(self.limits.write_stall_timeout, send.stopped()).await;
+        }
         match &outcome {
             Ok(Answered::ByBackend) => {
                 span.record("tokengo.outcome", "ok");

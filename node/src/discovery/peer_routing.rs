@@ -28,21 +28,21 @@ pub(super) struct PeerRouting {
 
 impl PeerRouting {
     /// `peer` could not be dialled with what the provider lookup gave: starts a lookup of
-    /// its PeerId unless it had its share. True when one started (the caller waits for it).
-    pub(super) fn unreachable(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId) -> bool {
+    /// its PeerId unless it had its share (a running lookup keeps the discovery from ending:
+    /// see [`is_idle`](Self::is_idle)).
+    pub(super) fn unreachable(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId) {
         let total: usize = self.started.values().map(|n| usize::from(*n)).sum();
         let started = self.started.entry(peer).or_default();
         if *started >= MAX_LOOKUPS_PER_PEER
             || total >= MAX_LOOKUPS
             || self.running.values().any(|p| *p == peer)
         {
-            return false;
+            return;
         }
         *started += 1;
         let id = swarm.behaviour_mut().kad.get_closest_peers(peer);
         self.running.insert(id, peer);
         tracing::debug!(%peer, "provider without a reachable address: looking its PeerId up");
-        true
     }
 
     /// Whether no peer lookup runs.

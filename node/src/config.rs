@@ -17,16 +17,16 @@ use serde::Deserialize;
 use libp2p::{Multiaddr, StreamProtocol};
 
 use crate::{
-    access::{AccessToken, ExitTokens},
     cli::{
         BackendArgs, BootstrapArgs, ClientArgs, CommonArgs, DhtArgs, ExitArgs, ExitGateArgs,
         FallbackArgs, LocalEndpointArgs, RelayArgs, RequestArgs, ServeArgs,
     },
-    client::ClientPolicy,
-    data_dir::DataDir,
-    discovery::{AddressPolicy, DEFAULT_DHT_PROTOCOL, DhtConfig},
-    exit::{EndpointPolicy, EndpointRule},
-    transport::RelayAddr,
+    net::discovery::{AddressPolicy, DEFAULT_DHT_PROTOCOL, DhtConfig},
+    net::transport::RelayAddr,
+    roles::access::{AccessToken, ExitTokens},
+    roles::client::ClientPolicy,
+    roles::exit::{EndpointPolicy, EndpointRule},
+    store::data_dir::DataDir,
 };
 
 /// Default local HTTP endpoint: loopback only, so nothing on the network can use it.
@@ -77,7 +77,7 @@ pub enum ConfigError {
     },
     /// The data directory cannot be used.
     #[error(transparent)]
-    DataDir(#[from] crate::data_dir::DataDirError),
+    DataDir(#[from] crate::store::data_dir::DataDirError),
 }
 
 /// `value` seconds when within `range`, `default` when absent; otherwise an error naming `field`.
@@ -612,8 +612,8 @@ fn client_policy(args: &LocalEndpointArgs, file: &FileConfig) -> Result<ClientPo
             let name = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| {
                 invalid("forward_headers", format!("`{name}` is not a header name"))
             })?;
-            if crate::http_message::is_hop_by_hop(&name)
-                || crate::http_message::is_credential(&name)
+            if crate::web::http_message::is_hop_by_hop(&name)
+                || crate::web::http_message::is_credential(&name)
                 || name == http::header::USER_AGENT
             {
                 return Err(invalid(
@@ -714,7 +714,7 @@ pub struct BackendConfig {
     /// Give up connecting after this long. Default 10 s.
     pub connect_timeout: Duration,
     /// The endpoints that reach the backend. Default: the inference endpoints of
-    /// [`DEFAULT_ENDPOINTS`](crate::exit::DEFAULT_ENDPOINTS).
+    /// [`DEFAULT_ENDPOINTS`](crate::roles::exit::DEFAULT_ENDPOINTS).
     pub allow: EndpointPolicy,
 }
 
@@ -855,7 +855,7 @@ fn client_relays(args: &[String], file: &FileConfig) -> Result<Vec<RelayAddr>, C
         .map(|r| {
             r.trim()
                 .parse()
-                .map_err(|e: crate::transport::AddrError| invalid("relay", e.to_string()))
+                .map_err(|e: crate::net::transport::AddrError| invalid("relay", e.to_string()))
         })
         .collect()
 }
@@ -905,7 +905,9 @@ fn fallback_relays(args: &FallbackArgs, file: &FileConfig) -> Result<Vec<RelayAd
         .map(|r| {
             r.trim()
                 .parse()
-                .map_err(|e: crate::transport::AddrError| invalid("fallback_relays", e.to_string()))
+                .map_err(|e: crate::net::transport::AddrError| {
+                    invalid("fallback_relays", e.to_string())
+                })
         })
         .collect()
 }
@@ -954,7 +956,7 @@ fn dht_config(args: &DhtArgs, file: &FileConfig) -> Result<DhtConfig, ConfigErro
     } else if let Some(refused) = config
         .bootstrap
         .iter()
-        .find(|a| crate::discovery::policy::ip_of(a).is_some() && !config.policy.allows(a))
+        .find(|a| crate::net::discovery::policy::ip_of(a).is_some() && !config.policy.allows(a))
     {
         return Err(invalid(
             "bootstrap",
@@ -964,7 +966,7 @@ fn dht_config(args: &DhtArgs, file: &FileConfig) -> Result<DhtConfig, ConfigErro
         ));
     }
     config.timeout = match file.discovery_timeout_secs {
-        None => crate::discovery::DEFAULT_DISCOVERY_TIMEOUT,
+        None => crate::net::discovery::DEFAULT_DISCOVERY_TIMEOUT,
         Some(secs @ 1..=600) => Duration::from_secs(secs),
         Some(_) => {
             return Err(invalid(
@@ -1006,7 +1008,7 @@ fn parse_external(raw: &[String]) -> Result<Vec<IpAddr>, ConfigError> {
             }
             a.parse::<Multiaddr>()
                 .ok()
-                .and_then(|m| crate::discovery::policy::ip_of(&m))
+                .and_then(|m| crate::net::discovery::policy::ip_of(&m))
                 .filter(|ip| !ip.is_unspecified())
                 .ok_or_else(|| {
                     invalid(
@@ -1385,7 +1387,7 @@ pub struct ExitConfig {
     /// discovers relays on the DHT, which only a public exit does. At most 16.
     pub relays: Vec<RelayAddr>,
     /// Time between OHTTP key rotations; `None` when rotation is off. Default 168 hours.
-    /// The previous key is accepted for [`crate::keyring::overlap`] after each rotation.
+    /// The previous key is accepted for [`crate::store::keyring::overlap`] after each rotation.
     pub key_rotation: Option<Duration>,
     /// Whether the exit serves the public: it may discover relays on the DHT, and anyone who
     /// finds it may use it. Default false: the exit serves only through the relay it was
@@ -1420,7 +1422,7 @@ impl ExitConfig {
     pub fn resolve(args: ExitArgs) -> Result<Self, ConfigError> {
         let file = FileConfig::load(args.common.config.as_ref())?;
         let max_relays = match args.max_relays.or(file.max_relays) {
-            None => crate::discovery::DEFAULT_MAX_RELAYS,
+            None => crate::net::discovery::DEFAULT_MAX_RELAYS,
             Some(n @ 1..=16) => n,
             Some(_) => return Err(invalid("max_relays", "must be 1 to 16")),
         };
@@ -1948,7 +1950,7 @@ mod tests {
         };
         let config = ExitConfig::resolve(args).unwrap();
         assert!(config.relays.is_empty());
-        assert_eq!(config.max_relays, crate::discovery::DEFAULT_MAX_RELAYS);
+        assert_eq!(config.max_relays, crate::net::discovery::DEFAULT_MAX_RELAYS);
         assert_eq!(config.dht.protocol.as_ref(), "/ipfs/kad/1.0.0");
         assert_eq!(config.dht.policy, AddressPolicy::Public);
         assert!(!config.dht.bootstrap.is_empty());
@@ -2381,7 +2383,7 @@ mod tests {
             .iter()
             .map(ToString::to_string)
             .collect();
-        assert_eq!(rules.len(), crate::exit::DEFAULT_ENDPOINTS.len() + 1);
+        assert_eq!(rules.len(), crate::roles::exit::DEFAULT_ENDPOINTS.len() + 1);
         assert_eq!(rules.last().unwrap(), "POST /api/pull");
         assert_eq!(config.limits.max_clock_skew, Duration::from_secs(30));
         assert_eq!(config.limits.replay_cache_entries, 10);

@@ -12,7 +12,7 @@ use std::{sync::Arc, time::Duration};
 use libp2p::{Multiaddr, StreamProtocol};
 use libp2p_identity::Keypair;
 use tokengo::{
-    admin::{self, RoleProbe},
+    RoleProbe, admin,
     client::Client,
     config::Limits,
     data_dir::DataDir,

@@ -166,7 +166,7 @@ async fn relay_is_still_found_twenty_minutes_after_publishing_on_go_like_servers
     // Operators read it in /readyz, /status and the metric.
     let admin = common::start_admin(
         tokengo::admin::Role::Relay,
-        vec![tokengo::admin::RoleProbe::Relay(relay.probe.clone())],
+        vec![tokengo::RoleProbe::Relay(relay.probe.clone())],
     )
     .await;
     let (code, body) = admin.get("/readyz").await;
@@ -256,7 +256,7 @@ async fn an_announcement_whose_port_is_unreachable_is_reported_as_unverified() {
     assert_eq!(relay.metrics.dht.provider_published.get(), 1);
     let admin = common::start_admin(
         tokengo::admin::Role::Relay,
-        vec![tokengo::admin::RoleProbe::Relay(relay.probe.clone())],
+        vec![tokengo::RoleProbe::Relay(relay.probe.clone())],
     )
     .await;
     let (_, body) = admin.get("/status").await;

@@ -16,7 +16,7 @@ use std::{
 };
 
 use common::{Admin, Chain, Scrape, chain, limits, start_admin, start_backend};
-use tokengo::admin::{Role, RoleProbe};
+use tokengo::{RoleProbe, admin::Role};
 
 const PROMPT: &str = "SECRET-PROMPT-3f9d: the airspeed of an unladen swallow";
 

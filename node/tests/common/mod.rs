@@ -20,7 +20,7 @@ use axum::{
     routing::{any, get},
 };
 use tokengo::{
-    admin::{self, RoleProbe},
+    RoleProbe, admin,
     client::{Client, ClientProbe},
     clock::Clock,
     config::{BackendConfig, Limits, RedactedHeaders},

@@ -1,0 +1,6 @@
+//! The network layer the roles share: QUIC endpoints bound to node identities, framed stream
+//! reading, and discovery on a Kademlia DHT.
+
+pub mod discovery;
+pub mod stream;
+pub mod transport;

@@ -1,0 +1,1616 @@
+//! Relay and exit discovery on a Kademlia DHT (the public IPFS "Amino" DHT by default, or a
+//! private one).
+//!
+//! - Relays *announce*: they provide the sha2-256 multihash of `/tokengo/relay/v1`
+//!   ([`tokengo_proto::relay_info::provider_key`]) with a confirmed external address, and answer
+//!   `/tokengo/relay-info/1` with their QUIC addresses, ALPNs and the exits they host. kad
+//!   republishes the record on its own schedule (12 h; records live 48 h).
+//! - Exits that announce provide `/tokengo/exit/v1` the same way once registered with a relay,
+//!   and answer `/tokengo/exit-info/1` with their descriptor and relays, signed by the exit
+//!   ([`exits`]), so clients learn exits independently of any single relay.
+//! - Clients and exits *seek*: with a fresh libp2p identity they look the key up, ask each
+//!   provider for its relay-info while the lookup runs (kad knows a provider's addresses only
+//!   then), and verify each relay before use: identity-bound QUIC TLS to an address naming the
+//!   provider's PeerId, and a health probe (the exit list) that gives the latency.
+//!   Known-good relays are cached in the data directory for the next start.
+//! - `tokengo bootstrap` runs a DHT *server* for private networks.
+//!
+//! Every dial passes the [`policy::AddressPolicy`] (a transport wrapper), so a DHT full of
+//! private addresses cannot make a node scan its own network. The protocol logic without I/O
+//! (key, messages, ranking, cache format, address policy) lives in `tokengo_proto::relay_info`
+//! and the submodules; this file is the async shell around the libp2p swarm.
+
+pub mod cache;
+mod codec;
+pub mod exits;
+mod lookup;
+mod peer_routing;
+pub mod policy;
+pub mod selection;
+pub mod store;
+mod verification;
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    num::NonZeroUsize,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures_util::StreamExt as _;
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm,
+    core::{Transport as _, muxing::StreamMuxerBox},
+    identify,
+    identity::Keypair,
+    kad,
+    multiaddr::Protocol,
+    request_response::{self, ProtocolSupport},
+    swarm::{NetworkBehaviour, SwarmEvent},
+};
+use tokengo_proto::{
+    exit_info::{self, SignedExitInfo},
+    relay_info::{self, RelayInfo},
+};
+use tokio::{sync::watch, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+
+pub use cache::{CACHE_FILE, RelayCache, VerifiedRelay, rank};
+pub use exits::{ExitLookup, ExitRefusal, FoundExit, exit_info_source, find_exits};
+pub use policy::{AddressPolicy, DialGuard, DialRecord};
+pub use selection::{Selection, SelectionLimits, SelectionStats};
+use store::ProviderStore;
+
+pub use crate::ops::status::Verification;
+
+use crate::{
+    clock::unix_now,
+    net::transport::{self, RelayAddr, TransportParams},
+    ops::metrics::DhtMetrics,
+    ops::status::{DhtState, DhtStatus},
+    roles::client::RelayLink,
+};
+
+/// The DHT protocol of the public IPFS network.
+pub const DEFAULT_DHT_PROTOCOL: &str = "/ipfs/kad/1.0.0";
+/// Default UDP port of the libp2p swarm (relay and bootstrap node), as IPFS uses.
+pub const DEFAULT_DHT_PORT: u16 = 4001;
+/// The public IPFS (Amino) bootstrap peers, as Kubo ships them. The `/dnsaddr` entries are
+/// resolved at dial time (TXT records under `_dnsaddr.`), so the list follows the operators'
+/// changes; the literal-IP peer keeps a way in when DNS is unavailable.
+pub const PUBLIC_BOOTSTRAP: &[&str] = &[
+    "/dnsaddr/bootstrap.libp2p.io/p2p/QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN",
+    "/dnsaddr/bootstrap.libp2p.io/p2p/QmQCU2EcMqAqQPR2i9bChDtGNJchTbq5TbXJJ16u19uLTa",
+    "/dnsaddr/bootstrap.libp2p.io/p2p/QmbLHAnMoJPWSCR5Zhtx6BHJX9KiKNN6tpvbUcqanj75Nb",
+    "/dnsaddr/bootstrap.libp2p.io/p2p/QmcZf59bWwK5XFi76CZX8cbJ4BhTzzA3gU1ZjYZcYW3dwt",
+    "/dnsaddr/va1.bootstrap.libp2p.io/p2p/12D3KooWKnDdG3iXw9eTFijk3EWSunZcFi54Zka4wmtqtt6rPxc8",
+    "/ip4/104.131.131.82/udp/4001/quic-v1/p2p/QmaCpDMGvV2BGHeYERUEnRQAwe3N8SzbUtfsmvsqQLuvuJ",
+];
+/// How long a start may look for relays before giving up.
+pub const DEFAULT_DISCOVERY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Relays an exit registers with at most (it keeps one tunnel to each).
+pub const DEFAULT_MAX_RELAYS: usize = 3;
+/// Relays a client keeps for failover.
+pub const CLIENT_RELAYS: usize = 3;
+/// kad republishes provider records this often on lookups' swarms (they provide nothing).
+const PROVIDER_PUBLICATION_INTERVAL: Duration = Duration::from_secs(12 * 3600);
+/// An announcer republishes this often by default: go-libp2p-kad-dht servers answer a
+/// provider with the addresses their peerstore holds, which lapse 15 minutes after the
+/// provider's last connection to them; each publication reconnects and renews them.
+pub const DEFAULT_REPUBLISH: Duration = Duration::from_secs(10 * 60);
+/// A provide (lookup of the closest peers, then ADD_PROVIDER to each) may take this long:
+/// on Amino the median is near 30 s and the 95th percentile over 2 minutes.
+pub const DEFAULT_PROVIDE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+/// The self-check after publishing may take this long.
+pub const DEFAULT_VERIFY_TIMEOUT: Duration = Duration::from_secs(2 * 60);
+/// Requests in flight per announcing query (Amino's go nodes use 10; kad's default is 3).
+const PROVIDE_PARALLELISM: usize = 10;
+/// Provider record lifetime (Amino's).
+const PROVIDER_RECORD_TTL: Duration = Duration::from_secs(48 * 3600);
+/// After the first verified relay, how long to wait for better ones (private DHTs).
+pub const DEFAULT_SETTLE: Duration = Duration::from_secs(1);
+/// The same on the public DHT, where providers keep arriving for seconds (lookups there
+/// take ~0.4 s median, ~2 s at p99, then each relay is dialled and probed).
+pub const PUBLIC_SETTLE: Duration = Duration::from_secs(5);
+/// A lookup that found nothing is repeated after this (a relay may announce a moment later).
+const REQUERY: Duration = Duration::from_secs(2);
+/// Verification of one relay (QUIC handshake and exit list) may take this long.
+const VERIFY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Retry bounds for a failed announcement.
+const PUBLISH_RETRY_MIN: Duration = Duration::from_secs(5);
+const PUBLISH_RETRY_MAX: Duration = Duration::from_secs(300);
+/// A relay-info or exit-info request may take this long.
+const INFO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest kad message a seeker decodes: go-libp2p's own message limit (4 MiB), so any
+/// answer a go server can send is readable. go servers answer GET_PROVIDERS with every stored
+/// provider; kad's default of 16 KiB made a few hundred records (or a handful with long
+/// address lists) turn every answer for the key into an error, and discovery into nothing.
+/// Memory: kad reads at most `parallelism` (3) such answers at once.
+pub const MAX_KAD_PACKET: usize = 4 * 1024 * 1024;
+/// Largest kad message a DHT server decodes: it is asked, and requests are small (an
+/// ADD_PROVIDER of a relay lists a few addresses); answers it sends are not limited by this.
+const MAX_KAD_REQUEST: usize = 64 * 1024;
+/// Identify's protocol name (the standard one; kad learns peers' protocols through it).
+const IDENTIFY_PROTOCOL: &str = "/ipfs/id/1.0.0";
+
+/// A discovery failure.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    /// The swarm could not be built.
+    #[error("starting the DHT node: {0}")]
+    Swarm(String),
+    /// The swarm could not listen.
+    #[error(
+        "cannot listen for DHT peers on {addr}: {reason} (choose another port with --dht-listen)"
+    )]
+    Listen {
+        /// The address.
+        addr: Multiaddr,
+        /// Why.
+        reason: String,
+    },
+    /// Nothing usable was found in time.
+    #[error(
+        "no relay found via DHT after {secs} s; pass --relay or --fallback-relay, or --bootstrap for a private network (and check that a relay announces on it)"
+    )]
+    NoRelay {
+        /// The time spent.
+        secs: u64,
+    },
+    /// Shutdown came first.
+    #[error("discovery cancelled by shutdown")]
+    Cancelled,
+}
+
+/// The DHT a node joins.
+#[derive(Debug, Clone)]
+pub struct DhtConfig {
+    /// Bootstrap peers (each with `/p2p/`). Default: [`PUBLIC_BOOTSTRAP`].
+    pub bootstrap: Vec<Multiaddr>,
+    /// The kad protocol name. Default `/ipfs/kad/1.0.0`; private networks may use their own.
+    pub protocol: StreamProtocol,
+    /// Which addresses may be dialled. Default `public`.
+    pub policy: AddressPolicy,
+    /// How long a start looks for relays. Default 30 s.
+    pub timeout: Duration,
+}
+
+impl DhtConfig {
+    /// The public IPFS DHT with its defaults.
+    #[must_use]
+    pub fn public() -> Self {
+        Self {
+            bootstrap: PUBLIC_BOOTSTRAP
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect(),
+            protocol: StreamProtocol::new(DEFAULT_DHT_PROTOCOL),
+            policy: AddressPolicy::Public,
+            timeout: DEFAULT_DISCOVERY_TIMEOUT,
+        }
+    }
+}
+
+/// How long a seeker waits for better relays after the first one on `config`'s DHT:
+/// [`PUBLIC_SETTLE`] on the public protocol, [`DEFAULT_SETTLE`] on private ones.
+#[must_use]
+pub fn settle_for(config: &DhtConfig) -> Duration {
+    if config.protocol.as_ref() == DEFAULT_DHT_PROTOCOL {
+        PUBLIC_SETTLE
+    } else {
+        DEFAULT_SETTLE
+    }
+}
+
+/// The announcer's timing (see [`announce_with`]).
+#[derive(Debug, Clone)]
+pub struct AnnounceSchedule {
+    /// How often the provider record is published again. Default [`DEFAULT_REPUBLISH`].
+    pub republish: Duration,
+    /// How long one publication may take. Default [`DEFAULT_PROVIDE_TIMEOUT`].
+    pub provide_timeout: Duration,
+    /// How long the self-check after a publication may take. Default
+    /// [`DEFAULT_VERIFY_TIMEOUT`].
+    pub verify_timeout: Duration,
+}
+
+impl Default for AnnounceSchedule {
+    fn default() -> Self {
+        Self {
+            republish: DEFAULT_REPUBLISH,
+            provide_timeout: DEFAULT_PROVIDE_TIMEOUT,
+            verify_timeout: DEFAULT_VERIFY_TIMEOUT,
+        }
+    }
+}
+
+impl AnnounceSchedule {
+    /// The default schedule on a clock where `minute` stands for a minute (tests against
+    /// DHT servers with shortened lifetimes). Timeouts are not scaled.
+    #[must_use]
+    pub fn scaled(minute: Duration) -> Self {
+        Self {
+            republish: minute * 10,
+            ..Self::default()
+        }
+    }
+}
+
+/// A seeker's QUIC handshake timeout (see [`KadTuning`]).
+const SEEKER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// libp2p-quic's default handshake timeout, kept by announcers and DHT servers.
+const LIBP2P_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// kad settings that differ between a swarm that looks up and one that announces.
+#[derive(Debug, Clone, Copy)]
+struct KadTuning {
+    role: KadRole,
+    /// QUIC handshake timeout of every libp2p dial. A seeker's is short (3 s): a provider
+    /// record naming a silent address holds a contact slot this long, and a relay that
+    /// takes longer to answer a handshake is a poor relay anyway. Others keep libp2p's 5 s.
+    handshake_timeout: Duration,
+    query_timeout: Duration,
+    parallelism: Option<NonZeroUsize>,
+    publication_interval: Duration,
+}
+
+impl KadTuning {
+    fn lookup(config: &DhtConfig) -> Self {
+        Self {
+            role: KadRole::Peer,
+            handshake_timeout: SEEKER_HANDSHAKE_TIMEOUT,
+            query_timeout: config.timeout,
+            parallelism: None,
+            publication_interval: PROVIDER_PUBLICATION_INTERVAL,
+        }
+    }
+
+    /// `tokengo bootstrap`: a lookup's timings, storing and answering for everyone.
+    fn storage(config: &DhtConfig) -> Self {
+        Self {
+            role: KadRole::Storage,
+            handshake_timeout: LIBP2P_HANDSHAKE_TIMEOUT,
+            ..Self::lookup(config)
+        }
+    }
+
+    fn announce(schedule: &AnnounceSchedule) -> Self {
+        Self {
+            role: KadRole::Peer,
+            handshake_timeout: LIBP2P_HANDSHAKE_TIMEOUT,
+            query_timeout: schedule.provide_timeout,
+            parallelism: NonZeroUsize::new(PROVIDE_PARALLELISM),
+            publication_interval: schedule.republish,
+        }
+    }
+}
+
+/// What a relay says about itself on `/tokengo/relay-info/1`; `None` means "do not answer".
+pub type InfoSource = Arc<dyn Fn() -> Option<RelayInfo> + Send + Sync>;
+
+/// What an exit says about itself on `/tokengo/exit-info/1`; `None` means "do not answer".
+pub type ExitInfoSource = Arc<dyn Fn() -> Option<SignedExitInfo> + Send + Sync>;
+
+/// What an announcing node provides on the DHT and answers to those who find it.
+#[derive(Clone)]
+pub enum Answer {
+    /// A relay: provides the relay key, answers relay-info.
+    Relay(InfoSource),
+    /// An exit: provides the exit key once `registered` turns true (an exit without a relay
+    /// cannot be reached), answers exit-info.
+    Exit {
+        /// Its signed exit-info.
+        info: ExitInfoSource,
+        /// True while the exit is registered with at least one relay.
+        registered: watch::Receiver<bool>,
+    },
+}
+
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Answer").field(&self.role()).finish()
+    }
+}
+
+impl Answer {
+    fn key(&self) -> kad::RecordKey {
+        match self {
+            Self::Relay(_) => {
+                kad::RecordKey::new(&relay_info::provider_key(relay_info::RELAY_NAMESPACE))
+            }
+            Self::Exit { .. } => kad::RecordKey::new(&exit_info::provider_key()),
+        }
+    }
+
+    fn role(&self) -> &'static str {
+        match self {
+            Self::Relay(_) => "relay",
+            Self::Exit { .. } => "exit",
+        }
+    }
+
+    /// Whether there is something worth announcing yet.
+    fn ready(&self) -> bool {
+        match self {
+            Self::Relay(_) => true,
+            Self::Exit { registered, .. } => *registered.borrow(),
+        }
+    }
+
+    /// Returns when readiness may have changed (never for a relay).
+    async fn ready_changed(&mut self) {
+        if let Self::Exit { registered, .. } = self
+            && registered.changed().await.is_ok()
+        {
+            return;
+        }
+        std::future::pending().await
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    kad: kad::Behaviour<ProviderStore>,
+    identify: identify::Behaviour,
+    info: request_response::Behaviour<codec::RelayInfoCodec>,
+    exit_info: request_response::Behaviour<codec::ExitInfoCodec>,
+    gate: lookup::ProviderGate,
+}
+
+/// Which side of the two info protocols a swarm takes.
+#[derive(Debug, Clone)]
+struct InfoSupport {
+    relay: ProtocolSupport,
+    exit: ProtocolSupport,
+}
+
+impl InfoSupport {
+    /// Asks, never answers (seekers and DHT servers).
+    const ASK: Self = Self {
+        relay: ProtocolSupport::Outbound,
+        exit: ProtocolSupport::Outbound,
+    };
+}
+
+fn build_swarm(
+    identity: Keypair,
+    config: &DhtConfig,
+    guard: DialGuard,
+    mode: kad::Mode,
+    support: InfoSupport,
+) -> Result<Swarm<Behaviour>, DiscoveryError> {
+    build_swarm_with(
+        identity,
+        config,
+        guard,
+        mode,
+        support,
+        KadTuning::lookup(config),
+    )
+}
+
+/// How a swarm's kad is tuned beyond its mode and timings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KadRole {
+    /// Announcers and seekers: read answers up to [`MAX_KAD_PACKET`].
+    Peer,
+    /// `tokengo bootstrap`: answers with every stored provider (kad caps an answer at its
+    /// replication factor, 20 by default, first come), reads requests up to
+    /// [`MAX_KAD_REQUEST`].
+    Storage,
+}
+
+fn build_swarm_with(
+    identity: Keypair,
+    config: &DhtConfig,
+    guard: DialGuard,
+    mode: kad::Mode,
+    support: InfoSupport,
+    tuning: KadTuning,
+) -> Result<Swarm<Behaviour>, DiscoveryError> {
+    let policy = config.policy;
+    let protocol = config.protocol.clone();
+    let needs_dns = config.bootstrap.iter().any(is_dns_named);
+    let bootstrap = config.bootstrap.clone();
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(identity)
+        .with_tokio()
+        .with_other_transport(move |key| {
+            let mut quic_config = libp2p::quic::Config::new(key);
+            quic_config.handshake_timeout = tuning.handshake_timeout;
+            let quic = libp2p::quic::tokio::Transport::new(quic_config);
+            let named_guard = guard.clone();
+            let guarded = policy::PolicyTransport::new(quic, policy, guard)
+                .map(|(peer, conn), _| (peer, StreamMuxerBox::new(conn)));
+            // DNS sits outside the policy, so the policy judges the resolved IP addresses;
+            // only the bootstrap peers' names reach the resolver. Only networks that name a
+            // peer by DNS pay for reading the system resolver.
+            let transport: Result<_, Box<dyn std::error::Error + Send + Sync>> = if needs_dns {
+                match libp2p::dns::tokio::Transport::system(guarded) {
+                    Ok(resolving) => {
+                        Ok(policy::NamedDials::new(resolving, &bootstrap, named_guard).boxed())
+                    }
+                    Err(e) => Err(format!(
+                        "a bootstrap peer is named by DNS but the system resolver configuration \
+                         cannot be read ({e}); give --bootstrap addresses with IPs"
+                    )
+                    .into()),
+                }
+            } else {
+                Ok(guarded.boxed())
+            };
+            transport
+        })
+        .map_err(|e| DiscoveryError::Swarm(e.to_string()))?
+        .with_behaviour(move |key| {
+            let peer = key.public().to_peer_id();
+            let mut kad_config = kad::Config::new(protocol);
+            kad_config.set_query_timeout(tuning.query_timeout);
+            if let Some(parallelism) = tuning.parallelism {
+                kad_config.set_parallelism(parallelism);
+            }
+            kad_config.set_provider_publication_interval(Some(tuning.publication_interval));
+            kad_config.set_provider_record_ttl(Some(PROVIDER_RECORD_TTL));
+            match tuning.role {
+                KadRole::Peer => {
+                    kad_config.set_max_packet_size(MAX_KAD_PACKET);
+                }
+                KadRole::Storage => {
+                    kad_config.set_max_packet_size(MAX_KAD_REQUEST);
+                    if let Some(all) = std::num::NonZeroUsize::new(store::MAX_PROVIDERS_PER_KEY) {
+                        kad_config.set_replication_factor(all);
+                    }
+                }
+            }
+            let mut kad = kad::Behaviour::with_config(peer, ProviderStore::new(peer), kad_config);
+            kad.set_mode(Some(mode));
+            Behaviour {
+                kad,
+                identify: identify::Behaviour::new(identify::Config::new(
+                    IDENTIFY_PROTOCOL.to_owned(),
+                    key.public(),
+                )),
+                info: request_response::Behaviour::with_codec(
+                    codec::RelayInfoCodec::default(),
+                    [(StreamProtocol::new(relay_info::PROTOCOL), support.relay)],
+                    request_response::Config::default().with_request_timeout(INFO_TIMEOUT),
+                ),
+                exit_info: request_response::Behaviour::with_codec(
+                    codec::ExitInfoCodec::default(),
+                    [(StreamProtocol::new(exit_info::PROTOCOL), support.exit)],
+                    request_response::Config::default().with_request_timeout(INFO_TIMEOUT),
+                ),
+                gate: lookup::ProviderGate::default(),
+            }
+        })
+        .map_err(|e| DiscoveryError::Swarm(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    Ok(swarm)
+}
+
+/// Whether an address names its host by DNS (`/dns`, `/dns4`, `/dns6`, `/dnsaddr`).
+fn is_dns_named(addr: &Multiaddr) -> bool {
+    matches!(
+        addr.iter().next(),
+        Some(Protocol::Dns(_) | Protocol::Dns4(_) | Protocol::Dns6(_) | Protocol::Dnsaddr(_))
+    )
+}
+
+/// Splits `/…/p2p/ID` into the PeerId and the address without it.
+fn split_peer(addr: &Multiaddr) -> Option<(PeerId, Multiaddr)> {
+    let mut base = addr.clone();
+    match base.pop() {
+        Some(Protocol::P2p(peer)) => Some((peer, base)),
+        _ => None,
+    }
+}
+
+/// Adds the bootstrap peers to kad's routing table; returns how many were usable.
+/// Whether a swarm walks the DHT to fill its routing table after adding the bootstrap peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Walk {
+    /// Announcers and DHT servers: they store and serve records, so they need a full table.
+    Bootstrap,
+    /// Throwaway seekers: their one lookup walks towards the key anyway, and a full
+    /// bootstrap walk would cost dozens of dials per client start for nothing.
+    LookupOnly,
+}
+
+fn add_bootstrap(swarm: &mut Swarm<Behaviour>, config: &DhtConfig, walk: Walk) -> usize {
+    let mut added = 0;
+    for addr in &config.bootstrap {
+        match split_peer(addr) {
+            Some((peer, base)) if peer != *swarm.local_peer_id() => {
+                swarm.behaviour_mut().kad.add_address(&peer, base);
+                added += 1;
+            }
+            Some(_) => {}
+            None => tracing::warn!(%addr, "bootstrap address without /p2p/PEERID ignored"),
+        }
+    }
+    if added > 0 && walk == Walk::Bootstrap {
+        // Fills the routing table beyond the bootstrap peers; failures only mean fewer peers.
+        let _ = swarm.behaviour_mut().kad.bootstrap();
+    }
+    added
+}
+
+/// Feeds what identify learned into kad: the peer's listen addresses (those the policy
+/// allows) when it speaks our DHT protocol. kad does not learn addresses on its own.
+fn on_identify(swarm: &mut Swarm<Behaviour>, config: &DhtConfig, event: identify::Event) {
+    if let identify::Event::Received { peer_id, info, .. } = event
+        && info.protocols.contains(&config.protocol)
+    {
+        for addr in info.listen_addrs {
+            if config.policy.allows(&addr) {
+                swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+            }
+        }
+    }
+}
+
+/// The libp2p listen multiaddr of a UDP socket address.
+#[must_use]
+pub fn quic_multiaddr(addr: SocketAddr) -> Multiaddr {
+    Multiaddr::empty()
+        .with(addr.ip().into())
+        .with(Protocol::Udp(addr.port()))
+        .with(Protocol::QuicV1)
+}
+
+fn udp_port(addr: &Multiaddr) -> Option<u16> {
+    addr.iter().find_map(|p| match p {
+        Protocol::Udp(port) => Some(port),
+        _ => None,
+    })
+}
+
+/// The external addresses to announce for a listener: each configured IP with the bound
+/// port when the listener can be reached on its IP family (an IPv4 socket cannot answer on
+/// IPv6 and vice versa; `[::]` takes both on a dual-stack host); the others come back apart.
+fn external_for(listener: &Multiaddr, ips: &[IpAddr]) -> (Vec<Multiaddr>, Vec<IpAddr>) {
+    let Some(bound) = policy::ip_of(listener) else {
+        return (Vec::new(), ips.to_vec());
+    };
+    let port = udp_port(listener).unwrap_or(0);
+    let reachable = |ip: &IpAddr| match bound {
+        IpAddr::V4(_) => ip.is_ipv4(),
+        IpAddr::V6(v6) => ip.is_ipv6() || v6.is_unspecified(),
+    };
+    let (usable, skipped): (Vec<IpAddr>, Vec<IpAddr>) = ips.iter().partition(|ip| reachable(ip));
+    let usable = usable
+        .into_iter()
+        .map(|ip| quic_multiaddr(SocketAddr::new(ip, port)))
+        .collect();
+    (usable, skipped)
+}
+
+/// Whether a listen address counts as confirmed without configuration: only loopback under
+/// the `loopback` policy (a private network on one host, as in the tests). Anything else
+/// needs `external_addrs`, because a wrong address makes the relay silently unreachable.
+fn auto_confirmed(policy: AddressPolicy, addr: &Multiaddr) -> bool {
+    policy == AddressPolicy::Loopback && policy::ip_of(addr).is_some_and(|ip| ip.is_loopback())
+}
+
+// ------------------------------------------------------------------------------------ servers
+
+/// A DHT server node (`tokengo bootstrap`): kad in server mode, a persisted identity.
+pub struct DhtServer {
+    swarm: Swarm<Behaviour>,
+    config: DhtConfig,
+    addrs: Vec<Multiaddr>,
+}
+
+impl std::fmt::Debug for DhtServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DhtServer")
+            .field("peer_id", self.swarm.local_peer_id())
+            .field("addrs", &self.addrs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DhtServer {
+    /// Listens on `listen` and waits until the socket is bound. `external_ips` are announced
+    /// with the bound port; under the `loopback` policy loopback addresses count as external.
+    pub async fn start(
+        config: &DhtConfig,
+        identity: Keypair,
+        listen: SocketAddr,
+        external_ips: &[IpAddr],
+        guard: DialGuard,
+    ) -> Result<Self, DiscoveryError> {
+        let mut swarm = build_swarm_with(
+            identity,
+            config,
+            guard,
+            kad::Mode::Server,
+            InfoSupport::ASK,
+            KadTuning::storage(config),
+        )?;
+        let addr = quic_multiaddr(listen);
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| DiscoveryError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+        let bound = loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::NewListenAddr { address, .. } => break address,
+                SwarmEvent::ListenerError { error, .. }
+                | SwarmEvent::ListenerClosed {
+                    reason: Err(error), ..
+                } => {
+                    return Err(DiscoveryError::Listen {
+                        addr,
+                        reason: error.to_string(),
+                    });
+                }
+                _ => {}
+            }
+        };
+        let (usable, skipped) = external_for(&bound, external_ips);
+        if !skipped.is_empty() {
+            tracing::warn!(listen = %bound, ?skipped, "external addresses of another IP family than the listener are not announced");
+        }
+        for addr in usable {
+            swarm.add_external_address(addr);
+        }
+        if auto_confirmed(config.policy, &bound) {
+            swarm.add_external_address(bound.clone());
+        } else if bound_is_unspecified_loopback(config, &bound) {
+            swarm.add_external_address(printable(bound.clone()));
+        }
+        add_bootstrap(&mut swarm, config, Walk::Bootstrap);
+        let peer = *swarm.local_peer_id();
+        let mut addrs: Vec<Multiaddr> = swarm.external_addresses().cloned().collect();
+        if addrs.is_empty() {
+            addrs.push(bound);
+        }
+        let addrs = addrs
+            .into_iter()
+            .map(|a| printable(a).with(Protocol::P2p(peer)))
+            .collect();
+        Ok(Self {
+            swarm,
+            config: config.clone(),
+            addrs,
+        })
+    }
+
+    /// The server's multiaddrs with `/p2p/<PeerId>`, what other nodes pass as `--bootstrap`.
+    #[must_use]
+    pub fn addrs(&self) -> &[Multiaddr] {
+        &self.addrs
+    }
+
+    /// The server's PeerId.
+    #[must_use]
+    pub fn peer_id(&self) -> PeerId {
+        *self.swarm.local_peer_id()
+    }
+
+    /// Serves the DHT until `shutdown`.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        loop {
+            let event = tokio::select! {
+                () = shutdown.cancelled() => break,
+                event = self.swarm.select_next_some() => event,
+            };
+            if let SwarmEvent::Behaviour(BehaviourEvent::Identify(event)) = event {
+                on_identify(&mut self.swarm, &self.config, event);
+            }
+        }
+    }
+}
+
+/// An unspecified bind under the loopback policy: peers reach it on loopback.
+fn bound_is_unspecified_loopback(config: &DhtConfig, bound: &Multiaddr) -> bool {
+    config.policy == AddressPolicy::Loopback
+        && policy::ip_of(bound).is_some_and(|ip| ip.is_unspecified())
+}
+
+/// An unspecified address printed as loopback (which works on this host).
+fn printable(addr: Multiaddr) -> Multiaddr {
+    let Some(ip) = policy::ip_of(&addr).filter(IpAddr::is_unspecified) else {
+        return addr;
+    };
+    let port = udp_port(&addr).unwrap_or(0);
+    quic_multiaddr(SocketAddr::new(policy::loopback_like(ip), port))
+}
+
+// ---------------------------------------------------------------------------------- announcer
+
+/// What a relay or an exit announces with.
+pub struct Announcer {
+    /// The node's identity: for a relay the same key as its QUIC certificate, for an exit the
+    /// key its descriptor names, so one PeerId for both.
+    pub identity: Keypair,
+    /// UDP address of the libp2p swarm. Default `0.0.0.0:4001`.
+    pub listen: SocketAddr,
+    /// Confirmed external IPs (configured `external_addrs`).
+    pub external_ips: Vec<IpAddr>,
+    /// What it provides and answers.
+    pub info: Answer,
+    /// Where the announcement stands (read by `/status`).
+    pub status: Arc<watch::Sender<Option<DhtStatus>>>,
+    /// The relay's DHT metrics.
+    pub metrics: DhtMetrics,
+    /// Address policy bookkeeping (refused dials, test observer).
+    pub guard: DialGuard,
+}
+
+impl std::fmt::Debug for Announcer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Announcer")
+            .field("listen", &self.listen)
+            .field("external_ips", &self.external_ips)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Announces a relay or an exit until `shutdown`: publishes the provider record once it has a
+/// confirmed external address, a reachable DHT and (an exit) a relay, retries failures with
+/// backoff, answers relay-info or exit-info. A node without a confirmed address is reported
+/// (warning, metric, `/status`), not hidden. Uses the default [`AnnounceSchedule`].
+pub async fn announce(
+    config: &DhtConfig,
+    announcer: Announcer,
+    shutdown: CancellationToken,
+) -> Result<(), DiscoveryError> {
+    announce_with(config, announcer, AnnounceSchedule::default(), shutdown).await
+}
+
+/// [`announce`] on a given schedule: the record is published again every
+/// `schedule.republish`, and after each publication a fresh identity checks that it finds
+/// and reaches the node ([`Verification`] in `/status`, metric `dht_provider_verified`).
+pub async fn announce_with(
+    config: &DhtConfig,
+    announcer: Announcer,
+    schedule: AnnounceSchedule,
+    shutdown: CancellationToken,
+) -> Result<(), DiscoveryError> {
+    let Announcer {
+        identity,
+        listen,
+        external_ips,
+        mut info,
+        status,
+        metrics,
+        guard,
+    } = announcer;
+    let role = info.role();
+    let support = match info {
+        Answer::Relay(_) => InfoSupport {
+            relay: ProtocolSupport::Inbound,
+            exit: ProtocolSupport::Outbound,
+        },
+        Answer::Exit { .. } => InfoSupport {
+            relay: ProtocolSupport::Outbound,
+            exit: ProtocolSupport::Inbound,
+        },
+    };
+    let mut swarm = build_swarm_with(
+        identity,
+        config,
+        guard,
+        kad::Mode::Client,
+        support,
+        KadTuning::announce(&schedule),
+    )?;
+    let me = *swarm.local_peer_id();
+    let asked = match info {
+        Answer::Relay(_) => verification::Asked::Relay,
+        Answer::Exit { .. } => verification::Asked::Exit,
+    };
+    let mut checks: JoinSet<Verification> = JoinSet::new();
+    let listen_addr = quic_multiaddr(listen);
+    swarm
+        .listen_on(listen_addr.clone())
+        .map_err(|e| DiscoveryError::Listen {
+            addr: listen_addr,
+            reason: e.to_string(),
+        })?;
+    let bootstrap_peers = add_bootstrap(&mut swarm, config, Walk::Bootstrap);
+    if bootstrap_peers == 0 {
+        tracing::warn!("no usable bootstrap peer: the {role} cannot announce itself");
+    }
+    let key = info.key();
+    let mut state = DhtStatus {
+        state: DhtState::Starting,
+        protocol: config.protocol.to_string(),
+        listen_addrs: Vec::new(),
+        external_addrs: Vec::new(),
+        verification: Verification::NotYet,
+    };
+    status.send_replace(Some(state.clone()));
+    let started = Instant::now();
+    let mut next_publish: Option<tokio::time::Instant> = None;
+    let mut retry = PUBLISH_RETRY_MIN;
+    let mut publishing = false;
+    let mut warned = false;
+    loop {
+        let event = tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = sleep_until(next_publish) => {
+                next_publish = None;
+                if !swarm.external_addresses().any(|_| true) || !info.ready() {
+                    continue;
+                }
+                match swarm.behaviour_mut().kad.start_providing(key.clone()) {
+                    Ok(_) => publishing = true,
+                    Err(error) => tracing::warn!(%error, "cannot store the provider record"),
+                }
+                continue;
+            }
+            Some(checked) = checks.join_next(), if !checks.is_empty() => {
+                let Ok(checked) = checked else { continue };
+                match &checked {
+                    Verification::Verified => {
+                        if state.verification != Verification::Verified {
+                            tracing::info!(after = ?started.elapsed(), "{role} announcement verified: a fresh DHT node found and reached it");
+                        }
+                    }
+                    Verification::Unverified { reason } => {
+                        tracing::warn!("{role} announced on the DHT but UNVERIFIED: {reason}");
+                    }
+                    Verification::NotYet | Verification::Checking => continue,
+                }
+                metrics.provider_verified.set(i64::from(checked == Verification::Verified));
+                state.verification = checked;
+                status.send_replace(Some(state.clone()));
+                continue;
+            }
+            () = info.ready_changed() => {
+                let confirmed = swarm.external_addresses().any(|_| true);
+                if confirmed && info.ready() && !publishing && state.state != DhtState::Announced
+                    && next_publish.is_none()
+                {
+                    next_publish = Some(tokio::time::Instant::now());
+                }
+                continue;
+            }
+            event = swarm.select_next_some() => event,
+        };
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                let (usable, skipped) = external_for(&address, &external_ips);
+                for addr in usable {
+                    swarm.add_external_address(addr);
+                }
+                if !skipped.is_empty() {
+                    tracing::warn!(
+                        listen = %address,
+                        ?skipped,
+                        "external addresses of another IP family than the DHT listener are not announced (nobody could reach them); listen on [::] or an IPv6 address to announce IPv6"
+                    );
+                }
+                // Configured addresses say how the node is reached; only without them does
+                // loopback confirm itself.
+                if external_ips.is_empty() && auto_confirmed(config.policy, &address) {
+                    swarm.add_external_address(address.clone());
+                }
+                state.listen_addrs.push(address.to_string());
+                state.external_addrs = swarm
+                    .external_addresses()
+                    .map(ToString::to_string)
+                    .collect();
+                let confirmed = !state.external_addrs.is_empty();
+                metrics.external_address_confirmed.set(i64::from(confirmed));
+                if confirmed {
+                    if !publishing && next_publish.is_none() {
+                        next_publish = Some(tokio::time::Instant::now());
+                    }
+                } else {
+                    state.state = DhtState::NoExternalAddress;
+                    if !warned {
+                        warned = true;
+                        tracing::warn!(
+                            policy = %config.policy,
+                            "{role} has no confirmed external address, so it is NOT announced on the DHT (nobody would store its record); set external_addrs / --external-addr to its public IP"
+                        );
+                    }
+                }
+                status.send_replace(Some(state.clone()));
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(event)) => {
+                on_identify(&mut swarm, config, event);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                result,
+                stats,
+                ..
+            })) => {
+                let outcome = match result {
+                    kad::QueryResult::StartProviding(r) => Some((r.is_ok(), false)),
+                    kad::QueryResult::RepublishProvider(r) => Some((r.is_ok(), true)),
+                    _ => None,
+                };
+                let Some((ok, republish)) = outcome else {
+                    continue;
+                };
+                publishing = false;
+                // A lookup that reached no peer "succeeds" with nobody storing the record.
+                if ok && stats.num_successes() > 0 {
+                    metrics.provider_published.set(1);
+                    retry = PUBLISH_RETRY_MIN;
+                    if state.state != DhtState::Announced {
+                        tracing::info!(
+                            after = ?started.elapsed(),
+                            republish,
+                            every = ?schedule.republish,
+                            "{role} announced on the DHT; checking from a fresh identity that it is found and reachable"
+                        );
+                    }
+                    state.state = DhtState::Announced;
+                    if checks.is_empty() {
+                        if state.verification == Verification::NotYet {
+                            state.verification = Verification::Checking;
+                        }
+                        let config = config.clone();
+                        let key = key.clone();
+                        let port = state
+                            .external_addrs
+                            .first()
+                            .and_then(|a| a.parse::<Multiaddr>().ok())
+                            .and_then(|a| udp_port(&a))
+                            .unwrap_or(listen.port());
+                        let timeout = schedule.verify_timeout;
+                        let shutdown = shutdown.clone();
+                        checks.spawn(async move {
+                            verification::check(&config, key, me, asked, port, timeout, &shutdown)
+                                .await
+                        });
+                    }
+                } else {
+                    metrics.provider_published.set(0);
+                    state.state = DhtState::PublishFailed;
+                    tracing::warn!(retry_in = ?retry, "announcing on the DHT failed: no DHT peer stored the record");
+                    next_publish = Some(tokio::time::Instant::now() + retry);
+                    retry = (retry * 2).min(PUBLISH_RETRY_MAX);
+                }
+                status.send_replace(Some(state.clone()));
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Info(request_response::Event::Message {
+                message: request_response::Message::Request { channel, .. },
+                ..
+            })) => {
+                if let Answer::Relay(source) = &info
+                    && let Some(answer) = source()
+                {
+                    let _ = swarm.behaviour_mut().info.send_response(channel, answer);
+                }
+                // `None`: the channel is dropped unanswered (only tests do this).
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::ExitInfo(request_response::Event::Message {
+                message: request_response::Message::Request { channel, .. },
+                ..
+            })) => {
+                if let Answer::Exit { info: source, .. } = &info
+                    && let Some(answer) = source()
+                {
+                    let _ = swarm
+                        .behaviour_mut()
+                        .exit_info
+                        .send_response(channel, answer);
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// One step of a provider lookup: the providers it reported, and whether the lookup is over
+/// (then it is finished in kad too, so it stops asking peers).
+fn lookup_progress(
+    swarm: &mut Swarm<Behaviour>,
+    id: kad::QueryId,
+    result: &kad::GetProvidersResult,
+    step: &kad::ProgressStep,
+) -> (Vec<PeerId>, bool) {
+    let providers = match result {
+        Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
+            providers.iter().copied().collect()
+        }
+        _ => Vec::new(),
+    };
+    let finished = step.last || !matches!(result, Ok(kad::GetProvidersOk::FoundProviders { .. }));
+    if finished && let Some(mut query) = swarm.behaviour_mut().kad.query_mut(&id) {
+        query.finish();
+    }
+    (providers, finished)
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+// ------------------------------------------------------------------------------------- seeker
+
+/// What a client or exit looks for.
+#[derive(Debug, Clone)]
+pub struct Seek {
+    /// Cache of known-good relays (read first, rewritten with what verified).
+    pub cache: Option<RelayCache>,
+    /// Stop once this many relays verified.
+    pub want: usize,
+    /// After the first relay verified, wait at most this long for more. Default 1 s.
+    pub settle: Duration,
+    /// QUIC parameters of the verification probe.
+    pub params: TransportParams,
+    /// Address policy bookkeeping (refused dials, test observer).
+    pub guard: DialGuard,
+    /// The caller's DHT metrics.
+    pub metrics: DhtMetrics,
+}
+
+/// What a discovery found.
+#[derive(Debug, Clone)]
+pub struct Discovered {
+    /// Verified relays, best first (see [`rank`]).
+    pub relays: Vec<VerifiedRelay>,
+    /// From the start until the first relay verified.
+    pub first_usable: Duration,
+    /// From the start until discovery ended.
+    pub elapsed: Duration,
+    /// Providers skipped (no relay-info answer, or verification failed).
+    pub skipped: usize,
+}
+
+/// The relays to use after a discovery: the verified ones, best first; when neither the DHT
+/// nor the cache yielded any, the configured fallback relays (their identity is still proven
+/// by TLS when they are dialled). Other failures (shutdown) are passed on.
+pub fn or_fallback(
+    found: Result<Discovered, DiscoveryError>,
+    fallback: &[RelayAddr],
+) -> Result<Vec<RelayAddr>, DiscoveryError> {
+    match found {
+        Ok(found) => Ok(found.relays.into_iter().map(|r| r.addr).collect()),
+        Err(DiscoveryError::NoRelay { secs }) if !fallback.is_empty() => {
+            tracing::warn!(
+                secs,
+                fallback = fallback.len(),
+                "no relay found on the DHT or in the cache; using the configured fallback relays"
+            );
+            Ok(fallback.to_vec())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Where a verification candidate came from.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    Cache,
+    Dht,
+}
+
+/// Finds and verifies relays: the cache and the DHT in parallel. The libp2p identity is
+/// fresh for every call, so nothing on the DHT links two starts of the same user.
+pub async fn discover(
+    config: &DhtConfig,
+    seek: Seek,
+    shutdown: &CancellationToken,
+) -> Result<Discovered, DiscoveryError> {
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + config.timeout;
+    let mut swarm = build_swarm(
+        Keypair::generate_ed25519(),
+        config,
+        seek.guard.clone(),
+        kad::Mode::Client,
+        InfoSupport::ASK,
+    )?;
+    let mut probes: JoinSet<(Source, PeerId, Result<VerifiedRelay, String>)> = JoinSet::new();
+    // Cached relays only dedupe among themselves: a cached PeerId must not block the same
+    // relay's fresh DHT record (its cached address may be the stale one).
+    let mut tried: HashSet<PeerId> = HashSet::new();
+    let mut selection = Selection::new(SelectionLimits::default(), config.policy);
+    let mut dialling = lookup::Dialling::default();
+    let mut probe_ips: HashMap<PeerId, IpAddr> = HashMap::new();
+    let cached = seek
+        .cache
+        .as_ref()
+        .map(|c| c.load(unix_now()))
+        .unwrap_or_default();
+    for addr in cached {
+        if tried.insert(addr.peer_id()) {
+            spawn_verify(&mut probes, Source::Cache, addr, &seek, config.policy);
+        }
+    }
+    let peers = add_bootstrap(&mut swarm, config, Walk::LookupOnly);
+    tracing::info!(
+        bootstrap_peers = peers,
+        cached = probes.len(),
+        protocol = %config.protocol,
+        "discovering relays on the DHT"
+    );
+    let key = kad::RecordKey::new(&relay_info::provider_key(relay_info::RELAY_NAMESPACE));
+    let mut lookup = (peers > 0).then(|| swarm.behaviour_mut().kad.get_providers(key.clone()));
+    let mut requery: Option<tokio::time::Instant> = None;
+    let mut provider_answers = 0usize;
+    let mut pending: HashMap<request_response::OutboundRequestId, PeerId> = HashMap::new();
+    let mut verified: Vec<VerifiedRelay> = Vec::new();
+    let mut first_usable: Option<Instant> = None;
+    let mut found = 0usize;
+    let mut skipped = 0usize;
+    let mut routing = peer_routing::PeerRouting::default();
+    loop {
+        if verified.len() >= seek.want.max(1) {
+            break;
+        }
+        for peer in lookup::contact_next(&mut swarm, &mut selection, &mut dialling) {
+            let request = swarm.behaviour_mut().info.send_request(&peer, ());
+            pending.insert(request, peer);
+        }
+        let idle = lookup.is_none()
+            && pending.is_empty()
+            && probes.is_empty()
+            && dialling.is_empty()
+            && selection.is_idle()
+            && routing.is_idle();
+        // Done: something verified and nothing is pending; or nothing can ever come (no DHT
+        // peer to ask and no cached relay left, or every provider this discovery may contact
+        // was contacted).
+        if idle && (!verified.is_empty() || peers == 0 || !selection.has_budget()) {
+            break;
+        }
+        // Every provider found so far failed: look again (a relay may announce a moment
+        // later, or move).
+        if idle && requery.is_none() {
+            requery = Some(tokio::time::Instant::now() + REQUERY);
+        }
+        let settle = first_usable.map(|t| tokio::time::Instant::from_std(t + seek.settle));
+        tokio::select! {
+            () = shutdown.cancelled() => return Err(DiscoveryError::Cancelled),
+            () = tokio::time::sleep_until(deadline) => break,
+            () = sleep_until(settle) => break,
+            () = sleep_until(requery) => {
+                requery = None;
+                provider_answers = 0;
+                lookup = Some(swarm.behaviour_mut().kad.get_providers(key.clone()));
+            }
+            Some(done) = probes.join_next(), if !probes.is_empty() => {
+                let Ok((source, peer, outcome)) = done else { continue };
+                if matches!(source, Source::Dht) {
+                    if let (Err(_), Some(ip)) = (&outcome, probe_ips.get(&peer)) {
+                        selection.probe_failed(peer, *ip);
+                    }
+                    probe_ips.remove(&peer);
+                    selection.finished(peer, &selection::Outcome::Answered);
+                }
+                match outcome {
+                    Ok(relay) => {
+                        tracing::info!(relay = %peer, ?source, rtt = ?relay.rtt, exits = relay.exits, "relay verified");
+                        first_usable.get_or_insert_with(Instant::now);
+                        verified.push(relay);
+                        // The cache and the DHT may both verify one relay: count it once.
+                        rank(&mut verified);
+                    }
+                    Err(reason) => {
+                        skipped += 1;
+                        tracing::info!(relay = %peer, ?source, "relay skipped: {reason}");
+                    }
+                }
+            }
+            event = swarm.select_next_some() => match event {
+                SwarmEvent::Behaviour(BehaviourEvent::Identify(event)) => {
+                    on_identify(&mut swarm, config, event);
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                    id, result: kad::QueryResult::GetProviders(result), step, ..
+                })) if Some(id) == lookup => {
+                    // Offered now: kad knows the providers' addresses only while the lookup
+                    // runs. Those it lists without addresses (go servers, once their
+                    // peerstore forgot them) are looked up by PeerId.
+                    let offered = lookup::offer_providers(&mut swarm, &mut selection, &result, |peer| {
+                        verified.iter().any(|r| r.addr.peer_id() == *peer)
+                    });
+                    found += offered.queued;
+                    for peer in offered.unaddressed {
+                        routing.unreachable(&mut swarm, peer);
+                    }
+                    let (providers, mut finished) = lookup_progress(&mut swarm, id, &result, &step);
+                    if !providers.is_empty() {
+                        provider_answers += 1;
+                    }
+                    if !finished && provider_answers >= lookup::ENOUGH_PROVIDER_ANSWERS {
+                        lookup::finish(&mut swarm, id);
+                        finished = true;
+                    }
+                    if finished {
+                        lookup = None;
+                        tracing::info!(providers = found, selection = ?selection.stats(), after = ?started.elapsed(), "DHT lookup finished");
+                    }
+                }
+                SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } if dialling.connected(peer_id) => {
+                    if let Some(ip) = policy::ip_of(endpoint.get_remote_address()) {
+                        selection.reached(ip);
+                    }
+                    let request = swarm.behaviour_mut().info.send_request(&peer_id, ());
+                    pending.insert(request, peer_id);
+                }
+                SwarmEvent::OutgoingConnectionError { connection_id, error, .. } => {
+                    if let Some(peer) = dialling.failed(connection_id) {
+                        skipped += 1;
+                        tracing::info!(relay = %peer, "relay skipped: cannot connect ({error})");
+                        let outcome = lookup::outcome_of(&error);
+                        selection.finished(peer, &outcome);
+                        // The record's addresses may be stale: the peer's own may differ.
+                        if matches!(outcome, selection::Outcome::Failed) {
+                            routing.unreachable(&mut swarm, peer);
+                        }
+                    }
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                    id, result: kad::QueryResult::GetClosestPeers(result), ..
+                })) => match routing.on_result(id, &result) {
+                    // Found addresses are DHT hints like a record's: the selection's bounds
+                    // apply to them too.
+                    Some(Ok((peer, addrs))) if selection.offer(peer, &addrs) == selection::Offered::Queued => {
+                        found += 1;
+                    }
+                    Some(Err(peer)) => {
+                        skipped += 1;
+                        tracing::info!(relay = %peer, "relay skipped for now: the DHT has no reachable address for it, and a lookup of its PeerId found none");
+                    }
+                    Some(Ok(_)) | None => {}
+                },
+                SwarmEvent::Behaviour(BehaviourEvent::Info(request_response::Event::Message {
+                    peer,
+                    message: request_response::Message::Response { request_id, response },
+                    ..
+                })) => {
+                    if pending.remove(&request_id).is_none() {
+                        continue;
+                    }
+                    let candidate = quic_candidates(&response, peer, config.policy, &seek.guard)
+                        .and_then(|addr| probe_budget(&selection, addr));
+                    match candidate {
+                        Ok(addr) => {
+                            if let Some(ip) = policy::ip_of(&addr.to_multiaddr()) {
+                                probe_ips.insert(peer, ip);
+                            }
+                            spawn_verify(&mut probes, Source::Dht, addr, &seek, config.policy);
+                        }
+                        Err(reason) => {
+                            skipped += 1;
+                            selection.finished(peer, &selection::Outcome::Answered);
+                            tracing::info!(relay = %peer, "relay skipped: {reason}");
+                        }
+                    }
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Info(request_response::Event::OutboundFailure {
+                    peer, request_id, error, ..
+                })) => {
+                    if pending.remove(&request_id).is_none() {
+                        continue;
+                    }
+                    skipped += 1;
+                    // Connected, so something lives at its address: no failure of the IP.
+                    selection.finished(peer, &selection::Outcome::Answered);
+                    tracing::info!(relay = %peer, "relay skipped: no relay-info answer ({error})");
+                }
+                _ => {}
+            },
+        }
+    }
+    let elapsed = started.elapsed();
+    rank(&mut verified);
+    seek.metrics
+        .relays_verified
+        .set(i64::try_from(verified.len()).unwrap_or(i64::MAX));
+    let Some(first) = first_usable else {
+        return Err(DiscoveryError::NoRelay {
+            secs: elapsed.as_secs(),
+        });
+    };
+    if let Some(cache) = &seek.cache
+        && let Err(error) = cache.save(&verified, unix_now())
+    {
+        tracing::warn!(%error, "cannot write the relay cache");
+    }
+    tracing::info!(
+        relays = verified.len(),
+        skipped,
+        selection = ?selection.stats(),
+        first_usable = ?first.duration_since(started),
+        elapsed = ?elapsed,
+        "discovery done"
+    );
+    Ok(Discovered {
+        relays: verified,
+        first_usable: first.duration_since(started),
+        elapsed,
+        skipped,
+    })
+}
+
+/// The QUIC address to verify from a relay-info answer: the first one that names the
+/// provider's own PeerId (anything else could never pass the TLS check, or would be a
+/// different relay vouched for by this one) and that the policy allows.
+fn quic_candidates(
+    info: &RelayInfo,
+    provider: PeerId,
+    policy: AddressPolicy,
+    guard: &DialGuard,
+) -> Result<RelayAddr, String> {
+    if !info.alpns.iter().any(|a| a == transport::ALPN_CLIENT) {
+        return Err("relay-info lists no tokengo/1 ALPN".to_owned());
+    }
+    let mut refused = 0;
+    for bytes in &info.quic_addrs {
+        let Ok(addr) = Multiaddr::try_from(bytes.clone()) else {
+            continue;
+        };
+        let Ok(relay) = addr.to_string().parse::<RelayAddr>() else {
+            continue;
+        };
+        if relay.peer_id() != provider {
+            continue;
+        }
+        if !policy.allows(&addr) {
+            refused += 1;
+            if let Some(observer) = &guard.observer {
+                observer(&addr, false);
+            }
+            guard.refused.inc();
+            continue;
+        }
+        return Ok(relay);
+    }
+    Err(format!(
+        "relay-info has no usable QUIC address for this PeerId ({} listed, {refused} outside the address policy)",
+        info.quic_addrs.len()
+    ))
+}
+
+/// A relay's QUIC address is probed only while its IP has not failed too often in this
+/// discovery (relay-info is the provider's word: it may name a victim).
+fn probe_budget(selection: &Selection, addr: RelayAddr) -> Result<RelayAddr, String> {
+    match policy::ip_of(&addr.to_multiaddr()) {
+        Some(ip) if selection.ip_exhausted(ip) => Err(format!(
+            "probes to {ip} already failed too often in this discovery"
+        )),
+        _ => Ok(addr),
+    }
+}
+
+fn spawn_verify(
+    probes: &mut JoinSet<(Source, PeerId, Result<VerifiedRelay, String>)>,
+    source: Source,
+    addr: RelayAddr,
+    seek: &Seek,
+    policy: AddressPolicy,
+) {
+    let peer = addr.peer_id();
+    let allowed = policy.allows(&addr.to_multiaddr());
+    if let Some(observer) = &seek.guard.observer {
+        observer(&addr.to_multiaddr(), allowed);
+    }
+    if !allowed {
+        seek.guard.refused.inc();
+        probes.spawn(async move {
+            (
+                source,
+                peer,
+                Err("address outside the address policy".to_owned()),
+            )
+        });
+        return;
+    }
+    let params = seek.params;
+    probes.spawn(async move {
+        let outcome = tokio::time::timeout(VERIFY_TIMEOUT, verify(addr, params))
+            .await
+            .unwrap_or_else(|_| Err("verification timed out".to_owned()));
+        (source, peer, outcome)
+    });
+}
+
+/// Verifies one relay: QUIC with identity-bound TLS (the handshake fails unless the relay
+/// proves the PeerId in `addr`), then its exit list, each descriptor's signature checked.
+/// The probe's time is the relay's latency.
+pub async fn verify(addr: RelayAddr, params: TransportParams) -> Result<VerifiedRelay, String> {
+    let started = Instant::now();
+    let link = RelayLink::new(addr.clone(), params).map_err(|e| e.to_string())?;
+    let outcome = crate::roles::client::list_exits(&link).await;
+    let rtt = started.elapsed();
+    // Never wait long for the goodbye.
+    let _ = tokio::time::timeout(Duration::from_millis(500), link.close()).await;
+    let exits = outcome.map_err(|e| e.to_string())?;
+    Ok(VerifiedRelay {
+        addr,
+        rtt,
+        exits: exits.len(),
+    })
+}
+
+/// What a real relay answers on relay-info: its QUIC addresses, both ALPNs, and the signed
+/// descriptors of the exits registered with it now.
+#[must_use]
+pub fn relay_info_source(
+    quic_addrs: Vec<RelayAddr>,
+    registry: Arc<crate::roles::relay::Registry>,
+) -> InfoSource {
+    let quic_addrs: Vec<Vec<u8>> = quic_addrs
+        .iter()
+        .map(|a| a.to_multiaddr().to_vec())
+        .collect();
+    Arc::new(move || {
+        Some(RelayInfo {
+            quic_addrs: quic_addrs.clone(),
+            alpns: vec![
+                transport::ALPN_CLIENT.to_vec(),
+                transport::ALPN_EXIT.to_vec(),
+            ],
+            exits: registry.info_descriptors(unix_now()).to_vec(),
+        })
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quic_candidates_require_the_providers_peer_id_and_the_policy() {
+        let provider = Keypair::generate_ed25519().public().to_peer_id();
+        let other = Keypair::generate_ed25519().public().to_peer_id();
+        let addr = |ip: [u8; 4], peer| {
+            RelayAddr::new((ip, 4433).into(), peer)
+                .to_multiaddr()
+                .to_vec()
+        };
+        let alpns = vec![transport::ALPN_CLIENT.to_vec()];
+        let guard = DialGuard::default();
+        let info = RelayInfo {
+            quic_addrs: vec![
+                addr([127, 0, 0, 1], other),
+                addr([10, 0, 0, 1], provider),
+                addr([127, 0, 0, 1], provider),
+            ],
+            alpns: alpns.clone(),
+            exits: vec![],
+        };
+        let chosen = quic_candidates(&info, provider, AddressPolicy::Loopback, &guard).unwrap();
+        assert_eq!(chosen.peer_id(), provider);
+        assert_eq!(
+            chosen.to_multiaddr().to_vec(),
+            addr([127, 0, 0, 1], provider)
+        );
+        assert_eq!(guard.refused.get(), 1);
+        let only_other = RelayInfo {
+            quic_addrs: vec![addr([127, 0, 0, 1], other)],
+            alpns,
+            exits: vec![],
+        };
+        assert!(quic_candidates(&only_other, provider, AddressPolicy::Any, &guard).is_err());
+        let no_alpn = RelayInfo {
+            alpns: vec![],
+            ..info
+        };
+        assert!(quic_candidates(&no_alpn, provider, AddressPolicy::Any, &guard).is_err());
+    }
+
+    #[test]
+    fn bootstrap_addresses_split_and_public_defaults_parse() {
+        let config = DhtConfig::public();
+        assert_eq!(config.bootstrap.len(), PUBLIC_BOOTSTRAP.len());
+        assert!(config.bootstrap.iter().all(|a| split_peer(a).is_some()));
+        assert_eq!(config.protocol.as_ref(), "/ipfs/kad/1.0.0");
+        assert_eq!(config.policy, AddressPolicy::Public);
+        assert!(split_peer(&"/ip4/1.2.3.4/udp/1/quic-v1".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn fallback_relays_are_used_only_when_nothing_was_found() {
+        let peer = Keypair::generate_ed25519().public().to_peer_id();
+        let fallback = vec![RelayAddr::new(([127, 0, 0, 1], 4433).into(), peer)];
+        let none = || Err(DiscoveryError::NoRelay { secs: 3 });
+        assert_eq!(or_fallback(none(), &fallback).unwrap(), fallback);
+        assert!(matches!(
+            or_fallback(none(), &[]),
+            Err(DiscoveryError::NoRelay { secs: 3 })
+        ));
+        assert!(matches!(
+            or_fallback(Err(DiscoveryError::Cancelled), &fallback),
+            Err(DiscoveryError::Cancelled)
+        ));
+        let found = Discovered {
+            relays: vec![],
+            first_usable: Duration::ZERO,
+            elapsed: Duration::ZERO,
+            skipped: 0,
+        };
+        assert!(or_fallback(Ok(found), &fallback).unwrap().is_empty());
+    }
+
+    #[test]
+    fn public_defaults_name_the_standard_peers_and_need_dns() {
+        let config = DhtConfig::public();
+        assert!(config.bootstrap.iter().filter(|a| is_dns_named(a)).count() >= 4);
+        assert!(config.bootstrap.iter().any(|a| !is_dns_named(a)));
+        assert!(!is_dns_named(
+            &"/ip4/127.0.0.1/udp/1/quic-v1".parse().unwrap()
+        ));
+        assert!(is_dns_named(
+            &"/dns4/relay.example/udp/1/quic-v1".parse().unwrap()
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_swarm_for_the_public_dht_builds_without_dialling() {
+        // Reads the system resolver configuration only; nothing is sent anywhere.
+        let swarm = build_swarm(
+            Keypair::generate_ed25519(),
+            &DhtConfig::public(),
+            DialGuard::default(),
+            kad::Mode::Client,
+            InfoSupport::ASK,
+        );
+        assert!(swarm.is_ok(), "{:?}", swarm.err());
+    }
+
+    #[test]
+    fn external_addresses_follow_the_listeners_ip_family() {
+        let v4: IpAddr = "203.0.113.7".parse().unwrap();
+        let v6: IpAddr = "2001:db8::7".parse().unwrap();
+        let ips = [v4, v6];
+        let on_v4: Multiaddr = "/ip4/0.0.0.0/udp/4001/quic-v1".parse().unwrap();
+        let (usable, skipped) = external_for(&on_v4, &ips);
+        assert_eq!(
+            usable,
+            vec![
+                "/ip4/203.0.113.7/udp/4001/quic-v1"
+                    .parse::<Multiaddr>()
+                    .unwrap()
+            ]
+        );
+        assert_eq!(skipped, vec![v6]);
+        let on_v6: Multiaddr = "/ip6/2001:db8::1/udp/4002/quic-v1".parse().unwrap();
+        let (usable, skipped) = external_for(&on_v6, &ips);
+        assert_eq!(
+            usable,
+            vec![
+                "/ip6/2001:db8::7/udp/4002/quic-v1"
+                    .parse::<Multiaddr>()
+                    .unwrap()
+            ]
+        );
+        assert_eq!(skipped, vec![v4]);
+        let dual: Multiaddr = "/ip6/::/udp/4001/quic-v1".parse().unwrap();
+        assert_eq!(external_for(&dual, &ips).0.len(), 2);
+    }
+
+    #[test]
+    fn the_public_dht_waits_longer_for_more_relays() {
+        assert_eq!(settle_for(&DhtConfig::public()), PUBLIC_SETTLE);
+        let private = DhtConfig {
+            protocol: StreamProtocol::new("/mynet/kad/1.0.0"),
+            ..DhtConfig::public()
+        };
+        assert_eq!(settle_for(&private), DEFAULT_SETTLE);
+        assert!(PUBLIC_SETTLE > DEFAULT_SETTLE);
+        // Republishing renews go servers' 15-minute address lifetime with margin.
+        assert!(DEFAULT_REPUBLISH + Duration::from_secs(60) < Duration::from_secs(15 * 60));
+        assert!(DEFAULT_PROVIDE_TIMEOUT > DEFAULT_DISCOVERY_TIMEOUT);
+    }
+
+    #[test]
+    fn only_loopback_under_the_loopback_policy_confirms_itself() {
+        let lo: Multiaddr = "/ip4/127.0.0.1/udp/4001/quic-v1".parse().unwrap();
+        let lan: Multiaddr = "/ip4/10.0.0.1/udp/4001/quic-v1".parse().unwrap();
+        assert!(auto_confirmed(AddressPolicy::Loopback, &lo));
+        assert!(!auto_confirmed(AddressPolicy::Loopback, &lan));
+        assert!(!auto_confirmed(AddressPolicy::Any, &lo));
+        assert!(!auto_confirmed(AddressPolicy::Public, &lo));
+    }
+}

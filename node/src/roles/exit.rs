@@ -1,0 +1,807 @@
+//! The exit: dials a relay (no public address needed), proves its identity, registers a signed
+//! descriptor of its OHTTP keys, and serves the request streams the relay opens on that tunnel.
+//! Reconnects with capped exponential backoff when the relay goes away.
+
+pub mod access;
+mod answer_budget;
+mod backend;
+mod endpoint;
+mod gateway;
+mod relay_set;
+mod replay;
+mod rotation;
+mod single_answer;
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use libp2p_identity::Keypair;
+use tokengo_proto::{
+    descriptor::{Descriptor, SignedDescriptor},
+    frame::{ControlFrame, Status},
+    key_config::KeyConfig,
+};
+use tokio::sync::watch;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+pub use backend::Backend;
+pub use endpoint::{DEFAULT_ENDPOINTS, EndpointPolicy, EndpointRule, PathError, RuleError};
+pub use gateway::Gateway;
+pub use relay_set::Replenish;
+
+use crate::{
+    clock::{Clock, unix_now},
+    config::{BackendConfig, ExitConfig, Limits},
+    net::stream::{self, StreamReader, code},
+    net::transport::{self, ConnectError, RelayAddr, TransportParams},
+    ops::metrics::{ConnectLabel, ConnectOutcome, ExitMetrics},
+    store::data_dir::DataDir,
+    store::identity,
+    store::keyring::{self, Keyring},
+};
+
+/// How long a descriptor is valid; the exit re-registers at half of it.
+const DESCRIPTOR_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// Concurrent request streams the relay may open on the tunnel.
+const MAX_TUNNEL_STREAMS: u32 = 1024;
+/// Backoff bounds for reconnecting to the relay.
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How long shutdown waits for requests in flight.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Loads the exit for `tokengo exit`: its identity and keys, its backend, the access tokens
+/// it requires (watched for changes until `shutdown`).
+pub fn prepare(config: &ExitConfig, shutdown: &CancellationToken) -> anyhow::Result<Exit> {
+    let mut exit = Exit::load(&config.data_dir, &config.backend, config.limits.clone())?;
+    exit.set_public(config.public);
+    exit.set_key_rotation(config.key_rotation);
+    if let Some(path) = &config.access_token_file {
+        let tokens = access::load_tokens(path)?;
+        tracing::info!(
+            tokens = tokens.len(),
+            "requests must carry one of the access tokens in {}",
+            path.display()
+        );
+        exit.gateway.access().require(tokens);
+        let (gateway, path, stop) = (Arc::clone(&exit.gateway), path.clone(), shutdown.clone());
+        tokio::spawn(async move { gateway.access().watch(path, stop).await });
+    }
+    if config.public {
+        warn_if_public_credentials(config);
+    }
+    Ok(exit)
+}
+
+/// Runs a prepared exit until shutdown or until it stops on its own. Without a configured
+/// relay (a public exit only), relays are discovered on the DHT and the exit registers with up
+/// to `max_relays` of them, one tunnel each; and its DHT announcement when public. `registered` turns
+/// true once a relay took the exit's registration (the admin probe watches it).
+pub async fn serve(
+    config: ExitConfig,
+    exit: Exit,
+    registered: watch::Sender<bool>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let announcing = spawn_announcer(&config, &exit, registered.subscribe(), &shutdown);
+    let result = match relays(&config, &exit, &shutdown).await {
+        Ok(relays) => {
+            exit.relays_label.send_replace(
+                relays
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            );
+            let peer = exit.peer_id();
+            let announce: RegisteredHook = Arc::new(move |relay: &RelayAddr| {
+                println!("exit {peer} registered with relay {relay}");
+            });
+            if config.relays.is_empty() {
+                let replenish = replenish(&config, &exit);
+                exit.run_discovering(
+                    relays,
+                    replenish,
+                    registered,
+                    Some(announce),
+                    shutdown.clone(),
+                )
+                .await
+            } else {
+                exit.run_many(relays, registered, Some(announce), shutdown.clone())
+                    .await
+            }
+        }
+        Err(e) => Err(e.into()),
+    };
+    // The exit may stop on its own (a relay that refuses it): the admin listener goes too.
+    shutdown.cancel();
+    if let Some(task) = announcing
+        && let Err(error) = task.await
+    {
+        tracing::warn!(%error, "DHT announcement task failed");
+    }
+    result
+}
+
+/// Tells the operator of a public exit that holds backend credentials that anyone can spend
+/// them (unless an access token limits who can).
+fn warn_if_public_credentials(config: &ExitConfig) {
+    if !config.backend.holds_credentials() {
+        return;
+    }
+    if config.access_token_file.is_some() {
+        tracing::info!(
+            "public exit: only holders of an access token can use its backend credentials"
+        );
+    } else {
+        tracing::warn!(
+            "this exit is PUBLIC and holds backend credentials (--api-key or an Authorization-like --header): ANYONE who finds it can use them, anonymously, at your cost. Limit it to your group with --access-token-file, or drop --public and give it --relay"
+        );
+    }
+}
+
+/// Starts announcing the exit on the DHT when configured; it publishes once registered.
+/// A failure to announce (port taken, no DHT) is logged at once and the exit serves on.
+fn spawn_announcer(
+    config: &ExitConfig,
+    exit: &Exit,
+    registered: watch::Receiver<bool>,
+    shutdown: &CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let announce = config.announce.as_ref()?;
+    let guard = crate::net::discovery::DialGuard {
+        refused: exit.metrics.dht.dials_refused.clone(),
+        observer: None,
+    };
+    let announcer = exit.announcer(announce, registered, guard);
+    let dht = config.dht.clone();
+    let shutdown = shutdown.clone();
+    Some(tokio::spawn(async move {
+        if let Err(error) = crate::net::discovery::announce(&dht, announcer, shutdown).await {
+            tracing::warn!(%error, "the exit is NOT announced on the DHT; it serves on");
+        }
+    }))
+}
+
+/// The relays to register with: the configured ones, or what discovery (with the cache and
+/// the fallback relays) finds.
+async fn relays(
+    config: &ExitConfig,
+    exit: &Exit,
+    shutdown: &CancellationToken,
+) -> Result<Vec<RelayAddr>, crate::net::discovery::DiscoveryError> {
+    if !config.relays.is_empty() {
+        return Ok(config.relays.clone());
+    }
+    let seek = seek(config, exit);
+    let found = crate::net::discovery::discover(&config.dht, seek, shutdown).await;
+    Ok(
+        crate::net::discovery::or_fallback(found, &config.fallback_relays)?
+            .into_iter()
+            .take(config.max_relays)
+            .collect(),
+    )
+}
+
+/// What a discovery of relays for this exit looks for.
+fn seek(config: &ExitConfig, exit: &Exit) -> crate::net::discovery::Seek {
+    let dht = exit.metrics.dht.clone();
+    crate::net::discovery::Seek {
+        cache: Some(crate::net::discovery::RelayCache::new(
+            config.data_dir.file(crate::net::discovery::CACHE_FILE),
+        )),
+        want: config.max_relays,
+        settle: crate::net::discovery::settle_for(&config.dht),
+        params: TransportParams {
+            idle_timeout: config.limits.quic_idle_timeout,
+            max_incoming_streams: 0,
+            keep_alive: false,
+        },
+        guard: crate::net::discovery::DialGuard {
+            refused: dht.dials_refused.clone(),
+            observer: None,
+        },
+        metrics: dht,
+    }
+}
+
+/// How a discovering exit replaces relays it lost.
+fn replenish(config: &ExitConfig, exit: &Exit) -> Replenish {
+    Replenish {
+        dht: config.dht.clone(),
+        seek: seek(config, exit),
+        fallback: config.fallback_relays.clone(),
+        want: config.max_relays,
+    }
+}
+
+/// Called the first time the exit registers with each relay.
+pub type RegisteredHook = Arc<dyn Fn(&RelayAddr) + Send + Sync>;
+
+/// What the admin listener reads from a running exit: readiness, status and metrics.
+#[derive(Debug, Clone)]
+pub struct ExitProbe {
+    peer_id: libp2p_identity::PeerId,
+    public: bool,
+    relay: watch::Receiver<String>,
+    tunnels: watch::Receiver<Vec<crate::ops::status::ExitRelayStatus>>,
+    dht: watch::Receiver<Option<crate::ops::status::DhtStatus>>,
+    registered: watch::Receiver<bool>,
+    gateway: Arc<Gateway>,
+    metrics: Arc<ExitMetrics>,
+}
+
+impl ExitProbe {
+    /// The exit's metrics.
+    #[must_use]
+    pub fn metrics(&self) -> &ExitMetrics {
+        &self.metrics
+    }
+
+    /// Why the exit is not ready: it is ready while registered with its relay and while its
+    /// backend answers (probed now, so an outage shows at once).
+    pub async fn not_ready(&self) -> Vec<String> {
+        let mut reasons = Vec::new();
+        if !*self.registered.borrow() {
+            reasons.push("exit: not registered with a relay".to_owned());
+        }
+        let up = self.gateway.backend().probe().await;
+        self.metrics.backend_up.set(i64::from(up));
+        if !up {
+            reasons.push("exit: backend unreachable".to_owned());
+        }
+        reasons
+    }
+
+    /// Mirrors the registration state into its gauge, and probes the backend so
+    /// `backend_up` says how it is now, not how it was at the last request.
+    pub async fn refresh(&self) {
+        self.metrics
+            .relay_connected
+            .set(i64::from(*self.registered.borrow()));
+        let up = self.gateway.backend().probe().await;
+        self.metrics.backend_up.set(i64::from(up));
+    }
+
+    /// The exit's part of `/status`.
+    #[must_use]
+    pub fn status(&self, requests_per_sec: Option<f64>) -> crate::ops::status::ExitStatus {
+        let expiry = self.metrics.descriptor_expiry.get();
+        crate::ops::status::ExitStatus {
+            peer_id: self.peer_id.to_string(),
+            public: self.public,
+            access_token_required: self.gateway.access().required(),
+            relay: self.relay.borrow().clone(),
+            registered: *self.registered.borrow(),
+            relays: self.tunnels.borrow().clone(),
+            backend_up: self.metrics.backend_up.get() == 1,
+            keys: self.gateway.key_status(),
+            descriptor_expires_at: u64::try_from(expiry).ok().filter(|at| *at > 0),
+            requests_total: self.metrics.requests_total(),
+            requests_per_sec,
+            errors_total: self.metrics.errors_total(),
+            streams_in_flight: self.metrics.streams_in_flight.get(),
+            gateway_overhead: (&self.metrics.overhead()).into(),
+            backend_latency: (&self.metrics.backend()).into(),
+            dht: self.dht.borrow().clone(),
+        }
+    }
+}
+
+/// An exit with its keys and backend, not yet connected.
+#[derive(Debug)]
+pub struct Exit {
+    identity: Keypair,
+    gateway: Arc<Gateway>,
+    /// The OHTTP keys (replaced at each rotation).
+    keyring: Arc<Mutex<Keyring>>,
+    /// The keyring's file, rewritten at each rotation.
+    keyring_path: PathBuf,
+    /// Time between key rotations; `None`: the keys are never rotated by this process.
+    key_rotation: Option<Duration>,
+    /// Bumped at each key rotation: every tunnel registers the new descriptor.
+    key_changes: watch::Sender<u64>,
+    limits: Limits,
+    metrics: Arc<ExitMetrics>,
+    /// The relays it registers with, for `/status` (set once discovery has chosen them, so
+    /// the admin endpoint can answer while discovery runs).
+    relays_label: watch::Sender<String>,
+    /// Whether its operator opened it to the public (`--public`), for `/status`.
+    public: bool,
+    /// The descriptor registered with every relay (one for all, so every source of it shows
+    /// the same bytes), and what the DHT announcement answers.
+    current: watch::Sender<Option<SignedDescriptor>>,
+    /// The relays it is registered with now (the DHT announcement names them).
+    registered_relays: watch::Sender<Vec<RelayAddr>>,
+    /// Every relay it keeps a tunnel to, and whether that tunnel is registered, for `/status`.
+    tunnels: watch::Sender<Vec<crate::ops::status::ExitRelayStatus>>,
+    /// The DHT announcement's state; `None` while the exit does not announce.
+    dht: Arc<watch::Sender<Option<crate::ops::status::DhtStatus>>>,
+}
+
+impl Exit {
+    /// Loads (or creates on first start) the identity and OHTTP keys in `data_dir`.
+    pub fn load(
+        data_dir: &DataDir,
+        backend: &BackendConfig,
+        limits: Limits,
+    ) -> anyhow::Result<Self> {
+        Self::load_with_clock(data_dir, backend, limits, Clock::system())
+    }
+
+    /// [`Exit::load`] with the clock that dates requests checks against (tests move it).
+    pub fn load_with_clock(
+        data_dir: &DataDir,
+        backend: &BackendConfig,
+        limits: Limits,
+        clock: Clock,
+    ) -> anyhow::Result<Self> {
+        data_dir.ensure()?;
+        let (identity, created) = identity::load_or_create(&data_dir.file("exit_identity.key"))?;
+        if created {
+            tracing::info!(peer_id = %identity::peer_id(&identity), "created exit identity");
+        }
+        let keyring_path = data_dir.file("ohttp_keys.json");
+        let (keyring, created) = keyring::load_or_create(&keyring_path, unix_now())?;
+        if created {
+            tracing::info!("created OHTTP key");
+        }
+        let backend = Backend::new(backend).context("building the backend HTTP client")?;
+        let metrics = Arc::new(ExitMetrics::new());
+        let gateway =
+            Gateway::new(&keyring, backend, limits.clone(), Arc::clone(&metrics)).with_clock(clock);
+        Ok(Self {
+            identity,
+            gateway: Arc::new(gateway),
+            keyring: Arc::new(Mutex::new(keyring)),
+            keyring_path,
+            key_rotation: None,
+            key_changes: watch::Sender::new(0),
+            limits,
+            metrics,
+            relays_label: watch::Sender::new(String::new()),
+            public: false,
+            current: watch::Sender::new(None),
+            registered_relays: watch::Sender::new(Vec::new()),
+            tunnels: watch::Sender::new(Vec::new()),
+            dht: Arc::new(watch::Sender::new(None)),
+        })
+    }
+
+    /// What announces this exit on the DHT with its own identity: the exit key once it is
+    /// registered (`registered` true), and exit-info with its descriptor and current relays.
+    /// An exit without a reachable address (behind NAT) is stored by nobody: the announcement
+    /// then reports `no_external_address`, and clients know the exit only from relays' lists.
+    #[must_use]
+    pub fn announcer(
+        &self,
+        announce: &crate::config::ExitAnnounceConfig,
+        registered: watch::Receiver<bool>,
+        guard: crate::net::discovery::DialGuard,
+    ) -> crate::net::discovery::Announcer {
+        crate::net::discovery::Announcer {
+            identity: self.identity.clone(),
+            listen: announce.listen,
+            external_ips: announce.external_ips.clone(),
+            info: crate::net::discovery::Answer::Exit {
+                info: crate::net::discovery::exit_info_source(
+                    self.identity.clone(),
+                    self.current.subscribe(),
+                    self.registered_relays.subscribe(),
+                ),
+                registered,
+            },
+            status: Arc::clone(&self.dht),
+            metrics: self.metrics.dht.clone(),
+            guard,
+        }
+    }
+
+    /// The handle the admin listener reads; `registered` is a receiver of the channel whose
+    /// sender [`Exit::run`] gets.
+    #[must_use]
+    pub fn probe(&self, relay: RelayAddr, registered: watch::Receiver<bool>) -> ExitProbe {
+        ExitProbe {
+            relay: watch::Sender::new(relay.to_string()).subscribe(),
+            ..self.probe_all(registered)
+        }
+    }
+
+    /// The probe for an exit registering with the relays given to [`Exit::run_many`] (as
+    /// `tokengo exit` knows them after discovery).
+    #[must_use]
+    pub fn probe_all(&self, registered: watch::Receiver<bool>) -> ExitProbe {
+        ExitProbe {
+            peer_id: self.peer_id(),
+            public: self.public,
+            relay: self.relays_label.subscribe(),
+            tunnels: self.tunnels.subscribe(),
+            dht: self.dht.subscribe(),
+            registered,
+            gateway: Arc::clone(&self.gateway),
+            metrics: Arc::clone(&self.metrics),
+        }
+    }
+
+    /// Marks the exit as serving the public (what `/status` reports; set before probing).
+    pub fn set_public(&mut self, public: bool) {
+        self.public = public;
+    }
+
+    /// Rotates the OHTTP key every `period` while running (`None`: never). The previous key
+    /// is accepted for [`keyring::overlap`] after each rotation; every relay gets the new
+    /// descriptor at once.
+    pub fn set_key_rotation(&mut self, period: Option<Duration>) {
+        self.key_rotation = period;
+    }
+
+    /// The rotation task, when rotation is on.
+    fn rotation(&self) -> Option<rotation::Rotation> {
+        Some(rotation::Rotation {
+            period: self.key_rotation?,
+            path: self.keyring_path.clone(),
+            ring: Arc::clone(&self.keyring),
+            gateway: Arc::clone(&self.gateway),
+            changes: self.key_changes.clone(),
+        })
+    }
+
+    /// The key configurations the descriptor lists: the current key only. Clients encrypt
+    /// to the first key; the previous one is still accepted during its overlap without being
+    /// listed, so retiring it changes no descriptor (a changed descriptor that reached one
+    /// relay before another would hold the exit at clients of both).
+    fn published_keys(&self) -> Vec<KeyConfig> {
+        self.keyring
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .configs()
+            .into_iter()
+            .take(1)
+            .collect()
+    }
+
+    /// Who may use the exit: require access tokens through it before running.
+    #[must_use]
+    pub fn access(&self) -> &access::Access {
+        self.gateway.access()
+    }
+
+    /// The exit's PeerId (its id at the relay).
+    #[must_use]
+    pub fn peer_id(&self) -> libp2p_identity::PeerId {
+        identity::peer_id(&self.identity)
+    }
+
+    /// One relay's tunnel, reconnecting with backoff until shutdown or a fatal error; with
+    /// `give_up`, also when the tunnel has not been registered for that long (a discovered
+    /// relay that is gone: the exit finds another).
+    async fn run_one(
+        &self,
+        relay: &RelayAddr,
+        models: &[String],
+        registered: watch::Sender<bool>,
+        give_up: Option<Duration>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Ended> {
+        // Its reset key is the identity's: a restarted exit resets what its last run left.
+        let endpoint =
+            transport::node_endpoint(false, &self.identity).context("binding a UDP socket")?;
+        let tasks = TaskTracker::new();
+        let mut backoff = BACKOFF_MIN;
+        let mut down_since = tokio::time::Instant::now();
+        let result = loop {
+            if shutdown.is_cancelled() {
+                break Ok(Ended::Shutdown);
+            }
+            // Subscribed before the descriptor is made: a rotation after this is seen.
+            let mut keys = self.key_changes.subscribe();
+            let descriptor = self.descriptor(models)?;
+            let context = SessionContext {
+                endpoint: &endpoint,
+                relay,
+                models,
+                registered: &registered,
+                tasks: &tasks,
+                shutdown,
+            };
+            match self.session(&context, &descriptor, &mut keys).await {
+                Ok(Session::Shutdown) => break Ok(Ended::Shutdown),
+                Ok(Session::Lost { was_registered }) => {
+                    if was_registered {
+                        backoff = BACKOFF_MIN;
+                        down_since = tokio::time::Instant::now();
+                    }
+                    tracing::warn!(%relay, retry_in = ?backoff, "lost the relay; reconnecting");
+                }
+                Err(SessionError::Fatal(error)) => {
+                    self.connect_failed();
+                    break Err(error);
+                }
+                Err(SessionError::Retry(error)) => {
+                    self.connect_failed();
+                    tracing::warn!(%relay, retry_in = ?backoff, "{error:#}");
+                }
+            }
+            let _ = registered.send(false);
+            if give_up.is_some_and(|after| down_since.elapsed() >= after) {
+                tracing::warn!(%relay, down_for = ?down_since.elapsed(), "relay lost; looking for another");
+                break Ok(Ended::GaveUp);
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => break Ok(Ended::Shutdown),
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        };
+        let _ = registered.send(false);
+        tasks.close();
+        if tokio::time::timeout(DRAIN_DEADLINE, tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("requests still running after the drain deadline; closing");
+        }
+        endpoint.close(code::ABANDONED, b"exit shutting down");
+        endpoint.wait_idle().await;
+        result
+    }
+
+    fn connect_failed(&self) {
+        self.metrics
+            .relay_connects
+            .get_or_create(&ConnectLabel {
+                outcome: ConnectOutcome::Failed,
+            })
+            .inc();
+    }
+
+    fn registered(&self, expires_at: u64) {
+        self.metrics
+            .relay_connects
+            .get_or_create(&ConnectLabel {
+                outcome: ConnectOutcome::Registered,
+            })
+            .inc();
+        self.metrics.relay_connected.set(1);
+        self.metrics
+            .descriptor_expiry
+            .set(i64::try_from(expires_at).unwrap_or(i64::MAX));
+    }
+
+    /// The current descriptor and its expiry (Unix seconds): the one registered with every
+    /// relay while it has more than half its lifetime left and says the same, else a freshly
+    /// signed one that becomes current.
+    fn descriptor(&self, models: &[String]) -> anyhow::Result<(SignedDescriptor, u64)> {
+        let now = unix_now();
+        if let Some(current) = self.current.borrow().as_ref()
+            && let Ok(desc) = SignedDescriptor::verify(current.as_bytes(), now)
+            && desc.expires_at.saturating_sub(now) > DESCRIPTOR_LIFETIME.as_secs() / 2
+            && desc.models == models
+            && desc.key_configs == self.published_keys()
+        {
+            return Ok((current.clone(), desc.expires_at));
+        }
+        let descriptor = Descriptor {
+            peer_id: self.peer_id(),
+            key_configs: self.published_keys(),
+            models: models.to_vec(),
+            issued_at: now,
+            expires_at: now + DESCRIPTOR_LIFETIME.as_secs(),
+            max_streams: MAX_TUNNEL_STREAMS,
+            access_token_required: self.gateway.access().required(),
+        };
+        let expires_at = descriptor.expires_at;
+        let signed = SignedDescriptor::sign(&descriptor, &self.identity)
+            .context("signing the exit descriptor")?;
+        self.current.send_replace(Some(signed.clone()));
+        Ok((signed, expires_at))
+    }
+
+    /// One connection to the relay: register, then serve streams until it ends.
+    async fn session(
+        &self,
+        context: &SessionContext<'_>,
+        descriptor: &(SignedDescriptor, u64),
+        keys: &mut watch::Receiver<u64>,
+    ) -> Result<Session, SessionError> {
+        let SessionContext {
+            endpoint,
+            relay,
+            models,
+            registered,
+            tasks,
+            shutdown,
+        } = *context;
+        // The tunnel's liveness deadline is its idle timeout (QUIC takes the lower end's, so
+        // the relay applies it too), with keep-alives at a third of it.
+        let params = TransportParams {
+            idle_timeout: self.limits.tunnel_liveness,
+            max_incoming_streams: MAX_TUNNEL_STREAMS,
+            keep_alive: true,
+        };
+        let connection = transport::connect(
+            endpoint,
+            &self.identity,
+            relay,
+            transport::ALPN_EXIT,
+            params,
+        )
+        .await
+        .map_err(|error| match error {
+            ConnectError::WrongPeer { .. } | ConnectError::Tls(_) => {
+                SessionError::Fatal(error.into())
+            }
+            other => SessionError::Retry(other.into()),
+        })?;
+        let (mut control_send, control_recv) = connection
+            .open_bi()
+            .await
+            .map_err(|e| SessionError::Retry(e.into()))?;
+        let mut control = StreamReader::new(control_recv);
+        register(&mut control_send, &mut control, &descriptor.0).await?;
+        tracing::info!(%relay, "registered");
+        self.registered(descriptor.1);
+        let _ = registered.send(true);
+        let mut refresh = tokio::time::interval_at(
+            tokio::time::Instant::now() + DESCRIPTOR_LIFETIME / 2,
+            DESCRIPTOR_LIFETIME / 2,
+        );
+        // A re-registration the relay refused as too frequent, to send again then.
+        let mut register_again: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => {
+                    connection.close(code::ABANDONED, b"exit shutting down");
+                    return Ok(Session::Shutdown);
+                }
+                accepted = connection.accept_bi() => {
+                    let Ok((send, recv)) = accepted else {
+                        return Ok(Session::Lost { was_registered: true });
+                    };
+                    tasks.spawn(Arc::clone(&self.gateway).handle(send, recv));
+                }
+                _ = refresh.tick() => {
+                    self.register_fresh(&mut control_send, models).await?;
+                }
+                // A key rotation: the relay lists the new key at once (the old one is still
+                // accepted during its overlap, so requests in flight to it are fine).
+                Ok(()) = keys.changed() => {
+                    register_again = None;
+                    self.register_fresh(&mut control_send, models).await?;
+                }
+                () = at(register_again) => {
+                    register_again = None;
+                    self.register_fresh(&mut control_send, models).await?;
+                }
+                ack = control.decode(MAX_ACK, Duration::MAX, |b| ControlFrame::decode(b, MAX_ACK)) => {
+                    match ack {
+                        Ok(ControlFrame::Ack { status: Status::Ok, .. }) => {}
+                        // The relay keeps the registered descriptor and the tunnel: only the
+                        // re-registration came too soon. Requests go on; send it again later.
+                        Ok(ControlFrame::Ack { status: Status::Overloaded, reason }) => {
+                            tracing::warn!(%relay, %reason, retry_in = ?REREGISTER_AFTER, "relay refused a re-registration");
+                            register_again = Some(tokio::time::Instant::now() + REREGISTER_AFTER);
+                        }
+                        Ok(ControlFrame::Ack { reason, .. }) => {
+                            return Err(SessionError::Fatal(anyhow::anyhow!("relay refused the exit's descriptor: {reason}")));
+                        }
+                        Ok(_) | Err(_) => return Ok(Session::Lost { was_registered: true }),
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Exit {
+    /// Sends the current descriptor (re-signed when the keys changed or it is half expired)
+    /// on a registered tunnel; the relay's answer arrives on the control stream.
+    async fn register_fresh(
+        &self,
+        control: &mut quinn::SendStream,
+        models: &[String],
+    ) -> Result<(), SessionError> {
+        let (fresh, expires_at) = self.descriptor(models).map_err(SessionError::Fatal)?;
+        send_register(control, &fresh).await?;
+        self.metrics
+            .descriptor_expiry
+            .set(i64::try_from(expires_at).unwrap_or(i64::MAX));
+        Ok(())
+    }
+}
+
+/// Sleeps until `deadline`; forever when there is none.
+async fn at(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How a relay's tunnel task ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// The exit is shutting down.
+    Shutdown,
+    /// The relay stayed unreachable for the give-up time.
+    GaveUp,
+}
+
+/// How long after a refused (too frequent) re-registration it is sent again: the relay
+/// accepts a few at once, then one a minute per tunnel.
+const REREGISTER_AFTER: Duration = Duration::from_secs(60);
+
+/// What every session of one exit run shares.
+struct SessionContext<'a> {
+    endpoint: &'a quinn::Endpoint,
+    relay: &'a RelayAddr,
+    models: &'a [String],
+    registered: &'a watch::Sender<bool>,
+    tasks: &'a TaskTracker,
+    shutdown: &'a CancellationToken,
+}
+
+/// Largest control frame the relay sends (an ACK with a reason).
+const MAX_ACK: usize = 4096;
+
+enum Session {
+    Shutdown,
+    Lost { was_registered: bool },
+}
+
+enum SessionError {
+    /// Retrying cannot help: stop and tell the operator.
+    Fatal(anyhow::Error),
+    /// Transient: back off and reconnect.
+    Retry(anyhow::Error),
+}
+
+async fn send_register(
+    send: &mut quinn::SendStream,
+    descriptor: &SignedDescriptor,
+) -> Result<(), SessionError> {
+    let mut frame = Vec::new();
+    ControlFrame::Register(descriptor.as_bytes().to_vec()).encode(&mut frame);
+    send.write_all(&frame)
+        .await
+        .map_err(|e| SessionError::Retry(e.into()))
+}
+
+async fn register(
+    send: &mut quinn::SendStream,
+    control: &mut StreamReader,
+    descriptor: &SignedDescriptor,
+) -> Result<(), SessionError> {
+    send_register(send, descriptor).await?;
+    let ack = control
+        .decode(MAX_ACK, Duration::from_secs(10), |b| {
+            ControlFrame::decode(b, MAX_ACK)
+        })
+        .await
+        .map_err(|e: stream::ReadError<_>| {
+            SessionError::Retry(anyhow::anyhow!("registration: {e}"))
+        })?;
+    match ack {
+        ControlFrame::Ack {
+            status: Status::Ok, ..
+        } => Ok(()),
+        // A full or busy relay: back off and retry, as for a lost connection.
+        ControlFrame::Ack {
+            status: Status::Overloaded,
+            reason,
+        } => Err(SessionError::Retry(anyhow::anyhow!(
+            "relay is busy: {reason}"
+        ))),
+        ControlFrame::Ack { reason, .. } => Err(SessionError::Fatal(anyhow::anyhow!(
+            "relay refused the exit's registration: {reason}"
+        ))),
+        ControlFrame::Register(_) => Err(SessionError::Retry(anyhow::anyhow!(
+            "relay sent an unexpected control frame"
+        ))),
+    }
+}

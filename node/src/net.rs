@@ -2,5 +2,6 @@
 //! reading, and discovery on a Kademlia DHT.
 
 pub mod discovery;
+pub mod relay_link;
 pub mod stream;
 pub mod transport;

@@ -66,10 +66,10 @@ pub use crate::ops::status::Verification;
 
 use crate::{
     clock::unix_now,
+    net::relay_link::{self, RelayLink},
     net::transport::{self, RelayAddr, TransportParams},
     ops::metrics::DhtMetrics,
     ops::status::{DhtState, DhtStatus},
-    roles::client::RelayLink,
 };
 
 /// The DHT protocol of the public IPFS network.
@@ -1420,7 +1420,7 @@ fn spawn_verify(
 pub async fn verify(addr: RelayAddr, params: TransportParams) -> Result<VerifiedRelay, String> {
     let started = Instant::now();
     let link = RelayLink::new(addr.clone(), params).map_err(|e| e.to_string())?;
-    let outcome = crate::roles::client::list_exits(&link).await;
+    let outcome = relay_link::list_exits(&link).await;
     let rtt = started.elapsed();
     // Never wait long for the goodbye.
     let _ = tokio::time::timeout(Duration::from_millis(500), link.close()).await;
@@ -1429,29 +1429,6 @@ pub async fn verify(addr: RelayAddr, params: TransportParams) -> Result<Verified
         addr,
         rtt,
         exits: exits.len(),
-    })
-}
-
-/// What a real relay answers on relay-info: its QUIC addresses, both ALPNs, and the signed
-/// descriptors of the exits registered with it now.
-#[must_use]
-pub fn relay_info_source(
-    quic_addrs: Vec<RelayAddr>,
-    registry: Arc<crate::roles::relay::Registry>,
-) -> InfoSource {
-    let quic_addrs: Vec<Vec<u8>> = quic_addrs
-        .iter()
-        .map(|a| a.to_multiaddr().to_vec())
-        .collect();
-    Arc::new(move || {
-        Some(RelayInfo {
-            quic_addrs: quic_addrs.clone(),
-            alpns: vec![
-                transport::ALPN_CLIENT.to_vec(),
-                transport::ALPN_EXIT.to_vec(),
-            ],
-            exits: registry.info_descriptors(unix_now()).to_vec(),
-        })
     })
 }
 

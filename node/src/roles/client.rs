@@ -7,7 +7,6 @@ mod choice;
 mod directory;
 mod exit_set;
 mod proxy;
-mod relay_link;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -16,8 +15,7 @@ use libp2p_identity::PeerId;
 use tokio_util::sync::CancellationToken;
 
 pub use access::ClientPolicy;
-pub use directory::{Directory, ExitInfo, ExitView, Route, list_exits};
-pub use relay_link::RelayLink;
+pub use directory::{Directory, ExitInfo, ExitView, Route};
 
 use crate::{
     config::{ClientConfig, Limits},

@@ -122,10 +122,7 @@ fn announce(
         identity,
         listen: dht.listen,
         external_ips: dht.external_ips.clone(),
-        info: crate::net::discovery::Answer::Relay(crate::net::discovery::relay_info_source(
-            quic,
-            relay.registry(),
-        )),
+        info: crate::net::discovery::Answer::Relay(relay_info_source(quic, relay.registry())),
         status: relay.dht_status(),
         metrics: metrics.dht.clone(),
         guard: crate::net::discovery::DialGuard {
@@ -134,6 +131,29 @@ fn announce(
         },
     };
     async move { crate::net::discovery::announce(&dht.config, announcer, shutdown).await }
+}
+
+/// What a real relay answers on relay-info: its QUIC addresses, both ALPNs, and the signed
+/// descriptors of the exits registered with it now.
+#[must_use]
+pub fn relay_info_source(
+    quic_addrs: Vec<RelayAddr>,
+    registry: Arc<Registry>,
+) -> crate::net::discovery::InfoSource {
+    let quic_addrs: Vec<Vec<u8>> = quic_addrs
+        .iter()
+        .map(|a| a.to_multiaddr().to_vec())
+        .collect();
+    Arc::new(move || {
+        Some(tokengo_proto::relay_info::RelayInfo {
+            quic_addrs: quic_addrs.clone(),
+            alpns: vec![
+                transport::ALPN_CLIENT.to_vec(),
+                transport::ALPN_EXIT.to_vec(),
+            ],
+            exits: registry.info_descriptors(unix_now()).to_vec(),
+        })
+    })
 }
 
 /// Which way forwarded bytes travel.

@@ -177,6 +177,12 @@ impl ApiError {
     }
 }
 
+impl From<crate::net::relay_link::LinkError> for ApiError {
+    fn from(error: crate::net::relay_link::LinkError) -> Self {
+        Self::RelayUnreachable(error.to_string())
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -12,20 +12,15 @@ use std::{
 
 use libp2p_identity::PeerId;
 use prometheus_client::metrics::{counter::Counter, family::Family};
-use tokengo_proto::{
-    descriptor::{Descriptor, SignedDescriptor},
-    frame::{self, ClientRequest, Status},
-    key_config::KeyConfig,
-};
+use tokengo_proto::{descriptor::Descriptor, key_config::KeyConfig};
 
 use super::{
     choice::{self, Candidate, Random as _, ThreadRandom},
     exit_set::{ExitSet, Listing, Refusal, Refused, Source, Standing, Usable},
-    relay_link::RelayLink,
 };
 use crate::{
     clock::unix_now,
-    net::stream::StreamReader,
+    net::relay_link::{RelayLink, list_exits},
     net::transport::{RelayAddr, TransportParams},
     ops::metrics::{DescriptorRefusal, RefusalLabel},
     roles::access::ExitTokens,
@@ -44,10 +39,6 @@ const RECOVERY_FRESH_FOR: Duration = Duration::from_secs(1);
 /// How long an exit that left every list is watched for (lists fetched every
 /// [`RECOVERY_FRESH_FOR`] meanwhile).
 const VANISHED_WATCH: Duration = Duration::from_secs(300);
-/// Largest exit list accepted from a relay.
-const MAX_LIST_BYTES: usize = 4 << 20;
-/// Most exits accepted from one relay.
-const MAX_EXITS: usize = 1024;
 /// Most relay links a client keeps (relays named by exit records add links).
 const MAX_LINKS: usize = 16;
 /// First backoff after a failure; it doubles with each further failure.
@@ -704,49 +695,6 @@ impl Refusal {
             Self::KeyConflict => "key_conflict",
         }
     }
-}
-
-/// Asks one relay for its exit list and returns the descriptors that verify (the others are
-/// logged and dropped).
-pub async fn list_exits(link: &RelayLink) -> Result<Vec<Descriptor>, ApiError> {
-    let (mut send, recv) = link.open().await?;
-    let mut header = Vec::new();
-    ClientRequest::ListExits.encode(&mut header);
-    send.write_all(&header)
-        .await
-        .map_err(|e| ApiError::RelayUnreachable(e.to_string()))?;
-    let _ = send.finish();
-    let mut reader = StreamReader::new(recv);
-    let answer = tokio::time::timeout(Duration::from_secs(10), reader.read_to_end(MAX_LIST_BYTES))
-        .await
-        .map_err(|_| {
-            ApiError::RelayUnreachable("relay did not answer the exit list request".into())
-        })?
-        .map_err(|e| ApiError::RelayUnreachable(format!("exit list: {e}")))?;
-    let (status, list) = answer
-        .split_first()
-        .ok_or_else(|| ApiError::RelayUnreachable("empty answer to exit list request".into()))?;
-    if Status::try_from(*status).ok() != Some(Status::Ok) {
-        return Err(ApiError::RelayUnreachable(format!(
-            "relay refused the exit list request ({status:#04x})"
-        )));
-    }
-    let descriptors = frame::decode_exit_list(list, MAX_EXITS)
-        .map_err(|e| ApiError::RelayUnreachable(format!("malformed exit list: {e}")))?;
-    let now = unix_now();
-    let exits: Vec<Descriptor> = descriptors
-        .iter()
-        .filter_map(|bytes| match SignedDescriptor::verify(bytes, now) {
-            Ok(d) if !d.key_configs.is_empty() => Some(d),
-            Ok(_) => None,
-            Err(error) => {
-                tracing::warn!(%error, "relay listed an exit whose descriptor does not verify; ignoring it");
-                None
-            }
-        })
-        .collect();
-    tracing::debug!(relay = %link.relay(), exits = exits.len(), "exit list fetched");
-    Ok(exits)
 }
 
 #[cfg(test)]

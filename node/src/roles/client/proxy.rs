@@ -341,7 +341,11 @@ async fn attempt(
     let started = Instant::now();
     let exit = &route.exit;
     let head = &state.directory.tokens().request_head(head, &exit.peer_id);
-    let (mut send, recv) = route.link.open().await.map_err(AttemptError::RelayDown)?;
+    let (mut send, recv) = route
+        .link
+        .open()
+        .await
+        .map_err(|e| AttemptError::RelayDown(e.into()))?;
     let mut out = Vec::with_capacity(body.len() + 512);
     ClientRequest::Forward {
         exit_id: exit.peer_id.to_bytes(),

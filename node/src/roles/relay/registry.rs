@@ -19,7 +19,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokengo_proto::frame::{self, Status};
 
 use super::slots::Slots;
-use crate::config::Limits;
+use crate::{config::Limits, net::relay_link};
 
 /// Byte budget of all registered descriptors: the exit list (status byte, counts and lengths
 /// included) stays well under the 4 MiB a client reads.
@@ -28,13 +28,15 @@ pub const MAX_LIST_BYTES: usize = 3 << 20;
 /// under `tokengo_proto::relay_info::MAX_RESPONSE_BYTES` (1 MiB). Exits beyond it are left
 /// out of relay-info (clients get them from the exit list over QUIC).
 pub const MAX_INFO_BYTES: usize = 900 * 1024;
-// The largest list the caps allow is one a client accepts (client::directory reads at most
+// The largest list the caps allow is one a client accepts (`net::relay_link` reads at most
 // 1024 entries and 4 MiB): the most entries, each with up to 8 bytes of count and length
 // prefixes, plus the byte budget and the status byte. Relay-info's descriptors, with room
 // for its addresses and ALPNs, stay under its 1 MiB answer. Checked when compiling.
 const _: () = {
-    assert!(crate::config::MAX_EXITS_CEILING <= 1024);
-    assert!(1 + 8 * crate::config::MAX_EXITS_CEILING + MAX_LIST_BYTES <= 4 << 20);
+    assert!(crate::config::MAX_EXITS_CEILING <= relay_link::MAX_EXITS);
+    assert!(
+        1 + 8 * crate::config::MAX_EXITS_CEILING + MAX_LIST_BYTES <= relay_link::MAX_LIST_BYTES
+    );
     assert!(MAX_INFO_BYTES + 64 * 1024 <= tokengo_proto::relay_info::MAX_RESPONSE_BYTES);
 };
 

@@ -5,6 +5,8 @@
 mod admission;
 mod registry;
 mod slots;
+mod source;
+mod token_bucket;
 
 use std::{
     net::SocketAddr,
@@ -389,7 +391,7 @@ impl Relay {
     ) -> Option<quinn::Incoming> {
         let proven = incoming.remote_address_validated();
         let can_retry = !proven && incoming.may_retry();
-        let source = admission::Source::of(incoming.remote_address());
+        let source = source::Source::of(incoming.remote_address());
         match gate.admit(source, proven, can_retry, std::time::Instant::now()) {
             admission::Verdict::Accept => {}
             admission::Verdict::Retry => {
@@ -468,7 +470,7 @@ async fn serve_client(
     let client = Arc::new(Client {
         holder: slots::Holder {
             connection: connection.stable_id(),
-            source: admission::Source::of(connection.remote_address()),
+            source: source::Source::of(connection.remote_address()),
         },
         refusals: admission::RefusalBudget::default(),
         connection: connection.clone(),
@@ -815,7 +817,7 @@ async fn serve_exit(connection: quinn::Connection, shared: &Shared, shutdown: Ca
     };
     let mut reader = StreamReader::new(recv);
     let mut registered = false;
-    let mut rate = registry::TokenBucket::new(REGISTRATION_BURST, 1.0 / 60.0);
+    let mut rate = token_bucket::TokenBucket::new(REGISTRATION_BURST, 1.0 / 60.0);
     loop {
         let next = tokio::select! {
             () = shutdown.cancelled() => break,

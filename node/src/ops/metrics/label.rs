@@ -222,16 +222,6 @@ impl Registration {
 }
 label_value!(Registration);
 
-impl From<&crate::roles::relay::Registered> for Registration {
-    fn from(registered: &crate::roles::relay::Registered) -> Self {
-        match registered {
-            crate::roles::relay::Registered::New => Self::New,
-            crate::roles::relay::Registered::Updated => Self::Updated,
-            crate::roles::relay::Registered::Replaced => Self::Replaced,
-        }
-    }
-}
-
 /// Why a client did not accept an exit's descriptor from a source.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 pub enum DescriptorRefusal {

@@ -29,7 +29,7 @@ use super::{
 use crate::{
     clock::Clock,
     config::Limits,
-    net::stream::{self, StreamReader, code},
+    net::stream::{self, ChunkError, StreamReader, code},
     ops::metrics::{
         ErrorClass, ExitMetrics, Flow, FlowLabel, InFlight, KeyLabel, KeySlot, Media, MediaLabel,
         StatusClass, StatusLabel,
@@ -654,34 +654,17 @@ impl Gateway {
         let mut finished = false;
         let deadline = self.backend.idle_timeout();
         let unusable = |error: String| ChunkedRead::Unusable(ApiError::BadRequest(error));
-        let mut checked = false;
+        self.check_replay(reader, deadline).await?;
         while !finished {
-            // The header's `enc` is checked against replay before the opener decapsulates.
-            if !checked && let Some(enc) = ohttp::enc_of(reader.buffer()) {
-                checked = true;
-                self.not_replayed(Some(enc))?;
-                self.metrics.decapsulations.inc();
-            }
-            let chunk = if let Some(chunk) = opener
-                .decode(reader.buffer())
-                .map_err(Refusal::from_ohttp)?
-            {
-                chunk
-            } else if tokio::time::timeout(deadline, reader.fill())
+            let chunk = reader
+                .next_chunk(opener, deadline, |_| {})
                 .await
-                .map_err(|_| Refusal::Malformed("request timed out".into()))?
-                .map_err(|_| Refusal::Stream)?
-            {
-                continue;
-            } else {
-                match opener
-                    .decode_eof(reader.buffer())
-                    .map_err(Refusal::from_ohttp)?
-                {
-                    Some(chunk) => chunk,
-                    None => return Err(Refusal::Undecryptable("truncated request".into())),
-                }
-            };
+                .map_err(|error| match error {
+                    ChunkError::Open(error) => Refusal::from_ohttp(error),
+                    ChunkError::Silent => Refusal::Malformed("request timed out".into()),
+                    ChunkError::Stream(_) => Refusal::Stream,
+                    ChunkError::Truncated => Refusal::Undecryptable("truncated request".into()),
+                })?;
             finished = chunk.last;
             let mut plain = BytesMut::from(&chunk.data[..]);
             loop {
@@ -718,6 +701,30 @@ impl Gateway {
             Some(head) => ChunkedRead::Request(head, body.freeze()),
             None => unusable("request without head".into()),
         })
+    }
+
+    /// Checks a chunked request's `enc` against replay before anything is decapsulated: it
+    /// comes first, in the request header. A stream that ends before it is left to the chunk
+    /// reader to report (as truncated).
+    async fn check_replay(
+        &self,
+        reader: &mut StreamReader,
+        deadline: Duration,
+    ) -> Result<(), Refusal> {
+        loop {
+            if let Some(enc) = ohttp::enc_of(reader.buffer()) {
+                self.not_replayed(Some(enc))?;
+                self.metrics.decapsulations.inc();
+                return Ok(());
+            }
+            let more = tokio::time::timeout(deadline, reader.fill())
+                .await
+                .map_err(|_| Refusal::Malformed("request timed out".into()))?
+                .map_err(|_| Refusal::Stream)?;
+            if !more {
+                return Ok(());
+            }
+        }
     }
 
     /// Chunked OHTTP: the request is read chunk by chunk; the response is sealed and sent one

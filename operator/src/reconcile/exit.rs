@@ -13,6 +13,7 @@ use kube::{
     api::PostParams,
     runtime::{controller::Action, events::EventType},
 };
+use tokengo_proto::data_dir::{EXIT_IDENTITY_FILE, EXIT_KEYRING_FILE};
 
 use super::{
     Context, ReconcileError, apply, ensure_secret, namespaced, object_key, rollout, write_status,
@@ -179,9 +180,9 @@ async fn reconcile_inner(exit: &TokenGoExit, ctx: &Context) -> Result<Action, Re
             .map(|b| b.0.clone())
             .unwrap_or_default()
     };
-    let identity = zeroize::Zeroizing::new(file(desired::IDENTITY_FILE));
+    let identity = zeroize::Zeroizing::new(file(EXIT_IDENTITY_FILE));
     let parsed = keys::peer_id(&identity).and_then(|peer| {
-        Keyring::parse(&zeroize::Zeroizing::new(file(desired::KEYRING_FILE)))
+        Keyring::parse(&zeroize::Zeroizing::new(file(EXIT_KEYRING_FILE)))
             .map(|ring| (peer, ring))
             .map_err(KeyError::from)
     });

@@ -14,6 +14,7 @@ use kube::{
     Api, ResourceExt as _,
     runtime::{controller::Action, events::EventType},
 };
+use tokengo_proto::data_dir::RELAY_IDENTITY_FILE;
 
 use super::{
     Context, ReconcileError, apply, ensure_secret, namespaced, object_key, rollout, write_status,
@@ -85,17 +86,14 @@ async fn reconcile_inner(relay: &TokenGoRelay, ctx: &Context) -> Result<Action, 
     let encoded = secret
         .data
         .as_ref()
-        .and_then(|d| d.get(desired::IDENTITY_FILE))
+        .and_then(|d| d.get(RELAY_IDENTITY_FILE))
         .map(|b| b.0.as_slice())
         .unwrap_or_default();
     let peer_id = match keys::peer_id(encoded) {
         Ok(peer) => peer.to_string(),
         Err(error) => {
             // Never overwritten: a broken key Secret needs a person, not a new identity.
-            let message = format!(
-                "Secret {secret_name} key {}: {error}",
-                desired::IDENTITY_FILE
-            );
+            let message = format!("Secret {secret_name} key {RELAY_IDENTITY_FILE}: {error}");
             ctx.event(
                 relay,
                 EventType::Warning,

@@ -51,7 +51,6 @@ pub fn peer_id(encoded: &[u8]) -> Result<PeerId, KeyError> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use tokengo_proto::{
         data_dir::{EXIT_IDENTITY_FILE, EXIT_KEYRING_FILE},

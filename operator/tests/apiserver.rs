@@ -7,6 +7,8 @@
 //! Run with `cargo test -p tokengo-operator --features apiserver-tests --test apiserver`
 //! (`.ci/k8s` does). If the control plane cannot be built or started, the tests fail.
 
+// clippy.toml's allow-*-in-tests covers the `#[tokio::test]` functions but not this file's
+// helpers (control plane, waits, fixtures), which are neither `#[test]` nor `#[cfg(test)]`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{

@@ -1078,5 +1078,4 @@ impl<H: Head> Core<H> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests;

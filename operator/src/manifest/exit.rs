@@ -232,7 +232,6 @@ fn container(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::{keys::Keyring, resource::TokenGoExitSpec};

@@ -216,7 +216,6 @@ pub fn announce_problem(relay: &TokenGoRelay) -> Option<String> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::resource::TokenGoRelaySpec;

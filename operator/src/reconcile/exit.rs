@@ -464,7 +464,6 @@ fn requeue_after(reason: ReadyReason, next_rotation: u64) -> Duration {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use serde_json::json;
 

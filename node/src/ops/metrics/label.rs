@@ -143,6 +143,8 @@ pub enum ErrorClass {
     Forbidden,
     /// The exit requires an access token and the request had none, or a wrong one.
     AccessDenied,
+    /// The node could not encode or seal its own answer (never the peer's fault).
+    Internal,
 }
 
 impl ErrorClass {
@@ -168,6 +170,7 @@ impl ErrorClass {
             Self::GatewayTimeout => "gateway_timeout",
             Self::Forbidden => "forbidden",
             Self::AccessDenied => "access_denied",
+            Self::Internal => "internal",
         }
     }
 }

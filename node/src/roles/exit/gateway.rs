@@ -130,6 +130,10 @@ enum Refusal {
     /// The backend failed after the response head was sent.
     #[error("backend failed mid-response")]
     Backend(ErrorClass),
+    /// The exit could not encode or seal its own answer: not the client's fault, so not
+    /// counted as its malformed input; the stream is reset.
+    #[error("cannot encode the answer: {0}")]
+    Internal(String),
 }
 
 impl Refusal {
@@ -141,6 +145,7 @@ impl Refusal {
             Self::Replayed => ErrorClass::Replay,
             Self::Stream => ErrorClass::StreamFailed,
             Self::Backend(class) => *class,
+            Self::Internal(_) => ErrorClass::Internal,
         }
     }
 
@@ -149,7 +154,7 @@ impl Refusal {
             Self::Malformed(_) => Some(Status::Malformed),
             Self::UnknownKey(_) => Some(Status::KeyUnknown),
             Self::Undecryptable(_) | Self::Replayed => Some(Status::Undecryptable),
-            Self::Stream | Self::Backend(_) => None,
+            Self::Stream | Self::Backend(_) | Self::Internal(_) => None,
         }
     }
 
@@ -442,7 +447,7 @@ impl Gateway {
         };
         let sealed = answer
             .seal(sealer)
-            .map_err(|e| Refusal::Undecryptable(e.to_string()))?;
+            .map_err(|e| Refusal::Internal(e.to_string()))?;
         tally.done(Some(backend));
         stream::write_bounded(send, sealed.bytes, stall)
             .await
@@ -905,7 +910,7 @@ impl ChunkedWriter<'_> {
     async fn head(&mut self, head: &ResponseHead) -> Result<(), Refusal> {
         let mut plain = Vec::new();
         let encoder = StreamingEncoder::response(head, &mut plain)
-            .map_err(|e| Refusal::Malformed(e.to_string()))?;
+            .map_err(|e| Refusal::Internal(e.to_string()))?;
         self.encoder = Some(encoder);
         self.seal(&plain).await
     }
@@ -933,7 +938,7 @@ impl ChunkedWriter<'_> {
         let sealed = self
             .sealer
             .seal_split(&plain, true)
-            .map_err(|e| Refusal::Malformed(e.to_string()))?;
+            .map_err(|e| Refusal::Internal(e.to_string()))?;
         tally.done(backend);
         self.write(sealed).await?;
         let _ = self.send.finish();
@@ -954,7 +959,7 @@ impl ChunkedWriter<'_> {
         let sealed = self
             .sealer
             .seal_split(plain, false)
-            .map_err(|e| Refusal::Malformed(e.to_string()))?;
+            .map_err(|e| Refusal::Internal(e.to_string()))?;
         self.write(sealed).await
     }
 
@@ -976,10 +981,10 @@ async fn write_single(
 ) -> Result<(), Refusal> {
     let padded = padding::bucket(bhttp::encoded_response_len(head, body.len()));
     let message = bhttp::encode_response(head, body, padded)
-        .map_err(|e| Refusal::Malformed(e.to_string()))?;
+        .map_err(|e| Refusal::Internal(e.to_string()))?;
     let sealed = sealer
         .seal(&message)
-        .map_err(|e| Refusal::Undecryptable(e.to_string()))?;
+        .map_err(|e| Refusal::Internal(e.to_string()))?;
     let mut out = Vec::with_capacity(1 + sealed.len());
     out.push(Status::Ok as u8);
     out.extend_from_slice(&sealed);

@@ -125,6 +125,6 @@ impl Node {
         let exited = exit_task.await.context("exit task panicked")?;
         relay_stop.cancel();
         relay_task.await.context("relay task panicked")?;
-        served.and(exited)
+        served.and(exited.map_err(anyhow::Error::from))
     }
 }

@@ -120,7 +120,7 @@ pub struct ExitHandle {
     pub peer_id: libp2p_identity::PeerId,
     pub probe: ExitProbe,
     pub stop: CancellationToken,
-    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub task: tokio::task::JoinHandle<Result<(), tokengo::exit::TunnelError>>,
     pub registered: watch::Receiver<bool>,
     pub dir: tempfile::TempDir,
 }

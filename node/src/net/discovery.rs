@@ -67,7 +67,7 @@ pub use crate::ops::status::Verification;
 use crate::{
     clock::unix_now,
     net::relay_link::{self, RelayLink},
-    net::transport::{self, RelayAddr, TransportParams},
+    net::transport::{RelayAddr, TransportParams},
     ops::metrics::DhtMetrics,
     ops::status::{DhtState, DhtStatus},
 };
@@ -1341,7 +1341,11 @@ fn quic_candidates(
     policy: AddressPolicy,
     guard: &DialGuard,
 ) -> Result<RelayAddr, String> {
-    if !info.alpns.iter().any(|a| a == transport::ALPN_CLIENT) {
+    if !info
+        .alpns
+        .iter()
+        .any(|a| a == tokengo_proto::frame::ALPN_CLIENT)
+    {
         return Err("relay-info lists no tokengo/1 ALPN".to_owned());
     }
     let mut refused = 0;
@@ -1446,7 +1450,7 @@ mod tests {
                 .to_multiaddr()
                 .to_vec()
         };
-        let alpns = vec![transport::ALPN_CLIENT.to_vec()];
+        let alpns = vec![tokengo_proto::frame::ALPN_CLIENT.to_vec()];
         let guard = DialGuard::default();
         let info = RelayInfo {
             quic_addrs: vec![

@@ -11,15 +11,17 @@ use tokengo_proto::{
     ohttp::OhttpError,
 };
 
-/// QUIC application error codes TokenGo uses to reset or stop streams.
+/// QUIC application error codes TokenGo uses to reset or stop streams, as quinn takes them
+/// (the values are the protocol's, in `tokengo_proto::close_code`).
 pub mod code {
     use quinn::VarInt;
+    use tokengo_proto::close_code;
     /// The peer sent something malformed.
-    pub const PROTOCOL: VarInt = VarInt::from_u32(1);
+    pub const PROTOCOL: VarInt = VarInt::from_u32(close_code::PROTOCOL);
     /// The other side of a forwarded stream went away.
-    pub const PEER_GONE: VarInt = VarInt::from_u32(2);
+    pub const PEER_GONE: VarInt = VarInt::from_u32(close_code::PEER_GONE);
     /// The request was abandoned (shutdown, timeout, backend failure mid-stream).
-    pub const ABANDONED: VarInt = VarInt::from_u32(3);
+    pub const ABANDONED: VarInt = VarInt::from_u32(close_code::ABANDONED);
 }
 
 /// Why reading a frame failed.

@@ -344,11 +344,12 @@ impl Exit {
         clock: Clock,
     ) -> anyhow::Result<Self> {
         data_dir.ensure()?;
-        let (identity, created) = identity::load_or_create(&data_dir.file("exit_identity.key"))?;
+        let (identity, created) =
+            identity::load_or_create(&data_dir.file(tokengo_proto::data_dir::EXIT_IDENTITY_FILE))?;
         if created {
             tracing::info!(peer_id = %identity::peer_id(&identity), "created exit identity");
         }
-        let keyring_path = data_dir.file("ohttp_keys.json");
+        let keyring_path = data_dir.file(tokengo_proto::data_dir::EXIT_KEYRING_FILE);
         let (keyring, created) = keyring::load_or_create(&keyring_path, unix_now())?;
         if created {
             tracing::info!("created OHTTP key");

@@ -53,8 +53,11 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 /// Loads (or creates) the relay's identity and binds its QUIC endpoint.
 pub fn start(config: &RelayConfig) -> anyhow::Result<(Relay, Keypair)> {
     config.data_dir.ensure()?;
-    let (identity, created) =
-        identity::load_or_create(&config.data_dir.file("relay_identity.key"))?;
+    let (identity, created) = identity::load_or_create(
+        &config
+            .data_dir
+            .file(tokengo_proto::data_dir::RELAY_IDENTITY_FILE),
+    )?;
     if created {
         tracing::info!(peer_id = %identity::peer_id(&identity), "created relay identity");
     }
@@ -147,8 +150,8 @@ pub fn relay_info_source(
         Some(tokengo_proto::relay_info::RelayInfo {
             quic_addrs: quic_addrs.clone(),
             alpns: vec![
-                transport::ALPN_CLIENT.to_vec(),
-                transport::ALPN_EXIT.to_vec(),
+                tokengo_proto::frame::ALPN_CLIENT.to_vec(),
+                tokengo_proto::frame::ALPN_EXIT.to_vec(),
             ],
             exits: registry.info_descriptors(unix_now()).to_vec(),
         })

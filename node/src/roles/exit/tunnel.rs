@@ -145,7 +145,7 @@ impl Exit {
             endpoint,
             &self.identity,
             relay,
-            transport::ALPN_EXIT,
+            tokengo_proto::frame::ALPN_EXIT,
             params,
         )
         .await?;

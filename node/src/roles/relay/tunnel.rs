@@ -145,10 +145,10 @@ enum Refusal {
     /// The descriptor names another identity than the one the connection proved.
     #[error("descriptor is for {claimed} but the connection proved {proved}")]
     OtherIdentity {
-        /// The descriptor's PeerId.
-        claimed: PeerId,
+        /// The descriptor's PeerId (boxed: the error stays small on the happy path).
+        claimed: Box<PeerId>,
         /// The connection's.
-        proved: PeerId,
+        proved: Box<PeerId>,
     },
     /// The registry is full or admits new identities no faster.
     #[error(transparent)]
@@ -180,8 +180,8 @@ fn register(
     // could register (and hijack routing for) another exit's id.
     if descriptor.peer_id != peer {
         return Err(Refusal::OtherIdentity {
-            claimed: descriptor.peer_id,
-            proved: peer,
+            claimed: Box::new(descriptor.peer_id),
+            proved: Box::new(peer),
         });
     }
     Ok(registry.register(

@@ -104,7 +104,7 @@ async fn clients_that_never_read_cannot_make_the_exit_hold_more_than_its_answer_
         answer_budget_wait: Duration::from_secs(1),
         // Stalled readers are never cut during the test: only the budget bounds them.
         write_stall_timeout: Duration::from_secs(600),
-        ..Limits::default()
+        ..common::limits()
     };
     let chain = chain(&backend.url, &limits, Duration::from_secs(300), None).await;
     let exit = chain.exit.probe.clone();
@@ -191,7 +191,7 @@ async fn an_answer_refused_for_memory_is_an_encrypted_503_that_says_so() {
         answer_budget: 4 << 20,
         answer_budget_wait: Duration::from_secs(1),
         write_stall_timeout: Duration::from_secs(600),
-        ..Limits::default()
+        ..common::limits()
     };
     let chain = chain(&backend.url, &limits, Duration::from_secs(300), None).await;
     let exit = chain.exit.probe.clone();

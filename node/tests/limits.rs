@@ -187,7 +187,7 @@ async fn an_exit_that_grants_no_stream_gets_exit_unavailable_in_bounded_time() {
     init();
     let limits = Limits {
         stream_open_timeout: Duration::from_secs(1),
-        ..Limits::default()
+        ..common::limits()
     };
     let relay = start_relay(&limits, None).await;
     // The exit's transport lets the relay open no stream at all: `open_bi` never completes.
@@ -251,7 +251,7 @@ async fn registrations_beyond_the_rate_and_the_cap_are_refused_as_overloaded() {
     let limits = Limits {
         registration_burst: 3,
         registrations_per_sec: 0,
-        ..Limits::default()
+        ..common::limits()
     };
     let relay = start_relay(&limits, None).await;
     let endpoint = transport::client_endpoint(false).unwrap();
@@ -269,7 +269,7 @@ async fn registrations_beyond_the_rate_and_the_cap_are_refused_as_overloaded() {
         registration_burst: 2000,
         // All 1025 come from one address: this is about the registry's caps.
         source_connections_per_sec: 0.0,
-        ..Limits::default()
+        ..common::limits()
     };
     let relay = start_relay(&limits, None).await;
     let addr = relay.addr.clone();
@@ -385,7 +385,7 @@ async fn a_client_that_stops_reading_is_cut_and_the_exit_is_freed() {
     let backend = start_backend().await;
     let limits = Limits {
         write_stall_timeout: Duration::from_secs(1),
-        ..Limits::default()
+        ..common::limits()
     };
     let chain = chain(&backend.url, &limits, Duration::from_secs(300), None).await;
     let (_endpoint, client) = dial(&chain.relay.addr, tokengo_proto::frame::ALPN_CLIENT, 0).await;
@@ -423,7 +423,7 @@ async fn a_trickled_request_body_is_cut_at_the_relay() {
     let limits = Limits {
         request_body_grace: Duration::from_secs(2),
         min_request_body_rate: 1000,
-        ..Limits::default()
+        ..common::limits()
     };
     let chain = chain(&backend.url, &limits, Duration::from_secs(300), None).await;
     let (_endpoint, client) = dial(&chain.relay.addr, tokengo_proto::frame::ALPN_CLIENT, 0).await;
@@ -454,7 +454,7 @@ async fn one_connection_cannot_make_the_relay_buffer_more_than_its_windows() {
     init();
     let limits = Limits {
         request_body_grace: Duration::from_secs(600),
-        ..Limits::default()
+        ..common::limits()
     };
     let relay = start_relay(&limits, None).await;
     // The exit takes every stream and never reads one.
@@ -500,7 +500,7 @@ async fn many_handshakes_in_progress_make_the_relay_ask_for_address_validation()
     init();
     let limits = Limits {
         retry_above_handshakes: 0,
-        ..Limits::default()
+        ..common::limits()
     };
     let relay = start_relay(&limits, None).await;
     // With the threshold at zero every new peer is asked to validate; quinn clients answer
@@ -535,7 +535,7 @@ async fn a_flooding_address_keeps_only_its_fair_part_of_a_contended_exit() {
     init();
     let limits = Limits {
         contended_streams: 8,
-        ..Limits::default()
+        ..common::limits()
     };
     let relay = start_relay(&limits, None).await;
     // An exit of 64 slots that holds every request open (a slow backend).
@@ -582,7 +582,7 @@ async fn an_address_opening_connections_too_fast_is_refused_before_the_handshake
     let limits = Limits {
         source_connection_burst: 2,
         source_connections_per_sec: 0.001,
-        ..Limits::default()
+        ..common::limits()
     };
     let relay = start_relay(&limits, None).await;
     let endpoint = endpoint_on([127, 0, 0, 3]);

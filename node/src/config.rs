@@ -29,16 +29,18 @@ use crate::{
     store::data_dir::DataDir,
 };
 
-/// Default local HTTP endpoint: loopback only, so nothing on the network can use it.
-pub const DEFAULT_CLIENT_LISTEN: &str = "127.0.0.1:8080";
-/// Default relay QUIC address: all interfaces, since a relay exists to be reached.
-pub const DEFAULT_RELAY_LISTEN: &str = "0.0.0.0:4433";
-/// Default backend: a local Ollama, as in the original TokenGo.
-pub const DEFAULT_BACKEND: &str = "http://localhost:11434";
-/// Default UDP address of a relay's or bootstrap node's DHT swarm (the IPFS port).
-pub const DEFAULT_DHT_LISTEN: &str = "0.0.0.0:4001";
-/// Default time an OTLP export request may take (the OpenTelemetry default).
-pub const DEFAULT_OTLP_TIMEOUT: Duration = Duration::from_secs(10);
+pub mod defaults;
+
+// The re-export keeps `config::MAX_EXITS_CEILING` working for the relay and the tests.
+pub use defaults::MAX_EXITS_CEILING;
+use defaults::{
+    ANSWER_BUDGET_WAIT_SECS, DEFAULT_BACKEND, DEFAULT_BACKEND_CONNECT_TIMEOUT,
+    DEFAULT_BACKEND_IDLE_TIMEOUT, DEFAULT_CLIENT_LISTEN, DEFAULT_DHT_LISTEN,
+    DEFAULT_KEY_ROTATION_HOURS, DEFAULT_OTLP_TIMEOUT, DEFAULT_RELAY_LISTEN, DISCOVERY_TIMEOUT_SECS,
+    EXIT_ANSWER_TIMEOUT_SECS, MAX_CLOCK_SKEW_SECS, MAX_EXIT_RELAYS, MAX_KEY_ROTATION_HOURS,
+    MAX_RELAYS, MAX_WORKER_THREADS, MIN_KEY_ROTATION, QUIC_IDLE_TIMEOUT_SECS, REPLAY_CACHE_ENTRIES,
+    REQUEST_TIMEOUT_SECS, TUNNEL_LIVENESS_SECS, WRITE_STALL_TIMEOUT_SECS,
+};
 
 /// A configuration problem, reported before anything starts.
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +115,23 @@ fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
         field,
         message: message.into(),
     }
+}
+
+/// "must be START to END UNIT" for a value outside `range`.
+fn out_of<T: std::fmt::Display>(
+    field: &'static str,
+    range: &std::ops::RangeInclusive<T>,
+    unit: &str,
+) -> ConfigError {
+    let message = format!("must be {} to {}", range.start(), range.end());
+    invalid(
+        field,
+        if unit.is_empty() {
+            message
+        } else {
+            format!("{message} {unit}")
+        },
+    )
 }
 
 /// The YAML file: every key optional, unknown keys rejected so typos do not pass silently.
@@ -348,33 +367,30 @@ pub struct Limits {
     pub source_connection_burst: u32,
 }
 
-/// The most exits `max_exits` may be: below the 1024 entries a client accepts, with room.
-pub const MAX_EXITS_CEILING: usize = 1000;
-
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_request_body: 32 << 20,
-            max_response_body: 64 << 20,
-            quic_idle_timeout: Duration::from_secs(30),
-            request_timeout: Duration::from_secs(30 * 60),
-            max_clock_skew: Duration::from_secs(60),
-            replay_cache_entries: 1 << 21,
-            write_stall_timeout: Duration::from_secs(30),
-            stream_open_timeout: Duration::from_secs(10),
-            tunnel_liveness: Duration::from_secs(2),
-            exit_answer_timeout: Duration::from_secs(10),
-            min_request_body_rate: 16 * 1024,
-            request_body_grace: Duration::from_secs(10),
+            max_request_body: defaults::DEFAULT_MAX_REQUEST_BODY,
+            max_response_body: defaults::DEFAULT_MAX_RESPONSE_BODY,
+            quic_idle_timeout: defaults::DEFAULT_QUIC_IDLE_TIMEOUT,
+            request_timeout: defaults::DEFAULT_REQUEST_TIMEOUT,
+            max_clock_skew: defaults::DEFAULT_MAX_CLOCK_SKEW,
+            replay_cache_entries: defaults::DEFAULT_REPLAY_CACHE_ENTRIES,
+            write_stall_timeout: defaults::DEFAULT_WRITE_STALL_TIMEOUT,
+            stream_open_timeout: defaults::STREAM_OPEN_TIMEOUT,
+            tunnel_liveness: defaults::DEFAULT_TUNNEL_LIVENESS,
+            exit_answer_timeout: defaults::DEFAULT_EXIT_ANSWER_TIMEOUT,
+            min_request_body_rate: defaults::DEFAULT_MIN_REQUEST_BODY_RATE,
+            request_body_grace: defaults::REQUEST_BODY_GRACE,
             max_exits: MAX_EXITS_CEILING,
-            registration_burst: 256,
-            registrations_per_sec: 16,
-            retry_above_handshakes: 64,
-            answer_budget: 256 << 20,
-            answer_budget_wait: Duration::from_secs(10),
-            contended_streams: 16,
-            source_connections_per_sec: 8.0,
-            source_connection_burst: 64,
+            registration_burst: defaults::NEW_EXIT_REGISTRATION_BURST,
+            registrations_per_sec: defaults::NEW_EXIT_REGISTRATIONS_PER_SEC,
+            retry_above_handshakes: defaults::RETRY_ABOVE_HANDSHAKES,
+            answer_budget: defaults::DEFAULT_ANSWER_BUDGET,
+            answer_budget_wait: defaults::DEFAULT_ANSWER_BUDGET_WAIT,
+            contended_streams: defaults::DEFAULT_CONTENDED_STREAMS,
+            source_connections_per_sec: defaults::DEFAULT_SOURCE_CONNECTIONS_PER_SEC,
+            source_connection_burst: defaults::DEFAULT_SOURCE_CONNECTION_BURST,
         }
     }
 }
@@ -407,25 +423,25 @@ impl Limits {
         let quic_idle_timeout = seconds_within(
             "quic_idle_timeout_secs",
             file.quic_idle_timeout_secs,
-            3..=600,
+            QUIC_IDLE_TIMEOUT_SECS,
             defaults.quic_idle_timeout,
         )?;
         let write_stall_timeout = seconds_within(
             "write_stall_timeout_secs",
             file.write_stall_timeout_secs,
-            1..=3600,
+            WRITE_STALL_TIMEOUT_SECS,
             defaults.write_stall_timeout,
         )?;
         let tunnel_liveness = seconds_within(
             "tunnel_liveness_secs",
             file.tunnel_liveness_secs,
-            1..=60,
+            TUNNEL_LIVENESS_SECS,
             defaults.tunnel_liveness,
         )?;
         let exit_answer_timeout = seconds_within(
             "exit_answer_timeout_secs",
             file.exit_answer_timeout_secs,
-            1..=600,
+            EXIT_ANSWER_TIMEOUT_SECS,
             defaults.exit_answer_timeout,
         )?;
         let max_exits = match file.max_exits {
@@ -486,14 +502,18 @@ impl Limits {
     /// Adds the liveness flags, which win over the file (relay, exit).
     fn with_liveness(mut self, args: &crate::cli::LivenessArgs) -> Result<Self, ConfigError> {
         if let Some(secs) = args.tunnel_liveness_secs {
-            self.tunnel_liveness =
-                seconds_within("tunnel_liveness", Some(secs), 1..=60, self.tunnel_liveness)?;
+            self.tunnel_liveness = seconds_within(
+                "tunnel_liveness",
+                Some(secs),
+                TUNNEL_LIVENESS_SECS,
+                self.tunnel_liveness,
+            )?;
         }
         if let Some(secs) = args.exit_answer_timeout_secs {
             self.exit_answer_timeout = seconds_within(
                 "exit_answer_timeout",
                 Some(secs),
-                1..=600,
+                EXIT_ANSWER_TIMEOUT_SECS,
                 self.exit_answer_timeout,
             )?;
         }
@@ -504,8 +524,10 @@ impl Limits {
     fn with_request(mut self, args: &RequestArgs, file: &FileConfig) -> Result<Self, ConfigError> {
         match args.request_timeout_secs.or(file.request_timeout_secs) {
             None => {}
-            Some(secs @ 1..=86_400) => self.request_timeout = Duration::from_secs(secs),
-            Some(_) => return Err(invalid("request_timeout", "must be 1 to 86400 seconds")),
+            Some(secs) if REQUEST_TIMEOUT_SECS.contains(&secs) => {
+                self.request_timeout = Duration::from_secs(secs);
+            }
+            Some(_) => return Err(out_of("request_timeout", &REQUEST_TIMEOUT_SECS, "seconds")),
         }
         Ok(self)
     }
@@ -514,16 +536,19 @@ impl Limits {
     fn with_gate(mut self, args: &ExitGateArgs, file: &FileConfig) -> Result<Self, ConfigError> {
         match args.max_clock_skew_secs.or(file.max_clock_skew_secs) {
             None => {}
-            Some(secs @ 1..=3600) => self.max_clock_skew = Duration::from_secs(secs),
-            Some(_) => return Err(invalid("max_clock_skew", "must be 1 to 3600 seconds")),
+            Some(secs) if MAX_CLOCK_SKEW_SECS.contains(&secs) => {
+                self.max_clock_skew = Duration::from_secs(secs);
+            }
+            Some(_) => return Err(out_of("max_clock_skew", &MAX_CLOCK_SKEW_SECS, "seconds")),
         }
         match args.replay_cache_entries.or(file.replay_cache_entries) {
             None => {}
-            Some(n @ 1..=67_108_864) => self.replay_cache_entries = n,
+            Some(n) if REPLAY_CACHE_ENTRIES.contains(&n) => self.replay_cache_entries = n,
             Some(_) => {
-                return Err(invalid(
+                return Err(out_of(
                     "replay_cache_entries",
-                    "must be 1 to 67108864 (each costs about 100 bytes)",
+                    &REPLAY_CACHE_ENTRIES,
+                    "(each costs about 100 bytes)",
                 ));
             }
         }
@@ -555,7 +580,7 @@ impl Limits {
             "answer_budget_wait_secs",
             args.answer_budget_wait_secs
                 .or(file.answer_budget_wait_secs),
-            1..=600,
+            ANSWER_BUDGET_WAIT_SECS,
             self.answer_budget_wait,
         )?;
         Ok(self)
@@ -661,8 +686,6 @@ pub struct WorkerThreads(NonZeroUsize);
 impl WorkerThreads {
     /// One thread.
     pub const ONE: Self = Self(NonZeroUsize::MIN);
-    /// Most threads accepted.
-    const MAX: usize = 1024;
 
     /// One per CPU core the process may use (cgroup limits included), at least one.
     #[must_use]
@@ -683,10 +706,10 @@ impl WorkerThreads {
             .map(NonZeroUsize::new)
         {
             None => Ok(Self::per_core()),
-            Some(Some(n)) if n.get() <= Self::MAX => Ok(Self(n)),
+            Some(Some(n)) if n.get() <= MAX_WORKER_THREADS => Ok(Self(n)),
             Some(_) => Err(invalid(
                 "worker_threads",
-                format!("must be 1 to {}", Self::MAX),
+                format!("must be 1 to {MAX_WORKER_THREADS}"),
             )),
         }
     }
@@ -755,8 +778,8 @@ impl BackendConfig {
             value.set_sensitive(true);
             headers.insert(http::header::AUTHORIZATION, value);
         }
-        let secs = |field, value: Option<u64>, default: u64| match value {
-            None => Ok(Duration::from_secs(default)),
+        let secs = |field, value: Option<u64>, default: Duration| match value {
+            None => Ok(default),
             Some(0) => Err(invalid(field, "must be at least 1 second")),
             Some(s) => Ok(Duration::from_secs(s)),
         };
@@ -766,12 +789,12 @@ impl BackendConfig {
             idle_timeout: secs(
                 "backend_idle_timeout_secs",
                 file.backend_idle_timeout_secs,
-                300,
+                DEFAULT_BACKEND_IDLE_TIMEOUT,
             )?,
             connect_timeout: secs(
                 "backend_connect_timeout_secs",
                 file.backend_connect_timeout_secs,
-                10,
+                DEFAULT_BACKEND_CONNECT_TIMEOUT,
             )?,
             allow: endpoint_policy(gate, file)?,
         })
@@ -967,11 +990,12 @@ fn dht_config(args: &DhtArgs, file: &FileConfig) -> Result<DhtConfig, ConfigErro
     }
     config.timeout = match file.discovery_timeout_secs {
         None => crate::net::discovery::DEFAULT_DISCOVERY_TIMEOUT,
-        Some(secs @ 1..=600) => Duration::from_secs(secs),
+        Some(secs) if DISCOVERY_TIMEOUT_SECS.contains(&secs) => Duration::from_secs(secs),
         Some(_) => {
-            return Err(invalid(
+            return Err(out_of(
                 "discovery_timeout_secs",
-                "must be 1 to 600 seconds",
+                &DISCOVERY_TIMEOUT_SECS,
+                "seconds",
             ));
         }
     };
@@ -1350,13 +1374,6 @@ impl BootstrapConfig {
     }
 }
 
-/// Most relays one exit process is given.
-const MAX_EXIT_RELAYS: usize = 16;
-/// Default hours between an exit's key rotations (a week).
-const DEFAULT_KEY_ROTATION_HOURS: f64 = 168.0;
-/// Longest rotation period accepted (ten years, in hours).
-const MAX_KEY_ROTATION_HOURS: f64 = 87_600.0;
-
 /// The key rotation period from hours (`None` when 0: off). A fraction of an hour is allowed
 /// down to one second, so tests and the fault suite can rotate every few seconds.
 fn key_rotation(hours: Option<f64>) -> Result<Option<Duration>, ConfigError> {
@@ -1371,7 +1388,7 @@ fn key_rotation(hours: Option<f64>) -> Result<Option<Duration>, ConfigError> {
         ));
     }
     let period = Duration::from_secs_f64(hours * 3600.0);
-    if period < Duration::from_secs(1) {
+    if period < MIN_KEY_ROTATION {
         return Err(invalid(
             "key_rotation_hours",
             "must be at least one second (0.0003 hours), or 0 to turn rotation off",
@@ -1423,8 +1440,8 @@ impl ExitConfig {
         let file = FileConfig::load(args.common.config.as_ref())?;
         let max_relays = match args.max_relays.or(file.max_relays) {
             None => crate::net::discovery::DEFAULT_MAX_RELAYS,
-            Some(n @ 1..=16) => n,
-            Some(_) => return Err(invalid("max_relays", "must be 1 to 16")),
+            Some(n) if MAX_RELAYS.contains(&n) => n,
+            Some(_) => return Err(out_of("max_relays", &MAX_RELAYS, "")),
         };
         let relays = client_relays(&args.relays, &file)?;
         if relays.len() > MAX_EXIT_RELAYS {

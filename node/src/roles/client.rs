@@ -4,6 +4,7 @@
 mod access;
 mod body;
 mod choice;
+pub mod config;
 mod directory;
 mod exit_set;
 mod proxy;
@@ -14,11 +15,12 @@ use anyhow::Context as _;
 use libp2p_identity::PeerId;
 use tokio_util::sync::CancellationToken;
 
+use self::config::ClientConfig;
 pub use access::ClientPolicy;
 pub use directory::{Directory, ExitInfo, ExitView, Route};
 
 use crate::{
-    config::{ClientConfig, Limits},
+    config::Limits,
     net::transport::{ConnectError, RelayAddr, TransportParams},
     ops::metrics::ClientMetrics,
     ops::status::{ClientStatus, ExitSummary, RelaySummary},

@@ -5,6 +5,7 @@
 pub mod access;
 mod answer_budget;
 mod backend;
+pub mod config;
 mod endpoint;
 mod gateway;
 mod relay_set;
@@ -28,6 +29,7 @@ use tokengo_proto::{
 use tokio::sync::watch;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+use self::config::{BackendConfig, ExitConfig};
 pub use backend::Backend;
 pub use endpoint::{DEFAULT_ENDPOINTS, EndpointPolicy, EndpointRule, PathError, RuleError};
 pub use gateway::Gateway;
@@ -35,7 +37,7 @@ pub use relay_set::Replenish;
 
 use crate::{
     clock::{Clock, unix_now},
-    config::{BackendConfig, ExitConfig, Limits},
+    config::Limits,
     net::stream::{self, StreamReader, code},
     net::transport::{self, ConnectError, RelayAddr, TransportParams},
     ops::metrics::{ConnectLabel, ConnectOutcome, ExitMetrics},
@@ -380,7 +382,7 @@ impl Exit {
     #[must_use]
     pub fn announcer(
         &self,
-        announce: &crate::config::ExitAnnounceConfig,
+        announce: &config::ExitAnnounceConfig,
         registered: watch::Receiver<bool>,
         guard: crate::net::discovery::DialGuard,
     ) -> crate::net::discovery::Announcer {

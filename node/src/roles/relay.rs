@@ -3,6 +3,7 @@
 //! client's address together with an exit.
 
 mod admission;
+pub mod config;
 mod registry;
 mod slots;
 mod source;
@@ -27,11 +28,12 @@ use tokio::sync::watch;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument as _, field::Empty};
 
+use self::config::RelayConfig;
 pub use registry::{MAX_INFO_BYTES, MAX_LIST_BYTES, Refused, Registered, Registry};
 
 use crate::{
     clock::unix_now,
-    config::{Limits, RelayConfig},
+    config::Limits,
     net::stream::{self, PipeLimits, ReadBound, StreamReader, code},
     net::transport::{self, RelayAddr, TransportParams},
     ops::metrics::{ErrorClass, Flow, FlowLabel, InFlight, KindLabel, RelayMetrics, RelayRequest},
@@ -101,7 +103,7 @@ pub async fn serve(
 /// and the DHT). The QUIC addresses it advertises are its external IPs with the QUIC port, or
 /// its loopback address under the `loopback` policy.
 fn announce(
-    dht: crate::config::RelayDhtConfig,
+    dht: config::RelayDhtConfig,
     relay: &Relay,
     identity: Keypair,
     shutdown: CancellationToken,

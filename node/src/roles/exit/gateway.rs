@@ -1026,7 +1026,7 @@ fn error_response(error: &ApiError) -> (ResponseHead, Bytes) {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::config::{BackendConfig, RedactedHeaders};
+    use crate::roles::exit::config::{BackendConfig, RedactedHeaders};
 
     #[test]
     fn key_rotation_is_counted_and_both_keys_are_reported() {

@@ -19,7 +19,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokengo_proto::frame::{self, Status};
 
 use super::{slots::Slots, token_bucket::TokenBucket};
-use crate::{config::Limits, net::relay_link};
+use crate::{
+    config::{Limits, defaults::MAX_EXITS_CEILING},
+    net::relay_link,
+};
 
 /// Byte budget of all registered descriptors: the exit list (status byte, counts and lengths
 /// included) stays well under the 4 MiB a client reads.
@@ -33,10 +36,8 @@ pub const MAX_INFO_BYTES: usize = 900 * 1024;
 // prefixes, plus the byte budget and the status byte. Relay-info's descriptors, with room
 // for its addresses and ALPNs, stay under its 1 MiB answer. Checked when compiling.
 const _: () = {
-    assert!(crate::config::MAX_EXITS_CEILING <= relay_link::MAX_EXITS);
-    assert!(
-        1 + 8 * crate::config::MAX_EXITS_CEILING + MAX_LIST_BYTES <= relay_link::MAX_LIST_BYTES
-    );
+    assert!(MAX_EXITS_CEILING <= relay_link::MAX_EXITS);
+    assert!(1 + 8 * MAX_EXITS_CEILING + MAX_LIST_BYTES <= relay_link::MAX_LIST_BYTES);
     assert!(MAX_INFO_BYTES + 64 * 1024 <= tokengo_proto::relay_info::MAX_RESPONSE_BYTES);
 };
 
@@ -161,7 +162,7 @@ impl Registry {
                     f64::from(limits.registrations_per_sec),
                 ),
             }),
-            max_exits: limits.max_exits.clamp(1, crate::config::MAX_EXITS_CEILING),
+            max_exits: limits.max_exits.clamp(1, MAX_EXITS_CEILING),
             contended_streams: limits.contended_streams,
             count: tokio::sync::watch::Sender::new(0),
             gauge: Gauge::default(),

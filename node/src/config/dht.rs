@@ -12,12 +12,14 @@ use libp2p::{Multiaddr, StreamProtocol};
 
 use super::{
     ConfigError,
-    defaults::{DEFAULT_DHT_LISTEN, DISCOVERY_TIMEOUT_SECS},
+    defaults::{
+        DEFAULT_DHT_LISTEN, DEFAULT_DHT_PROTOCOL, DEFAULT_DISCOVERY_TIMEOUT, DISCOVERY_TIMEOUT_SECS,
+    },
     flags_or_file, invalid, out_of, parse_listen,
 };
 use crate::{
     cli::DhtArgs,
-    net::discovery::{AddressPolicy, DEFAULT_DHT_PROTOCOL, DhtConfig},
+    net::discovery::{AddressPolicy, DhtConfig},
     net::transport::RelayAddr,
 };
 
@@ -80,7 +82,7 @@ pub(crate) fn dht_config(args: &DhtArgs, file: &DhtFile<'_>) -> Result<DhtConfig
         ));
     }
     config.timeout = match file.discovery_timeout_secs {
-        None => crate::net::discovery::DEFAULT_DISCOVERY_TIMEOUT,
+        None => DEFAULT_DISCOVERY_TIMEOUT,
         Some(secs) if DISCOVERY_TIMEOUT_SECS.contains(&secs) => Duration::from_secs(secs),
         Some(_) => {
             return Err(out_of(
@@ -218,10 +220,7 @@ mod tests {
         assert_eq!(config.protocol.as_ref(), DEFAULT_DHT_PROTOCOL);
         assert_eq!(config.policy, AddressPolicy::Public);
         assert!(!config.bootstrap.is_empty());
-        assert_eq!(
-            config.timeout,
-            crate::net::discovery::DEFAULT_DISCOVERY_TIMEOUT
-        );
+        assert_eq!(config.timeout, DEFAULT_DISCOVERY_TIMEOUT);
         let file = DhtFile {
             address_policy: Some("any"),
             discovery_timeout_secs: Some(2),

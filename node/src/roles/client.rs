@@ -20,7 +20,10 @@ pub use access::ClientPolicy;
 pub use directory::{Directory, ExitInfo, ExitView, Route};
 
 use crate::{
-    config::Limits,
+    config::{
+        Limits,
+        defaults::{REDISCOVER_MAX, REDISCOVER_MIN},
+    },
     net::transport::{ConnectError, RelayAddr, TransportParams},
     ops::metrics::ClientMetrics,
     ops::status::{ClientStatus, ExitSummary, RelaySummary},
@@ -161,9 +164,6 @@ async fn look_up_exits(
 
 /// How often a discovering client checks whether all its relays failed.
 const RELAY_CHECK_EVERY: Duration = Duration::from_secs(2);
-/// Shortest and longest wait between discoveries while every relay stays down.
-const REDISCOVER_MIN: Duration = Duration::from_secs(5);
-const REDISCOVER_MAX: Duration = Duration::from_secs(300);
 
 /// Discovers relays again whenever every relay the client has failed (their lists cannot be
 /// fetched, or requests cannot reach them), and uses what verified instead (the relay cache

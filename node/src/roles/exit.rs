@@ -37,7 +37,10 @@ pub use relay_set::Replenish;
 
 use crate::{
     clock::{Clock, unix_now},
-    config::Limits,
+    config::{
+        Limits,
+        defaults::{DRAIN_DEADLINE, MAX_TUNNEL_STREAMS},
+    },
     net::stream::{self, StreamReader, code},
     net::transport::{self, ConnectError, RelayAddr, TransportParams},
     ops::metrics::{ConnectLabel, ConnectOutcome, ExitMetrics},
@@ -48,13 +51,9 @@ use crate::{
 
 /// How long a descriptor is valid; the exit re-registers at half of it.
 const DESCRIPTOR_LIFETIME: Duration = Duration::from_secs(24 * 3600);
-/// Concurrent request streams the relay may open on the tunnel.
-const MAX_TUNNEL_STREAMS: u32 = 1024;
 /// Backoff bounds for reconnecting to the relay.
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// How long shutdown waits for requests in flight.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Loads the exit for `tokengo exit`: its identity and keys, its backend, the access tokens
 /// it requires (watched for changes until `shutdown`).

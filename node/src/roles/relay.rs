@@ -33,27 +33,18 @@ pub use registry::{MAX_INFO_BYTES, MAX_LIST_BYTES, Refused, Registered, Registry
 
 use crate::{
     clock::unix_now,
-    config::Limits,
+    config::{
+        Limits,
+        defaults::{
+            DRAIN_DEADLINE, HEADER_DEADLINE, MAX_CLIENT_STREAMS, MAX_CONTROL_FRAME, SLOT_WAIT,
+            TUNNEL_REGISTRATION_BURST as REGISTRATION_BURST, TUNNEL_REGISTRATIONS_PER_SEC,
+        },
+    },
     net::stream::{self, PipeLimits, ReadBound, StreamReader, code},
     net::transport::{self, RelayAddr, TransportParams},
     ops::metrics::{ErrorClass, Flow, FlowLabel, InFlight, KindLabel, RelayMetrics, RelayRequest},
     store::identity,
 };
-
-/// How long a peer may take to send a stream's header.
-const HEADER_DEADLINE: Duration = Duration::from_secs(10);
-/// Largest control frame (a signed descriptor is at most 16 KiB).
-const MAX_CONTROL_FRAME: usize = 32 * 1024;
-/// Concurrent request streams one client connection may have open.
-const MAX_CLIENT_STREAMS: u32 = 256;
-/// How long a request may wait for one of its exit's stream slots when the exit is full and
-/// its connection is below its fair share (`relay::slots`); then it is answered `Overloaded`.
-const SLOT_WAIT: Duration = Duration::from_secs(5);
-/// Registrations one exit tunnel may send: a few at once, then one a minute (an exit
-/// re-registers every 12 hours and at key rotation).
-const REGISTRATION_BURST: u32 = 4;
-/// How long shutdown waits for in-flight streams.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Loads (or creates) the relay's identity and binds its QUIC endpoint.
 pub fn start(config: &RelayConfig) -> anyhow::Result<(Relay, Keypair)> {
@@ -819,7 +810,7 @@ async fn serve_exit(connection: quinn::Connection, shared: &Shared, shutdown: Ca
     };
     let mut reader = StreamReader::new(recv);
     let mut registered = false;
-    let mut rate = token_bucket::TokenBucket::new(REGISTRATION_BURST, 1.0 / 60.0);
+    let mut rate = token_bucket::TokenBucket::new(REGISTRATION_BURST, TUNNEL_REGISTRATIONS_PER_SEC);
     loop {
         let next = tokio::select! {
             () = shutdown.cancelled() => break,

@@ -20,9 +20,9 @@ use crate::{
         WorkerThreads,
         defaults::{
             ANSWER_BUDGET_WAIT_SECS, DEFAULT_BACKEND, DEFAULT_BACKEND_CONNECT_TIMEOUT,
-            DEFAULT_BACKEND_IDLE_TIMEOUT, DEFAULT_KEY_ROTATION_HOURS, MAX_CLOCK_SKEW_SECS,
-            MAX_EXIT_RELAYS, MAX_KEY_ROTATION_HOURS, MAX_RELAYS, MIN_KEY_ROTATION,
-            REPLAY_CACHE_ENTRIES,
+            DEFAULT_BACKEND_IDLE_TIMEOUT, DEFAULT_KEY_ROTATION_HOURS, DEFAULT_MAX_RELAYS,
+            MAX_CLOCK_SKEW_SECS, MAX_EXIT_RELAYS, MAX_KEY_ROTATION_HOURS, MAX_RELAYS,
+            MIN_KEY_ROTATION, REPLAY_CACHE_ENTRIES,
         },
         invalid, out_of,
     },
@@ -139,7 +139,7 @@ pub struct ExitConfig {
     /// The DHT to discover relays on when no relay is given.
     pub dht: DhtConfig,
     /// Most discovered relays to register with. Default
-    /// [`DEFAULT_MAX_RELAYS`](crate::net::discovery::DEFAULT_MAX_RELAYS) (3).
+    /// [`DEFAULT_MAX_RELAYS`] (3).
     pub max_relays: usize,
     /// Relays registered with when the DHT and the cache yield none. Default none.
     pub fallback_relays: Vec<RelayAddr>,
@@ -164,7 +164,7 @@ impl ExitConfig {
     pub fn resolve(args: ExitArgs) -> Result<Self, ConfigError> {
         let file: ExitFile = config::load(args.common.config.as_deref())?;
         let max_relays = match args.max_relays.or(file.max_relays) {
-            None => crate::net::discovery::DEFAULT_MAX_RELAYS,
+            None => DEFAULT_MAX_RELAYS,
             Some(n) if MAX_RELAYS.contains(&n) => n,
             Some(_) => return Err(out_of("max_relays", &MAX_RELAYS, "")),
         };
@@ -710,7 +710,7 @@ mod tests {
         };
         let config = ExitConfig::resolve(args).unwrap();
         assert!(config.relays.is_empty());
-        assert_eq!(config.max_relays, crate::net::discovery::DEFAULT_MAX_RELAYS);
+        assert_eq!(config.max_relays, DEFAULT_MAX_RELAYS);
         assert_eq!(config.dht.protocol.as_ref(), "/ipfs/kad/1.0.0");
         assert_eq!(config.dht.policy, AddressPolicy::Public);
         assert!(!config.dht.bootstrap.is_empty());

@@ -28,7 +28,7 @@ use super::{
 };
 use crate::{
     clock::Clock,
-    config::Limits,
+    config::{Limits, defaults::HEADER_DEADLINE},
     net::stream::{self, ChunkError, StreamReader, code},
     ops::metrics::{
         ErrorClass, ExitMetrics, Flow, FlowLabel, InFlight, KeyLabel, KeySlot, Media, MediaLabel,
@@ -39,9 +39,6 @@ use crate::{
     web::api_error::ApiError,
     web::http_message,
 };
-
-/// How long the relay may take to deliver a stream's header.
-const HEADER_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Decapsulates requests and calls the backend.
 #[derive(Debug)]

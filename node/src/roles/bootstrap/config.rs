@@ -1,4 +1,4 @@
-//! `tokengo bootstrap`'s configuration: the keys its YAML file takes ([`BootstrapFile`]; any
+//! `tokengo bootstrap`'s configuration: the keys its YAML file takes (`BootstrapFile`; any
 //! other key is refused) and the checked [`BootstrapConfig`] merged from flags, environment
 //! and that file.
 

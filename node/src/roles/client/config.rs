@@ -1,4 +1,4 @@
-//! `tokengo client`'s configuration: the keys its YAML file takes ([`ClientFile`]; any other
+//! `tokengo client`'s configuration: the keys its YAML file takes (`ClientFile`; any other
 //! key is refused) and the checked [`ClientConfig`] merged from flags, environment and that
 //! file. The local endpoint's policy ([`ClientPolicy`]) is also what `tokengo serve`'s client
 //! runs with, so serve builds it from here.

@@ -1,4 +1,4 @@
-//! `tokengo exit`'s configuration: the keys its YAML file takes ([`ExitFile`]; any other key
+//! `tokengo exit`'s configuration: the keys its YAML file takes (`ExitFile`; any other key
 //! is refused) and the checked [`ExitConfig`] merged from flags, environment and that file.
 //! The backend ([`BackendConfig`]) and the gate (endpoint policy, replay window, answer
 //! budget) are also what `tokengo serve`'s exit runs with, so serve builds them from here.

@@ -1,4 +1,4 @@
-//! `tokengo relay`'s configuration: the keys its YAML file takes ([`RelayFile`]; any other
+//! `tokengo relay`'s configuration: the keys its YAML file takes (`RelayFile`; any other
 //! key is refused) and the checked [`RelayConfig`] merged from flags, environment and that
 //! file.
 

@@ -1,4 +1,4 @@
-//! `tokengo serve`'s configuration: the keys its YAML file takes ([`ServeFile`]; any other key
+//! `tokengo serve`'s configuration: the keys its YAML file takes (`ServeFile`; any other key
 //! is refused) and the checked [`ServeConfig`]. Serve runs a relay, an exit and a client in
 //! one process over loopback, so its file takes the keys of those three it applies: the local
 //! endpoint's (client), the backend's, the gate's and the key rotation (exit), and every limit

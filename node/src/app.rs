@@ -22,12 +22,12 @@ use crate::{
 
 /// A command with its checked configuration.
 enum Resolved {
-    Relay(config::RelayConfig),
+    Relay(relay::config::RelayConfig),
     /// Boxed: an exit's configuration is the largest by far.
-    Exit(Box<config::ExitConfig>),
-    Client(config::ClientConfig),
-    Serve(config::ServeConfig),
-    Bootstrap(config::BootstrapConfig),
+    Exit(Box<exit::config::ExitConfig>),
+    Client(client::config::ClientConfig),
+    Serve(serve::config::ServeConfig),
+    Bootstrap(bootstrap::config::BootstrapConfig),
     Status(cli::StatusArgs),
 }
 
@@ -63,12 +63,16 @@ pub fn run(cli: cli::Cli) -> anyhow::Result<()> {
             logging::init(format, None);
             return keygen::run(&args);
         }
-        cli::Command::Relay(args) => Resolved::Relay(config::RelayConfig::resolve(args)?),
-        cli::Command::Exit(args) => Resolved::Exit(Box::new(config::ExitConfig::resolve(args)?)),
-        cli::Command::Client(args) => Resolved::Client(config::ClientConfig::resolve(args)?),
-        cli::Command::Serve(args) => Resolved::Serve(config::ServeConfig::resolve(args)?),
+        cli::Command::Relay(args) => Resolved::Relay(relay::config::RelayConfig::resolve(args)?),
+        cli::Command::Exit(args) => {
+            Resolved::Exit(Box::new(exit::config::ExitConfig::resolve(args)?))
+        }
+        cli::Command::Client(args) => {
+            Resolved::Client(client::config::ClientConfig::resolve(args)?)
+        }
+        cli::Command::Serve(args) => Resolved::Serve(serve::config::ServeConfig::resolve(args)?),
         cli::Command::Bootstrap(args) => {
-            Resolved::Bootstrap(config::BootstrapConfig::resolve(args)?)
+            Resolved::Bootstrap(bootstrap::config::BootstrapConfig::resolve(args)?)
         }
         cli::Command::Status(args) => Resolved::Status(args),
     };
@@ -112,7 +116,10 @@ pub fn run(cli: cli::Cli) -> anyhow::Result<()> {
 }
 
 /// `tokengo relay`.
-async fn run_relay(config: config::RelayConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+async fn run_relay(
+    config: relay::config::RelayConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let (node, identity) = relay::start(&config)?;
     let admin = admin::start(
         config.observability.admin_listen,
@@ -127,7 +134,10 @@ async fn run_relay(config: config::RelayConfig, shutdown: CancellationToken) -> 
 }
 
 /// `tokengo exit`.
-async fn run_exit(config: config::ExitConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+async fn run_exit(
+    config: exit::config::ExitConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let node = exit::prepare(&config, &shutdown)?;
     // The admin endpoint answers from the start (not ready while discovery runs), so a
     // liveness probe does not kill an exit that is still looking for relays.
@@ -148,7 +158,7 @@ async fn run_exit(config: config::ExitConfig, shutdown: CancellationToken) -> an
 
 /// `tokengo client`.
 async fn run_client(
-    config: config::ClientConfig,
+    config: client::config::ClientConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let admin_listen = config.observability.admin_listen;
@@ -167,7 +177,10 @@ async fn run_client(
 }
 
 /// `tokengo serve`: one admin endpoint for the three roles, stopped after all of them.
-async fn run_serve(config: config::ServeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+async fn run_serve(
+    config: serve::config::ServeConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let admin_listen = config.observability.admin_listen;
     let node = serve::Node::start(config).await?;
     let (relay, exit, client) = node.probes();

@@ -1,7 +1,8 @@
 //! Command-line interface: the roles and their flags. Every flag can also come from an
 //! environment variable (`TOKENGO_*`) or a YAML file (`--config`); flags win over the
-//! environment, the environment over the file. `config` turns these raw inputs into checked
-//! configurations.
+//! environment, the environment over the file. Each role's `config` module
+//! (`roles::<role>::config`, on the shared pieces in `crate::config`) turns these raw inputs
+//! into its checked configuration, and its YAML file takes only the keys that role uses.
 
 use std::path::PathBuf;
 

@@ -111,6 +111,27 @@ fn broken_configs_fail_before_starting_and_name_the_field() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("listen"));
 
+    // A key the role does not take (here an exit's) is refused, naming it and the command.
+    std::fs::write(
+        &config,
+        "listen: 0.0.0.0:4433\nbackend: http://localhost:11434\n",
+    )
+    .unwrap();
+    let out = tokengo(&[
+        "relay",
+        "-c",
+        config.to_str().unwrap(),
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("unknown key `backend` for `tokengo relay`")
+            && stderr.contains("exit.yaml"),
+        "{stderr}"
+    );
+
     // The environment fills in what flags do not give, and flags win over it.
     let out = Command::new(env!("CARGO_BIN_EXE_tokengo"))
         .args([

@@ -518,7 +518,7 @@ async fn start_announced_exit(
     let peer = exit.peer_id();
     let (tx, registered) = watch::channel(false);
     let probe = exit.probe_all(registered.clone());
-    let announce = tokengo::config::ExitAnnounceConfig {
+    let announce = tokengo::exit::config::ExitAnnounceConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         external_ips: Vec::new(),
     };

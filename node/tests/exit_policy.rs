@@ -19,8 +19,11 @@ use common::{
 use libp2p_identity::Keypair;
 use tokengo::{
     clock::Clock,
-    config::{BackendConfig, Limits, RedactedHeaders},
-    exit::EndpointPolicy,
+    config::Limits,
+    exit::{
+        EndpointPolicy,
+        config::{BackendConfig, RedactedHeaders},
+    },
     transport::{self, RelayAddr, TransportParams},
 };
 use tokengo_proto::frame::{ClientRequest, MediaType, Status};

@@ -288,11 +288,11 @@ async fn registrations_beyond_the_rate_and_the_cap_are_refused_as_overloaded() {
         .iter()
         .filter(|(s, _)| *s == Status::Overloaded)
         .count();
-    assert_eq!(refused, 1025 - tokengo::config::MAX_EXITS_CEILING);
+    assert_eq!(refused, 1025 - tokengo::config::defaults::MAX_EXITS_CEILING);
     let (_endpoint, client) = dial(&relay.addr, tokengo_proto::frame::ALPN_CLIENT, 0).await;
     // The client's own limit: 1024 entries, 4 MiB.
     let list = list_exits(&client).await;
-    assert_eq!(list.len(), tokengo::config::MAX_EXITS_CEILING);
+    assert_eq!(list.len(), tokengo::config::defaults::MAX_EXITS_CEILING);
 }
 
 /// The relay's exit list, decoded as a client would (at most 1024 entries, 4 MiB).

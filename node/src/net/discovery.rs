@@ -72,25 +72,13 @@ use crate::{
     ops::status::{DhtState, DhtStatus},
 };
 
-/// The DHT protocol of the public IPFS network.
-pub const DEFAULT_DHT_PROTOCOL: &str = "/ipfs/kad/1.0.0";
+/// The DHT protocol and bootstrap peers of the public IPFS network, and how long a start
+/// looks for relays: the defaults of `dht_protocol`, `bootstrap` and `discovery_timeout_secs`.
+pub use crate::config::defaults::{
+    DEFAULT_DHT_PROTOCOL, DEFAULT_DISCOVERY_TIMEOUT, PUBLIC_BOOTSTRAP,
+};
 /// Default UDP port of the libp2p swarm (relay and bootstrap node), as IPFS uses.
 pub const DEFAULT_DHT_PORT: u16 = 4001;
-/// The public IPFS (Amino) bootstrap peers, as Kubo ships them. The `/dnsaddr` entries are
-/// resolved at dial time (TXT records under `_dnsaddr.`), so the list follows the operators'
-/// changes; the literal-IP peer keeps a way in when DNS is unavailable.
-pub const PUBLIC_BOOTSTRAP: &[&str] = &[
-    "/dnsaddr/bootstrap.libp2p.io/p2p/QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN",
-    "/dnsaddr/bootstrap.libp2p.io/p2p/QmQCU2EcMqAqQPR2i9bChDtGNJchTbq5TbXJJ16u19uLTa",
-    "/dnsaddr/bootstrap.libp2p.io/p2p/QmbLHAnMoJPWSCR5Zhtx6BHJX9KiKNN6tpvbUcqanj75Nb",
-    "/dnsaddr/bootstrap.libp2p.io/p2p/QmcZf59bWwK5XFi76CZX8cbJ4BhTzzA3gU1ZjYZcYW3dwt",
-    "/dnsaddr/va1.bootstrap.libp2p.io/p2p/12D3KooWKnDdG3iXw9eTFijk3EWSunZcFi54Zka4wmtqtt6rPxc8",
-    "/ip4/104.131.131.82/udp/4001/quic-v1/p2p/QmaCpDMGvV2BGHeYERUEnRQAwe3N8SzbUtfsmvsqQLuvuJ",
-];
-/// How long a start may look for relays before giving up.
-pub const DEFAULT_DISCOVERY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Relays an exit registers with at most (it keeps one tunnel to each).
-pub const DEFAULT_MAX_RELAYS: usize = 3;
 /// Relays a client keeps for failover.
 pub const CLIENT_RELAYS: usize = 3;
 /// kad republishes provider records this often on lookups' swarms (they provide nothing).

@@ -21,10 +21,10 @@ use crate::{
     },
 };
 
-/// Largest exit list accepted from a relay.
-pub const MAX_LIST_BYTES: usize = 4 << 20;
-/// Most exits accepted from one relay.
-pub const MAX_EXITS: usize = 1024;
+/// Largest exit list accepted from a relay, and most exits accepted from one relay.
+pub use crate::config::defaults::{
+    CLIENT_MAX_EXITS as MAX_EXITS, CLIENT_MAX_LIST_BYTES as MAX_LIST_BYTES,
+};
 /// How long a relay may take to answer the exit list request.
 const LIST_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -21,6 +21,9 @@ use quinn::{
 use sha2::Sha256;
 use tokengo_proto::frame;
 
+/// The receive and send windows (per stream, per connection, an exit's tunnel at the relay).
+pub use crate::config::defaults::{CONNECTION_WINDOW, SEND_WINDOW, STREAM_WINDOW, TUNNEL_WINDOW};
+
 /// Installs aws-lc-rs as the process's rustls provider. libp2p-tls builds its configurations
 /// with aws-lc-rs; installing the same one explicitly means nothing else (reqwest) can pick a
 /// different default. Calling it twice is harmless.
@@ -215,20 +218,6 @@ pub struct TransportParams {
     /// the connection alive without application heartbeats.
     pub keep_alive: bool,
 }
-
-/// Receive window of one stream. quinn's default (1.25 MB) times its default 256 streams let
-/// one connection make a relay buffer ~320 MB; 256 KiB still carries a stream at ~20 Mbit/s
-/// over a 100 ms path (a model's output is a few KiB/s) and at Gbit/s on a LAN.
-pub const STREAM_WINDOW: u32 = 256 * 1024;
-/// Receive window of a whole connection (quinn's default is unlimited): what one client
-/// connection can make a relay buffer, whatever its stream count.
-pub const CONNECTION_WINDOW: u32 = 4 << 20;
-/// Receive window of an exit's tunnel at the relay. It carries every client's responses, and
-/// data a stalled client does not take stays counted here until the relay's write stall
-/// timeout resets that stream: 512 stalled streams would be needed to stop the tunnel.
-pub const TUNNEL_WINDOW: u32 = 128 << 20;
-/// Bytes sent and not yet acknowledged, per connection (quinn's default is 10 MB).
-pub const SEND_WINDOW: u64 = 4 << 20;
 
 /// Widens the receive window of an exit's tunnel (see [`TUNNEL_WINDOW`]).
 pub fn widen_for_tunnel(connection: &quinn::Connection) {

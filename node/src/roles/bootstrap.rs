@@ -3,10 +3,12 @@
 //! directory (`bootstrap_identity.key`), so its multiaddr (printed at start, with
 //! `/p2p/<PeerId>`) stays valid across restarts and can be written into configs.
 
+pub mod config;
+
 use tokio_util::sync::CancellationToken;
 
+use self::config::BootstrapConfig;
 use crate::{
-    config::BootstrapConfig,
     net::discovery::{DhtServer, DialGuard},
     store::identity,
 };

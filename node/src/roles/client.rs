@@ -4,6 +4,7 @@
 mod access;
 mod body;
 mod choice;
+pub mod config;
 mod directory;
 mod exit_set;
 mod proxy;
@@ -14,11 +15,15 @@ use anyhow::Context as _;
 use libp2p_identity::PeerId;
 use tokio_util::sync::CancellationToken;
 
+use self::config::ClientConfig;
 pub use access::ClientPolicy;
 pub use directory::{Directory, ExitInfo, ExitView, Route};
 
 use crate::{
-    config::{ClientConfig, Limits},
+    config::{
+        Limits,
+        defaults::{REDISCOVER_MAX, REDISCOVER_MIN},
+    },
     net::transport::{ConnectError, RelayAddr, TransportParams},
     ops::metrics::ClientMetrics,
     ops::status::{ClientStatus, ExitSummary, RelaySummary},
@@ -159,9 +164,6 @@ async fn look_up_exits(
 
 /// How often a discovering client checks whether all its relays failed.
 const RELAY_CHECK_EVERY: Duration = Duration::from_secs(2);
-/// Shortest and longest wait between discoveries while every relay stays down.
-const REDISCOVER_MIN: Duration = Duration::from_secs(5);
-const REDISCOVER_MAX: Duration = Duration::from_secs(300);
 
 /// Discovers relays again whenever every relay the client has failed (their lists cannot be
 /// fetched, or requests cannot reach them), and uses what verified instead (the relay cache

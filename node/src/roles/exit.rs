@@ -5,6 +5,7 @@
 pub mod access;
 mod answer_budget;
 mod backend;
+pub mod config;
 mod endpoint;
 mod gateway;
 mod relay_set;
@@ -28,6 +29,7 @@ use tokengo_proto::{
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use self::config::{BackendConfig, ExitConfig};
 pub use backend::Backend;
 pub use endpoint::{DEFAULT_ENDPOINTS, EndpointPolicy, EndpointRule, PathError, RuleError};
 pub use gateway::Gateway;
@@ -36,7 +38,10 @@ pub use tunnel::TunnelError;
 
 use crate::{
     clock::{Clock, unix_now},
-    config::{BackendConfig, ExitConfig, Limits},
+    config::{
+        Limits,
+        defaults::{DRAIN_DEADLINE, MAX_TUNNEL_STREAMS},
+    },
     net::transport::{RelayAddr, TransportParams},
     ops::metrics::ExitMetrics,
     store::data_dir::DataDir,
@@ -46,13 +51,9 @@ use crate::{
 
 /// How long a descriptor is valid; the exit re-registers at half of it.
 const DESCRIPTOR_LIFETIME: Duration = Duration::from_secs(24 * 3600);
-/// Concurrent request streams the relay may open on the tunnel.
-const MAX_TUNNEL_STREAMS: u32 = 1024;
 /// Backoff bounds for reconnecting to the relay.
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// How long shutdown waits for requests in flight.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Loads the exit for `tokengo exit`: its identity and keys, its backend, the access tokens
 /// it requires (watched for changes until `shutdown`).
@@ -383,7 +384,7 @@ impl Exit {
     #[must_use]
     pub fn announcer(
         &self,
-        announce: &crate::config::ExitAnnounceConfig,
+        announce: &config::ExitAnnounceConfig,
         registered: watch::Receiver<bool>,
         guard: crate::net::discovery::DialGuard,
     ) -> crate::net::discovery::Announcer {

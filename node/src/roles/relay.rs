@@ -4,6 +4,7 @@
 
 mod admission;
 mod clients;
+pub mod config;
 mod registry;
 mod slots;
 mod source;
@@ -16,7 +17,6 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    time::Duration,
 };
 
 use libp2p_identity::{Keypair, PeerId};
@@ -24,31 +24,20 @@ use tokengo_proto::frame::{self};
 use tokio::sync::watch;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+use self::config::RelayConfig;
 pub use registry::{MAX_INFO_BYTES, MAX_LIST_BYTES, Refused, Registered, Registry};
 
 use crate::{
     clock::unix_now,
-    config::{Limits, RelayConfig},
+    config::{
+        Limits,
+        defaults::{DRAIN_DEADLINE, MAX_CLIENT_STREAMS},
+    },
     net::stream::code,
     net::transport::{self, RelayAddr, TransportParams},
     ops::metrics::{InFlight, RelayMetrics},
     store::identity,
 };
-
-/// How long a peer may take to send a stream's header.
-const HEADER_DEADLINE: Duration = Duration::from_secs(10);
-/// Largest control frame (a signed descriptor is at most 16 KiB).
-const MAX_CONTROL_FRAME: usize = 32 * 1024;
-/// Concurrent request streams one client connection may have open.
-const MAX_CLIENT_STREAMS: u32 = 256;
-/// How long a request may wait for one of its exit's stream slots when the exit is full and
-/// its connection is below its fair share (`relay::slots`); then it is answered `Overloaded`.
-const SLOT_WAIT: Duration = Duration::from_secs(5);
-/// Registrations one exit tunnel may send: a few at once, then one a minute (an exit
-/// re-registers every 12 hours and at key rotation).
-const REGISTRATION_BURST: u32 = 4;
-/// How long shutdown waits for in-flight streams.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Loads (or creates) the relay's identity and binds its QUIC endpoint.
 pub fn start(config: &RelayConfig) -> anyhow::Result<(Relay, Keypair)> {
@@ -101,7 +90,7 @@ pub async fn serve(
 /// and the DHT). The QUIC addresses it advertises are its external IPs with the QUIC port, or
 /// its loopback address under the `loopback` policy.
 fn announce(
-    dht: crate::config::RelayDhtConfig,
+    dht: config::RelayDhtConfig,
     relay: &Relay,
     identity: Keypair,
     shutdown: CancellationToken,

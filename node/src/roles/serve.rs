@@ -3,14 +3,16 @@
 //! port is chosen by the system and never leaves loopback, accepts only this process's exit,
 //! and the client is pinned to that exit.
 
+pub mod config;
+
 use std::net::SocketAddr;
 
 use anyhow::Context as _;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use self::config::ServeConfig;
 use crate::{
-    config::ServeConfig,
     net::transport::RelayAddr,
     ops::metrics::DhtMetrics,
     roles::{

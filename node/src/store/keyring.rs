@@ -9,6 +9,8 @@ pub use tokengo_proto::keyring::Keyring;
 use tokengo_proto::keyring::KeyringError as FormatError;
 use zeroize::Zeroizing;
 
+/// Longest time the previous key is still accepted after a rotation.
+pub use crate::config::defaults::MAX_KEY_OVERLAP as MAX_OVERLAP;
 use crate::store::data_dir::{self, DataDirError};
 
 /// Why a keyring could not be loaded or saved.
@@ -67,14 +69,6 @@ pub fn save_new(ring: &Keyring, path: &Path) -> Result<(), KeyringError> {
 pub fn save(ring: &Keyring, path: &Path) -> Result<(), KeyringError> {
     Ok(data_dir::replace_secret(path, &ring.encode())?)
 }
-
-/// Longest time the previous key is still accepted after a rotation. A key is needed only
-/// until a request's header is decapsulated (a long answer keeps the context it derived, not
-/// the key), so what the overlap must cover is how long clients take to learn the new key:
-/// they fetch relay lists every minute and DHT exit records every 10 minutes, and a client
-/// that still missed it gets "key unknown", refreshes and retries the same exit once.
-/// A short overlap limits how long a key that may have leaked still opens requests.
-pub const MAX_OVERLAP: Duration = Duration::from_secs(15 * 60);
 
 /// How long the previous key stays accepted after a rotation every `period`: the smaller of
 /// the period and [`MAX_OVERLAP`] (a ring holds two keys, so a rotation drops the oldest).

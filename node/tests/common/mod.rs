@@ -23,9 +23,12 @@ use tokengo::{
     RoleProbe, admin,
     client::{Client, ClientProbe},
     clock::Clock,
-    config::{BackendConfig, Limits, RedactedHeaders},
+    config::Limits,
     data_dir::DataDir,
-    exit::{EndpointPolicy, Exit, ExitProbe},
+    exit::{
+        EndpointPolicy, Exit, ExitProbe,
+        config::{BackendConfig, RedactedHeaders},
+    },
     relay::{Direction, Registry, Relay, RelayProbe, Tap},
     transport::RelayAddr,
 };

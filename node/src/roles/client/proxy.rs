@@ -29,6 +29,7 @@ use super::{
     directory::Route,
 };
 use crate::{
+    config::defaults::CLIENT_TIMEOUT_MARGIN as TIMEOUT_MARGIN,
     net::stream::{ChunkError, StreamReader, code},
     ops::metrics::{
         ClientMetrics, ErrorClass, Flow, InFlight, Media, MediaLabel, StatusClass, StatusLabel,
@@ -37,9 +38,6 @@ use crate::{
     web::http_message,
 };
 
-/// How much longer than the request timeout the client waits for the exit, so the exit
-/// reports a backend timeout first.
-const TIMEOUT_MARGIN: Duration = Duration::from_secs(30);
 /// Exits tried per request when the relay says an exit is gone or busy.
 const MAX_ATTEMPTS: usize = 3;
 

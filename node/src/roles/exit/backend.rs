@@ -8,8 +8,9 @@ use bytes::Bytes;
 use http::{HeaderMap, Method};
 use tokengo_proto::bhttp::RequestHead;
 
+use super::config::BackendConfig;
 use super::endpoint::{EndpointPolicy, Refused};
-use crate::{config::BackendConfig, web::api_error::ApiError, web::http_message};
+use crate::{web::api_error::ApiError, web::http_message};
 
 /// How long a readiness probe waits for the backend.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -301,7 +302,7 @@ mod tests {
     fn urls_stay_below_the_base_path() {
         let backend = Backend::new(&BackendConfig {
             url: "http://127.0.0.1:9/base/".parse().unwrap(),
-            headers: crate::config::RedactedHeaders::default(),
+            headers: crate::roles::exit::config::RedactedHeaders::default(),
             idle_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(1),
             allow: EndpointPolicy::default(),

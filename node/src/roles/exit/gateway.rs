@@ -29,7 +29,7 @@ use super::{
 };
 use crate::{
     clock::Clock,
-    config::Limits,
+    config::{Limits, defaults::HEADER_DEADLINE},
     net::stream::{self, StreamReader, code},
     ops::metrics::{
         ErrorClass, ExitMetrics, Flow, FlowLabel, InFlight, KeyLabel, KeySlot, Media, MediaLabel,
@@ -40,9 +40,6 @@ use crate::{
     web::api_error::ApiError,
     web::http_message,
 };
-
-/// How long the relay may take to deliver a stream's header.
-const HEADER_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Decapsulates requests and calls the backend.
 #[derive(Debug)]
@@ -587,7 +584,7 @@ fn error_response(error: &ApiError) -> (ResponseHead, Bytes) {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::config::{BackendConfig, RedactedHeaders};
+    use crate::roles::exit::config::{BackendConfig, RedactedHeaders};
 
     #[test]
     fn key_rotation_is_counted_and_both_keys_are_reported() {

@@ -15,19 +15,11 @@ use super::{
     tunnel::{Ended, TunnelError},
 };
 use crate::{
+    config::defaults::{LOST_RELAY_AFTER as LOST_AFTER, REDISCOVER_MAX, REDISCOVER_MIN},
     net::discovery::{self, DhtConfig, Seek},
     net::transport::RelayAddr,
     ops::status::ExitRelayStatus,
 };
-
-/// How long a discovered relay may stay unreachable before the exit looks for another.
-/// A restarting relay is back well within it; a relay that is gone is replaced after it.
-const LOST_AFTER: Duration = Duration::from_secs(10);
-/// First wait before discovering again while fewer relays than wanted are held; it doubles
-/// after each discovery that did not fill the set.
-const REDISCOVER_MIN: Duration = Duration::from_secs(5);
-/// Longest wait between discoveries while the set is not full.
-const REDISCOVER_MAX: Duration = Duration::from_secs(300);
 
 /// Where a discovering exit finds replacements for relays it lost.
 #[derive(Debug, Clone)]

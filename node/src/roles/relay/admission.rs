@@ -22,6 +22,11 @@ use std::{
 };
 
 use super::{source::Source, token_bucket::TokenBucket};
+// Refusals one connection may draw at once, then per second.
+use crate::config::defaults::{
+    MALFORMED_HEADER_BURST as CONNECTION_REFUSAL_BURST,
+    MALFORMED_HEADERS_PER_SEC as CONNECTION_REFUSALS_PER_SEC,
+};
 
 /// What to do with a new connection attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,10 +130,6 @@ impl ConnectionGate {
 /// connection is closed.
 #[derive(Debug)]
 pub(crate) struct RefusalBudget(Mutex<TokenBucket>);
-
-/// Refusals one connection may draw at once, then per second.
-const CONNECTION_REFUSAL_BURST: u32 = 16;
-const CONNECTION_REFUSALS_PER_SEC: f64 = 2.0;
 
 impl Default for RefusalBudget {
     fn default() -> Self {

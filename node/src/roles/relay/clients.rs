@@ -12,11 +12,12 @@ use tracing::{Instrument as _, field::Empty};
 
 use crate::{
     clock::unix_now,
+    config::defaults::{HEADER_DEADLINE, SLOT_WAIT},
     net::stream::{self, PipeLimits, ReadBound, StreamReader, code},
     ops::metrics::{ErrorClass, Flow, FlowLabel, InFlight, KindLabel, RelayMetrics, RelayRequest},
 };
 
-use super::{Direction, HEADER_DEADLINE, SLOT_WAIT, Shared, admission, slots, source};
+use super::{Direction, Shared, admission, slots, source};
 
 /// One client connection: each bidirectional stream is one request. No address is logged,
 /// and the per-stream spans carry no exit id, so neither logs nor traces can pair the two.

@@ -19,29 +19,25 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokengo_proto::frame::{self, Status};
 
 use super::{slots::Slots, token_bucket::TokenBucket};
-use crate::{config::Limits, net::relay_link};
-
-/// Byte budget of all registered descriptors: the exit list (status byte, counts and lengths
-/// included) stays well under the 4 MiB a client reads.
-pub const MAX_LIST_BYTES: usize = 3 << 20;
-/// Byte budget of the descriptors a relay-info answer carries: its whole message must stay
-/// under `tokengo_proto::relay_info::MAX_RESPONSE_BYTES` (1 MiB). Exits beyond it are left
-/// out of relay-info (clients get them from the exit list over QUIC).
-pub const MAX_INFO_BYTES: usize = 900 * 1024;
+pub use crate::config::defaults::{
+    MAX_EXIT_LIST_BYTES as MAX_LIST_BYTES, MAX_RELAY_INFO_BYTES as MAX_INFO_BYTES,
+};
+use crate::{
+    config::{
+        Limits,
+        defaults::{MAX_EXIT_SLOTS, MAX_EXITS_CEILING},
+    },
+    net::relay_link,
+};
 // The largest list the caps allow is one a client accepts (`net::relay_link` reads at most
 // 1024 entries and 4 MiB): the most entries, each with up to 8 bytes of count and length
 // prefixes, plus the byte budget and the status byte. Relay-info's descriptors, with room
 // for its addresses and ALPNs, stay under its 1 MiB answer. Checked when compiling.
 const _: () = {
-    assert!(crate::config::MAX_EXITS_CEILING <= relay_link::MAX_EXITS);
-    assert!(
-        1 + 8 * crate::config::MAX_EXITS_CEILING + MAX_LIST_BYTES <= relay_link::MAX_LIST_BYTES
-    );
+    assert!(MAX_EXITS_CEILING <= relay_link::MAX_EXITS);
+    assert!(1 + 8 * MAX_EXITS_CEILING + MAX_LIST_BYTES <= relay_link::MAX_LIST_BYTES);
     assert!(MAX_INFO_BYTES + 64 * 1024 <= tokengo_proto::relay_info::MAX_RESPONSE_BYTES);
 };
-
-/// Most stream slots the relay accounts for one exit, whatever its descriptor claims.
-const MAX_EXIT_SLOTS: u32 = 1024;
 
 /// One registered exit.
 #[derive(Debug, Clone)]
@@ -161,7 +157,7 @@ impl Registry {
                     f64::from(limits.registrations_per_sec),
                 ),
             }),
-            max_exits: limits.max_exits.clamp(1, crate::config::MAX_EXITS_CEILING),
+            max_exits: limits.max_exits.clamp(1, MAX_EXITS_CEILING),
             contended_streams: limits.contended_streams,
             count: tokio::sync::watch::Sender::new(0),
             gauge: Gauge::default(),

@@ -13,15 +13,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     clock::unix_now,
+    config::defaults::{
+        HEADER_DEADLINE, MAX_CONTROL_FRAME, TUNNEL_REGISTRATION_BURST, TUNNEL_REGISTRATIONS_PER_SEC,
+    },
     net::stream::{self, StreamReader, code},
     net::transport,
     ops::metrics::{Registration, RegistrationLabel},
 };
 
-use super::{
-    HEADER_DEADLINE, MAX_CONTROL_FRAME, REGISTRATION_BURST, Refused, Registered, Registry, Shared,
-    token_bucket,
-};
+use super::{Refused, Registered, Registry, Shared, token_bucket};
 
 /// One exit tunnel: the first stream the exit opens is its control stream, on which it
 /// registers signed descriptors.
@@ -45,7 +45,8 @@ pub(super) async fn serve(
     };
     let mut reader = StreamReader::new(recv);
     let mut registered = false;
-    let mut rate = token_bucket::TokenBucket::new(REGISTRATION_BURST, 1.0 / 60.0);
+    let mut rate =
+        token_bucket::TokenBucket::new(TUNNEL_REGISTRATION_BURST, TUNNEL_REGISTRATIONS_PER_SEC);
     loop {
         let next = tokio::select! {
             () = shutdown.cancelled() => break,

@@ -4,8 +4,6 @@
 //!
 //! `scripts/bench-discovery` runs it; nothing here touches the public network.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use std::time::Duration;
 
 use libp2p::StreamProtocol;

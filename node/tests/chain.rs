@@ -1,8 +1,6 @@
 //! The whole chain on loopback: client → relay → exit → backend over real QUIC and OHTTP.
 //! What the relay sees, what survives the trip, and how long streams behave.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 mod common;
 
 use std::{

@@ -1,8 +1,6 @@
 //! The `tokengo` binary's own behaviour: key generation and configuration errors, as an
 //! operator meets them.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use std::process::Command;
 
 fn tokengo(args: &[&str]) -> std::process::Output {

@@ -2,8 +2,6 @@
 //! servers. All on loopback with a test protocol name; the client's own dials are recorded
 //! and must stay on loopback.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 mod common;
 
 use std::{sync::Arc, time::Duration};

@@ -10,8 +10,6 @@
 //!
 //! In a file of its own so that the process's peak memory is this test's.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 mod common;
 mod go_dht;
 

@@ -3,8 +3,6 @@
 //! them attempts is recorded; the tests fail if one leaves loopback. Nothing here touches the
 //! public network.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 mod common;
 
 use std::{sync::Arc, time::Duration};

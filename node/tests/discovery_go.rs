@@ -3,8 +3,6 @@
 //! with go's lifetimes scaled down (a "minute" is a fraction of a second). Nothing here
 //! touches the public network.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 mod common;
 mod go_dht;
 

@@ -2,8 +2,6 @@
 //! token (issue 18). Real `tokengo exit` and `tokengo client` processes on loopback, relays
 //! over real QUIC, one recording backend per exit to count what reached it.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 mod common;
 
 use std::{process::Stdio, sync::Arc, time::Duration};

@@ -3,8 +3,6 @@
 //! the exit hold those answers. The exit's answer budget bounds the bytes held (measured by
 //! the exit's own gauge, not by timing) while well-behaved clients keep getting answers.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 mod common;
 
 use std::time::{Duration, Instant};

@@ -3,8 +3,6 @@
 //! that identifies the user's tool, no request from a foreign web page, no replay (minutes
 //! later, or after the exit restarted), and no hidden cap on a slow non-streamed answer.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 mod common;
 
 use std::{

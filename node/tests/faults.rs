@@ -5,8 +5,6 @@
 //! backend saw it); conditions are awaited with deadlines, and the times measured are printed,
 //! never asserted.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 mod common;
 
 use std::{

@@ -4,8 +4,6 @@
 //! retries it, so even a single exit rotates without a failed request. In-process roles on
 //! loopback over real QUIC and real OHTTP.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 mod common;
 
 use std::{

@@ -4,8 +4,6 @@
 //! Each attacker is a raw peer speaking the wire protocol; the relay must answer or cut it
 //! in bounded time and keep serving everyone else.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 mod common;
 
 use std::{

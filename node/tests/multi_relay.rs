@@ -3,8 +3,6 @@
 //! when it is back); a discovering exit that loses its relay finds another on the DHT. Real
 //! exit processes; relays, DHT servers and clients in-process, all on loopback.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 mod common;
 
 use std::time::Duration;

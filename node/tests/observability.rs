@@ -5,7 +5,7 @@
 //! Every check scrapes after an awaited event (a response read to its end, a backend whose
 //! server task has ended, the relay's exit count seen through its watch channel): nothing
 //! here waits for time to pass.
-
+// Its helpers are plain functions, outside what clippy counts as tests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

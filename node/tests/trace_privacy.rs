@@ -4,8 +4,6 @@
 //! spans the client exported) appears in anything the relay forwarded or the exit received,
 //! and the relay's and exit's spans start traces of their own.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 mod common;
 
 use std::{

@@ -2,8 +2,6 @@
 //! client and serve processes on loopback, relays and exits over real QUIC and OHTTP, one
 //! recording backend per exit to count where requests went.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 mod common;
 
 use std::{

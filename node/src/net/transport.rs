@@ -508,7 +508,6 @@ pub fn peer_id(connection: &quinn::Connection) -> Option<PeerId> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

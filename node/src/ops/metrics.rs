@@ -775,7 +775,6 @@ impl ProcessInfo {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

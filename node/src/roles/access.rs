@@ -105,7 +105,6 @@ impl ExitTokens {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

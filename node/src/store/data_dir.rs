@@ -144,7 +144,6 @@ pub fn replace_secret(path: &Path, bytes: &[u8]) -> Result<(), DataDirError> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -62,7 +62,6 @@ pub fn peer_id(key: &Keypair) -> PeerId {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

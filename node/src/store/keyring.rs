@@ -107,7 +107,6 @@ pub fn duplicate(ring: &Keyring) -> Result<Keyring, KeyringError> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

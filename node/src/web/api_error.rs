@@ -184,7 +184,6 @@ impl From<crate::net::relay_link::LinkError> for ApiError {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

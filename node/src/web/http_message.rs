@@ -244,7 +244,6 @@ pub fn to_header_map(fields: &[Field]) -> HeaderMap {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -169,7 +169,6 @@ impl HistogramSnapshot {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

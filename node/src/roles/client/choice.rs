@@ -106,7 +106,6 @@ fn median(latencies: impl Iterator<Item = Duration>) -> Option<Duration> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

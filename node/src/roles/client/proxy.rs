@@ -651,7 +651,6 @@ fn build_response(head: &ResponseHead, body: Body) -> Response {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -228,7 +228,6 @@ impl Drop for Reloader {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use tokengo_proto::bhttp::Field;

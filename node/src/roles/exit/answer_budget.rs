@@ -206,7 +206,6 @@ impl Drop for Claim {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -232,7 +232,6 @@ impl WithoutUrl for reqwest::Error {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use tokengo_proto::bhttp::Field;

@@ -298,7 +298,6 @@ fn decode_segment(segment: &str) -> Result<String, PathError> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -581,7 +581,6 @@ fn error_response(error: &ApiError) -> (ResponseHead, Bytes) {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::roles::exit::config::{BackendConfig, RedactedHeaders};

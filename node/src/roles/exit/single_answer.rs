@@ -169,7 +169,6 @@ impl SingleAnswer {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use std::time::Duration;
 

@@ -295,7 +295,6 @@ impl SourceState {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use std::net::{Ipv4Addr, SocketAddr};
 

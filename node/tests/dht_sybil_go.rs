@@ -9,6 +9,8 @@
 //! `cargo test -p tokengo --test dht_sybil_go -- --nocapture`.
 //!
 //! In a file of its own so that the process's peak memory is this test's.
+// Its helpers are plain functions, outside what clippy counts as tests.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 mod go_dht;

@@ -2,6 +2,8 @@
 //! and exits, and clients that are given no relay, all with a test protocol name. Every dial any of
 //! them attempts is recorded; the tests fail if one leaves loopback. Nothing here touches the
 //! public network.
+// Its helpers are plain functions, outside what clippy counts as tests.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

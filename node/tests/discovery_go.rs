@@ -2,6 +2,8 @@
 //! provider lookups from a peerstore, as the public Amino DHT's go-libp2p-kad-dht servers do,
 //! with go's lifetimes scaled down (a "minute" is a fraction of a second). Nothing here
 //! touches the public network.
+// Its helpers are plain functions, outside what clippy counts as tests.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 mod go_dht;

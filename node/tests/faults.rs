@@ -4,6 +4,8 @@
 //! this process. Outcomes and counts are asserted (which exit served a request, how often each
 //! backend saw it); conditions are awaited with deadlines, and the times measured are printed,
 //! never asserted.
+// Its helpers are plain functions, outside what clippy counts as tests.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

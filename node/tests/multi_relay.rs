@@ -2,6 +2,8 @@
 //! tunnel to each, serves the clients of both, and survives one relay dying (and re-registers
 //! when it is back); a discovering exit that loses its relay finds another on the DHT. Real
 //! exit processes; relays, DHT servers and clients in-process, all on loopback.
+// Its helpers are plain functions, outside what clippy counts as tests.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

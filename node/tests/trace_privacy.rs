@@ -3,6 +3,8 @@
 //! of its own. Neither those ids nor any trace or span id the client used (read from the
 //! spans the client exported) appears in anything the relay forwarded or the exit received,
 //! and the relay's and exit's spans start traces of their own.
+// Its helpers are plain functions, outside what clippy counts as tests.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

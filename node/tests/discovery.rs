@@ -166,7 +166,7 @@ async fn start_relay(
     let status_tx = relay.dht_status();
     let status = status_tx.subscribe();
     let info =
-        info.unwrap_or_else(|| discovery::relay_info_source(vec![addr.clone()], relay.registry()));
+        info.unwrap_or_else(|| tokengo::roles::relay::relay_info_source(vec![addr.clone()], relay.registry()));
     let stop = CancellationToken::new();
     tokio::spawn(relay.run(stop.clone()));
     let announcer = Announcer {

@@ -19,7 +19,7 @@ use common::{
 };
 use libp2p_identity::{Keypair, PeerId};
 use tokengo::{
-    client::{RelayLink, list_exits},
+    net::relay_link::{RelayLink, list_exits},
     relay::Registry,
     stream::StreamReader,
     transport::{self, RelayAddr, TransportParams},

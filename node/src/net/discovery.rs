@@ -23,17 +23,18 @@
 pub mod cache;
 mod codec;
 pub mod exits;
+mod gate;
 mod lookup;
 mod peer_routing;
 pub mod policy;
 pub mod selection;
 pub mod store;
+mod swarm;
 mod verification;
 
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
-    num::NonZeroUsize,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -41,13 +42,11 @@ use std::{
 use futures_util::StreamExt as _;
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm,
-    core::{Transport as _, muxing::StreamMuxerBox},
-    identify,
     identity::Keypair,
     kad,
     multiaddr::Protocol,
     request_response::{self, ProtocolSupport},
-    swarm::{NetworkBehaviour, SwarmEvent},
+    swarm::SwarmEvent,
 };
 use tokengo_proto::{
     exit_info::{self, SignedExitInfo},
@@ -60,7 +59,11 @@ pub use cache::{CACHE_FILE, RelayCache, VerifiedRelay, rank};
 pub use exits::{ExitLookup, ExitRefusal, FoundExit, exit_info_source, find_exits};
 pub use policy::{AddressPolicy, DialGuard, DialRecord};
 pub use selection::{Selection, SelectionLimits, SelectionStats};
-use store::ProviderStore;
+use swarm::{
+    Behaviour, BehaviourEvent, InfoSupport, KadTuning, Walk, add_bootstrap, auto_confirmed,
+    build_swarm, build_swarm_with, external_for, on_identify, udp_port,
+};
+pub use swarm::{MAX_KAD_PACKET, quic_multiaddr};
 
 pub use crate::ops::status::Verification;
 
@@ -93,8 +96,6 @@ pub const DEFAULT_DISCOVERY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_RELAYS: usize = 3;
 /// Relays a client keeps for failover.
 pub const CLIENT_RELAYS: usize = 3;
-/// kad republishes provider records this often on lookups' swarms (they provide nothing).
-const PROVIDER_PUBLICATION_INTERVAL: Duration = Duration::from_secs(12 * 3600);
 /// An announcer republishes this often by default: go-libp2p-kad-dht servers answer a
 /// provider with the addresses their peerstore holds, which lapse 15 minutes after the
 /// provider's last connection to them; each publication reconnects and renews them.
@@ -104,10 +105,6 @@ pub const DEFAULT_REPUBLISH: Duration = Duration::from_secs(10 * 60);
 pub const DEFAULT_PROVIDE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 /// The self-check after publishing may take this long.
 pub const DEFAULT_VERIFY_TIMEOUT: Duration = Duration::from_secs(2 * 60);
-/// Requests in flight per announcing query (Amino's go nodes use 10; kad's default is 3).
-const PROVIDE_PARALLELISM: usize = 10;
-/// Provider record lifetime (Amino's).
-const PROVIDER_RECORD_TTL: Duration = Duration::from_secs(48 * 3600);
 /// After the first verified relay, how long to wait for better ones (private DHTs).
 pub const DEFAULT_SETTLE: Duration = Duration::from_secs(1);
 /// The same on the public DHT, where providers keep arriving for seconds (lookups there
@@ -120,19 +117,6 @@ const VERIFY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Retry bounds for a failed announcement.
 const PUBLISH_RETRY_MIN: Duration = Duration::from_secs(5);
 const PUBLISH_RETRY_MAX: Duration = Duration::from_secs(300);
-/// A relay-info or exit-info request may take this long.
-const INFO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest kad message a seeker decodes: go-libp2p's own message limit (4 MiB), so any
-/// answer a go server can send is readable. go servers answer GET_PROVIDERS with every stored
-/// provider; kad's default of 16 KiB made a few hundred records (or a handful with long
-/// address lists) turn every answer for the key into an error, and discovery into nothing.
-/// Memory: kad reads at most `parallelism` (3) such answers at once.
-pub const MAX_KAD_PACKET: usize = 4 * 1024 * 1024;
-/// Largest kad message a DHT server decodes: it is asked, and requests are small (an
-/// ADD_PROVIDER of a relay lists a few addresses); answers it sends are not limited by this.
-const MAX_KAD_REQUEST: usize = 64 * 1024;
-/// Identify's protocol name (the standard one; kad learns peers' protocols through it).
-const IDENTIFY_PROTOCOL: &str = "/ipfs/id/1.0.0";
 
 /// A discovery failure.
 #[derive(Debug, thiserror::Error)]
@@ -237,55 +221,6 @@ impl AnnounceSchedule {
     }
 }
 
-/// A seeker's QUIC handshake timeout (see [`KadTuning`]).
-const SEEKER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
-/// libp2p-quic's default handshake timeout, kept by announcers and DHT servers.
-const LIBP2P_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// kad settings that differ between a swarm that looks up and one that announces.
-#[derive(Debug, Clone, Copy)]
-struct KadTuning {
-    role: KadRole,
-    /// QUIC handshake timeout of every libp2p dial. A seeker's is short (3 s): a provider
-    /// record naming a silent address holds a contact slot this long, and a relay that
-    /// takes longer to answer a handshake is a poor relay anyway. Others keep libp2p's 5 s.
-    handshake_timeout: Duration,
-    query_timeout: Duration,
-    parallelism: Option<NonZeroUsize>,
-    publication_interval: Duration,
-}
-
-impl KadTuning {
-    fn lookup(config: &DhtConfig) -> Self {
-        Self {
-            role: KadRole::Peer,
-            handshake_timeout: SEEKER_HANDSHAKE_TIMEOUT,
-            query_timeout: config.timeout,
-            parallelism: None,
-            publication_interval: PROVIDER_PUBLICATION_INTERVAL,
-        }
-    }
-
-    /// `tokengo bootstrap`: a lookup's timings, storing and answering for everyone.
-    fn storage(config: &DhtConfig) -> Self {
-        Self {
-            role: KadRole::Storage,
-            handshake_timeout: LIBP2P_HANDSHAKE_TIMEOUT,
-            ..Self::lookup(config)
-        }
-    }
-
-    fn announce(schedule: &AnnounceSchedule) -> Self {
-        Self {
-            role: KadRole::Peer,
-            handshake_timeout: LIBP2P_HANDSHAKE_TIMEOUT,
-            query_timeout: schedule.provide_timeout,
-            parallelism: NonZeroUsize::new(PROVIDE_PARALLELISM),
-            publication_interval: schedule.republish,
-        }
-    }
-}
-
 /// What a relay says about itself on `/tokengo/relay-info/1`; `None` means "do not answer".
 pub type InfoSource = Arc<dyn Fn() -> Option<RelayInfo> + Send + Sync>;
 
@@ -347,250 +282,6 @@ impl Answer {
         }
         std::future::pending().await
     }
-}
-
-#[derive(NetworkBehaviour)]
-struct Behaviour {
-    kad: kad::Behaviour<ProviderStore>,
-    identify: identify::Behaviour,
-    info: request_response::Behaviour<codec::RelayInfoCodec>,
-    exit_info: request_response::Behaviour<codec::ExitInfoCodec>,
-    gate: lookup::ProviderGate,
-}
-
-/// Which side of the two info protocols a swarm takes.
-#[derive(Debug, Clone)]
-struct InfoSupport {
-    relay: ProtocolSupport,
-    exit: ProtocolSupport,
-}
-
-impl InfoSupport {
-    /// Asks, never answers (seekers and DHT servers).
-    const ASK: Self = Self {
-        relay: ProtocolSupport::Outbound,
-        exit: ProtocolSupport::Outbound,
-    };
-}
-
-fn build_swarm(
-    identity: Keypair,
-    config: &DhtConfig,
-    guard: DialGuard,
-    mode: kad::Mode,
-    support: InfoSupport,
-) -> Result<Swarm<Behaviour>, DiscoveryError> {
-    build_swarm_with(
-        identity,
-        config,
-        guard,
-        mode,
-        support,
-        KadTuning::lookup(config),
-    )
-}
-
-/// How a swarm's kad is tuned beyond its mode and timings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum KadRole {
-    /// Announcers and seekers: read answers up to [`MAX_KAD_PACKET`].
-    Peer,
-    /// `tokengo bootstrap`: answers with every stored provider (kad caps an answer at its
-    /// replication factor, 20 by default, first come), reads requests up to
-    /// [`MAX_KAD_REQUEST`].
-    Storage,
-}
-
-fn build_swarm_with(
-    identity: Keypair,
-    config: &DhtConfig,
-    guard: DialGuard,
-    mode: kad::Mode,
-    support: InfoSupport,
-    tuning: KadTuning,
-) -> Result<Swarm<Behaviour>, DiscoveryError> {
-    let policy = config.policy;
-    let protocol = config.protocol.clone();
-    let needs_dns = config.bootstrap.iter().any(is_dns_named);
-    let bootstrap = config.bootstrap.clone();
-    let swarm = libp2p::SwarmBuilder::with_existing_identity(identity)
-        .with_tokio()
-        .with_other_transport(move |key| {
-            let mut quic_config = libp2p::quic::Config::new(key);
-            quic_config.handshake_timeout = tuning.handshake_timeout;
-            let quic = libp2p::quic::tokio::Transport::new(quic_config);
-            let named_guard = guard.clone();
-            let guarded = policy::PolicyTransport::new(quic, policy, guard)
-                .map(|(peer, conn), _| (peer, StreamMuxerBox::new(conn)));
-            // DNS sits outside the policy, so the policy judges the resolved IP addresses;
-            // only the bootstrap peers' names reach the resolver. Only networks that name a
-            // peer by DNS pay for reading the system resolver.
-            let transport: Result<_, Box<dyn std::error::Error + Send + Sync>> = if needs_dns {
-                match libp2p::dns::tokio::Transport::system(guarded) {
-                    Ok(resolving) => {
-                        Ok(policy::NamedDials::new(resolving, &bootstrap, named_guard).boxed())
-                    }
-                    Err(e) => Err(format!(
-                        "a bootstrap peer is named by DNS but the system resolver configuration \
-                         cannot be read ({e}); give --bootstrap addresses with IPs"
-                    )
-                    .into()),
-                }
-            } else {
-                Ok(guarded.boxed())
-            };
-            transport
-        })
-        .map_err(|e| DiscoveryError::Swarm(e.to_string()))?
-        .with_behaviour(move |key| {
-            let peer = key.public().to_peer_id();
-            let mut kad_config = kad::Config::new(protocol);
-            kad_config.set_query_timeout(tuning.query_timeout);
-            if let Some(parallelism) = tuning.parallelism {
-                kad_config.set_parallelism(parallelism);
-            }
-            kad_config.set_provider_publication_interval(Some(tuning.publication_interval));
-            kad_config.set_provider_record_ttl(Some(PROVIDER_RECORD_TTL));
-            match tuning.role {
-                KadRole::Peer => {
-                    kad_config.set_max_packet_size(MAX_KAD_PACKET);
-                }
-                KadRole::Storage => {
-                    kad_config.set_max_packet_size(MAX_KAD_REQUEST);
-                    if let Some(all) = std::num::NonZeroUsize::new(store::MAX_PROVIDERS_PER_KEY) {
-                        kad_config.set_replication_factor(all);
-                    }
-                }
-            }
-            let mut kad = kad::Behaviour::with_config(peer, ProviderStore::new(peer), kad_config);
-            kad.set_mode(Some(mode));
-            Behaviour {
-                kad,
-                identify: identify::Behaviour::new(identify::Config::new(
-                    IDENTIFY_PROTOCOL.to_owned(),
-                    key.public(),
-                )),
-                info: request_response::Behaviour::with_codec(
-                    codec::RelayInfoCodec::default(),
-                    [(StreamProtocol::new(relay_info::PROTOCOL), support.relay)],
-                    request_response::Config::default().with_request_timeout(INFO_TIMEOUT),
-                ),
-                exit_info: request_response::Behaviour::with_codec(
-                    codec::ExitInfoCodec::default(),
-                    [(StreamProtocol::new(exit_info::PROTOCOL), support.exit)],
-                    request_response::Config::default().with_request_timeout(INFO_TIMEOUT),
-                ),
-                gate: lookup::ProviderGate::default(),
-            }
-        })
-        .map_err(|e| DiscoveryError::Swarm(e.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build();
-    Ok(swarm)
-}
-
-/// Whether an address names its host by DNS (`/dns`, `/dns4`, `/dns6`, `/dnsaddr`).
-fn is_dns_named(addr: &Multiaddr) -> bool {
-    matches!(
-        addr.iter().next(),
-        Some(Protocol::Dns(_) | Protocol::Dns4(_) | Protocol::Dns6(_) | Protocol::Dnsaddr(_))
-    )
-}
-
-/// Splits `/…/p2p/ID` into the PeerId and the address without it.
-fn split_peer(addr: &Multiaddr) -> Option<(PeerId, Multiaddr)> {
-    let mut base = addr.clone();
-    match base.pop() {
-        Some(Protocol::P2p(peer)) => Some((peer, base)),
-        _ => None,
-    }
-}
-
-/// Adds the bootstrap peers to kad's routing table; returns how many were usable.
-/// Whether a swarm walks the DHT to fill its routing table after adding the bootstrap peers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Walk {
-    /// Announcers and DHT servers: they store and serve records, so they need a full table.
-    Bootstrap,
-    /// Throwaway seekers: their one lookup walks towards the key anyway, and a full
-    /// bootstrap walk would cost dozens of dials per client start for nothing.
-    LookupOnly,
-}
-
-fn add_bootstrap(swarm: &mut Swarm<Behaviour>, config: &DhtConfig, walk: Walk) -> usize {
-    let mut added = 0;
-    for addr in &config.bootstrap {
-        match split_peer(addr) {
-            Some((peer, base)) if peer != *swarm.local_peer_id() => {
-                swarm.behaviour_mut().kad.add_address(&peer, base);
-                added += 1;
-            }
-            Some(_) => {}
-            None => tracing::warn!(%addr, "bootstrap address without /p2p/PEERID ignored"),
-        }
-    }
-    if added > 0 && walk == Walk::Bootstrap {
-        // Fills the routing table beyond the bootstrap peers; failures only mean fewer peers.
-        let _ = swarm.behaviour_mut().kad.bootstrap();
-    }
-    added
-}
-
-/// Feeds what identify learned into kad: the peer's listen addresses (those the policy
-/// allows) when it speaks our DHT protocol. kad does not learn addresses on its own.
-fn on_identify(swarm: &mut Swarm<Behaviour>, config: &DhtConfig, event: identify::Event) {
-    if let identify::Event::Received { peer_id, info, .. } = event
-        && info.protocols.contains(&config.protocol)
-    {
-        for addr in info.listen_addrs {
-            if config.policy.allows(&addr) {
-                swarm.behaviour_mut().kad.add_address(&peer_id, addr);
-            }
-        }
-    }
-}
-
-/// The libp2p listen multiaddr of a UDP socket address.
-#[must_use]
-pub fn quic_multiaddr(addr: SocketAddr) -> Multiaddr {
-    Multiaddr::empty()
-        .with(addr.ip().into())
-        .with(Protocol::Udp(addr.port()))
-        .with(Protocol::QuicV1)
-}
-
-fn udp_port(addr: &Multiaddr) -> Option<u16> {
-    addr.iter().find_map(|p| match p {
-        Protocol::Udp(port) => Some(port),
-        _ => None,
-    })
-}
-
-/// The external addresses to announce for a listener: each configured IP with the bound
-/// port when the listener can be reached on its IP family (an IPv4 socket cannot answer on
-/// IPv6 and vice versa; `[::]` takes both on a dual-stack host); the others come back apart.
-fn external_for(listener: &Multiaddr, ips: &[IpAddr]) -> (Vec<Multiaddr>, Vec<IpAddr>) {
-    let Some(bound) = policy::ip_of(listener) else {
-        return (Vec::new(), ips.to_vec());
-    };
-    let port = udp_port(listener).unwrap_or(0);
-    let reachable = |ip: &IpAddr| match bound {
-        IpAddr::V4(_) => ip.is_ipv4(),
-        IpAddr::V6(v6) => ip.is_ipv6() || v6.is_unspecified(),
-    };
-    let (usable, skipped): (Vec<IpAddr>, Vec<IpAddr>) = ips.iter().partition(|ip| reachable(ip));
-    let usable = usable
-        .into_iter()
-        .map(|ip| quic_multiaddr(SocketAddr::new(ip, port)))
-        .collect();
-    (usable, skipped)
-}
-
-/// Whether a listen address counts as confirmed without configuration: only loopback under
-/// the `loopback` policy (a private network on one host, as in the tests). Anything else
-/// needs `external_addrs`, because a wrong address makes the relay silently unreachable.
-fn auto_confirmed(policy: AddressPolicy, addr: &Multiaddr) -> bool {
-    policy == AddressPolicy::Loopback && policy::ip_of(addr).is_some_and(|ip| ip.is_loopback())
 }
 
 // ------------------------------------------------------------------------------------ servers
@@ -1003,27 +694,6 @@ pub async fn announce_with(
     Ok(())
 }
 
-/// One step of a provider lookup: the providers it reported, and whether the lookup is over
-/// (then it is finished in kad too, so it stops asking peers).
-fn lookup_progress(
-    swarm: &mut Swarm<Behaviour>,
-    id: kad::QueryId,
-    result: &kad::GetProvidersResult,
-    step: &kad::ProgressStep,
-) -> (Vec<PeerId>, bool) {
-    let providers = match result {
-        Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
-            providers.iter().copied().collect()
-        }
-        _ => Vec::new(),
-    };
-    let finished = step.last || !matches!(result, Ok(kad::GetProvidersOk::FoundProviders { .. }));
-    if finished && let Some(mut query) = swarm.behaviour_mut().kad.query_mut(&id) {
-        query.finish();
-    }
-    (providers, finished)
-}
-
 async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -1216,7 +886,7 @@ pub async fn discover(
                     for peer in offered.unaddressed {
                         routing.unreachable(&mut swarm, peer);
                     }
-                    let (providers, mut finished) = lookup_progress(&mut swarm, id, &result, &step);
+                    let (providers, mut finished) = lookup::lookup_progress(&mut swarm, id, &result, &step);
                     if !providers.is_empty() {
                         provider_answers += 1;
                     }
@@ -1478,16 +1148,6 @@ mod tests {
     }
 
     #[test]
-    fn bootstrap_addresses_split_and_public_defaults_parse() {
-        let config = DhtConfig::public();
-        assert_eq!(config.bootstrap.len(), PUBLIC_BOOTSTRAP.len());
-        assert!(config.bootstrap.iter().all(|a| split_peer(a).is_some()));
-        assert_eq!(config.protocol.as_ref(), "/ipfs/kad/1.0.0");
-        assert_eq!(config.policy, AddressPolicy::Public);
-        assert!(split_peer(&"/ip4/1.2.3.4/udp/1/quic-v1".parse().unwrap()).is_none());
-    }
-
-    #[test]
     fn fallback_relays_are_used_only_when_nothing_was_found() {
         let peer = Keypair::generate_ed25519().public().to_peer_id();
         let fallback = vec![RelayAddr::new(([127, 0, 0, 1], 4433).into(), peer)];
@@ -1511,63 +1171,6 @@ mod tests {
     }
 
     #[test]
-    fn public_defaults_name_the_standard_peers_and_need_dns() {
-        let config = DhtConfig::public();
-        assert!(config.bootstrap.iter().filter(|a| is_dns_named(a)).count() >= 4);
-        assert!(config.bootstrap.iter().any(|a| !is_dns_named(a)));
-        assert!(!is_dns_named(
-            &"/ip4/127.0.0.1/udp/1/quic-v1".parse().unwrap()
-        ));
-        assert!(is_dns_named(
-            &"/dns4/relay.example/udp/1/quic-v1".parse().unwrap()
-        ));
-    }
-
-    #[tokio::test]
-    async fn a_swarm_for_the_public_dht_builds_without_dialling() {
-        // Reads the system resolver configuration only; nothing is sent anywhere.
-        let swarm = build_swarm(
-            Keypair::generate_ed25519(),
-            &DhtConfig::public(),
-            DialGuard::default(),
-            kad::Mode::Client,
-            InfoSupport::ASK,
-        );
-        assert!(swarm.is_ok(), "{:?}", swarm.err());
-    }
-
-    #[test]
-    fn external_addresses_follow_the_listeners_ip_family() {
-        let v4: IpAddr = "203.0.113.7".parse().unwrap();
-        let v6: IpAddr = "2001:db8::7".parse().unwrap();
-        let ips = [v4, v6];
-        let on_v4: Multiaddr = "/ip4/0.0.0.0/udp/4001/quic-v1".parse().unwrap();
-        let (usable, skipped) = external_for(&on_v4, &ips);
-        assert_eq!(
-            usable,
-            vec![
-                "/ip4/203.0.113.7/udp/4001/quic-v1"
-                    .parse::<Multiaddr>()
-                    .unwrap()
-            ]
-        );
-        assert_eq!(skipped, vec![v6]);
-        let on_v6: Multiaddr = "/ip6/2001:db8::1/udp/4002/quic-v1".parse().unwrap();
-        let (usable, skipped) = external_for(&on_v6, &ips);
-        assert_eq!(
-            usable,
-            vec![
-                "/ip6/2001:db8::7/udp/4002/quic-v1"
-                    .parse::<Multiaddr>()
-                    .unwrap()
-            ]
-        );
-        assert_eq!(skipped, vec![v4]);
-        let dual: Multiaddr = "/ip6/::/udp/4001/quic-v1".parse().unwrap();
-        assert_eq!(external_for(&dual, &ips).0.len(), 2);
-    }
-
-    #[test]
     fn the_public_dht_waits_longer_for_more_relays() {
         assert_eq!(settle_for(&DhtConfig::public()), PUBLIC_SETTLE);
         let private = DhtConfig {
@@ -1579,15 +1182,5 @@ mod tests {
         // Republishing renews go servers' 15-minute address lifetime with margin.
         assert!(DEFAULT_REPUBLISH + Duration::from_secs(60) < Duration::from_secs(15 * 60));
         assert!(DEFAULT_PROVIDE_TIMEOUT > DEFAULT_DISCOVERY_TIMEOUT);
-    }
-
-    #[test]
-    fn only_loopback_under_the_loopback_policy_confirms_itself() {
-        let lo: Multiaddr = "/ip4/127.0.0.1/udp/4001/quic-v1".parse().unwrap();
-        let lan: Multiaddr = "/ip4/10.0.0.1/udp/4001/quic-v1".parse().unwrap();
-        assert!(auto_confirmed(AddressPolicy::Loopback, &lo));
-        assert!(!auto_confirmed(AddressPolicy::Loopback, &lan));
-        assert!(!auto_confirmed(AddressPolicy::Any, &lo));
-        assert!(!auto_confirmed(AddressPolicy::Public, &lo));
     }
 }

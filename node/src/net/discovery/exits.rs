@@ -30,9 +30,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    AddressPolicy, BehaviourEvent, DhtConfig, DialGuard, DiscoveryError, ExitInfoSource,
-    InfoSupport, REQUERY, Walk, add_bootstrap, build_swarm, lookup_progress, on_identify,
+    DhtConfig, DiscoveryError, ExitInfoSource, REQUERY,
+    lookup::lookup_progress,
+    policy::{AddressPolicy, DialGuard},
     sleep_until,
+    swarm::{BehaviourEvent, InfoSupport, Walk, add_bootstrap, build_swarm, on_identify},
 };
 use crate::{clock::unix_now, net::transport::RelayAddr};
 

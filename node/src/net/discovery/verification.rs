@@ -16,8 +16,11 @@ use libp2p::{PeerId, identity::Keypair, kad, request_response, swarm::SwarmEvent
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    BehaviourEvent, DhtConfig, DialGuard, InfoSupport, REQUERY, Walk, add_bootstrap, build_swarm,
-    lookup_progress, on_identify, sleep_until,
+    DhtConfig, REQUERY,
+    lookup::lookup_progress,
+    policy::DialGuard,
+    sleep_until,
+    swarm::{BehaviourEvent, InfoSupport, Walk, add_bootstrap, build_swarm, on_identify},
 };
 use crate::ops::status::Verification;
 

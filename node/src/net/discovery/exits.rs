@@ -30,7 +30,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    DhtConfig, DiscoveryError, ExitInfoSource, REQUERY,
+    DhtConfig, DiscoveryError, REQUERY,
+    announce::ExitInfoSource,
     lookup::lookup_progress,
     policy::{AddressPolicy, DialGuard},
     sleep_until,

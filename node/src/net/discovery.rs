@@ -18,7 +18,9 @@
 //! Every dial passes the [`policy::AddressPolicy`] (a transport wrapper), so a DHT full of
 //! private addresses cannot make a node scan its own network. The protocol logic without I/O
 //! (key, messages, ranking, cache format, address policy) lives in `tokengo_proto::relay_info`
-//! and the submodules; this file is the async shell around the libp2p swarm.
+//! and the submodules. The async shells around the libp2p swarm: `swarm` builds it, `seek`
+//! finds relays, `announce` publishes a node, `server` is the DHT server, `exits` looks exits
+//! up. This file holds what they share: the DHT's configuration, defaults and errors.
 
 mod announce;
 pub mod cache;
@@ -28,43 +30,27 @@ mod gate;
 mod lookup;
 mod peer_routing;
 pub mod policy;
+mod seek;
 pub mod selection;
 mod server;
 pub mod store;
 mod swarm;
 mod verification;
 
-use std::{
-    collections::{HashMap, HashSet},
-    net::IpAddr,
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
-use futures_util::StreamExt as _;
-use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, identity::Keypair, kad, request_response, swarm::SwarmEvent,
-};
-use tokengo_proto::relay_info::{self, RelayInfo};
-use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
+use libp2p::{Multiaddr, StreamProtocol};
 
 pub use announce::{Announcer, Answer, ExitInfoSource, InfoSource, announce, announce_with};
 pub use cache::{CACHE_FILE, RelayCache, VerifiedRelay, rank};
 pub use exits::{ExitLookup, ExitRefusal, FoundExit, exit_info_source, find_exits};
 pub use policy::{AddressPolicy, DialGuard, DialRecord};
+pub use seek::{Discovered, Seek, discover, or_fallback, verify};
 pub use selection::{Selection, SelectionLimits, SelectionStats};
 pub use server::DhtServer;
-use swarm::{BehaviourEvent, InfoSupport, Walk, add_bootstrap, build_swarm, on_identify};
 pub use swarm::{MAX_KAD_PACKET, quic_multiaddr};
 
 pub use crate::ops::status::Verification;
-
-use crate::{
-    clock::unix_now,
-    net::relay_link::{self, RelayLink},
-    net::transport::{self, RelayAddr, TransportParams},
-    ops::metrics::DhtMetrics,
-};
 
 /// The DHT protocol of the public IPFS network.
 pub const DEFAULT_DHT_PROTOCOL: &str = "/ipfs/kad/1.0.0";
@@ -103,8 +89,6 @@ pub const DEFAULT_SETTLE: Duration = Duration::from_secs(1);
 pub const PUBLIC_SETTLE: Duration = Duration::from_secs(5);
 /// A lookup that found nothing is repeated after this (a relay may announce a moment later).
 const REQUERY: Duration = Duration::from_secs(2);
-/// Verification of one relay (QUIC handshake and exit list) may take this long.
-const VERIFY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A discovery failure.
 #[derive(Debug, thiserror::Error)]
@@ -217,474 +201,10 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
-// ------------------------------------------------------------------------------------- seeker
-
-/// What a client or exit looks for.
-#[derive(Debug, Clone)]
-pub struct Seek {
-    /// Cache of known-good relays (read first, rewritten with what verified).
-    pub cache: Option<RelayCache>,
-    /// Stop once this many relays verified.
-    pub want: usize,
-    /// After the first relay verified, wait at most this long for more. Default 1 s.
-    pub settle: Duration,
-    /// QUIC parameters of the verification probe.
-    pub params: TransportParams,
-    /// Address policy bookkeeping (refused dials, test observer).
-    pub guard: DialGuard,
-    /// The caller's DHT metrics.
-    pub metrics: DhtMetrics,
-}
-
-/// What a discovery found.
-#[derive(Debug, Clone)]
-pub struct Discovered {
-    /// Verified relays, best first (see [`rank`]).
-    pub relays: Vec<VerifiedRelay>,
-    /// From the start until the first relay verified.
-    pub first_usable: Duration,
-    /// From the start until discovery ended.
-    pub elapsed: Duration,
-    /// Providers skipped (no relay-info answer, or verification failed).
-    pub skipped: usize,
-}
-
-/// The relays to use after a discovery: the verified ones, best first; when neither the DHT
-/// nor the cache yielded any, the configured fallback relays (their identity is still proven
-/// by TLS when they are dialled). Other failures (shutdown) are passed on.
-pub fn or_fallback(
-    found: Result<Discovered, DiscoveryError>,
-    fallback: &[RelayAddr],
-) -> Result<Vec<RelayAddr>, DiscoveryError> {
-    match found {
-        Ok(found) => Ok(found.relays.into_iter().map(|r| r.addr).collect()),
-        Err(DiscoveryError::NoRelay { secs }) if !fallback.is_empty() => {
-            tracing::warn!(
-                secs,
-                fallback = fallback.len(),
-                "no relay found on the DHT or in the cache; using the configured fallback relays"
-            );
-            Ok(fallback.to_vec())
-        }
-        Err(e) => Err(e),
-    }
-}
-
-/// Where a verification candidate came from.
-#[derive(Debug, Clone, Copy)]
-enum Source {
-    Cache,
-    Dht,
-}
-
-/// Finds and verifies relays: the cache and the DHT in parallel. The libp2p identity is
-/// fresh for every call, so nothing on the DHT links two starts of the same user.
-pub async fn discover(
-    config: &DhtConfig,
-    seek: Seek,
-    shutdown: &CancellationToken,
-) -> Result<Discovered, DiscoveryError> {
-    let started = Instant::now();
-    let deadline = tokio::time::Instant::now() + config.timeout;
-    let mut swarm = build_swarm(
-        Keypair::generate_ed25519(),
-        config,
-        seek.guard.clone(),
-        kad::Mode::Client,
-        InfoSupport::ASK,
-    )?;
-    let mut probes: JoinSet<(Source, PeerId, Result<VerifiedRelay, String>)> = JoinSet::new();
-    // Cached relays only dedupe among themselves: a cached PeerId must not block the same
-    // relay's fresh DHT record (its cached address may be the stale one).
-    let mut tried: HashSet<PeerId> = HashSet::new();
-    let mut selection = Selection::new(SelectionLimits::default(), config.policy);
-    let mut dialling = lookup::Dialling::default();
-    let mut probe_ips: HashMap<PeerId, IpAddr> = HashMap::new();
-    let cached = seek
-        .cache
-        .as_ref()
-        .map(|c| c.load(unix_now()))
-        .unwrap_or_default();
-    for addr in cached {
-        if tried.insert(addr.peer_id()) {
-            spawn_verify(&mut probes, Source::Cache, addr, &seek, config.policy);
-        }
-    }
-    let peers = add_bootstrap(&mut swarm, config, Walk::LookupOnly);
-    tracing::info!(
-        bootstrap_peers = peers,
-        cached = probes.len(),
-        protocol = %config.protocol,
-        "discovering relays on the DHT"
-    );
-    let key = kad::RecordKey::new(&relay_info::provider_key(relay_info::RELAY_NAMESPACE));
-    let mut lookup = (peers > 0).then(|| swarm.behaviour_mut().kad.get_providers(key.clone()));
-    let mut requery: Option<tokio::time::Instant> = None;
-    let mut provider_answers = 0usize;
-    let mut pending: HashMap<request_response::OutboundRequestId, PeerId> = HashMap::new();
-    let mut verified: Vec<VerifiedRelay> = Vec::new();
-    let mut first_usable: Option<Instant> = None;
-    let mut found = 0usize;
-    let mut skipped = 0usize;
-    let mut routing = peer_routing::PeerRouting::default();
-    loop {
-        if verified.len() >= seek.want.max(1) {
-            break;
-        }
-        for peer in lookup::contact_next(&mut swarm, &mut selection, &mut dialling) {
-            let request = swarm.behaviour_mut().info.send_request(&peer, ());
-            pending.insert(request, peer);
-        }
-        let idle = lookup.is_none()
-            && pending.is_empty()
-            && probes.is_empty()
-            && dialling.is_empty()
-            && selection.is_idle()
-            && routing.is_idle();
-        // Done: something verified and nothing is pending; or nothing can ever come (no DHT
-        // peer to ask and no cached relay left, or every provider this discovery may contact
-        // was contacted).
-        if idle && (!verified.is_empty() || peers == 0 || !selection.has_budget()) {
-            break;
-        }
-        // Every provider found so far failed: look again (a relay may announce a moment
-        // later, or move).
-        if idle && requery.is_none() {
-            requery = Some(tokio::time::Instant::now() + REQUERY);
-        }
-        let settle = first_usable.map(|t| tokio::time::Instant::from_std(t + seek.settle));
-        tokio::select! {
-            () = shutdown.cancelled() => return Err(DiscoveryError::Cancelled),
-            () = tokio::time::sleep_until(deadline) => break,
-            () = sleep_until(settle) => break,
-            () = sleep_until(requery) => {
-                requery = None;
-                provider_answers = 0;
-                lookup = Some(swarm.behaviour_mut().kad.get_providers(key.clone()));
-            }
-            Some(done) = probes.join_next(), if !probes.is_empty() => {
-                let Ok((source, peer, outcome)) = done else { continue };
-                if matches!(source, Source::Dht) {
-                    if let (Err(_), Some(ip)) = (&outcome, probe_ips.get(&peer)) {
-                        selection.probe_failed(peer, *ip);
-                    }
-                    probe_ips.remove(&peer);
-                    selection.finished(peer, &selection::Outcome::Answered);
-                }
-                match outcome {
-                    Ok(relay) => {
-                        tracing::info!(relay = %peer, ?source, rtt = ?relay.rtt, exits = relay.exits, "relay verified");
-                        first_usable.get_or_insert_with(Instant::now);
-                        verified.push(relay);
-                        // The cache and the DHT may both verify one relay: count it once.
-                        rank(&mut verified);
-                    }
-                    Err(reason) => {
-                        skipped += 1;
-                        tracing::info!(relay = %peer, ?source, "relay skipped: {reason}");
-                    }
-                }
-            }
-            event = swarm.select_next_some() => match event {
-                SwarmEvent::Behaviour(BehaviourEvent::Identify(event)) => {
-                    on_identify(&mut swarm, config, event);
-                }
-                SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
-                    id, result: kad::QueryResult::GetProviders(result), step, ..
-                })) if Some(id) == lookup => {
-                    // Offered now: kad knows the providers' addresses only while the lookup
-                    // runs. Those it lists without addresses (go servers, once their
-                    // peerstore forgot them) are looked up by PeerId.
-                    let offered = lookup::offer_providers(&mut swarm, &mut selection, &result, |peer| {
-                        verified.iter().any(|r| r.addr.peer_id() == *peer)
-                    });
-                    found += offered.queued;
-                    for peer in offered.unaddressed {
-                        routing.unreachable(&mut swarm, peer);
-                    }
-                    let (providers, mut finished) = lookup::lookup_progress(&mut swarm, id, &result, &step);
-                    if !providers.is_empty() {
-                        provider_answers += 1;
-                    }
-                    if !finished && provider_answers >= lookup::ENOUGH_PROVIDER_ANSWERS {
-                        lookup::finish(&mut swarm, id);
-                        finished = true;
-                    }
-                    if finished {
-                        lookup = None;
-                        tracing::info!(providers = found, selection = ?selection.stats(), after = ?started.elapsed(), "DHT lookup finished");
-                    }
-                }
-                SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } if dialling.connected(peer_id) => {
-                    if let Some(ip) = policy::ip_of(endpoint.get_remote_address()) {
-                        selection.reached(ip);
-                    }
-                    let request = swarm.behaviour_mut().info.send_request(&peer_id, ());
-                    pending.insert(request, peer_id);
-                }
-                SwarmEvent::OutgoingConnectionError { connection_id, error, .. } => {
-                    if let Some(peer) = dialling.failed(connection_id) {
-                        skipped += 1;
-                        tracing::info!(relay = %peer, "relay skipped: cannot connect ({error})");
-                        let outcome = lookup::outcome_of(&error);
-                        selection.finished(peer, &outcome);
-                        // The record's addresses may be stale: the peer's own may differ.
-                        if matches!(outcome, selection::Outcome::Failed) {
-                            routing.unreachable(&mut swarm, peer);
-                        }
-                    }
-                }
-                SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
-                    id, result: kad::QueryResult::GetClosestPeers(result), ..
-                })) => match routing.on_result(id, &result) {
-                    // Found addresses are DHT hints like a record's: the selection's bounds
-                    // apply to them too.
-                    Some(Ok((peer, addrs))) if selection.offer(peer, &addrs) == selection::Offered::Queued => {
-                        found += 1;
-                    }
-                    Some(Err(peer)) => {
-                        skipped += 1;
-                        tracing::info!(relay = %peer, "relay skipped for now: the DHT has no reachable address for it, and a lookup of its PeerId found none");
-                    }
-                    Some(Ok(_)) | None => {}
-                },
-                SwarmEvent::Behaviour(BehaviourEvent::Info(request_response::Event::Message {
-                    peer,
-                    message: request_response::Message::Response { request_id, response },
-                    ..
-                })) => {
-                    if pending.remove(&request_id).is_none() {
-                        continue;
-                    }
-                    let candidate = quic_candidates(&response, peer, config.policy, &seek.guard)
-                        .and_then(|addr| probe_budget(&selection, addr));
-                    match candidate {
-                        Ok(addr) => {
-                            if let Some(ip) = policy::ip_of(&addr.to_multiaddr()) {
-                                probe_ips.insert(peer, ip);
-                            }
-                            spawn_verify(&mut probes, Source::Dht, addr, &seek, config.policy);
-                        }
-                        Err(reason) => {
-                            skipped += 1;
-                            selection.finished(peer, &selection::Outcome::Answered);
-                            tracing::info!(relay = %peer, "relay skipped: {reason}");
-                        }
-                    }
-                }
-                SwarmEvent::Behaviour(BehaviourEvent::Info(request_response::Event::OutboundFailure {
-                    peer, request_id, error, ..
-                })) => {
-                    if pending.remove(&request_id).is_none() {
-                        continue;
-                    }
-                    skipped += 1;
-                    // Connected, so something lives at its address: no failure of the IP.
-                    selection.finished(peer, &selection::Outcome::Answered);
-                    tracing::info!(relay = %peer, "relay skipped: no relay-info answer ({error})");
-                }
-                _ => {}
-            },
-        }
-    }
-    let elapsed = started.elapsed();
-    rank(&mut verified);
-    seek.metrics
-        .relays_verified
-        .set(i64::try_from(verified.len()).unwrap_or(i64::MAX));
-    let Some(first) = first_usable else {
-        return Err(DiscoveryError::NoRelay {
-            secs: elapsed.as_secs(),
-        });
-    };
-    if let Some(cache) = &seek.cache
-        && let Err(error) = cache.save(&verified, unix_now())
-    {
-        tracing::warn!(%error, "cannot write the relay cache");
-    }
-    tracing::info!(
-        relays = verified.len(),
-        skipped,
-        selection = ?selection.stats(),
-        first_usable = ?first.duration_since(started),
-        elapsed = ?elapsed,
-        "discovery done"
-    );
-    Ok(Discovered {
-        relays: verified,
-        first_usable: first.duration_since(started),
-        elapsed,
-        skipped,
-    })
-}
-
-/// The QUIC address to verify from a relay-info answer: the first one that names the
-/// provider's own PeerId (anything else could never pass the TLS check, or would be a
-/// different relay vouched for by this one) and that the policy allows.
-fn quic_candidates(
-    info: &RelayInfo,
-    provider: PeerId,
-    policy: AddressPolicy,
-    guard: &DialGuard,
-) -> Result<RelayAddr, String> {
-    if !info.alpns.iter().any(|a| a == transport::ALPN_CLIENT) {
-        return Err("relay-info lists no tokengo/1 ALPN".to_owned());
-    }
-    let mut refused = 0;
-    for bytes in &info.quic_addrs {
-        let Ok(addr) = Multiaddr::try_from(bytes.clone()) else {
-            continue;
-        };
-        let Ok(relay) = addr.to_string().parse::<RelayAddr>() else {
-            continue;
-        };
-        if relay.peer_id() != provider {
-            continue;
-        }
-        if !policy.allows(&addr) {
-            refused += 1;
-            if let Some(observer) = &guard.observer {
-                observer(&addr, false);
-            }
-            guard.refused.inc();
-            continue;
-        }
-        return Ok(relay);
-    }
-    Err(format!(
-        "relay-info has no usable QUIC address for this PeerId ({} listed, {refused} outside the address policy)",
-        info.quic_addrs.len()
-    ))
-}
-
-/// A relay's QUIC address is probed only while its IP has not failed too often in this
-/// discovery (relay-info is the provider's word: it may name a victim).
-fn probe_budget(selection: &Selection, addr: RelayAddr) -> Result<RelayAddr, String> {
-    match policy::ip_of(&addr.to_multiaddr()) {
-        Some(ip) if selection.ip_exhausted(ip) => Err(format!(
-            "probes to {ip} already failed too often in this discovery"
-        )),
-        _ => Ok(addr),
-    }
-}
-
-fn spawn_verify(
-    probes: &mut JoinSet<(Source, PeerId, Result<VerifiedRelay, String>)>,
-    source: Source,
-    addr: RelayAddr,
-    seek: &Seek,
-    policy: AddressPolicy,
-) {
-    let peer = addr.peer_id();
-    let allowed = policy.allows(&addr.to_multiaddr());
-    if let Some(observer) = &seek.guard.observer {
-        observer(&addr.to_multiaddr(), allowed);
-    }
-    if !allowed {
-        seek.guard.refused.inc();
-        probes.spawn(async move {
-            (
-                source,
-                peer,
-                Err("address outside the address policy".to_owned()),
-            )
-        });
-        return;
-    }
-    let params = seek.params;
-    probes.spawn(async move {
-        let outcome = tokio::time::timeout(VERIFY_TIMEOUT, verify(addr, params))
-            .await
-            .unwrap_or_else(|_| Err("verification timed out".to_owned()));
-        (source, peer, outcome)
-    });
-}
-
-/// Verifies one relay: QUIC with identity-bound TLS (the handshake fails unless the relay
-/// proves the PeerId in `addr`), then its exit list, each descriptor's signature checked.
-/// The probe's time is the relay's latency.
-pub async fn verify(addr: RelayAddr, params: TransportParams) -> Result<VerifiedRelay, String> {
-    let started = Instant::now();
-    let link = RelayLink::new(addr.clone(), params).map_err(|e| e.to_string())?;
-    let outcome = relay_link::list_exits(&link).await;
-    let rtt = started.elapsed();
-    // Never wait long for the goodbye.
-    let _ = tokio::time::timeout(Duration::from_millis(500), link.close()).await;
-    let exits = outcome.map_err(|e| e.to_string())?;
-    Ok(VerifiedRelay {
-        addr,
-        rtt,
-        exits: exits.len(),
-    })
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn quic_candidates_require_the_providers_peer_id_and_the_policy() {
-        let provider = Keypair::generate_ed25519().public().to_peer_id();
-        let other = Keypair::generate_ed25519().public().to_peer_id();
-        let addr = |ip: [u8; 4], peer| {
-            RelayAddr::new((ip, 4433).into(), peer)
-                .to_multiaddr()
-                .to_vec()
-        };
-        let alpns = vec![transport::ALPN_CLIENT.to_vec()];
-        let guard = DialGuard::default();
-        let info = RelayInfo {
-            quic_addrs: vec![
-                addr([127, 0, 0, 1], other),
-                addr([10, 0, 0, 1], provider),
-                addr([127, 0, 0, 1], provider),
-            ],
-            alpns: alpns.clone(),
-            exits: vec![],
-        };
-        let chosen = quic_candidates(&info, provider, AddressPolicy::Loopback, &guard).unwrap();
-        assert_eq!(chosen.peer_id(), provider);
-        assert_eq!(
-            chosen.to_multiaddr().to_vec(),
-            addr([127, 0, 0, 1], provider)
-        );
-        assert_eq!(guard.refused.get(), 1);
-        let only_other = RelayInfo {
-            quic_addrs: vec![addr([127, 0, 0, 1], other)],
-            alpns,
-            exits: vec![],
-        };
-        assert!(quic_candidates(&only_other, provider, AddressPolicy::Any, &guard).is_err());
-        let no_alpn = RelayInfo {
-            alpns: vec![],
-            ..info
-        };
-        assert!(quic_candidates(&no_alpn, provider, AddressPolicy::Any, &guard).is_err());
-    }
-
-    #[test]
-    fn fallback_relays_are_used_only_when_nothing_was_found() {
-        let peer = Keypair::generate_ed25519().public().to_peer_id();
-        let fallback = vec![RelayAddr::new(([127, 0, 0, 1], 4433).into(), peer)];
-        let none = || Err(DiscoveryError::NoRelay { secs: 3 });
-        assert_eq!(or_fallback(none(), &fallback).unwrap(), fallback);
-        assert!(matches!(
-            or_fallback(none(), &[]),
-            Err(DiscoveryError::NoRelay { secs: 3 })
-        ));
-        assert!(matches!(
-            or_fallback(Err(DiscoveryError::Cancelled), &fallback),
-            Err(DiscoveryError::Cancelled)
-        ));
-        let found = Discovered {
-            relays: vec![],
-            first_usable: Duration::ZERO,
-            elapsed: Duration::ZERO,
-            skipped: 0,
-        };
-        assert!(or_fallback(Ok(found), &fallback).unwrap().is_empty());
-    }
 
     #[test]
     fn the_public_dht_waits_longer_for_more_relays() {

@@ -30,6 +30,7 @@ mod gate;
 mod lookup;
 mod peer_routing;
 pub mod policy;
+mod probe;
 mod seek;
 pub mod selection;
 mod server;
@@ -45,7 +46,8 @@ pub use announce::{Announcer, Answer, ExitInfoSource, InfoSource, announce, anno
 pub use cache::{CACHE_FILE, RelayCache, VerifiedRelay, rank};
 pub use exits::{ExitLookup, ExitRefusal, FoundExit, exit_info_source, find_exits};
 pub use policy::{AddressPolicy, DialGuard, DialRecord};
-pub use seek::{Discovered, Seek, discover, or_fallback, verify};
+pub use probe::{ProbeError, verify};
+pub use seek::{Discovered, Seek, discover, or_fallback};
 pub use selection::{Selection, SelectionLimits, SelectionStats};
 pub use server::DhtServer;
 pub use swarm::{MAX_KAD_PACKET, quic_multiaddr};

@@ -9,8 +9,8 @@ use std::{
 };
 
 use futures_util::StreamExt as _;
-use libp2p::{Multiaddr, PeerId, identity::Keypair, kad, request_response, swarm::SwarmEvent};
-use tokengo_proto::relay_info::{self, RelayInfo};
+use libp2p::{PeerId, identity::Keypair, kad, request_response, swarm::SwarmEvent};
+use tokengo_proto::relay_info;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -18,20 +18,17 @@ use super::{
     DhtConfig, DiscoveryError, REQUERY,
     cache::{RelayCache, VerifiedRelay, rank},
     lookup, peer_routing,
-    policy::{self, AddressPolicy, DialGuard},
+    policy::{self, DialGuard},
+    probe::{Probed, Source, probe_budget, quic_candidates, spawn_verify},
     selection::{self, Selection, SelectionLimits},
     sleep_until,
     swarm::{BehaviourEvent, InfoSupport, Walk, add_bootstrap, build_swarm, on_identify},
 };
 use crate::{
     clock::unix_now,
-    net::relay_link::{self, RelayLink},
-    net::transport::{self, RelayAddr, TransportParams},
+    net::transport::{RelayAddr, TransportParams},
     ops::metrics::DhtMetrics,
 };
-
-/// Verification of one relay (QUIC handshake and exit list) may take this long.
-const VERIFY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a client or exit looks for.
 #[derive(Debug, Clone)]
@@ -84,13 +81,6 @@ pub fn or_fallback(
     }
 }
 
-/// Where a verification candidate came from.
-#[derive(Debug, Clone, Copy)]
-enum Source {
-    Cache,
-    Dht,
-}
-
 /// Finds and verifies relays: the cache and the DHT in parallel. The libp2p identity is
 /// fresh for every call, so nothing on the DHT links two starts of the same user.
 pub async fn discover(
@@ -107,7 +97,7 @@ pub async fn discover(
         kad::Mode::Client,
         InfoSupport::ASK,
     )?;
-    let mut probes: JoinSet<(Source, PeerId, Result<VerifiedRelay, String>)> = JoinSet::new();
+    let mut probes: JoinSet<Probed> = JoinSet::new();
     // Cached relays only dedupe among themselves: a cached PeerId must not block the same
     // relay's fresh DHT record (its cached address may be the stale one).
     let mut tried: HashSet<PeerId> = HashSet::new();
@@ -121,7 +111,14 @@ pub async fn discover(
         .unwrap_or_default();
     for addr in cached {
         if tried.insert(addr.peer_id()) {
-            spawn_verify(&mut probes, Source::Cache, addr, &seek, config.policy);
+            spawn_verify(
+                &mut probes,
+                Source::Cache,
+                addr,
+                &seek.guard,
+                seek.params,
+                config.policy,
+            );
         }
     }
     let peers = add_bootstrap(&mut swarm, config, Walk::LookupOnly);
@@ -177,7 +174,7 @@ pub async fn discover(
                 lookup = Some(swarm.behaviour_mut().kad.get_providers(key.clone()));
             }
             Some(done) = probes.join_next(), if !probes.is_empty() => {
-                let Ok((source, peer, outcome)) = done else { continue };
+                let Ok(Probed { source, peer, outcome }) = done else { continue };
                 if matches!(source, Source::Dht) {
                     if let (Err(_), Some(ip)) = (&outcome, probe_ips.get(&peer)) {
                         selection.probe_failed(peer, *ip);
@@ -277,7 +274,7 @@ pub async fn discover(
                             if let Some(ip) = policy::ip_of(&addr.to_multiaddr()) {
                                 probe_ips.insert(peer, ip);
                             }
-                            spawn_verify(&mut probes, Source::Dht, addr, &seek, config.policy);
+                            spawn_verify(&mut probes, Source::Dht, addr, &seek.guard, seek.params, config.policy);
                         }
                         Err(reason) => {
                             skipped += 1;
@@ -332,150 +329,10 @@ pub async fn discover(
     })
 }
 
-/// The QUIC address to verify from a relay-info answer: the first one that names the
-/// provider's own PeerId (anything else could never pass the TLS check, or would be a
-/// different relay vouched for by this one) and that the policy allows.
-fn quic_candidates(
-    info: &RelayInfo,
-    provider: PeerId,
-    policy: AddressPolicy,
-    guard: &DialGuard,
-) -> Result<RelayAddr, String> {
-    if !info.alpns.iter().any(|a| a == transport::ALPN_CLIENT) {
-        return Err("relay-info lists no tokengo/1 ALPN".to_owned());
-    }
-    let mut refused = 0;
-    for bytes in &info.quic_addrs {
-        let Ok(addr) = Multiaddr::try_from(bytes.clone()) else {
-            continue;
-        };
-        let Ok(relay) = addr.to_string().parse::<RelayAddr>() else {
-            continue;
-        };
-        if relay.peer_id() != provider {
-            continue;
-        }
-        if !policy.allows(&addr) {
-            refused += 1;
-            if let Some(observer) = &guard.observer {
-                observer(&addr, false);
-            }
-            guard.refused.inc();
-            continue;
-        }
-        return Ok(relay);
-    }
-    Err(format!(
-        "relay-info has no usable QUIC address for this PeerId ({} listed, {refused} outside the address policy)",
-        info.quic_addrs.len()
-    ))
-}
-
-/// A relay's QUIC address is probed only while its IP has not failed too often in this
-/// discovery (relay-info is the provider's word: it may name a victim).
-fn probe_budget(selection: &Selection, addr: RelayAddr) -> Result<RelayAddr, String> {
-    match policy::ip_of(&addr.to_multiaddr()) {
-        Some(ip) if selection.ip_exhausted(ip) => Err(format!(
-            "probes to {ip} already failed too often in this discovery"
-        )),
-        _ => Ok(addr),
-    }
-}
-
-fn spawn_verify(
-    probes: &mut JoinSet<(Source, PeerId, Result<VerifiedRelay, String>)>,
-    source: Source,
-    addr: RelayAddr,
-    seek: &Seek,
-    policy: AddressPolicy,
-) {
-    let peer = addr.peer_id();
-    let allowed = policy.allows(&addr.to_multiaddr());
-    if let Some(observer) = &seek.guard.observer {
-        observer(&addr.to_multiaddr(), allowed);
-    }
-    if !allowed {
-        seek.guard.refused.inc();
-        probes.spawn(async move {
-            (
-                source,
-                peer,
-                Err("address outside the address policy".to_owned()),
-            )
-        });
-        return;
-    }
-    let params = seek.params;
-    probes.spawn(async move {
-        let outcome = tokio::time::timeout(VERIFY_TIMEOUT, verify(addr, params))
-            .await
-            .unwrap_or_else(|_| Err("verification timed out".to_owned()));
-        (source, peer, outcome)
-    });
-}
-
-/// Verifies one relay: QUIC with identity-bound TLS (the handshake fails unless the relay
-/// proves the PeerId in `addr`), then its exit list, each descriptor's signature checked.
-/// The probe's time is the relay's latency.
-pub async fn verify(addr: RelayAddr, params: TransportParams) -> Result<VerifiedRelay, String> {
-    let started = Instant::now();
-    let link = RelayLink::new(addr.clone(), params).map_err(|e| e.to_string())?;
-    let outcome = relay_link::list_exits(&link).await;
-    let rtt = started.elapsed();
-    // Never wait long for the goodbye.
-    let _ = tokio::time::timeout(Duration::from_millis(500), link.close()).await;
-    let exits = outcome.map_err(|e| e.to_string())?;
-    Ok(VerifiedRelay {
-        addr,
-        rtt,
-        exits: exits.len(),
-    })
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn quic_candidates_require_the_providers_peer_id_and_the_policy() {
-        let provider = Keypair::generate_ed25519().public().to_peer_id();
-        let other = Keypair::generate_ed25519().public().to_peer_id();
-        let addr = |ip: [u8; 4], peer| {
-            RelayAddr::new((ip, 4433).into(), peer)
-                .to_multiaddr()
-                .to_vec()
-        };
-        let alpns = vec![transport::ALPN_CLIENT.to_vec()];
-        let guard = DialGuard::default();
-        let info = RelayInfo {
-            quic_addrs: vec![
-                addr([127, 0, 0, 1], other),
-                addr([10, 0, 0, 1], provider),
-                addr([127, 0, 0, 1], provider),
-            ],
-            alpns: alpns.clone(),
-            exits: vec![],
-        };
-        let chosen = quic_candidates(&info, provider, AddressPolicy::Loopback, &guard).unwrap();
-        assert_eq!(chosen.peer_id(), provider);
-        assert_eq!(
-            chosen.to_multiaddr().to_vec(),
-            addr([127, 0, 0, 1], provider)
-        );
-        assert_eq!(guard.refused.get(), 1);
-        let only_other = RelayInfo {
-            quic_addrs: vec![addr([127, 0, 0, 1], other)],
-            alpns,
-            exits: vec![],
-        };
-        assert!(quic_candidates(&only_other, provider, AddressPolicy::Any, &guard).is_err());
-        let no_alpn = RelayInfo {
-            alpns: vec![],
-            ..info
-        };
-        assert!(quic_candidates(&no_alpn, provider, AddressPolicy::Any, &guard).is_err());
-    }
 
     #[test]
     fn fallback_relays_are_used_only_when_nothing_was_found() {

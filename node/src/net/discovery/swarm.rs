@@ -177,11 +177,7 @@ pub(super) fn build_swarm_with(
                     Ok(resolving) => {
                         Ok(policy::NamedDials::new(resolving, &bootstrap, named_guard).boxed())
                     }
-                    Err(e) => Err(format!(
-                        "a bootstrap peer is named by DNS but the system resolver configuration \
-                         cannot be read ({e}); give --bootstrap addresses with IPs"
-                    )
-                    .into()),
+                    Err(e) => Err(NoResolver(e).into()),
                 }
             } else {
                 Ok(guarded.boxed())
@@ -235,6 +231,13 @@ pub(super) fn build_swarm_with(
         .build();
     Ok(swarm)
 }
+
+/// A bootstrap peer is named by DNS but the system resolver cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "a bootstrap peer is named by DNS but the system resolver configuration cannot be read ({0}); give --bootstrap addresses with IPs"
+)]
+struct NoResolver(std::io::Error);
 
 /// Whether an address names its host by DNS (`/dns`, `/dns4`, `/dns6`, `/dnsaddr`).
 fn is_dns_named(addr: &Multiaddr) -> bool {

@@ -11,7 +11,7 @@ use std::{
 
 use futures_util::StreamExt as _;
 use libp2p::{
-    Multiaddr,
+    Multiaddr, Swarm,
     identity::Keypair,
     kad,
     request_response::{self, ProtocolSupport},
@@ -29,7 +29,7 @@ use super::{
     policy::DialGuard,
     sleep_until,
     swarm::{
-        BehaviourEvent, InfoSupport, KadTuning, Walk, add_bootstrap, auto_confirmed,
+        Behaviour, BehaviourEvent, InfoSupport, KadTuning, Walk, add_bootstrap, auto_confirmed,
         build_swarm_with, external_for, on_identify, quic_multiaddr, udp_port,
     },
     verification,
@@ -84,6 +84,28 @@ impl Answer {
         match self {
             Self::Relay(_) => "relay",
             Self::Exit { .. } => "exit",
+        }
+    }
+
+    /// Answers its own info protocol, asks the other.
+    fn support(&self) -> InfoSupport {
+        match self {
+            Self::Relay(_) => InfoSupport {
+                relay: ProtocolSupport::Inbound,
+                exit: ProtocolSupport::Outbound,
+            },
+            Self::Exit { .. } => InfoSupport {
+                relay: ProtocolSupport::Outbound,
+                exit: ProtocolSupport::Inbound,
+            },
+        }
+    }
+
+    /// What the self-check asks for.
+    fn asked(&self) -> verification::Asked {
+        match self {
+            Self::Relay(_) => verification::Asked::Relay,
+            Self::Exit { .. } => verification::Asked::Exit,
         }
     }
 
@@ -155,215 +177,215 @@ pub async fn announce_with(
     schedule: AnnounceSchedule,
     shutdown: CancellationToken,
 ) -> Result<(), DiscoveryError> {
-    let Announcer {
-        identity,
-        listen,
-        external_ips,
-        mut info,
-        status,
-        metrics,
-        guard,
-    } = announcer;
-    let role = info.role();
-    let support = match info {
-        Answer::Relay(_) => InfoSupport {
-            relay: ProtocolSupport::Inbound,
-            exit: ProtocolSupport::Outbound,
-        },
-        Answer::Exit { .. } => InfoSupport {
-            relay: ProtocolSupport::Outbound,
-            exit: ProtocolSupport::Inbound,
-        },
-    };
-    let mut swarm = build_swarm_with(
-        identity,
-        config,
-        guard,
-        kad::Mode::Client,
-        support,
-        KadTuning::announce(&schedule),
-    )?;
-    let me = *swarm.local_peer_id();
-    let asked = match info {
-        Answer::Relay(_) => verification::Asked::Relay,
-        Answer::Exit { .. } => verification::Asked::Exit,
-    };
-    let mut checks: JoinSet<Verification> = JoinSet::new();
-    let listen_addr = quic_multiaddr(listen);
-    swarm
-        .listen_on(listen_addr.clone())
-        .map_err(|e| DiscoveryError::Listen {
-            addr: listen_addr,
-            reason: e.to_string(),
-        })?;
-    let bootstrap_peers = add_bootstrap(&mut swarm, config, Walk::Bootstrap);
-    if bootstrap_peers == 0 {
-        tracing::warn!("no usable bootstrap peer: the {role} cannot announce itself");
-    }
-    let key = info.key();
-    let mut state = DhtStatus {
-        state: DhtState::Starting,
-        protocol: config.protocol.to_string(),
-        listen_addrs: Vec::new(),
-        external_addrs: Vec::new(),
-        verification: Verification::NotYet,
-    };
-    status.send_replace(Some(state.clone()));
-    let started = Instant::now();
-    let mut next_publish: Option<tokio::time::Instant> = None;
-    let mut retry = PUBLISH_RETRY_MIN;
-    let mut publishing = false;
-    let mut warned = false;
+    let mut announcing = Announcing::start(config, announcer, schedule, shutdown.clone())?;
     loop {
-        let event = tokio::select! {
+        tokio::select! {
             () = shutdown.cancelled() => break,
-            () = sleep_until(next_publish) => {
-                next_publish = None;
-                if !swarm.external_addresses().any(|_| true) || !info.ready() {
-                    continue;
-                }
-                match swarm.behaviour_mut().kad.start_providing(key.clone()) {
-                    Ok(_) => publishing = true,
-                    Err(error) => tracing::warn!(%error, "cannot store the provider record"),
-                }
-                continue;
+            () = sleep_until(announcing.next_publish) => announcing.on_publish_due(),
+            Some(checked) = announcing.checks.join_next(), if !announcing.checks.is_empty() => {
+                announcing.on_checked(checked);
             }
-            Some(checked) = checks.join_next(), if !checks.is_empty() => {
-                let Ok(checked) = checked else { continue };
-                match &checked {
-                    Verification::Verified => {
-                        if state.verification != Verification::Verified {
-                            tracing::info!(after = ?started.elapsed(), "{role} announcement verified: a fresh DHT node found and reached it");
-                        }
-                    }
-                    Verification::Unverified { reason } => {
-                        tracing::warn!("{role} announced on the DHT but UNVERIFIED: {reason}");
-                    }
-                    Verification::NotYet | Verification::Checking => continue,
-                }
-                metrics.provider_verified.set(i64::from(checked == Verification::Verified));
-                state.verification = checked;
-                status.send_replace(Some(state.clone()));
-                continue;
-            }
-            () = info.ready_changed() => {
-                let confirmed = swarm.external_addresses().any(|_| true);
-                if confirmed && info.ready() && !publishing && state.state != DhtState::Announced
-                    && next_publish.is_none()
-                {
-                    next_publish = Some(tokio::time::Instant::now());
-                }
-                continue;
-            }
-            event = swarm.select_next_some() => event,
+            () = announcing.info.ready_changed() => announcing.on_ready_changed(),
+            event = announcing.swarm.select_next_some() => announcing.on_swarm_event(event),
+        }
+    }
+    Ok(())
+}
+
+/// One announcement under way: the swarm and what it answers, where the announcement stands
+/// (mirrored to `/status`), the publication timer and its backoff, and the self-check
+/// running. Each event it waits for is one method.
+struct Announcing<'a> {
+    config: &'a DhtConfig,
+    schedule: AnnounceSchedule,
+    swarm: Swarm<Behaviour>,
+    info: Answer,
+    role: &'static str,
+    /// The provider key published.
+    key: kad::RecordKey,
+    /// Configured external IPs.
+    external_ips: Vec<IpAddr>,
+    /// The configured listen address (its port is the one to open, failing all else).
+    listen: SocketAddr,
+    status: Arc<watch::Sender<Option<DhtStatus>>>,
+    metrics: DhtMetrics,
+    /// Passed on to the self-checks.
+    shutdown: CancellationToken,
+    /// Where the announcement stands.
+    state: DhtStatus,
+    started: Instant,
+    /// When to publish next, if a publication is due.
+    next_publish: Option<tokio::time::Instant>,
+    /// How long to wait after the next failed publication.
+    retry: Duration,
+    /// A publication runs.
+    publishing: bool,
+    /// The missing external address was warned about.
+    warned: bool,
+    /// The self-check after a publication (one at a time).
+    checks: JoinSet<Verification>,
+}
+
+impl<'a> Announcing<'a> {
+    /// Builds the swarm, listens and adds the bootstrap peers; reports `Starting`.
+    fn start(
+        config: &'a DhtConfig,
+        announcer: Announcer,
+        schedule: AnnounceSchedule,
+        shutdown: CancellationToken,
+    ) -> Result<Self, DiscoveryError> {
+        let Announcer {
+            identity,
+            listen,
+            external_ips,
+            info,
+            status,
+            metrics,
+            guard,
+        } = announcer;
+        let role = info.role();
+        let mut swarm = build_swarm_with(
+            identity,
+            config,
+            guard,
+            kad::Mode::Client,
+            info.support(),
+            KadTuning::announce(&schedule),
+        )?;
+        let listen_addr = quic_multiaddr(listen);
+        swarm
+            .listen_on(listen_addr.clone())
+            .map_err(|e| DiscoveryError::Listen {
+                addr: listen_addr,
+                reason: e.to_string(),
+            })?;
+        let bootstrap_peers = add_bootstrap(&mut swarm, config, Walk::Bootstrap);
+        if bootstrap_peers == 0 {
+            tracing::warn!("no usable bootstrap peer: the {role} cannot announce itself");
+        }
+        let state = DhtStatus {
+            state: DhtState::Starting,
+            protocol: config.protocol.to_string(),
+            listen_addrs: Vec::new(),
+            external_addrs: Vec::new(),
+            verification: Verification::NotYet,
         };
-        match event {
-            SwarmEvent::NewListenAddr { address, .. } => {
-                let (usable, skipped) = external_for(&address, &external_ips);
-                for addr in usable {
-                    swarm.add_external_address(addr);
+        status.send_replace(Some(state.clone()));
+        Ok(Self {
+            config,
+            schedule,
+            swarm,
+            key: info.key(),
+            info,
+            role,
+            external_ips,
+            listen,
+            status,
+            metrics,
+            shutdown,
+            state,
+            started: Instant::now(),
+            next_publish: None,
+            retry: PUBLISH_RETRY_MIN,
+            publishing: false,
+            warned: false,
+            checks: JoinSet::new(),
+        })
+    }
+
+    /// Mirrors the state to `/status`.
+    fn report(&self) {
+        self.status.send_replace(Some(self.state.clone()));
+    }
+
+    fn has_external_address(&self) -> bool {
+        self.swarm.external_addresses().any(|_| true)
+    }
+
+    /// Publishes the provider record, if there is an address to publish and (an exit) a
+    /// relay to be reached through.
+    fn on_publish_due(&mut self) {
+        self.next_publish = None;
+        if !self.has_external_address() || !self.info.ready() {
+            return;
+        }
+        match self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .start_providing(self.key.clone())
+        {
+            Ok(_) => self.publishing = true,
+            Err(error) => tracing::warn!(%error, "cannot store the provider record"),
+        }
+    }
+
+    /// A self-check ended.
+    fn on_checked(&mut self, checked: Result<Verification, tokio::task::JoinError>) {
+        let Ok(checked) = checked else { return };
+        let role = self.role;
+        match &checked {
+            Verification::Verified => {
+                if self.state.verification != Verification::Verified {
+                    tracing::info!(after = ?self.started.elapsed(), "{role} announcement verified: a fresh DHT node found and reached it");
                 }
-                if !skipped.is_empty() {
-                    tracing::warn!(
-                        listen = %address,
-                        ?skipped,
-                        "external addresses of another IP family than the DHT listener are not announced (nobody could reach them); listen on [::] or an IPv6 address to announce IPv6"
-                    );
-                }
-                // Configured addresses say how the node is reached; only without them does
-                // loopback confirm itself.
-                if external_ips.is_empty() && auto_confirmed(config.policy, &address) {
-                    swarm.add_external_address(address.clone());
-                }
-                state.listen_addrs.push(address.to_string());
-                state.external_addrs = swarm
-                    .external_addresses()
-                    .map(ToString::to_string)
-                    .collect();
-                let confirmed = !state.external_addrs.is_empty();
-                metrics.external_address_confirmed.set(i64::from(confirmed));
-                if confirmed {
-                    if !publishing && next_publish.is_none() {
-                        next_publish = Some(tokio::time::Instant::now());
-                    }
-                } else {
-                    state.state = DhtState::NoExternalAddress;
-                    if !warned {
-                        warned = true;
-                        tracing::warn!(
-                            policy = %config.policy,
-                            "{role} has no confirmed external address, so it is NOT announced on the DHT (nobody would store its record); set external_addrs / --external-addr to its public IP"
-                        );
-                    }
-                }
-                status.send_replace(Some(state.clone()));
             }
+            Verification::Unverified { reason } => {
+                tracing::warn!("{role} announced on the DHT but UNVERIFIED: {reason}");
+            }
+            Verification::NotYet | Verification::Checking => return,
+        }
+        self.metrics
+            .provider_verified
+            .set(i64::from(checked == Verification::Verified));
+        self.state.verification = checked;
+        self.report();
+    }
+
+    /// An exit's registration changed: publish now if it was waiting for that.
+    fn on_ready_changed(&mut self) {
+        if self.has_external_address()
+            && self.info.ready()
+            && !self.publishing
+            && self.state.state != DhtState::Announced
+            && self.next_publish.is_none()
+        {
+            self.next_publish = Some(tokio::time::Instant::now());
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => self.on_listen_addr(&address),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(event)) => {
-                on_identify(&mut swarm, config, event);
+                on_identify(&mut self.swarm, self.config, event);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 result,
                 stats,
                 ..
             })) => {
-                let outcome = match result {
+                let published = match result {
                     kad::QueryResult::StartProviding(r) => Some((r.is_ok(), false)),
                     kad::QueryResult::RepublishProvider(r) => Some((r.is_ok(), true)),
                     _ => None,
                 };
-                let Some((ok, republish)) = outcome else {
-                    continue;
-                };
-                publishing = false;
-                // A lookup that reached no peer "succeeds" with nobody storing the record.
-                if ok && stats.num_successes() > 0 {
-                    metrics.provider_published.set(1);
-                    retry = PUBLISH_RETRY_MIN;
-                    if state.state != DhtState::Announced {
-                        tracing::info!(
-                            after = ?started.elapsed(),
-                            republish,
-                            every = ?schedule.republish,
-                            "{role} announced on the DHT; checking from a fresh identity that it is found and reachable"
-                        );
-                    }
-                    state.state = DhtState::Announced;
-                    if checks.is_empty() {
-                        if state.verification == Verification::NotYet {
-                            state.verification = Verification::Checking;
-                        }
-                        let config = config.clone();
-                        let key = key.clone();
-                        let port = state
-                            .external_addrs
-                            .first()
-                            .and_then(|a| a.parse::<Multiaddr>().ok())
-                            .and_then(|a| udp_port(&a))
-                            .unwrap_or(listen.port());
-                        let timeout = schedule.verify_timeout;
-                        let shutdown = shutdown.clone();
-                        checks.spawn(async move {
-                            verification::check(&config, key, me, asked, port, timeout, &shutdown)
-                                .await
-                        });
-                    }
-                } else {
-                    metrics.provider_published.set(0);
-                    state.state = DhtState::PublishFailed;
-                    tracing::warn!(retry_in = ?retry, "announcing on the DHT failed: no DHT peer stored the record");
-                    next_publish = Some(tokio::time::Instant::now() + retry);
-                    retry = (retry * 2).min(PUBLISH_RETRY_MAX);
+                if let Some((ok, republish)) = published {
+                    self.on_published(ok, republish, &stats);
                 }
-                status.send_replace(Some(state.clone()));
             }
             SwarmEvent::Behaviour(BehaviourEvent::Info(request_response::Event::Message {
                 message: request_response::Message::Request { channel, .. },
                 ..
             })) => {
-                if let Answer::Relay(source) = &info
+                if let Answer::Relay(source) = &self.info
                     && let Some(answer) = source()
                 {
-                    let _ = swarm.behaviour_mut().info.send_response(channel, answer);
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .info
+                        .send_response(channel, answer);
                 }
                 // `None`: the channel is dropped unanswered (only tests do this).
             }
@@ -371,10 +393,11 @@ pub async fn announce_with(
                 message: request_response::Message::Request { channel, .. },
                 ..
             })) => {
-                if let Answer::Exit { info: source, .. } = &info
+                if let Answer::Exit { info: source, .. } = &self.info
                     && let Some(answer) = source()
                 {
-                    let _ = swarm
+                    let _ = self
+                        .swarm
                         .behaviour_mut()
                         .exit_info
                         .send_response(channel, answer);
@@ -383,5 +406,114 @@ pub async fn announce_with(
             _ => {}
         }
     }
-    Ok(())
+
+    /// The swarm listens on `address`: the external addresses it confirms, and a publication
+    /// as soon as there is one (a warning, once, while there is none).
+    fn on_listen_addr(&mut self, address: &Multiaddr) {
+        self.confirm_external(address);
+        self.state.listen_addrs.push(address.to_string());
+        self.state.external_addrs = self
+            .swarm
+            .external_addresses()
+            .map(ToString::to_string)
+            .collect();
+        let confirmed = !self.state.external_addrs.is_empty();
+        self.metrics
+            .external_address_confirmed
+            .set(i64::from(confirmed));
+        if confirmed {
+            if !self.publishing && self.next_publish.is_none() {
+                self.next_publish = Some(tokio::time::Instant::now());
+            }
+        } else {
+            self.state.state = DhtState::NoExternalAddress;
+            if !self.warned {
+                self.warned = true;
+                let role = self.role;
+                tracing::warn!(
+                    policy = %self.config.policy,
+                    "{role} has no confirmed external address, so it is NOT announced on the DHT (nobody would store its record); set external_addrs / --external-addr to its public IP"
+                );
+            }
+        }
+        self.report();
+    }
+
+    /// Adds the external addresses a new listener makes reachable.
+    fn confirm_external(&mut self, address: &Multiaddr) {
+        let (usable, skipped) = external_for(address, &self.external_ips);
+        for addr in usable {
+            self.swarm.add_external_address(addr);
+        }
+        if !skipped.is_empty() {
+            tracing::warn!(
+                listen = %address,
+                ?skipped,
+                "external addresses of another IP family than the DHT listener are not announced (nobody could reach them); listen on [::] or an IPv6 address to announce IPv6"
+            );
+        }
+        // Configured addresses say how the node is reached; only without them does
+        // loopback confirm itself.
+        if self.external_ips.is_empty() && auto_confirmed(self.config.policy, address) {
+            self.swarm.add_external_address(address.clone());
+        }
+    }
+
+    /// A publication (or kad's republication) ended.
+    fn on_published(&mut self, ok: bool, republish: bool, stats: &kad::QueryStats) {
+        self.publishing = false;
+        // A lookup that reached no peer "succeeds" with nobody storing the record.
+        if ok && stats.num_successes() > 0 {
+            self.on_announced(republish);
+        } else {
+            self.metrics.provider_published.set(0);
+            self.state.state = DhtState::PublishFailed;
+            tracing::warn!(retry_in = ?self.retry, "announcing on the DHT failed: no DHT peer stored the record");
+            self.next_publish = Some(tokio::time::Instant::now() + self.retry);
+            self.retry = (self.retry * 2).min(PUBLISH_RETRY_MAX);
+        }
+        self.report();
+    }
+
+    /// Some DHT peer stored the record: announced; check it from a fresh identity.
+    fn on_announced(&mut self, republish: bool) {
+        self.metrics.provider_published.set(1);
+        self.retry = PUBLISH_RETRY_MIN;
+        if self.state.state != DhtState::Announced {
+            let role = self.role;
+            tracing::info!(
+                after = ?self.started.elapsed(),
+                republish,
+                every = ?self.schedule.republish,
+                "{role} announced on the DHT; checking from a fresh identity that it is found and reachable"
+            );
+        }
+        self.state.state = DhtState::Announced;
+        if self.checks.is_empty() {
+            if self.state.verification == Verification::NotYet {
+                self.state.verification = Verification::Checking;
+            }
+            self.spawn_check();
+        }
+    }
+
+    /// Starts the self-check of the announcement just published.
+    fn spawn_check(&mut self) {
+        let config = self.config.clone();
+        let key = self.key.clone();
+        let me = *self.swarm.local_peer_id();
+        let asked = self.info.asked();
+        let port = self
+            .state
+            .external_addrs
+            .first()
+            .and_then(|a| a.parse::<Multiaddr>().ok())
+            .and_then(|a| udp_port(&a))
+            .unwrap_or(self.listen.port());
+        let timeout = self.schedule.verify_timeout;
+        let shutdown = self.shutdown.clone();
+        self.checks.spawn(async move {
+            verification::check(&config, key, me, asked, port, timeout, &shutdown).await
+        });
+    }
 }

@@ -7,7 +7,10 @@ use std::{path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{net::transport::RelayAddr, store::data_dir};
+use crate::{
+    net::transport::RelayAddr,
+    store::data_dir::{self, DataDir},
+};
 
 /// File name inside the data directory.
 pub const CACHE_FILE: &str = "relays.json";
@@ -105,6 +108,12 @@ impl RelayCache {
     #[must_use]
     pub fn new(path: PathBuf) -> Self {
         Self { path }
+    }
+
+    /// The cache in a node's data directory ([`CACHE_FILE`]).
+    #[must_use]
+    pub fn in_dir(dir: &DataDir) -> Self {
+        Self::new(dir.file(CACHE_FILE))
     }
 
     /// Cached relays, best first; empty when there is no usable cache.

@@ -55,6 +55,31 @@ pub struct Seek {
     pub metrics: DhtMetrics,
 }
 
+impl Seek {
+    /// What a role seeks with: dials the address policy refuses are counted in `metrics`
+    /// (`dials_refused`), and the verified relays are reported there.
+    #[must_use]
+    pub fn new(
+        cache: Option<RelayCache>,
+        want: usize,
+        settle: Duration,
+        params: TransportParams,
+        metrics: &DhtMetrics,
+    ) -> Self {
+        Self {
+            cache,
+            want,
+            settle,
+            params,
+            guard: DialGuard {
+                refused: metrics.dials_refused.clone(),
+                observer: None,
+            },
+            metrics: metrics.clone(),
+        }
+    }
+}
+
 /// What a discovery found.
 #[derive(Debug, Clone)]
 pub struct Discovered {

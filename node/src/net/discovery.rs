@@ -195,6 +195,13 @@ impl AnnounceSchedule {
     }
 }
 
+/// Whether a lookup loop waits for the next event or is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Wait,
+    Done,
+}
+
 /// Sleeps until `at`, or forever when there is no `at` (a timer that may be unset).
 async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {

@@ -21,7 +21,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    DhtConfig, DiscoveryError, REQUERY,
+    DhtConfig, DiscoveryError, REQUERY, Step,
     cache::{RelayCache, VerifiedRelay, rank},
     lookup, peer_routing,
     policy::{self, DialGuard},
@@ -138,13 +138,6 @@ pub async fn discover(
         }
     }
     seeker.finish()
-}
-
-/// Whether a discovery waits for the next event or is over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Step {
-    Wait,
-    Done,
 }
 
 /// One discovery under way: its swarm, the relays being probed, the provider selection and

@@ -10,7 +10,7 @@ use std::{
 
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm,
-    core::{Transport as _, muxing::StreamMuxerBox},
+    core::{Transport as _, muxing::StreamMuxerBox, transport::Boxed},
     identify,
     identity::Keypair,
     kad,
@@ -156,80 +156,102 @@ pub(super) fn build_swarm_with(
     support: InfoSupport,
     tuning: KadTuning,
 ) -> Result<Swarm<Behaviour>, DiscoveryError> {
-    let policy = config.policy;
-    let protocol = config.protocol.clone();
-    let needs_dns = config.bootstrap.iter().any(is_dns_named);
-    let bootstrap = config.bootstrap.clone();
     let swarm = libp2p::SwarmBuilder::with_existing_identity(identity)
         .with_tokio()
-        .with_other_transport(move |key| {
-            let mut quic_config = libp2p::quic::Config::new(key);
-            quic_config.handshake_timeout = tuning.handshake_timeout;
-            let quic = libp2p::quic::tokio::Transport::new(quic_config);
-            let named_guard = guard.clone();
-            let guarded = policy::PolicyTransport::new(quic, policy, guard)
-                .map(|(peer, conn), _| (peer, StreamMuxerBox::new(conn)));
-            // DNS sits outside the policy, so the policy judges the resolved IP addresses;
-            // only the bootstrap peers' names reach the resolver. Only networks that name a
-            // peer by DNS pay for reading the system resolver.
-            let transport: Result<_, Box<dyn std::error::Error + Send + Sync>> = if needs_dns {
-                match libp2p::dns::tokio::Transport::system(guarded) {
-                    Ok(resolving) => {
-                        Ok(policy::NamedDials::new(resolving, &bootstrap, named_guard).boxed())
-                    }
-                    Err(e) => Err(NoResolver(e).into()),
-                }
-            } else {
-                Ok(guarded.boxed())
-            };
-            transport
-        })
+        .with_other_transport(|key| transport(key, config, tuning.handshake_timeout, guard))
         .map_err(|e| DiscoveryError::Swarm(e.to_string()))?
-        .with_behaviour(move |key| {
-            let peer = key.public().to_peer_id();
-            let mut kad_config = kad::Config::new(protocol);
-            kad_config.set_query_timeout(tuning.query_timeout);
-            if let Some(parallelism) = tuning.parallelism {
-                kad_config.set_parallelism(parallelism);
-            }
-            kad_config.set_provider_publication_interval(Some(tuning.publication_interval));
-            kad_config.set_provider_record_ttl(Some(PROVIDER_RECORD_TTL));
-            match tuning.role {
-                KadRole::Peer => {
-                    kad_config.set_max_packet_size(MAX_KAD_PACKET);
-                }
-                KadRole::Storage => {
-                    kad_config.set_max_packet_size(MAX_KAD_REQUEST);
-                    if let Some(all) = std::num::NonZeroUsize::new(store::MAX_PROVIDERS_PER_KEY) {
-                        kad_config.set_replication_factor(all);
-                    }
-                }
-            }
-            let mut kad = kad::Behaviour::with_config(peer, ProviderStore::new(peer), kad_config);
-            kad.set_mode(Some(mode));
-            Behaviour {
-                kad,
-                identify: identify::Behaviour::new(identify::Config::new(
-                    IDENTIFY_PROTOCOL.to_owned(),
-                    key.public(),
-                )),
-                info: request_response::Behaviour::with_codec(
-                    codec::RelayInfoCodec::default(),
-                    [(StreamProtocol::new(relay_info::PROTOCOL), support.relay)],
-                    request_response::Config::default().with_request_timeout(INFO_TIMEOUT),
-                ),
-                exit_info: request_response::Behaviour::with_codec(
-                    codec::ExitInfoCodec::default(),
-                    [(StreamProtocol::new(exit_info::PROTOCOL), support.exit)],
-                    request_response::Config::default().with_request_timeout(INFO_TIMEOUT),
-                ),
-                gate: ProviderGate::default(),
-            }
-        })
+        .with_behaviour(|key| behaviour(key, config, mode, support, tuning))
         .map_err(|e| DiscoveryError::Swarm(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
         .build();
     Ok(swarm)
+}
+
+/// The swarm's transport: QUIC behind the address policy, with a DNS resolver in front when
+/// a bootstrap peer is named by DNS.
+fn transport(
+    key: &Keypair,
+    config: &DhtConfig,
+    handshake_timeout: Duration,
+    guard: DialGuard,
+) -> Result<Boxed<(PeerId, StreamMuxerBox)>, Box<dyn std::error::Error + Send + Sync>> {
+    let mut quic_config = libp2p::quic::Config::new(key);
+    quic_config.handshake_timeout = handshake_timeout;
+    let quic = libp2p::quic::tokio::Transport::new(quic_config);
+    let named_guard = guard.clone();
+    let guarded = policy::PolicyTransport::new(quic, config.policy, guard)
+        .map(|(peer, conn), _| (peer, StreamMuxerBox::new(conn)));
+    // DNS sits outside the policy, so the policy judges the resolved IP addresses; only the
+    // bootstrap peers' names reach the resolver. Only networks that name a peer by DNS pay
+    // for reading the system resolver.
+    if !config.bootstrap.iter().any(is_dns_named) {
+        return Ok(guarded.boxed());
+    }
+    match libp2p::dns::tokio::Transport::system(guarded) {
+        Ok(resolving) => {
+            Ok(policy::NamedDials::new(resolving, &config.bootstrap, named_guard).boxed())
+        }
+        Err(e) => Err(NoResolver(e).into()),
+    }
+}
+
+/// The swarm's behaviour: kad as `tuning` says, identify, both info protocols on the sides
+/// `support` says, and the provider gate.
+fn behaviour(
+    key: &Keypair,
+    config: &DhtConfig,
+    mode: kad::Mode,
+    support: InfoSupport,
+    tuning: KadTuning,
+) -> Behaviour {
+    let peer = key.public().to_peer_id();
+    let mut kad = kad::Behaviour::with_config(
+        peer,
+        ProviderStore::new(peer),
+        kad_config(config.protocol.clone(), tuning),
+    );
+    kad.set_mode(Some(mode));
+    Behaviour {
+        kad,
+        identify: identify::Behaviour::new(identify::Config::new(
+            IDENTIFY_PROTOCOL.to_owned(),
+            key.public(),
+        )),
+        info: request_response::Behaviour::with_codec(
+            codec::RelayInfoCodec::default(),
+            [(StreamProtocol::new(relay_info::PROTOCOL), support.relay)],
+            request_response::Config::default().with_request_timeout(INFO_TIMEOUT),
+        ),
+        exit_info: request_response::Behaviour::with_codec(
+            codec::ExitInfoCodec::default(),
+            [(StreamProtocol::new(exit_info::PROTOCOL), support.exit)],
+            request_response::Config::default().with_request_timeout(INFO_TIMEOUT),
+        ),
+        gate: ProviderGate::default(),
+    }
+}
+
+/// kad's configuration on `protocol` as `tuning` says.
+fn kad_config(protocol: StreamProtocol, tuning: KadTuning) -> kad::Config {
+    let mut kad_config = kad::Config::new(protocol);
+    kad_config.set_query_timeout(tuning.query_timeout);
+    if let Some(parallelism) = tuning.parallelism {
+        kad_config.set_parallelism(parallelism);
+    }
+    kad_config.set_provider_publication_interval(Some(tuning.publication_interval));
+    kad_config.set_provider_record_ttl(Some(PROVIDER_RECORD_TTL));
+    match tuning.role {
+        KadRole::Peer => {
+            kad_config.set_max_packet_size(MAX_KAD_PACKET);
+        }
+        KadRole::Storage => {
+            kad_config.set_max_packet_size(MAX_KAD_REQUEST);
+            if let Some(all) = std::num::NonZeroUsize::new(store::MAX_PROVIDERS_PER_KEY) {
+                kad_config.set_replication_factor(all);
+            }
+        }
+    }
+    kad_config
 }
 
 /// A bootstrap peer is named by DNS but the system resolver cannot be used.

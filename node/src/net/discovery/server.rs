@@ -52,50 +52,10 @@ impl DhtServer {
             InfoSupport::ASK,
             KadTuning::storage(config),
         )?;
-        let addr = quic_multiaddr(listen);
-        swarm
-            .listen_on(addr.clone())
-            .map_err(|e| DiscoveryError::Listen {
-                addr: addr.clone(),
-                reason: e.to_string(),
-            })?;
-        let bound = loop {
-            match swarm.select_next_some().await {
-                SwarmEvent::NewListenAddr { address, .. } => break address,
-                SwarmEvent::ListenerError { error, .. }
-                | SwarmEvent::ListenerClosed {
-                    reason: Err(error), ..
-                } => {
-                    return Err(DiscoveryError::Listen {
-                        addr,
-                        reason: error.to_string(),
-                    });
-                }
-                _ => {}
-            }
-        };
-        let (usable, skipped) = external_for(&bound, external_ips);
-        if !skipped.is_empty() {
-            tracing::warn!(listen = %bound, ?skipped, "external addresses of another IP family than the listener are not announced");
-        }
-        for addr in usable {
-            swarm.add_external_address(addr);
-        }
-        if auto_confirmed(config.policy, &bound) {
-            swarm.add_external_address(bound.clone());
-        } else if bound_is_unspecified_loopback(config, &bound) {
-            swarm.add_external_address(printable(bound.clone()));
-        }
+        let bound = listen_bound(&mut swarm, quic_multiaddr(listen)).await?;
+        confirm_external(&mut swarm, config, &bound, external_ips);
         add_bootstrap(&mut swarm, config, Walk::Bootstrap);
-        let peer = *swarm.local_peer_id();
-        let mut addrs: Vec<Multiaddr> = swarm.external_addresses().cloned().collect();
-        if addrs.is_empty() {
-            addrs.push(bound);
-        }
-        let addrs = addrs
-            .into_iter()
-            .map(|a| printable(a).with(Protocol::P2p(peer)))
-            .collect();
+        let addrs = bootstrap_addrs(&swarm, bound);
         Ok(Self {
             swarm,
             config: config.clone(),
@@ -127,6 +87,70 @@ impl DhtServer {
             }
         }
     }
+}
+
+/// Listens on `addr` and waits until the socket is bound: the bound address.
+async fn listen_bound(
+    swarm: &mut Swarm<Behaviour>,
+    addr: Multiaddr,
+) -> Result<Multiaddr, DiscoveryError> {
+    swarm
+        .listen_on(addr.clone())
+        .map_err(|e| DiscoveryError::Listen {
+            addr: addr.clone(),
+            reason: e.to_string(),
+        })?;
+    loop {
+        match swarm.select_next_some().await {
+            SwarmEvent::NewListenAddr { address, .. } => return Ok(address),
+            SwarmEvent::ListenerError { error, .. }
+            | SwarmEvent::ListenerClosed {
+                reason: Err(error), ..
+            } => {
+                return Err(DiscoveryError::Listen {
+                    addr,
+                    reason: error.to_string(),
+                });
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Adds the external addresses the server is reached at: `external_ips` with the bound port
+/// (those of the listener's IP family), and loopback under the `loopback` policy.
+fn confirm_external(
+    swarm: &mut Swarm<Behaviour>,
+    config: &DhtConfig,
+    bound: &Multiaddr,
+    external_ips: &[IpAddr],
+) {
+    let (usable, skipped) = external_for(bound, external_ips);
+    if !skipped.is_empty() {
+        tracing::warn!(listen = %bound, ?skipped, "external addresses of another IP family than the listener are not announced");
+    }
+    for addr in usable {
+        swarm.add_external_address(addr);
+    }
+    if auto_confirmed(config.policy, bound) {
+        swarm.add_external_address(bound.clone());
+    } else if bound_is_unspecified_loopback(config, bound) {
+        swarm.add_external_address(printable(bound.clone()));
+    }
+}
+
+/// What other nodes pass as `--bootstrap`: the external addresses (the bound one without
+/// any), printable, with `/p2p/<PeerId>`.
+fn bootstrap_addrs(swarm: &Swarm<Behaviour>, bound: Multiaddr) -> Vec<Multiaddr> {
+    let peer = *swarm.local_peer_id();
+    let mut addrs: Vec<Multiaddr> = swarm.external_addresses().cloned().collect();
+    if addrs.is_empty() {
+        addrs.push(bound);
+    }
+    addrs
+        .into_iter()
+        .map(|a| printable(a).with(Protocol::P2p(peer)))
+        .collect()
 }
 
 /// An unspecified bind under the loopback policy: peers reach it on loopback.

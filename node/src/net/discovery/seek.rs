@@ -126,6 +126,7 @@ pub async fn discover(
     let mut seeker = Seeker::start(config, seek, started)?;
     while seeker.advance() == Step::Wait {
         let settle = seeker.settle_at();
+        // The deadline and the settle time end the discovery with what verified so far.
         tokio::select! {
             () = shutdown.cancelled() => return Err(DiscoveryError::Cancelled),
             () = tokio::time::sleep_until(deadline) => break,

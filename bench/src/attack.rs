@@ -182,7 +182,14 @@ impl Redial {
         identity: &Keypair,
         relay: &RelayAddr,
     ) -> Result<quinn::Connection, transport::ConnectError> {
-        transport::connect(endpoint, identity, relay, transport::ALPN_CLIENT, params(0)).await
+        transport::connect(
+            endpoint,
+            identity,
+            relay,
+            tokengo_proto::frame::ALPN_CLIENT,
+            params(0),
+        )
+        .await
     }
 
     /// The open connection, dialled again (once, whoever asks first) when it was closed.
@@ -401,8 +408,14 @@ async fn register(
 ) -> anyhow::Result<(&'static str, quinn::Connection)> {
     let identity = Keypair::generate_ed25519();
     let peer_id = identity.public().to_peer_id();
-    let tunnel =
-        transport::connect(endpoint, &identity, relay, transport::ALPN_EXIT, params(8)).await?;
+    let tunnel = transport::connect(
+        endpoint,
+        &identity,
+        relay,
+        tokengo_proto::frame::ALPN_EXIT,
+        params(8),
+    )
+    .await?;
     let now = tokengo::clock::unix_now();
     let descriptor = Descriptor {
         peer_id,

@@ -214,7 +214,7 @@ async fn conns(relay: &RelayAddr, count: usize, parallel: usize) -> anyhow::Resu
                 &endpoint,
                 &identity,
                 relay,
-                transport::ALPN_CLIENT,
+                tokengo_proto::frame::ALPN_CLIENT,
                 client_params(),
             )
         })
@@ -271,7 +271,7 @@ async fn forward(
         &endpoint,
         &Keypair::generate_ed25519(),
         relay,
-        transport::ALPN_CLIENT,
+        tokengo_proto::frame::ALPN_CLIENT,
         client_params(),
     )
     .await
@@ -343,9 +343,15 @@ async fn sink_exit(endpoint: &quinn::Endpoint, relay: &RelayAddr) -> anyhow::Res
         max_incoming_streams: 1024,
         keep_alive: true,
     };
-    let tunnel = transport::connect(endpoint, &identity, relay, transport::ALPN_EXIT, params)
-        .await
-        .context("connecting to the relay as an exit")?;
+    let tunnel = transport::connect(
+        endpoint,
+        &identity,
+        relay,
+        tokengo_proto::frame::ALPN_EXIT,
+        params,
+    )
+    .await
+    .context("connecting to the relay as an exit")?;
     let now = tokengo::clock::unix_now();
     let descriptor = Descriptor {
         peer_id,

@@ -53,7 +53,7 @@ async fn main() -> anyhow::Result<()> {
             identity,
             listen: "127.0.0.1:0".parse()?,
             external_ips: Vec::new(),
-            info: discovery::Answer::Relay(tokengo::roles::relay::relay_info_source(
+            info: discovery::Answer::Relay(tokengo::relay::relay_info_source(
                 vec![relay.addr().clone()],
                 relay.registry(),
             )),

@@ -4,7 +4,7 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
-    let cli = tokengo::cli::Cli::parse();
+    let cli = tokengo::Cli::parse();
     match tokengo::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {

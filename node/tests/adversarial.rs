@@ -177,7 +177,7 @@ async fn malformed_stream_headers_get_a_status_and_the_relay_keeps_serving() {
     let chain = chain(&backend.url, &limits(), Duration::from_secs(30), None).await;
     let raw = RawClient::connect(
         &chain.relay.addr,
-        transport::ALPN_CLIENT,
+        tokengo_proto::frame::ALPN_CLIENT,
         &Keypair::generate_ed25519(),
     )
     .await;
@@ -216,7 +216,7 @@ async fn exit_refuses_garbage_unknown_keys_truncation_and_replays() {
     let chain = chain(&backend.url, &limits, Duration::from_secs(30), None).await;
     let raw = RawClient::connect(
         &chain.relay.addr,
-        transport::ALPN_CLIENT,
+        tokengo_proto::frame::ALPN_CLIENT,
         &Keypair::generate_ed25519(),
     )
     .await;
@@ -402,7 +402,12 @@ async fn forged_registrations_are_refused_not_evictions() {
     let chain = chain(&backend.url, &limits(), Duration::from_secs(30), None).await;
     let victim = chain.exit.peer_id;
     let attacker = Keypair::generate_ed25519();
-    let raw_exit = RawClient::connect(&chain.relay.addr, transport::ALPN_EXIT, &attacker).await;
+    let raw_exit = RawClient::connect(
+        &chain.relay.addr,
+        tokengo_proto::frame::ALPN_EXIT,
+        &attacker,
+    )
+    .await;
 
     // The attacker signs a descriptor with its own key but claims the victim's id: the
     // signature binds the key, the key gives a different PeerId, so it cannot verify.
@@ -447,7 +452,7 @@ async fn forged_registrations_are_refused_not_evictions() {
     // The victim is still registered and reachable: refused, not evicted.
     let raw = RawClient::connect(
         &chain.relay.addr,
-        transport::ALPN_CLIENT,
+        tokengo_proto::frame::ALPN_CLIENT,
         &Keypair::generate_ed25519(),
     )
     .await;
@@ -505,7 +510,7 @@ async fn wrong_relay_peer_id_is_refused_by_exit_and_client() {
         &endpoint,
         &Keypair::generate_ed25519(),
         &wrong,
-        transport::ALPN_CLIENT,
+        tokengo_proto::frame::ALPN_CLIENT,
         params(),
     )
     .await

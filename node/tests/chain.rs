@@ -122,7 +122,7 @@ async fn large_bodies_round_trip_both_ways() {
         .json()
         .await
         .unwrap();
-    assert_eq!(json["body_len"], upload.len());
+    assert_eq!(json["body_len"], upload.len(), "{json}");
     let download = http
         .get(format!("{}/big?len={}", chain.client.url, 5 << 20))
         .send()

@@ -74,7 +74,7 @@ async fn start_relay(config: &DhtConfig) -> AnnouncedRelay {
     let addr = relay.addr().clone();
     let status_tx = relay.dht_status();
     let mut status = status_tx.subscribe();
-    let info = tokengo::roles::relay::relay_info_source(vec![addr.clone()], relay.registry());
+    let info = tokengo::relay::relay_info_source(vec![addr.clone()], relay.registry());
     let metrics = relay.metrics();
     let stop = CancellationToken::new();
     tokio::spawn(relay.run(stop.clone()));

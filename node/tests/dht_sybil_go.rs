@@ -91,7 +91,7 @@ fn start_relay(config: DhtConfig) -> AnnouncedRelay {
     let status_tx = relay.dht_status();
     let status = status_tx.subscribe();
     let metrics = relay.metrics();
-    let info = tokengo::roles::relay::relay_info_source(vec![addr.clone()], relay.registry());
+    let info = tokengo::relay::relay_info_source(vec![addr.clone()], relay.registry());
     let stop = CancellationToken::new();
     tokio::spawn(relay.run(stop.clone()));
     let announcer = Announcer {

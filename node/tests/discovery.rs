@@ -165,9 +165,8 @@ async fn start_relay(
     let metrics = relay.metrics();
     let status_tx = relay.dht_status();
     let status = status_tx.subscribe();
-    let info = info.unwrap_or_else(|| {
-        tokengo::roles::relay::relay_info_source(vec![addr.clone()], relay.registry())
-    });
+    let info = info
+        .unwrap_or_else(|| tokengo::relay::relay_info_source(vec![addr.clone()], relay.registry()));
     let stop = CancellationToken::new();
     tokio::spawn(relay.run(stop.clone()));
     let announcer = Announcer {

@@ -87,7 +87,7 @@ fn start_relay_at(
     let status = status_tx.subscribe();
     let metrics = relay.metrics();
     let probe = relay.probe();
-    let info = tokengo::roles::relay::relay_info_source(vec![addr.clone()], relay.registry());
+    let info = tokengo::relay::relay_info_source(vec![addr.clone()], relay.registry());
     let stop = CancellationToken::new();
     tokio::spawn(relay.run(stop.clone()));
     let announcer = Announcer {

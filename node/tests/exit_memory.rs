@@ -42,7 +42,7 @@ async fn dial(relay: &RelayAddr) -> (quinn::Endpoint, quinn::Connection) {
         &endpoint,
         &Keypair::generate_ed25519(),
         relay,
-        transport::ALPN_CLIENT,
+        tokengo_proto::frame::ALPN_CLIENT,
         params,
     )
     .await

@@ -304,7 +304,7 @@ async fn send_raw(relay: &RelayAddr, exit: libp2p_identity::PeerId, body: &[u8])
         &endpoint,
         &Keypair::generate_ed25519(),
         relay,
-        transport::ALPN_CLIENT,
+        tokengo_proto::frame::ALPN_CLIENT,
         params,
     )
     .await

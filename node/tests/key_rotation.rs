@@ -145,7 +145,7 @@ async fn a_single_exit_rotating_its_key_twice_under_load_fails_no_request() {
         "the client met a dropped key and refreshed (else this test did not test the retry)"
     );
     // The relay lists the exit's newest key: its descriptor was registered again.
-    let link = tokengo::net::relay_link::RelayLink::new(
+    let link = tokengo::relay_link::RelayLink::new(
         relay.addr.clone(),
         tokengo::transport::TransportParams {
             idle_timeout: Duration::from_secs(30),
@@ -157,7 +157,7 @@ async fn a_single_exit_rotating_its_key_twice_under_load_fails_no_request() {
     // (A rotation may fall between the two reads: compare again until one pair agrees.)
     let agreed = tokio::time::timeout(DEADLINE, async {
         loop {
-            let listed = tokengo::net::relay_link::list_exits(&link).await.unwrap();
+            let listed = tokengo::relay_link::list_exits(&link).await.unwrap();
             assert_eq!(listed.len(), 1);
             let keys: Vec<u8> = listed[0].key_configs.iter().map(|k| k.key_id).collect();
             if keys == vec![probe.status(None).keys[0].key_id] {

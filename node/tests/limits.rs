@@ -98,7 +98,7 @@ impl RawExit {
             endpoint,
             &identity,
             relay,
-            transport::ALPN_EXIT,
+            tokengo_proto::frame::ALPN_EXIT,
             params(tunnel_streams),
         )
         .await
@@ -194,7 +194,7 @@ async fn an_exit_that_grants_no_stream_gets_exit_unavailable_in_bounded_time() {
     let endpoint = transport::client_endpoint(false).unwrap();
     let exit = RawExit::register(&endpoint, &relay.addr, 8, 0, true).await;
     assert_eq!(exit.status, Status::Ok);
-    let (_endpoint, client) = dial(&relay.addr, transport::ALPN_CLIENT, 0).await;
+    let (_endpoint, client) = dial(&relay.addr, tokengo_proto::frame::ALPN_CLIENT, 0).await;
     let answer = tokio::time::timeout(PATIENCE, exchange(&client, exit.peer_id, b"now"))
         .await
         .expect("the relay waited for the exit without a bound");
@@ -214,7 +214,7 @@ async fn one_client_cannot_take_every_slot_of_an_exit() {
     let overloaded = Arc::new(AtomicUsize::new(0));
     let mut connections = Vec::new();
     for _ in 0..3 {
-        let (endpoint, client) = dial(&relay.addr, transport::ALPN_CLIENT, 0).await;
+        let (endpoint, client) = dial(&relay.addr, tokengo_proto::frame::ALPN_CLIENT, 0).await;
         for _ in 0..40 {
             let (client, overloaded) = (client.clone(), Arc::clone(&overloaded));
             tokio::spawn(async move {
@@ -237,7 +237,7 @@ async fn one_client_cannot_take_every_slot_of_an_exit() {
         .expect("48 streams at the exit")
         .unwrap();
     // Another client is served at once.
-    let (_endpoint, other) = dial(&relay.addr, transport::ALPN_CLIENT, 0).await;
+    let (_endpoint, other) = dial(&relay.addr, tokengo_proto::frame::ALPN_CLIENT, 0).await;
     let answer = tokio::time::timeout(PATIENCE, exchange(&other, exit.peer_id, b"now"))
         .await
         .expect("the other client was not served");
@@ -289,7 +289,7 @@ async fn registrations_beyond_the_rate_and_the_cap_are_refused_as_overloaded() {
         .filter(|(s, _)| *s == Status::Overloaded)
         .count();
     assert_eq!(refused, 1025 - tokengo::config::MAX_EXITS_CEILING);
-    let (_endpoint, client) = dial(&relay.addr, transport::ALPN_CLIENT, 0).await;
+    let (_endpoint, client) = dial(&relay.addr, tokengo_proto::frame::ALPN_CLIENT, 0).await;
     // The client's own limit: 1024 entries, 4 MiB.
     let list = list_exits(&client).await;
     assert_eq!(list.len(), tokengo::config::MAX_EXITS_CEILING);
@@ -388,7 +388,7 @@ async fn a_client_that_stops_reading_is_cut_and_the_exit_is_freed() {
         ..Limits::default()
     };
     let chain = chain(&backend.url, &limits, Duration::from_secs(300), None).await;
-    let (_endpoint, client) = dial(&chain.relay.addr, transport::ALPN_CLIENT, 0).await;
+    let (_endpoint, client) = dial(&chain.relay.addr, tokengo_proto::frame::ALPN_CLIENT, 0).await;
     let (exit, key) = exit_key(&client).await;
     let (encapsulated, _opener) =
         ohttp::encapsulate_request(&key, &large_chat_request(8 << 20)).unwrap();
@@ -426,7 +426,7 @@ async fn a_trickled_request_body_is_cut_at_the_relay() {
         ..Limits::default()
     };
     let chain = chain(&backend.url, &limits, Duration::from_secs(300), None).await;
-    let (_endpoint, client) = dial(&chain.relay.addr, transport::ALPN_CLIENT, 0).await;
+    let (_endpoint, client) = dial(&chain.relay.addr, tokengo_proto::frame::ALPN_CLIENT, 0).await;
     let (exit, _) = exit_key(&client).await;
     let (mut send, mut recv) = client.open_bi().await.unwrap();
     let mut bytes = forward_header(exit);
@@ -460,7 +460,7 @@ async fn one_connection_cannot_make_the_relay_buffer_more_than_its_windows() {
     // The exit takes every stream and never reads one.
     let endpoint = transport::client_endpoint(false).unwrap();
     let exit = RawExit::register(&endpoint, &relay.addr, 1024, 1024, false).await;
-    let (_endpoint, client) = dial(&relay.addr, transport::ALPN_CLIENT, 0).await;
+    let (_endpoint, client) = dial(&relay.addr, tokengo_proto::frame::ALPN_CLIENT, 0).await;
     let accepted = Arc::new(AtomicUsize::new(0));
     let piece = Bytes::from(vec![0x42; 64 * 1024]);
     let mut tasks = Vec::new();
@@ -505,7 +505,7 @@ async fn many_handshakes_in_progress_make_the_relay_ask_for_address_validation()
     let relay = start_relay(&limits, None).await;
     // With the threshold at zero every new peer is asked to validate; quinn clients answer
     // the Retry and connect as usual.
-    let (_endpoint, client) = dial(&relay.addr, transport::ALPN_CLIENT, 0).await;
+    let (_endpoint, client) = dial(&relay.addr, tokengo_proto::frame::ALPN_CLIENT, 0).await;
     assert!(list_exits(&client).await.is_empty());
     assert!(relay.probe.metrics().handshake_retries.get() >= 1);
 }
@@ -522,7 +522,7 @@ async fn dial_from(ip: [u8; 4], relay: &RelayAddr) -> (quinn::Endpoint, quinn::C
         &endpoint,
         &Keypair::generate_ed25519(),
         relay,
-        transport::ALPN_CLIENT,
+        tokengo_proto::frame::ALPN_CLIENT,
         params(0),
     )
     .await
@@ -544,7 +544,7 @@ async fn a_flooding_address_keeps_only_its_fair_part_of_a_contended_exit() {
     assert_eq!(exit.status, Status::Ok);
     let mut streams = exit.streams.clone();
     // A good client (127.0.0.1) has one request in flight.
-    let (_good_endpoint, good) = dial(&relay.addr, transport::ALPN_CLIENT, 0).await;
+    let (_good_endpoint, good) = dial(&relay.addr, tokengo_proto::frame::ALPN_CLIENT, 0).await;
     let held = good.clone();
     tokio::spawn(async move { exchange(&held, exit.peer_id, b"hold").await });
     tokio::time::timeout(PATIENCE, streams.wait_for(|n| *n == 1))
@@ -592,7 +592,7 @@ async fn an_address_opening_connections_too_fast_is_refused_before_the_handshake
             &endpoint,
             &identity,
             &relay.addr,
-            transport::ALPN_CLIENT,
+            tokengo_proto::frame::ALPN_CLIENT,
             params(0),
         )
     };
@@ -607,7 +607,7 @@ async fn an_address_opening_connections_too_fast_is_refused_before_the_handshake
     assert!(metrics.source_connections_refused.get() >= 1);
     assert!(metrics.handshake_retries.get() >= 2);
     // Another address connects as usual, and the open connections still work.
-    let (_other_endpoint, other) = dial(&relay.addr, transport::ALPN_CLIENT, 0).await;
+    let (_other_endpoint, other) = dial(&relay.addr, tokengo_proto::frame::ALPN_CLIENT, 0).await;
     assert!(list_exits(&other).await.is_empty());
     assert!(list_exits(&open[0]).await.is_empty());
 }
@@ -616,7 +616,7 @@ async fn an_address_opening_connections_too_fast_is_refused_before_the_handshake
 async fn a_connection_sending_malformed_headers_is_closed() {
     init();
     let relay = start_relay(&Limits::default(), None).await;
-    let (_endpoint, client) = dial(&relay.addr, transport::ALPN_CLIENT, 0).await;
+    let (_endpoint, client) = dial(&relay.addr, tokengo_proto::frame::ALPN_CLIENT, 0).await;
     // The budget refills at 2 a second: however slowly this loop runs, it spends faster than
     // that only if it keeps going, so it goes on until the relay closes the connection.
     let mut answered = 0;
@@ -643,6 +643,6 @@ async fn a_connection_sending_malformed_headers_is_closed() {
     assert!(answered >= 16, "{answered} answered");
     assert_eq!(relay.probe.metrics().refusal_closes.get(), 1);
     // The relay serves others.
-    let (_endpoint, other) = dial(&relay.addr, transport::ALPN_CLIENT, 0).await;
+    let (_endpoint, other) = dial(&relay.addr, tokengo_proto::frame::ALPN_CLIENT, 0).await;
     assert!(list_exits(&other).await.is_empty());
 }

@@ -219,7 +219,7 @@ async fn announced_relay(
     let status = relay.dht_status();
     let mut announced = status.subscribe();
     let metrics = relay.metrics();
-    let info = tokengo::roles::relay::relay_info_source(vec![addr.clone()], relay.registry());
+    let info = tokengo::relay::relay_info_source(vec![addr.clone()], relay.registry());
     let stop = CancellationToken::new();
     let task = tokio::spawn(relay.run(stop.clone()));
     let announcer = Announcer {

@@ -19,8 +19,8 @@ use common::{
 };
 use libp2p_identity::{Keypair, PeerId};
 use tokengo::{
-    net::relay_link::{RelayLink, list_exits},
     relay::Registry,
+    relay_link::{RelayLink, list_exits},
     stream::StreamReader,
     transport::{self, RelayAddr, TransportParams},
 };

@@ -1,6 +1,7 @@
 //! Key material the operator creates for nodes, in exactly the formats the node reads from its
-//! data directory: `*_identity.key` (libp2p protobuf-encoded Ed25519) and `ohttp_keys.json` (the
-//! exit's keyring of 32-byte HPKE seeds, current first, previous second during the overlap).
+//! data directory (file names in `tokengo_proto::data_dir`): `*_identity.key` (libp2p
+//! protobuf-encoded Ed25519) and `ohttp_keys.json` (the exit's keyring of 32-byte HPKE seeds,
+//! current first, previous second during the overlap).
 //! Pure: generation takes randomness from the OS, everything else is a function of bytes. The
 //! keyring format and its rotation rule are `tokengo_proto::keyring`'s, shared with the node.
 
@@ -50,9 +51,11 @@ pub fn peer_id(encoded: &[u8]) -> Result<PeerId, KeyError> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
-    use tokengo_proto::key_config::KeyConfig;
+    use tokengo_proto::{
+        data_dir::{EXIT_IDENTITY_FILE, EXIT_KEYRING_FILE},
+        key_config::KeyConfig,
+    };
 
     use super::*;
 
@@ -73,7 +76,7 @@ mod tests {
         let mut ring = Keyring::generate(1, 10).unwrap();
         ring.rotate(20).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ohttp_keys.json");
+        let path = dir.path().join(EXIT_KEYRING_FILE);
         std::fs::write(&path, ring.encode()).unwrap();
         let (loaded, created) = tokengo::keyring::load_or_create(&path, 30).unwrap();
         assert!(!created);
@@ -81,7 +84,7 @@ mod tests {
         assert_eq!(loaded.configs(), ours);
 
         let identity = new_identity().unwrap();
-        let id_path = dir.path().join("exit_identity.key");
+        let id_path = dir.path().join(EXIT_IDENTITY_FILE);
         std::fs::write(&id_path, &*identity).unwrap();
         let (node_key, created) = tokengo::identity::load_or_create(&id_path).unwrap();
         assert!(!created);

@@ -7,6 +7,8 @@
 //! Run with `cargo test -p tokengo-operator --features apiserver-tests --test apiserver`
 //! (`.ci/k8s` does). If the control plane cannot be built or started, the tests fail.
 
+// clippy.toml's allow-*-in-tests covers the `#[tokio::test]` functions but not this file's
+// helpers (control plane, waits, fixtures), which are neither `#[test]` nor `#[cfg(test)]`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
@@ -41,11 +43,12 @@ use serde_json::json;
 use tokengo_operator::{
     keys::{self, Keyring},
     lease::{Elector, LeaseTiming},
-    manifest::{KEYS_HASH_ANNOTATION, Settings, exit as exit_manifest, relay as relay_manifest},
+    manifest::{KEYS_HASH_ANNOTATION, Settings, exit as exit_manifest},
     metrics::Metrics,
     reconcile::{self, Context},
     resource::{self, TokenGoExit, TokenGoRelay},
 };
+use tokengo_proto::data_dir::{EXIT_IDENTITY_FILE, EXIT_KEYRING_FILE, RELAY_IDENTITY_FILE};
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -555,7 +558,7 @@ async fn relay_and_exit_lifecycle() {
     );
     let identity = secrets.get("edge-relay-identity").await.unwrap();
     assert_eq!(
-        keys::peer_id(&identity.data.as_ref().unwrap()["relay_identity.key"].0)
+        keys::peer_id(&identity.data.as_ref().unwrap()[RELAY_IDENTITY_FILE].0)
             .unwrap()
             .to_string(),
         relay_peer
@@ -628,7 +631,7 @@ async fn relay_and_exit_lifecycle() {
             ("TokenGoExit", exit.uid().unwrap().as_str())
         );
     }
-    let ring = Keyring::parse(&keys_secret.data.as_ref().unwrap()["ohttp_keys.json"].0).unwrap();
+    let ring = Keyring::parse(&keys_secret.data.as_ref().unwrap()[EXIT_KEYRING_FILE].0).unwrap();
     assert_eq!(
         exit_status.keys[0].config,
         hex::encode(ring.public_keys()[0].config.encode()),
@@ -777,11 +780,11 @@ async fn relay_and_exit_lifecycle() {
     );
     assert_ne!(rotated_keys[0].key_id, rotated_keys[1].key_id);
     let secret = secrets.get("llm-exit-keys").await.unwrap();
-    let ring = Keyring::parse(&secret.data.as_ref().unwrap()["ohttp_keys.json"].0).unwrap();
+    let ring = Keyring::parse(&secret.data.as_ref().unwrap()[EXIT_KEYRING_FILE].0).unwrap();
     assert_eq!(ring.public_keys().len(), 2);
     assert_eq!(
-        secret.data.as_ref().unwrap()["exit_identity.key"],
-        keys_before.data.as_ref().unwrap()["exit_identity.key"],
+        secret.data.as_ref().unwrap()[EXIT_IDENTITY_FILE],
+        keys_before.data.as_ref().unwrap()[EXIT_IDENTITY_FILE],
         "rotation never touches the identity"
     );
     assert_eq!(
@@ -1156,7 +1159,7 @@ async fn a_broken_key_secret_is_never_overwritten() {
             ..Default::default()
         },
         data: Some(BTreeMap::from([(
-            relay_manifest::IDENTITY_FILE.to_owned(),
+            RELAY_IDENTITY_FILE.to_owned(),
             ByteString(b"junk".to_vec()),
         )])),
         ..Default::default()
@@ -1340,12 +1343,9 @@ async fn an_expired_key_is_rotated_on_schedule() {
                     ..Default::default()
                 },
                 data: Some(BTreeMap::from([
+                    (EXIT_IDENTITY_FILE.to_owned(), ByteString(identity.to_vec())),
                     (
-                        exit_manifest::IDENTITY_FILE.to_owned(),
-                        ByteString(identity.to_vec()),
-                    ),
-                    (
-                        exit_manifest::KEYRING_FILE.to_owned(),
+                        EXIT_KEYRING_FILE.to_owned(),
                         ByteString(old.encode().to_vec()),
                     ),
                 ])),

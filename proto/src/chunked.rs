@@ -507,7 +507,6 @@ fn check_final_len(buf: &BytesMut) -> Result<(), OhttpError> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use proptest::prelude::*;
 

@@ -340,7 +340,6 @@ fn check_time(desc: &Descriptor, now_unix: u64) -> Result<(), DescriptorError> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

@@ -309,7 +309,6 @@ fn len_u64(len: usize) -> u64 {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use crate::key_config::KeyConfig;

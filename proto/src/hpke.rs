@@ -518,7 +518,6 @@ fn labeled_expand_array<const N: usize>(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -207,7 +207,6 @@ impl std::fmt::Debug for KeyPair {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

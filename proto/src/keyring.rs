@@ -287,7 +287,6 @@ fn random_seed() -> Result<Zeroizing<[u8; SEED_LEN]>, KeyringError> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -417,7 +417,6 @@ pub(crate) fn response_key_material(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -114,7 +114,7 @@ impl RelayLink {
             &self.endpoint,
             &self.identity,
             &self.relay,
-            transport::ALPN_CLIENT,
+            tokengo_proto::frame::ALPN_CLIENT,
             self.params,
         )
         .await?;

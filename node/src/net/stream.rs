@@ -6,16 +6,22 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use quinn::{RecvStream, SendStream, VarInt};
+use tokengo_proto::{
+    chunked::{Chunk, ChunkedRequestOpener, ChunkedResponseOpener},
+    ohttp::OhttpError,
+};
 
-/// QUIC application error codes TokenGo uses to reset or stop streams.
+/// QUIC application error codes TokenGo uses to reset or stop streams, as quinn takes them
+/// (the values are the protocol's, in `tokengo_proto::close_code`).
 pub mod code {
     use quinn::VarInt;
+    use tokengo_proto::close_code;
     /// The peer sent something malformed.
-    pub const PROTOCOL: VarInt = VarInt::from_u32(1);
+    pub const PROTOCOL: VarInt = VarInt::from_u32(close_code::PROTOCOL);
     /// The other side of a forwarded stream went away.
-    pub const PEER_GONE: VarInt = VarInt::from_u32(2);
+    pub const PEER_GONE: VarInt = VarInt::from_u32(close_code::PEER_GONE);
     /// The request was abandoned (shutdown, timeout, backend failure mid-stream).
-    pub const ABANDONED: VarInt = VarInt::from_u32(3);
+    pub const ABANDONED: VarInt = VarInt::from_u32(close_code::ABANDONED);
 }
 
 /// Why reading a frame failed.
@@ -36,6 +42,52 @@ pub enum ReadError<E> {
     /// More bytes arrived than the frame may have.
     #[error("frame too large")]
     TooLarge,
+}
+
+/// Opens the chunks of a chunked OHTTP message from buffered bytes: the exit's request opener
+/// and the client's response opener read their streams with the same loop.
+pub trait ChunkOpener {
+    /// Opens the next chunk if it is complete in `buf`.
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Chunk>, OhttpError>;
+    /// Opens what is left in `buf` at the end of the stream.
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Chunk>, OhttpError>;
+}
+
+impl ChunkOpener for ChunkedRequestOpener {
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Chunk>, OhttpError> {
+        Self::decode(self, buf)
+    }
+
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Chunk>, OhttpError> {
+        Self::decode_eof(self, buf)
+    }
+}
+
+impl ChunkOpener for ChunkedResponseOpener {
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Chunk>, OhttpError> {
+        Self::decode(self, buf)
+    }
+
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Chunk>, OhttpError> {
+        Self::decode_eof(self, buf)
+    }
+}
+
+/// Why the next chunk of a chunked OHTTP message could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError {
+    /// A chunk did not open: another key, tampered or malformed bytes.
+    #[error("{0}")]
+    Open(#[from] OhttpError),
+    /// Nothing arrived for longer than the reader waits.
+    #[error("the peer went silent")]
+    Silent,
+    /// The stream was reset or its connection failed.
+    #[error("stream broke: {0}")]
+    Stream(#[from] quinn::ReadError),
+    /// The stream ended before the message's final chunk.
+    #[error("truncated")]
+    Truncated,
 }
 
 /// A receive stream with a decode buffer.
@@ -110,6 +162,31 @@ impl StreamReader {
         tokio::time::timeout(deadline, work)
             .await
             .unwrap_or(Err(ReadError::Timeout))
+    }
+
+    /// Reads until `opener` opens the next chunk. Each wait for more bytes may last `silence`;
+    /// `received` is told how many bytes each read added (the client counts them).
+    pub async fn next_chunk(
+        &mut self,
+        opener: &mut impl ChunkOpener,
+        silence: Duration,
+        mut received: impl FnMut(usize),
+    ) -> Result<Chunk, ChunkError> {
+        loop {
+            if let Some(chunk) = opener.decode(&mut self.buf)? {
+                return Ok(chunk);
+            }
+            let before = self.buf.len();
+            let more = tokio::time::timeout(silence, self.fill())
+                .await
+                .map_err(|_| ChunkError::Silent)??;
+            received(self.buf.len().saturating_sub(before));
+            if !more {
+                return opener
+                    .decode_eof(&mut self.buf)?
+                    .ok_or(ChunkError::Truncated);
+            }
+        }
     }
 
     /// Reads everything until the end of the stream, at most `max_len` bytes.

@@ -19,11 +19,7 @@ use quinn::{
     crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig},
 };
 use sha2::Sha256;
-
-/// ALPN of client connections to a relay.
-pub const ALPN_CLIENT: &[u8] = tokengo_proto::frame::ALPN_CLIENT;
-/// ALPN of exit tunnel connections to a relay.
-pub const ALPN_EXIT: &[u8] = tokengo_proto::frame::ALPN_EXIT;
+use tokengo_proto::frame;
 
 /// Installs aws-lc-rs as the process's rustls provider. libp2p-tls builds its configurations
 /// with aws-lc-rs; installing the same one explicitly means nothing else (reqwest) can pick a
@@ -349,7 +345,7 @@ pub fn server_endpoint(
 ) -> Result<quinn::Endpoint, ServerError> {
     let mut tls =
         libp2p_tls::make_server_config(identity).map_err(|e| ServerError::Tls(e.to_string()))?;
-    tls.alpn_protocols = vec![ALPN_CLIENT.to_vec(), ALPN_EXIT.to_vec()];
+    tls.alpn_protocols = vec![frame::ALPN_CLIENT.to_vec(), frame::ALPN_EXIT.to_vec()];
     // libp2p-tls honours SSLKEYLOGFILE; a relay must never write session keys anywhere.
     tls.key_log = Arc::new(NoKeyLog);
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| ServerError::Tls(e.to_string()))?;

@@ -12,7 +12,7 @@ use crate::{
 };
 
 /// Identity file of a bootstrap node inside its data directory.
-pub const IDENTITY_FILE: &str = "bootstrap_identity.key";
+pub const IDENTITY_FILE: &str = tokengo_proto::data_dir::BOOTSTRAP_IDENTITY_FILE;
 
 /// Runs the DHT server until shutdown.
 pub async fn run(config: BootstrapConfig, shutdown: CancellationToken) -> anyhow::Result<()> {

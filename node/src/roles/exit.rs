@@ -11,6 +11,7 @@ mod relay_set;
 mod replay;
 mod rotation;
 mod single_answer;
+mod tunnel;
 
 use std::{
     path::PathBuf,
@@ -21,24 +22,23 @@ use std::{
 use anyhow::Context as _;
 use libp2p_identity::Keypair;
 use tokengo_proto::{
-    descriptor::{Descriptor, SignedDescriptor},
-    frame::{ControlFrame, Status},
+    descriptor::{Descriptor, DescriptorError, SignedDescriptor},
     key_config::KeyConfig,
 };
 use tokio::sync::watch;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::sync::CancellationToken;
 
 pub use backend::Backend;
 pub use endpoint::{DEFAULT_ENDPOINTS, EndpointPolicy, EndpointRule, PathError, RuleError};
 pub use gateway::Gateway;
 pub use relay_set::Replenish;
+pub use tunnel::TunnelError;
 
 use crate::{
     clock::{Clock, unix_now},
     config::{BackendConfig, ExitConfig, Limits},
-    net::stream::{self, StreamReader, code},
-    net::transport::{self, ConnectError, RelayAddr, TransportParams},
-    ops::metrics::{ConnectLabel, ConnectOutcome, ExitMetrics},
+    net::transport::{RelayAddr, TransportParams},
+    ops::metrics::ExitMetrics,
     store::data_dir::DataDir,
     store::identity,
     store::keyring::{self, Keyring},
@@ -111,9 +111,11 @@ pub async fn serve(
                     shutdown.clone(),
                 )
                 .await
+                .map_err(anyhow::Error::from)
             } else {
                 exit.run_many(relays, registered, Some(announce), shutdown.clone())
                     .await
+                    .map_err(anyhow::Error::from)
             }
         }
         Err(e) => Err(e.into()),
@@ -335,11 +337,12 @@ impl Exit {
         clock: Clock,
     ) -> anyhow::Result<Self> {
         data_dir.ensure()?;
-        let (identity, created) = identity::load_or_create(&data_dir.file("exit_identity.key"))?;
+        let (identity, created) =
+            identity::load_or_create(&data_dir.file(tokengo_proto::data_dir::EXIT_IDENTITY_FILE))?;
         if created {
             tracing::info!(peer_id = %identity::peer_id(&identity), "created exit identity");
         }
-        let keyring_path = data_dir.file("ohttp_keys.json");
+        let keyring_path = data_dir.file(tokengo_proto::data_dir::EXIT_KEYRING_FILE);
         let (keyring, created) = keyring::load_or_create(&keyring_path, unix_now())?;
         if created {
             tracing::info!("created OHTTP key");
@@ -470,106 +473,10 @@ impl Exit {
         identity::peer_id(&self.identity)
     }
 
-    /// One relay's tunnel, reconnecting with backoff until shutdown or a fatal error; with
-    /// `give_up`, also when the tunnel has not been registered for that long (a discovered
-    /// relay that is gone: the exit finds another).
-    async fn run_one(
-        &self,
-        relay: &RelayAddr,
-        models: &[String],
-        registered: watch::Sender<bool>,
-        give_up: Option<Duration>,
-        shutdown: &CancellationToken,
-    ) -> anyhow::Result<Ended> {
-        // Its reset key is the identity's: a restarted exit resets what its last run left.
-        let endpoint =
-            transport::node_endpoint(false, &self.identity).context("binding a UDP socket")?;
-        let tasks = TaskTracker::new();
-        let mut backoff = BACKOFF_MIN;
-        let mut down_since = tokio::time::Instant::now();
-        let result = loop {
-            if shutdown.is_cancelled() {
-                break Ok(Ended::Shutdown);
-            }
-            // Subscribed before the descriptor is made: a rotation after this is seen.
-            let mut keys = self.key_changes.subscribe();
-            let descriptor = self.descriptor(models)?;
-            let context = SessionContext {
-                endpoint: &endpoint,
-                relay,
-                models,
-                registered: &registered,
-                tasks: &tasks,
-                shutdown,
-            };
-            match self.session(&context, &descriptor, &mut keys).await {
-                Ok(Session::Shutdown) => break Ok(Ended::Shutdown),
-                Ok(Session::Lost { was_registered }) => {
-                    if was_registered {
-                        backoff = BACKOFF_MIN;
-                        down_since = tokio::time::Instant::now();
-                    }
-                    tracing::warn!(%relay, retry_in = ?backoff, "lost the relay; reconnecting");
-                }
-                Err(SessionError::Fatal(error)) => {
-                    self.connect_failed();
-                    break Err(error);
-                }
-                Err(SessionError::Retry(error)) => {
-                    self.connect_failed();
-                    tracing::warn!(%relay, retry_in = ?backoff, "{error:#}");
-                }
-            }
-            let _ = registered.send(false);
-            if give_up.is_some_and(|after| down_since.elapsed() >= after) {
-                tracing::warn!(%relay, down_for = ?down_since.elapsed(), "relay lost; looking for another");
-                break Ok(Ended::GaveUp);
-            }
-            tokio::select! {
-                () = shutdown.cancelled() => break Ok(Ended::Shutdown),
-                () = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-        };
-        let _ = registered.send(false);
-        tasks.close();
-        if tokio::time::timeout(DRAIN_DEADLINE, tasks.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("requests still running after the drain deadline; closing");
-        }
-        endpoint.close(code::ABANDONED, b"exit shutting down");
-        endpoint.wait_idle().await;
-        result
-    }
-
-    fn connect_failed(&self) {
-        self.metrics
-            .relay_connects
-            .get_or_create(&ConnectLabel {
-                outcome: ConnectOutcome::Failed,
-            })
-            .inc();
-    }
-
-    fn registered(&self, expires_at: u64) {
-        self.metrics
-            .relay_connects
-            .get_or_create(&ConnectLabel {
-                outcome: ConnectOutcome::Registered,
-            })
-            .inc();
-        self.metrics.relay_connected.set(1);
-        self.metrics
-            .descriptor_expiry
-            .set(i64::try_from(expires_at).unwrap_or(i64::MAX));
-    }
-
     /// The current descriptor and its expiry (Unix seconds): the one registered with every
     /// relay while it has more than half its lifetime left and says the same, else a freshly
     /// signed one that becomes current.
-    fn descriptor(&self, models: &[String]) -> anyhow::Result<(SignedDescriptor, u64)> {
+    fn descriptor(&self, models: &[String]) -> Result<(SignedDescriptor, u64), DescriptorError> {
         let now = unix_now();
         if let Some(current) = self.current.borrow().as_ref()
             && let Ok(desc) = SignedDescriptor::verify(current.as_bytes(), now)
@@ -589,212 +496,8 @@ impl Exit {
             access_token_required: self.gateway.access().required(),
         };
         let expires_at = descriptor.expires_at;
-        let signed = SignedDescriptor::sign(&descriptor, &self.identity)
-            .context("signing the exit descriptor")?;
+        let signed = SignedDescriptor::sign(&descriptor, &self.identity)?;
         self.current.send_replace(Some(signed.clone()));
         Ok((signed, expires_at))
-    }
-
-    /// One connection to the relay: register, then serve streams until it ends.
-    async fn session(
-        &self,
-        context: &SessionContext<'_>,
-        descriptor: &(SignedDescriptor, u64),
-        keys: &mut watch::Receiver<u64>,
-    ) -> Result<Session, SessionError> {
-        let SessionContext {
-            endpoint,
-            relay,
-            models,
-            registered,
-            tasks,
-            shutdown,
-        } = *context;
-        // The tunnel's liveness deadline is its idle timeout (QUIC takes the lower end's, so
-        // the relay applies it too), with keep-alives at a third of it.
-        let params = TransportParams {
-            idle_timeout: self.limits.tunnel_liveness,
-            max_incoming_streams: MAX_TUNNEL_STREAMS,
-            keep_alive: true,
-        };
-        let connection = transport::connect(
-            endpoint,
-            &self.identity,
-            relay,
-            transport::ALPN_EXIT,
-            params,
-        )
-        .await
-        .map_err(|error| match error {
-            ConnectError::WrongPeer { .. } | ConnectError::Tls(_) => {
-                SessionError::Fatal(error.into())
-            }
-            other => SessionError::Retry(other.into()),
-        })?;
-        let (mut control_send, control_recv) = connection
-            .open_bi()
-            .await
-            .map_err(|e| SessionError::Retry(e.into()))?;
-        let mut control = StreamReader::new(control_recv);
-        register(&mut control_send, &mut control, &descriptor.0).await?;
-        tracing::info!(%relay, "registered");
-        self.registered(descriptor.1);
-        let _ = registered.send(true);
-        let mut refresh = tokio::time::interval_at(
-            tokio::time::Instant::now() + DESCRIPTOR_LIFETIME / 2,
-            DESCRIPTOR_LIFETIME / 2,
-        );
-        // A re-registration the relay refused as too frequent, to send again then.
-        let mut register_again: Option<tokio::time::Instant> = None;
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => {
-                    connection.close(code::ABANDONED, b"exit shutting down");
-                    return Ok(Session::Shutdown);
-                }
-                accepted = connection.accept_bi() => {
-                    let Ok((send, recv)) = accepted else {
-                        return Ok(Session::Lost { was_registered: true });
-                    };
-                    tasks.spawn(Arc::clone(&self.gateway).handle(send, recv));
-                }
-                _ = refresh.tick() => {
-                    self.register_fresh(&mut control_send, models).await?;
-                }
-                // A key rotation: the relay lists the new key at once (the old one is still
-                // accepted during its overlap, so requests in flight to it are fine).
-                Ok(()) = keys.changed() => {
-                    register_again = None;
-                    self.register_fresh(&mut control_send, models).await?;
-                }
-                () = at(register_again) => {
-                    register_again = None;
-                    self.register_fresh(&mut control_send, models).await?;
-                }
-                ack = control.decode(MAX_ACK, Duration::MAX, |b| ControlFrame::decode(b, MAX_ACK)) => {
-                    match ack {
-                        Ok(ControlFrame::Ack { status: Status::Ok, .. }) => {}
-                        // The relay keeps the registered descriptor and the tunnel: only the
-                        // re-registration came too soon. Requests go on; send it again later.
-                        Ok(ControlFrame::Ack { status: Status::Overloaded, reason }) => {
-                            tracing::warn!(%relay, %reason, retry_in = ?REREGISTER_AFTER, "relay refused a re-registration");
-                            register_again = Some(tokio::time::Instant::now() + REREGISTER_AFTER);
-                        }
-                        Ok(ControlFrame::Ack { reason, .. }) => {
-                            return Err(SessionError::Fatal(anyhow::anyhow!("relay refused the exit's descriptor: {reason}")));
-                        }
-                        Ok(_) | Err(_) => return Ok(Session::Lost { was_registered: true }),
-                    }
-                }
-            }
-        }
-    }
-}
-
-impl Exit {
-    /// Sends the current descriptor (re-signed when the keys changed or it is half expired)
-    /// on a registered tunnel; the relay's answer arrives on the control stream.
-    async fn register_fresh(
-        &self,
-        control: &mut quinn::SendStream,
-        models: &[String],
-    ) -> Result<(), SessionError> {
-        let (fresh, expires_at) = self.descriptor(models).map_err(SessionError::Fatal)?;
-        send_register(control, &fresh).await?;
-        self.metrics
-            .descriptor_expiry
-            .set(i64::try_from(expires_at).unwrap_or(i64::MAX));
-        Ok(())
-    }
-}
-
-/// Sleeps until `deadline`; forever when there is none.
-async fn at(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// How a relay's tunnel task ended without an error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ended {
-    /// The exit is shutting down.
-    Shutdown,
-    /// The relay stayed unreachable for the give-up time.
-    GaveUp,
-}
-
-/// How long after a refused (too frequent) re-registration it is sent again: the relay
-/// accepts a few at once, then one a minute per tunnel.
-const REREGISTER_AFTER: Duration = Duration::from_secs(60);
-
-/// What every session of one exit run shares.
-struct SessionContext<'a> {
-    endpoint: &'a quinn::Endpoint,
-    relay: &'a RelayAddr,
-    models: &'a [String],
-    registered: &'a watch::Sender<bool>,
-    tasks: &'a TaskTracker,
-    shutdown: &'a CancellationToken,
-}
-
-/// Largest control frame the relay sends (an ACK with a reason).
-const MAX_ACK: usize = 4096;
-
-enum Session {
-    Shutdown,
-    Lost { was_registered: bool },
-}
-
-enum SessionError {
-    /// Retrying cannot help: stop and tell the operator.
-    Fatal(anyhow::Error),
-    /// Transient: back off and reconnect.
-    Retry(anyhow::Error),
-}
-
-async fn send_register(
-    send: &mut quinn::SendStream,
-    descriptor: &SignedDescriptor,
-) -> Result<(), SessionError> {
-    let mut frame = Vec::new();
-    ControlFrame::Register(descriptor.as_bytes().to_vec()).encode(&mut frame);
-    send.write_all(&frame)
-        .await
-        .map_err(|e| SessionError::Retry(e.into()))
-}
-
-async fn register(
-    send: &mut quinn::SendStream,
-    control: &mut StreamReader,
-    descriptor: &SignedDescriptor,
-) -> Result<(), SessionError> {
-    send_register(send, descriptor).await?;
-    let ack = control
-        .decode(MAX_ACK, Duration::from_secs(10), |b| {
-            ControlFrame::decode(b, MAX_ACK)
-        })
-        .await
-        .map_err(|e: stream::ReadError<_>| {
-            SessionError::Retry(anyhow::anyhow!("registration: {e}"))
-        })?;
-    match ack {
-        ControlFrame::Ack {
-            status: Status::Ok, ..
-        } => Ok(()),
-        // A full or busy relay: back off and retry, as for a lost connection.
-        ControlFrame::Ack {
-            status: Status::Overloaded,
-            reason,
-        } => Err(SessionError::Retry(anyhow::anyhow!(
-            "relay is busy: {reason}"
-        ))),
-        ControlFrame::Ack { reason, .. } => Err(SessionError::Fatal(anyhow::anyhow!(
-            "relay refused the exit's registration: {reason}"
-        ))),
-        ControlFrame::Register(_) => Err(SessionError::Retry(anyhow::anyhow!(
-            "relay sent an unexpected control frame"
-        ))),
     }
 }

@@ -38,8 +38,11 @@ impl Node {
     /// Binds the internal relay on loopback, loads the exit and binds the client pinned to it.
     pub async fn start(config: ServeConfig) -> anyhow::Result<Self> {
         config.data_dir.ensure()?;
-        let (relay_identity, _) =
-            identity::load_or_create(&config.data_dir.file("relay_identity.key"))?;
+        let (relay_identity, _) = identity::load_or_create(
+            &config
+                .data_dir
+                .file(tokengo_proto::data_dir::RELAY_IDENTITY_FILE),
+        )?;
         let mut exit = Exit::load(&config.data_dir, &config.backend, config.limits.clone())?;
         exit.set_key_rotation(config.key_rotation);
         // The internal relay takes only this exit's registration, and the client sends only
@@ -125,6 +128,6 @@ impl Node {
         let exited = exit_task.await.context("exit task panicked")?;
         relay_stop.cancel();
         relay_task.await.context("relay task panicked")?;
-        served.and(exited)
+        served.and(exited.map_err(anyhow::Error::from))
     }
 }

@@ -156,7 +156,7 @@ mod tests {
     #[test]
     fn persists_and_rotates_with_overlap() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ohttp_keys.json");
+        let path = dir.path().join(tokengo_proto::data_dir::EXIT_KEYRING_FILE);
         let (mut ring, created) = load_or_create(&path, 100).unwrap();
         assert!(created);
         let first = ring.configs();

@@ -69,8 +69,15 @@ pub struct RelayHandle {
     pub task: tokio::task::JoinHandle<()>,
 }
 
+/// The defaults, except a 10 s tunnel liveness: the 2 s default detects a dead exit quickly
+/// (the fault suite measures it on real processes), but on a loaded test machine (two cores,
+/// test binaries and builds beside) a starved in-process exit can miss it and drop its
+/// tunnel mid-test ("exit no longer registered"). Tests of detection set their own.
 pub fn limits() -> Limits {
-    Limits::default()
+    Limits {
+        tunnel_liveness: std::time::Duration::from_secs(10),
+        ..Limits::default()
+    }
 }
 
 pub async fn start_relay(limits: &Limits, tap: Option<Arc<dyn Tap>>) -> RelayHandle {
@@ -120,7 +127,7 @@ pub struct ExitHandle {
     pub peer_id: libp2p_identity::PeerId,
     pub probe: ExitProbe,
     pub stop: CancellationToken,
-    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub task: tokio::task::JoinHandle<Result<(), tokengo::exit::TunnelError>>,
     pub registered: watch::Receiver<bool>,
     pub dir: tempfile::TempDir,
 }

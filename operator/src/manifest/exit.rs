@@ -16,6 +16,7 @@ use k8s_openapi::{
     },
 };
 use kube::ResourceExt as _;
+use tokengo_proto::data_dir::{EXIT_IDENTITY_FILE, EXIT_KEYRING_FILE};
 
 use super::{
     DATA_DIR, NodeContainer, NodeWorkload, Settings, child_meta, dht_env, digest, node_container,
@@ -26,10 +27,6 @@ use crate::{
     resource::{TokenGoExit, exit::ExitDht},
 };
 
-/// The file the node reads the exit identity from.
-pub const IDENTITY_FILE: &str = "exit_identity.key";
-/// The file the node reads the OHTTP keyring from.
-pub const KEYRING_FILE: &str = "ohttp_keys.json";
 /// Annotation on the key Secret: the last `tokengo.io/rotate` value of the exit that was acted
 /// on, so a rotation request is carried out once.
 pub const ROTATION_HANDLED_ANNOTATION: &str = "tokengo.io/rotation-handled";
@@ -55,7 +52,8 @@ pub fn keys_secret_name(exit: &TokenGoExit) -> String {
     format!("{}-exit-keys", exit.name_any())
 }
 
-/// The key Secret: identity and keyring in the files the node reads. `rotation_handled` is the
+/// The key Secret: identity and keyring under the data-directory file names the node reads
+/// ([`EXIT_IDENTITY_FILE`], [`EXIT_KEYRING_FILE`]). `rotation_handled` is the
 /// rotation request already carried out (if any).
 #[must_use]
 pub fn keys_secret(
@@ -71,8 +69,8 @@ pub fn keys_secret(
         metadata,
         type_: Some("Opaque".to_owned()),
         data: Some(BTreeMap::from([
-            (IDENTITY_FILE.to_owned(), ByteString(identity.to_vec())),
-            (KEYRING_FILE.to_owned(), ByteString(keyring.to_vec())),
+            (EXIT_IDENTITY_FILE.to_owned(), ByteString(identity.to_vec())),
+            (EXIT_KEYRING_FILE.to_owned(), ByteString(keyring.to_vec())),
         ])),
         ..Default::default()
     }
@@ -136,7 +134,7 @@ pub fn deployment(
         keys_hash: keys_hash.to_owned(),
         containers,
         keys_secret: keys_secret_name(exit),
-        key_files: &[IDENTITY_FILE, KEYRING_FILE],
+        key_files: &[EXIT_IDENTITY_FILE, EXIT_KEYRING_FILE],
         extra_volumes: spec
             .access_tokens_secret
             .iter()
@@ -234,7 +232,6 @@ fn container(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::{keys::Keyring, resource::TokenGoExitSpec};
@@ -320,8 +317,8 @@ mod tests {
                 "secretName": "llm-exit-keys",
                 "defaultMode": 0o440,
                 "items": [
-                    {"key": "exit_identity.key", "path": "exit_identity.key"},
-                    {"key": "ohttp_keys.json", "path": "ohttp_keys.json"}
+                    {"key": EXIT_IDENTITY_FILE, "path": EXIT_IDENTITY_FILE},
+                    {"key": EXIT_KEYRING_FILE, "path": EXIT_KEYRING_FILE}
                 ]
             }}])
         );
@@ -497,8 +494,9 @@ mod tests {
         let secret = keys_secret(&exit, b"id", b"ring", Some("r1"));
         assert_eq!(secret.metadata.name.as_deref(), Some("llm-exit-keys"));
         let data = secret.data.unwrap();
-        assert_eq!(data["exit_identity.key"].0, b"id");
-        assert_eq!(data["ohttp_keys.json"].0, b"ring");
+        assert_eq!(data.len(), 2);
+        assert_eq!(data[EXIT_IDENTITY_FILE].0, b"id");
+        assert_eq!(data[EXIT_KEYRING_FILE].0, b"ring");
         assert_eq!(
             secret.metadata.annotations.unwrap()[ROTATION_HANDLED_ANNOTATION],
             "r1"

@@ -14,6 +14,7 @@ use k8s_openapi::{
     apimachinery::pkg::util::intstr::IntOrString,
 };
 use kube::ResourceExt as _;
+use tokengo_proto::data_dir::RELAY_IDENTITY_FILE;
 
 use super::{
     DATA_DIR, NodeContainer, NodeWorkload, Settings, child_meta, dht_env, digest, node_container,
@@ -21,8 +22,6 @@ use super::{
 };
 use crate::resource::{TokenGoRelay, relay::ServiceType};
 
-/// The file the node reads its identity from.
-pub const IDENTITY_FILE: &str = "relay_identity.key";
 const COMPONENT: &str = "relay";
 
 /// Name of the Deployment and the Service.
@@ -37,7 +36,8 @@ pub fn identity_secret_name(relay: &TokenGoRelay) -> String {
     format!("{}-relay-identity", relay.name_any())
 }
 
-/// The identity Secret, made once: immutable, so nothing (this operator included) can replace
+/// The identity Secret, made once, holding the key under the data-directory file name the node
+/// reads ([`RELAY_IDENTITY_FILE`]): immutable, so nothing (this operator included) can replace
 /// the key under a running relay.
 #[must_use]
 pub fn identity_secret(relay: &TokenGoRelay, identity: &[u8]) -> Secret {
@@ -46,7 +46,7 @@ pub fn identity_secret(relay: &TokenGoRelay, identity: &[u8]) -> Secret {
         type_: Some("Opaque".to_owned()),
         immutable: Some(true),
         data: Some(BTreeMap::from([(
-            IDENTITY_FILE.to_owned(),
+            RELAY_IDENTITY_FILE.to_owned(),
             ByteString(identity.to_vec()),
         )])),
         ..Default::default()
@@ -103,7 +103,7 @@ pub fn deployment(relay: &TokenGoRelay, settings: &Settings, peer_id: &str) -> D
         keys_hash: digest([peer_id.as_bytes()]),
         containers: vec![container],
         keys_secret: identity_secret_name(relay),
-        key_files: &[IDENTITY_FILE],
+        key_files: &[RELAY_IDENTITY_FILE],
     })
 }
 
@@ -216,7 +216,6 @@ pub fn announce_problem(relay: &TokenGoRelay) -> Option<String> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::resource::TokenGoRelaySpec;
@@ -310,7 +309,7 @@ mod tests {
                             "secret": {
                                 "secretName": "edge-relay-identity",
                                 "defaultMode": 0o440,
-                                "items": [{"key": "relay_identity.key", "path": "relay_identity.key"}]
+                                "items": [{"key": RELAY_IDENTITY_FILE, "path": RELAY_IDENTITY_FILE}]
                             }
                         }]
                     }
@@ -563,7 +562,9 @@ mod tests {
         let secret = identity_secret(&relay, b"key-bytes");
         assert_eq!(secret.metadata.name.as_deref(), Some("edge-relay-identity"));
         assert_eq!(secret.immutable, Some(true));
-        assert_eq!(secret.data.unwrap()["relay_identity.key"].0, b"key-bytes");
+        let data = secret.data.unwrap();
+        assert_eq!(data.len(), 1);
+        assert_eq!(data[RELAY_IDENTITY_FILE].0, b"key-bytes");
         let owner = &secret.metadata.owner_references.unwrap()[0];
         assert_eq!(
             (owner.kind.as_str(), owner.controller),

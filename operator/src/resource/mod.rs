@@ -33,7 +33,6 @@ pub fn definition_file_name(crd: &CustomResourceDefinition) -> String {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::path::PathBuf;

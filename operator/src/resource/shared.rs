@@ -119,7 +119,6 @@ pub(crate) const DHT_PROTOCOL_PATTERN: &str = r"^/[^\s]+$";
 pub(crate) const NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -8,7 +8,7 @@ use std::{
 };
 
 use libp2p::{Multiaddr, PeerId};
-use tokengo_proto::relay_info::RelayInfo;
+use tokengo_proto::{frame, relay_info::RelayInfo};
 use tokio::task::JoinSet;
 
 use super::{
@@ -18,7 +18,7 @@ use super::{
 };
 use crate::net::{
     relay_link::{self, LinkError, RelayLink},
-    transport::{self, RelayAddr, TransportParams},
+    transport::{RelayAddr, TransportParams},
 };
 
 /// Verification of one relay (QUIC handshake and exit list) may take this long.
@@ -87,7 +87,7 @@ pub(super) fn quic_candidates(
     policy: AddressPolicy,
     guard: &DialGuard,
 ) -> Result<RelayAddr, ProbeError> {
-    if !info.alpns.iter().any(|a| a == transport::ALPN_CLIENT) {
+    if !info.alpns.iter().any(|a| a == frame::ALPN_CLIENT) {
         return Err(ProbeError::NoClientAlpn);
     }
     let mut refused = 0;
@@ -200,7 +200,7 @@ mod tests {
                 .to_multiaddr()
                 .to_vec()
         };
-        let alpns = vec![transport::ALPN_CLIENT.to_vec()];
+        let alpns = vec![frame::ALPN_CLIENT.to_vec()];
         let guard = DialGuard::default();
         let info = RelayInfo {
             quic_addrs: vec![

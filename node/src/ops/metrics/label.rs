@@ -143,6 +143,8 @@ pub enum ErrorClass {
     Forbidden,
     /// The exit requires an access token and the request had none, or a wrong one.
     AccessDenied,
+    /// The node could not encode or seal its own answer (never the peer's fault).
+    Internal,
 }
 
 impl ErrorClass {
@@ -168,6 +170,7 @@ impl ErrorClass {
             Self::GatewayTimeout => "gateway_timeout",
             Self::Forbidden => "forbidden",
             Self::AccessDenied => "access_denied",
+            Self::Internal => "internal",
         }
     }
 }
@@ -221,16 +224,6 @@ impl Registration {
     }
 }
 label_value!(Registration);
-
-impl From<&crate::roles::relay::Registered> for Registration {
-    fn from(registered: &crate::roles::relay::Registered) -> Self {
-        match registered {
-            crate::roles::relay::Registered::New => Self::New,
-            crate::roles::relay::Registered::Updated => Self::Updated,
-            crate::roles::relay::Registered::Replaced => Self::Replaced,
-        }
-    }
-}
 
 /// Why a client did not accept an exit's descriptor from a source.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]

@@ -12,7 +12,10 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderName, StatusCode, request::Parts};
 use libp2p_identity::PeerId;
 use tokengo_proto::{
-    bhttp::{self, RequestHead, ResponseDecoder, ResponseEvent, ResponseHead, StreamingEncoder},
+    bhttp::{
+        self, BhttpError, RequestHead, ResponseDecoder, ResponseEvent, ResponseHead,
+        StreamingEncoder,
+    },
     chunked::{self, ChunkedResponseOpener},
     frame::{self, AnswerEvent, AnswerStart, ClientRequest, MediaType, Status},
     ohttp, padding,
@@ -26,7 +29,7 @@ use super::{
     directory::Route,
 };
 use crate::{
-    net::stream::{StreamReader, code},
+    net::stream::{ChunkError, StreamReader, code},
     ops::metrics::{
         ClientMetrics, ErrorClass, Flow, InFlight, Media, MediaLabel, StatusClass, StatusLabel,
     },
@@ -543,7 +546,11 @@ async fn chunked_response(
     // What arrived with the status byte and is buffered already was not counted yet.
     let buffered = stream.reader.buffer().len();
     stream.metrics.bytes(Flow::FromRelay, buffered);
-    let head = match stream.next().await.map_err(ApiError::ExitLostRequest)? {
+    let head = match stream
+        .next()
+        .await
+        .map_err(|e| ApiError::ExitLostRequest(e.to_string()))?
+    {
         Some(ResponseEvent::Head(head)) => head,
         Some(_) => {
             return Err(ApiError::ExitUnavailable(
@@ -577,7 +584,7 @@ async fn chunked_response(
                 Err(error) => {
                     tracing::info!(%error, "response stream broke");
                     stream.metrics.error(ErrorClass::StreamFailed);
-                    let _ = tx.send(Err(body::BodyError(error))).await;
+                    let _ = tx.send(Err(body::BodyError(error.to_string()))).await;
                     return;
                 }
             }
@@ -600,52 +607,35 @@ struct PlainStream {
     wait: Duration,
 }
 
+/// Why a chunked response stream could not be read to its end.
+#[derive(Debug, thiserror::Error)]
+enum ResponseStreamError {
+    /// The next chunk could not be read or opened.
+    #[error("exit response: {0}")]
+    Chunk(#[from] ChunkError),
+    /// The opened bytes are not a Binary HTTP response.
+    #[error("malformed response: {0}")]
+    Malformed(#[from] BhttpError),
+}
+
 impl PlainStream {
-    async fn next(&mut self) -> Result<Option<ResponseEvent>, String> {
+    async fn next(&mut self) -> Result<Option<ResponseEvent>, ResponseStreamError> {
         loop {
             if self.done {
                 // The final chunk opened, so the message is authentically complete: what is
                 // left must finish it (RFC 9292 lets empty trailing sections be omitted).
-                return self
-                    .decoder
-                    .decode_eof(&mut self.plain)
-                    .map_err(|e| format!("malformed response: {e}"));
+                return Ok(self.decoder.decode_eof(&mut self.plain)?);
             }
-            if let Some(event) = self
-                .decoder
-                .decode(&mut self.plain)
-                .map_err(|e| e.to_string())?
-            {
+            if let Some(event) = self.decoder.decode(&mut self.plain)? {
                 return Ok(Some(event));
             }
-            let chunk = loop {
-                if let Some(chunk) = self
-                    .opener
-                    .decode(self.reader.buffer())
-                    .map_err(|e| e.to_string())?
-                {
-                    break chunk;
-                }
-                let before = self.reader.buffer().len();
-                let more = tokio::time::timeout(self.wait, self.reader.fill())
-                    .await
-                    .map_err(|_| "exit went silent".to_owned())?
-                    .map_err(|e| format!("stream broke: {e}"))?;
-                self.metrics.bytes(
-                    Flow::FromRelay,
-                    self.reader.buffer().len().saturating_sub(before),
-                );
-                if !more {
-                    match self
-                        .opener
-                        .decode_eof(self.reader.buffer())
-                        .map_err(|e| e.to_string())?
-                    {
-                        Some(chunk) => break chunk,
-                        None => return Err("response truncated".into()),
-                    }
-                }
-            };
+            let metrics = &self.metrics;
+            let chunk = self
+                .reader
+                .next_chunk(&mut self.opener, self.wait, |n| {
+                    metrics.bytes(Flow::FromRelay, n);
+                })
+                .await?;
             self.done = chunk.last;
             self.plain.extend_from_slice(&chunk.data);
         }

@@ -2,20 +2,21 @@
 //! the backend, and send the answer back encrypted as it arrives. Nothing readable ever leaves
 //! here: backend failures travel as encrypted HTTP error responses.
 
+mod chunked;
+mod single;
+
 use std::{
     sync::Arc,
     sync::RwLock,
     time::{Duration, Instant},
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::StreamExt as _;
 use tokengo_proto::{
-    bhttp::{self, RequestDecoder, RequestEvent, RequestHead, ResponseHead, StreamingEncoder},
-    chunked::{ChunkedRequestOpener, ChunkedResponseSealer},
+    bhttp::{self, RequestHead, ResponseHead},
     frame::{self, ExitRequest, MediaType, Status},
     ohttp::{self, OhttpError},
-    padding,
 };
 use tracing::{Instrument as _, field::Empty};
 
@@ -24,7 +25,7 @@ use super::{
     answer_budget::AnswerBudget,
     backend::{Backend, BackendRequest},
     replay::{ReplayError, ReplayWindow},
-    single_answer::{AnswerError, SingleAnswer},
+    single_answer::AnswerError,
 };
 use crate::{
     clock::Clock,
@@ -130,6 +131,10 @@ enum Refusal {
     /// The backend failed after the response head was sent.
     #[error("backend failed mid-response")]
     Backend(ErrorClass),
+    /// The exit could not encode or seal its own answer: not the client's fault, so not
+    /// counted as its malformed input; the stream is reset.
+    #[error("cannot encode the answer: {0}")]
+    Internal(String),
 }
 
 impl Refusal {
@@ -141,6 +146,7 @@ impl Refusal {
             Self::Replayed => ErrorClass::Replay,
             Self::Stream => ErrorClass::StreamFailed,
             Self::Backend(class) => *class,
+            Self::Internal(_) => ErrorClass::Internal,
         }
     }
 
@@ -149,7 +155,7 @@ impl Refusal {
             Self::Malformed(_) => Some(Status::Malformed),
             Self::UnknownKey(_) => Some(Status::KeyUnknown),
             Self::Undecryptable(_) | Self::Replayed => Some(Status::Undecryptable),
-            Self::Stream | Self::Backend(_) => None,
+            Self::Stream | Self::Backend(_) | Self::Internal(_) => None,
         }
     }
 
@@ -367,154 +373,6 @@ impl Gateway {
         }
     }
 
-    /// RFC 9458 single message: the whole request, then the whole response.
-    async fn single(
-        &self,
-        reader: &mut StreamReader,
-        send: &mut quinn::SendStream,
-        tally: &mut Tally,
-        accept: Accept,
-    ) -> Result<Answered, Refusal> {
-        let max = self.limits.max_request_body.saturating_add(64 * 1024);
-        let encapsulated =
-            tokio::time::timeout(self.backend.idle_timeout(), reader.read_to_end(max))
-                .await
-                .map_err(|_| Refusal::Malformed("request body timed out".into()))?
-                .map_err(|e| Refusal::Malformed(e.to_string()))?;
-        self.not_replayed(ohttp::enc_of(&encapsulated))?;
-        let keys = self.keys();
-        self.metrics.decapsulations.inc();
-        let (message, sealer) = keys
-            .decapsulate(&encapsulated)
-            .map_err(Refusal::from_ohttp)?;
-        accept
-            .announce(send, self.limits.write_stall_timeout)
-            .await?;
-        let limits = self.bhttp_limits();
-        // Answered by the exit itself when unreadable, or refused by the gate (checked after
-        // decapsulation, so only authentic requests can fill the replay window).
-        let admitted = bhttp::decode_request(&message, &limits)
-            .map_err(|error| self.failed(&ApiError::BadRequest(error.to_string())))
-            .and_then(|(mut head, body)| {
-                self.gate(ohttp::enc_of(&encapsulated), &mut head)?;
-                Ok((head, body))
-            });
-        let (head, body) = match admitted {
-            Ok(request) => request,
-            Err((head, body)) => {
-                write_single(
-                    send,
-                    sealer,
-                    &head,
-                    &body,
-                    tally,
-                    None,
-                    self.limits.write_stall_timeout,
-                )
-                .await?;
-                return Ok(Answered::ByExit);
-            }
-        };
-        self.answer_single(send, sealer, &head, Bytes::from(body), tally)
-            .await
-    }
-
-    /// Calls the backend and sends its answer as one sealed message, built under the
-    /// exit's answer budget. When the budget stays spent the user gets an encrypted 503
-    /// instead, and the bytes collected so far are given back at once.
-    async fn answer_single(
-        &self,
-        send: &mut quinn::SendStream,
-        sealer: ohttp::ResponseSealer,
-        head: &RequestHead,
-        body: Bytes,
-        tally: &mut Tally,
-    ) -> Result<Answered, Refusal> {
-        let stall = self.limits.write_stall_timeout;
-        let exchanged = self.exchange_single(head, body).await;
-        let (answer, backend) = match exchanged {
-            Ok(answered) => answered,
-            Err(error) => {
-                let (head, body) = self.failed(&error);
-                write_single(send, sealer, &head, &body, tally, None, stall).await?;
-                return Ok(Answered::ByExit);
-            }
-        };
-        let sealed = answer
-            .seal(sealer)
-            .map_err(|e| Refusal::Undecryptable(e.to_string()))?;
-        tally.done(Some(backend));
-        stream::write_bounded(send, sealed.bytes, stall)
-            .await
-            .map_err(|_| Refusal::Stream)?;
-        let _ = send.finish();
-        // Only now, with the relay holding the answer, are its bytes given back.
-        drop(sealed.claim);
-        Ok(Answered::ByBackend)
-    }
-
-    /// Calls the backend and collects its whole response into a [`SingleAnswer`] as it
-    /// arrives, each piece drawn from the answer budget first (single-message mode). The
-    /// response head tells the client the backend's time, written once the body is in.
-    async fn exchange_single(
-        &self,
-        head: &RequestHead,
-        body: Bytes,
-    ) -> Result<(SingleAnswer, Duration), ApiError> {
-        let request = BackendRequest::from_bhttp(head, body, self.backend.policy())?;
-        tracing::Span::current().record("http.request.method", request.method.as_str());
-        let span = backend_span();
-        let exchange = async {
-            let started = Instant::now();
-            let response = self.call(request).await?;
-            let mut head = response_head(&response);
-            head.fields
-                .push(http_message::backend_time_field_fixed(Duration::ZERO));
-            let expected = response
-                .content_length()
-                .and_then(|len| usize::try_from(len).ok())
-                .filter(|len| *len <= self.limits.max_response_body);
-            let mut answer = SingleAnswer::new(self.answers.claim());
-            answer
-                .head(&head, expected)
-                .await
-                .map_err(|e| self.answer_failed(&e))?;
-            let mut received = 0usize;
-            let mut stream = response.bytes_stream();
-            while let Some(chunk) = self.next_piece(&mut stream).await? {
-                let chunk = chunk.map_err(|error| super::backend::classify(&error))?;
-                received = received.saturating_add(chunk.len());
-                if received > self.limits.max_response_body {
-                    return Err(ApiError::BackendFailed(format!(
-                        "response larger than {} bytes; use streaming",
-                        self.limits.max_response_body
-                    )));
-                }
-                self.received(chunk.len());
-                answer
-                    .body(&chunk)
-                    .await
-                    .map_err(|e| self.answer_failed(&e))?;
-            }
-            let total = started.elapsed();
-            answer.rewrite_last_field(&http_message::backend_time_fixed(total));
-            answer.end().await.map_err(|e| self.answer_failed(&e))?;
-            Ok::<_, ApiError>((answer, total, head.status))
-        }
-        .instrument(span.clone())
-        .await;
-        match exchange {
-            Ok((answer, total, status)) => {
-                tracing::Span::current().record("http.response.status_code", i64::from(status));
-                Ok((answer, total))
-            }
-            Err(error) => {
-                span.record("otel.status_code", "error");
-                Err(error)
-            }
-        }
-    }
-
     /// What the user learns when an answer could not be built: the budget stayed spent (an
     /// overloaded exit), or the backend's head cannot be encoded.
     fn answer_failed(&self, error: &AnswerError) -> ApiError {
@@ -641,190 +499,12 @@ impl Gateway {
         error_response(error)
     }
 
-    /// Reads a chunked request whole. Failures before anything decrypted are refusals (a
-    /// status byte); once the request has opened, an unusable request is answered encrypted.
-    async fn read_chunked(
-        &self,
-        reader: &mut StreamReader,
-        opener: &mut ChunkedRequestOpener,
-    ) -> Result<ChunkedRead, Refusal> {
-        let mut decoder = RequestDecoder::new(self.bhttp_limits());
-        let mut head = None;
-        let mut body = BytesMut::new();
-        let mut finished = false;
-        let deadline = self.backend.idle_timeout();
-        let unusable = |error: String| ChunkedRead::Unusable(ApiError::BadRequest(error));
-        let mut checked = false;
-        while !finished {
-            // The header's `enc` is checked against replay before the opener decapsulates.
-            if !checked && let Some(enc) = ohttp::enc_of(reader.buffer()) {
-                checked = true;
-                self.not_replayed(Some(enc))?;
-                self.metrics.decapsulations.inc();
-            }
-            let chunk = if let Some(chunk) = opener
-                .decode(reader.buffer())
-                .map_err(Refusal::from_ohttp)?
-            {
-                chunk
-            } else if tokio::time::timeout(deadline, reader.fill())
-                .await
-                .map_err(|_| Refusal::Malformed("request timed out".into()))?
-                .map_err(|_| Refusal::Stream)?
-            {
-                continue;
-            } else {
-                match opener
-                    .decode_eof(reader.buffer())
-                    .map_err(Refusal::from_ohttp)?
-                {
-                    Some(chunk) => chunk,
-                    None => return Err(Refusal::Undecryptable("truncated request".into())),
-                }
-            };
-            finished = chunk.last;
-            let mut plain = BytesMut::from(&chunk.data[..]);
-            loop {
-                // Only once the final chunk opened is the message known to be complete, and
-                // may what is left finish it (RFC 9292 lets empty sections be omitted).
-                let next = if finished {
-                    decoder.decode_eof(&mut plain)
-                } else {
-                    decoder.decode(&mut plain)
-                };
-                let event = match next {
-                    Ok(Some(event)) => event,
-                    Ok(None) => break,
-                    Err(error) => return Ok(unusable(error.to_string())),
-                };
-                match event {
-                    RequestEvent::Head(h) => head = Some(h),
-                    RequestEvent::Body(bytes) => {
-                        if body.len() + bytes.len() > self.limits.max_request_body {
-                            return Ok(ChunkedRead::Unusable(ApiError::PayloadTooLarge {
-                                limit: self.limits.max_request_body,
-                            }));
-                        }
-                        body.extend_from_slice(&bytes);
-                    }
-                    RequestEvent::End => {}
-                }
-            }
-        }
-        if let Err(error) = decoder.finish() {
-            return Ok(unusable(error.to_string()));
-        }
-        Ok(match head {
-            Some(head) => ChunkedRead::Request(head, body.freeze()),
-            None => unusable("request without head".into()),
-        })
-    }
-
-    /// Chunked OHTTP: the request is read chunk by chunk; the response is sealed and sent one
-    /// chunk per piece the backend produces, so every SSE event reaches the user at once.
-    async fn chunked(
-        &self,
-        reader: &mut StreamReader,
-        send: &mut quinn::SendStream,
-        tally: &mut Tally,
-        accept: Accept,
-    ) -> Result<Answered, Refusal> {
-        let keys = self.keys();
-        let mut opener = keys.chunked_request();
-        let read = self.read_chunked(reader, &mut opener).await?;
-        let (sealer, nonce) = opener.response_sealer().map_err(Refusal::from_ohttp)?;
-        let mut out = ChunkedWriter {
-            send,
-            sealer,
-            encoder: None,
-            stall: self.limits.write_stall_timeout,
-        };
-        out.start(&nonce, accept).await?;
-        let (mut head, body) = match read {
-            ChunkedRead::Request(head, body) => (head, body),
-            ChunkedRead::Unusable(error) => {
-                out.whole(self.failed(&error), tally).await?;
-                return Ok(Answered::ByExit);
-            }
-        };
-        if let Err(answer) = self.gate(opener.enc(), &mut head) {
-            out.whole(answer, tally).await?;
-            return Ok(Answered::ByExit);
-        }
-        let request = match BackendRequest::from_bhttp(&head, body, self.backend.policy()) {
-            Ok(request) => request,
-            Err(error) => {
-                out.whole(self.failed(&error), tally).await?;
-                return Ok(Answered::ByExit);
-            }
-        };
-        tracing::Span::current().record("http.request.method", request.method.as_str());
-        let span = backend_span();
-        let started = Instant::now();
-        let response = match self.call(request).instrument(span.clone()).await {
-            Ok(response) => response,
-            Err(error) => {
-                span.record("otel.status_code", "error");
-                drop(span);
-                out.whole(self.failed(&error), tally).await?;
-                return Ok(Answered::ByExit);
-            }
-        };
-        // The head goes out as soon as the backend's arrives, so the client learns the
-        // backend's time to its response head; the full time only the exit's metrics see.
-        let mut head = response_head(&response);
-        head.fields
-            .push(http_message::backend_time_field(started.elapsed()));
-        tracing::Span::current().record("http.response.status_code", i64::from(head.status));
-        let relayed = async {
-            out.head(&head).await?;
-            let mut stream = response.bytes_stream();
-            loop {
-                let piece = match self.next_piece(&mut stream).await {
-                    Ok(Some(piece)) => piece,
-                    Ok(None) => break,
-                    Err(error) => {
-                        tracing::info!(%error, "backend went silent mid-response");
-                        tracing::Span::current().record("otel.status_code", "error");
-                        return Err(Refusal::Backend(ErrorClass::from(&error)));
-                    }
-                };
-                match piece {
-                    Ok(bytes) => {
-                        self.received(bytes.len());
-                        out.body(&bytes).await?;
-                    }
-                    Err(error) => {
-                        // The status is already sent: the only honest signal left is to break
-                        // the stream, which the client reports as a truncated response.
-                        let error = super::backend::classify(&error);
-                        tracing::info!(%error, "backend stream failed mid-response");
-                        tracing::Span::current().record("otel.status_code", "error");
-                        return Err(Refusal::Backend(ErrorClass::from(&error)));
-                    }
-                }
-            }
-            Ok(started.elapsed())
-        }
-        .instrument(span)
-        .await?;
-        out.finish(tally, Some(relayed)).await?;
-        Ok(Answered::ByBackend)
-    }
-
     fn bhttp_limits(&self) -> bhttp::Limits {
         bhttp::Limits {
             max_body: self.limits.max_request_body,
             ..bhttp::Limits::default()
         }
     }
-}
-
-/// A chunked request read whole, or why it cannot be served.
-enum ChunkedRead {
-    Request(RequestHead, Bytes),
-    /// Decrypted but unusable (malformed inside, too large): answered encrypted.
-    Unusable(ApiError),
 }
 
 /// The answer budget for `limits`, reported through `metrics`.
@@ -870,118 +550,6 @@ impl Accept {
             .await
             .map_err(|_| Refusal::Stream)
     }
-}
-
-/// Seals and writes a chunked response.
-struct ChunkedWriter<'a> {
-    send: &'a mut quinn::SendStream,
-    sealer: ChunkedResponseSealer,
-    /// Set once the head is written.
-    encoder: Option<StreamingEncoder>,
-    /// How long a write may wait for a relay (and client) that takes no bytes.
-    stall: Duration,
-}
-
-impl ChunkedWriter<'_> {
-    /// Writes the status byte and the nonce, after `ACCEPTED` when `accept` says so (one
-    /// write).
-    async fn start(&mut self, nonce: &[u8], accept: Accept) -> Result<(), Refusal> {
-        let mut first = Vec::with_capacity(2 + nonce.len());
-        if accept.announce {
-            first.push(frame::ACCEPTED);
-        }
-        first.push(Status::Ok as u8);
-        first.extend_from_slice(nonce);
-        self.write(first).await
-    }
-
-    async fn head(&mut self, head: &ResponseHead) -> Result<(), Refusal> {
-        let mut plain = Vec::new();
-        let encoder = StreamingEncoder::response(head, &mut plain)
-            .map_err(|e| Refusal::Malformed(e.to_string()))?;
-        self.encoder = Some(encoder);
-        self.seal(&plain).await
-    }
-
-    async fn body(&mut self, bytes: &[u8]) -> Result<(), Refusal> {
-        let Some(encoder) = self.encoder.as_mut() else {
-            return Err(Refusal::Stream);
-        };
-        if bytes.is_empty() {
-            return Ok(());
-        }
-        let mut plain = Vec::with_capacity(bytes.len() + 8);
-        encoder.body(bytes, &mut plain);
-        self.seal(&plain).await
-    }
-
-    /// Seals and writes the final chunk; `tally` is completed right before it goes out.
-    async fn finish(mut self, tally: &mut Tally, backend: Option<Duration>) -> Result<(), Refusal> {
-        let encoder = self.encoder.take().ok_or(Refusal::Stream)?;
-        // The padding hides the total size in a bucket; per-chunk sizes still show timing
-        // and event sizes to the relay, which is the price of streaming.
-        let padded = padding::bucket(encoder.written() + 2);
-        let mut plain = Vec::new();
-        encoder.end(padded, &mut plain);
-        let sealed = self
-            .sealer
-            .seal_split(&plain, true)
-            .map_err(|e| Refusal::Malformed(e.to_string()))?;
-        tally.done(backend);
-        self.write(sealed).await?;
-        let _ = self.send.finish();
-        Ok(())
-    }
-
-    async fn whole(
-        mut self,
-        (head, body): (ResponseHead, Bytes),
-        tally: &mut Tally,
-    ) -> Result<(), Refusal> {
-        self.head(&head).await?;
-        self.body(&body).await?;
-        self.finish(tally, None).await
-    }
-
-    async fn seal(&mut self, plain: &[u8]) -> Result<(), Refusal> {
-        let sealed = self
-            .sealer
-            .seal_split(plain, false)
-            .map_err(|e| Refusal::Malformed(e.to_string()))?;
-        self.write(sealed).await
-    }
-
-    async fn write(&mut self, bytes: Vec<u8>) -> Result<(), Refusal> {
-        stream::write_bounded(self.send, Bytes::from(bytes), self.stall)
-            .await
-            .map_err(|_| Refusal::Stream)
-    }
-}
-
-async fn write_single(
-    send: &mut quinn::SendStream,
-    sealer: ohttp::ResponseSealer,
-    head: &ResponseHead,
-    body: &[u8],
-    tally: &mut Tally,
-    backend: Option<Duration>,
-    stall: Duration,
-) -> Result<(), Refusal> {
-    let padded = padding::bucket(bhttp::encoded_response_len(head, body.len()));
-    let message = bhttp::encode_response(head, body, padded)
-        .map_err(|e| Refusal::Malformed(e.to_string()))?;
-    let sealed = sealer
-        .seal(&message)
-        .map_err(|e| Refusal::Undecryptable(e.to_string()))?;
-    let mut out = Vec::with_capacity(1 + sealed.len());
-    out.push(Status::Ok as u8);
-    out.extend_from_slice(&sealed);
-    tally.done(backend);
-    stream::write_bounded(send, Bytes::from(out), stall)
-        .await
-        .map_err(|_| Refusal::Stream)?;
-    let _ = send.finish();
-    Ok(())
 }
 
 /// The span around one backend exchange (a child of `exit.request`).

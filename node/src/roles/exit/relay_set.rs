@@ -10,7 +10,10 @@ use std::{
 use tokio::{sync::watch, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use super::{Ended, Exit, RegisteredHook};
+use super::{
+    Exit, RegisteredHook,
+    tunnel::{Ended, TunnelError},
+};
 use crate::{
     net::discovery::{self, DhtConfig, Seek},
     net::transport::RelayAddr,
@@ -43,7 +46,7 @@ pub struct Replenish {
 type Tunnels = Arc<Mutex<Vec<(RelayAddr, bool)>>>;
 
 /// What one tunnel task reports when it ends.
-type TunnelEnd = (RelayAddr, anyhow::Result<Ended>);
+type TunnelEnd = (RelayAddr, Result<Ended, TunnelError>);
 
 impl Exit {
     /// Keeps a registered tunnel to `relay` until shutdown. `registered` turns true on every
@@ -54,7 +57,7 @@ impl Exit {
         relay: RelayAddr,
         registered: watch::Sender<bool>,
         shutdown: CancellationToken,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), TunnelError> {
         self.run_many(vec![relay], registered, None, shutdown).await
     }
 
@@ -68,7 +71,7 @@ impl Exit {
         registered: watch::Sender<bool>,
         hook: Option<RegisteredHook>,
         shutdown: CancellationToken,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), TunnelError> {
         self.run_set(relays, None, registered, hook, shutdown).await
     }
 
@@ -82,7 +85,7 @@ impl Exit {
         registered: watch::Sender<bool>,
         hook: Option<RegisteredHook>,
         shutdown: CancellationToken,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), TunnelError> {
         self.run_set(relays, Some(replenish), registered, hook, shutdown)
             .await
     }
@@ -94,7 +97,7 @@ impl Exit {
         registered: watch::Sender<bool>,
         hook: Option<RegisteredHook>,
         shutdown: CancellationToken,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), TunnelError> {
         // Requests dated in the second the exit started are refused (a previous run may have
         // seen them): registering only after it keeps honest clients from meeting that.
         self.gateway.wait_until_accepting().await;
@@ -155,12 +158,12 @@ impl RelaySet {
         &self,
         relays: Vec<RelayAddr>,
         replenish: Option<Replenish>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), TunnelError> {
         let mut running: JoinSet<TunnelEnd> = JoinSet::new();
         for relay in relays {
             self.start(&mut running, relay);
         }
-        let mut errors: Vec<anyhow::Error> = Vec::new();
+        let mut errors: Vec<TunnelError> = Vec::new();
         let mut discovery: Option<tokio::task::JoinHandle<Vec<RelayAddr>>> = None;
         let mut wait = REDISCOVER_MIN;
         let mut next_discovery = tokio::time::Instant::now() + wait;
@@ -219,7 +222,7 @@ impl RelaySet {
         }
         while let Some(done) = running.join_next().await {
             if let Ok((relay, Err(error))) = done {
-                tracing::warn!(%relay, "{error:#}");
+                tracing::warn!(%relay, "{error}");
                 errors.push(error);
             }
         }

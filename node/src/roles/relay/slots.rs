@@ -1,5 +1,5 @@
 //! Fair sharing of one exit's concurrent stream slots among the sources (client addresses,
-//! `relay::admission::Source`) and connections that use it. An exit serves at most as many
+//! `relay::source::Source`) and connections that use it. An exit serves at most as many
 //! streams at once as its descriptor says (`max_streams`); without sharing, one client with a
 //! few connections could hold every slot and starve everyone else, and one flooding address
 //! could keep hundreds of requests queued ahead of everyone else's in the exit and its
@@ -29,7 +29,7 @@ use std::{
 
 use tokio::sync::oneshot;
 
-use super::admission::Source;
+use super::source::Source;
 
 /// Who holds slots: a client connection (its QUIC stable id) and its source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

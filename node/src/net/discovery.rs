@@ -211,7 +211,6 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -136,7 +136,6 @@ impl RelayCache {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use libp2p_identity::Keypair;

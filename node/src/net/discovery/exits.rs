@@ -417,7 +417,6 @@ pub fn exit_info_source(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use tokengo_proto::key_config::KeyConfig;

@@ -98,7 +98,6 @@ impl NetworkBehaviour for ProviderGate {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use libp2p_identity::Keypair;

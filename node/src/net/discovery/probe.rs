@@ -186,7 +186,6 @@ pub async fn verify(addr: RelayAddr, params: TransportParams) -> Result<Verified
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use libp2p::identity::Keypair;

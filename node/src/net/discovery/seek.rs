@@ -539,7 +539,6 @@ fn probe_cached(config: &DhtConfig, seek: &Seek) -> JoinSet<Probed> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

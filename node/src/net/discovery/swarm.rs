@@ -370,7 +370,6 @@ pub(super) fn auto_confirmed(policy: AddressPolicy, addr: &Multiaddr) -> bool {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::net::discovery::PUBLIC_BOOTSTRAP;

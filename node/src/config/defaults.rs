@@ -158,6 +158,22 @@ pub const DISCOVERY_TIMEOUT_SECS: RangeInclusive<u64> = 1..=600;
 /// each: 3.
 pub const DEFAULT_MAX_RELAYS: usize = 3;
 /// First wait before discovering again while an exit holds fewer relays than it wants, or
+/// Relays a client keeps for failover.
+pub const CLIENT_RELAYS: usize = 3;
+/// An announcer republishes this often by default: go-libp2p-kad-dht servers answer a
+/// provider with the addresses their peerstore holds, which lapse 15 minutes after the
+/// provider's last connection to them; each publication reconnects and renews them.
+pub const DEFAULT_REPUBLISH: Duration = Duration::from_secs(10 * 60);
+/// A provide (lookup of the closest peers, then ADD_PROVIDER to each) may take this long:
+/// on Amino the median is near 30 s and the 95th percentile over 2 minutes.
+pub const DEFAULT_PROVIDE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+/// The self-check after publishing may take this long.
+pub const DEFAULT_VERIFY_TIMEOUT: Duration = Duration::from_secs(2 * 60);
+/// After the first verified relay, how long to wait for better ones (private DHTs).
+pub const DEFAULT_SETTLE: Duration = Duration::from_secs(1);
+/// The same on the public DHT, where providers keep arriving for seconds (lookups there
+/// take ~0.4 s median, ~2 s at p99, then each relay is dialled and probed).
+pub const PUBLIC_SETTLE: Duration = Duration::from_secs(5);
 /// while every relay of a client is down; it doubles after each discovery that did not help.
 pub const REDISCOVER_MIN: Duration = Duration::from_secs(5);
 /// Longest wait between such discoveries.

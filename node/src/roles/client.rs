@@ -50,19 +50,13 @@ pub async fn start(config: ClientConfig, shutdown: &CancellationToken) -> anyhow
     let discovering = config.relays.is_empty();
     let relays = if discovering {
         config.data_dir.ensure()?;
-        let seek = crate::net::discovery::Seek {
-            cache: Some(crate::net::discovery::RelayCache::new(
-                config.data_dir.file(crate::net::discovery::CACHE_FILE),
-            )),
-            want: crate::net::discovery::CLIENT_RELAYS,
-            settle: crate::net::discovery::settle_for(&config.dht),
-            params: transport_params(&config.limits),
-            guard: crate::net::discovery::DialGuard {
-                refused: dht.dials_refused.clone(),
-                observer: None,
-            },
-            metrics: dht.clone(),
-        };
+        let seek = crate::net::discovery::Seek::new(
+            Some(crate::net::discovery::RelayCache::in_dir(&config.data_dir)),
+            crate::net::discovery::CLIENT_RELAYS,
+            crate::net::discovery::settle_for(&config.dht),
+            transport_params(&config.limits),
+            &dht,
+        );
         let found = crate::net::discovery::discover(&config.dht, seek, shutdown).await;
         crate::net::discovery::or_fallback(found, &config.fallback_relays)?
             .into_iter()
@@ -97,19 +91,13 @@ pub async fn start(config: ClientConfig, shutdown: &CancellationToken) -> anyhow
             client.exit_feed(),
             shutdown.clone(),
         ));
-        let seek = crate::net::discovery::Seek {
-            cache: Some(crate::net::discovery::RelayCache::new(
-                config.data_dir.file(crate::net::discovery::CACHE_FILE),
-            )),
-            want: crate::net::discovery::CLIENT_RELAYS,
-            settle: crate::net::discovery::DEFAULT_SETTLE,
+        let seek = crate::net::discovery::Seek::new(
+            Some(crate::net::discovery::RelayCache::in_dir(&config.data_dir)),
+            crate::net::discovery::CLIENT_RELAYS,
+            crate::net::discovery::DEFAULT_SETTLE,
             params,
-            guard: crate::net::discovery::DialGuard {
-                refused: client.state.metrics.dht.dials_refused.clone(),
-                observer: None,
-            },
-            metrics: client.state.metrics.dht.clone(),
-        };
+            &client.state.metrics.dht,
+        );
         tokio::spawn(rediscover_relays(
             config.dht.clone(),
             seek,

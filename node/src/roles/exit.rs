@@ -193,24 +193,17 @@ async fn relays(
 
 /// What a discovery of relays for this exit looks for.
 fn seek(config: &ExitConfig, exit: &Exit) -> crate::net::discovery::Seek {
-    let dht = exit.metrics.dht.clone();
-    crate::net::discovery::Seek {
-        cache: Some(crate::net::discovery::RelayCache::new(
-            config.data_dir.file(crate::net::discovery::CACHE_FILE),
-        )),
-        want: config.max_relays,
-        settle: crate::net::discovery::settle_for(&config.dht),
-        params: TransportParams {
+    crate::net::discovery::Seek::new(
+        Some(crate::net::discovery::RelayCache::in_dir(&config.data_dir)),
+        config.max_relays,
+        crate::net::discovery::settle_for(&config.dht),
+        TransportParams {
             idle_timeout: config.limits.quic_idle_timeout,
             max_incoming_streams: 0,
             keep_alive: false,
         },
-        guard: crate::net::discovery::DialGuard {
-            refused: dht.dials_refused.clone(),
-            observer: None,
-        },
-        metrics: dht,
-    }
+        &exit.metrics.dht,
+    )
 }
 
 /// How a discovering exit replaces relays it lost.

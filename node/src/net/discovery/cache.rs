@@ -7,7 +7,10 @@ use std::{path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{net::transport::RelayAddr, store::data_dir};
+use crate::{
+    net::transport::RelayAddr,
+    store::data_dir::{self, DataDir},
+};
 
 /// File name inside the data directory.
 pub const CACHE_FILE: &str = "relays.json";
@@ -107,6 +110,12 @@ impl RelayCache {
         Self { path }
     }
 
+    /// The cache in a node's data directory ([`CACHE_FILE`]).
+    #[must_use]
+    pub fn in_dir(dir: &DataDir) -> Self {
+        Self::new(dir.file(CACHE_FILE))
+    }
+
     /// Cached relays, best first; empty when there is no usable cache.
     #[must_use]
     pub fn load(&self, now: u64) -> Vec<RelayAddr> {
@@ -127,7 +136,6 @@ impl RelayCache {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use libp2p_identity::Keypair;

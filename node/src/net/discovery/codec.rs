@@ -10,8 +10,8 @@ use libp2p::{
     request_response,
 };
 use tokengo_proto::{
-    exit_info::{self, SignedExitInfo},
-    relay_info::{self, RelayInfo},
+    exit_info::{self, ExitInfoError, SignedExitInfo},
+    relay_info::{self, RelayInfo, RelayInfoError},
 };
 
 /// Largest request read (it is one version byte).
@@ -21,29 +21,32 @@ const MAX_REQUEST_BYTES: u64 = 16;
 pub(super) trait InfoMessage: Sized + Send + 'static {
     /// Largest response accepted: bounds what a hostile provider can make us buffer.
     const MAX_RESPONSE: usize;
+    /// Why a request or a response was refused.
+    type Error: std::error::Error + Send + Sync + 'static;
     fn encode_request() -> Vec<u8>;
-    fn check_request(bytes: &[u8]) -> Result<(), String>;
+    fn check_request(bytes: &[u8]) -> Result<(), Self::Error>;
     fn encode(&self) -> Vec<u8>;
-    fn decode(bytes: Vec<u8>) -> Result<Self, String>;
+    fn decode(bytes: Vec<u8>) -> Result<Self, Self::Error>;
 }
 
 impl InfoMessage for RelayInfo {
     const MAX_RESPONSE: usize = relay_info::MAX_RESPONSE_BYTES;
+    type Error = RelayInfoError;
 
     fn encode_request() -> Vec<u8> {
         relay_info::encode_request()
     }
 
-    fn check_request(bytes: &[u8]) -> Result<(), String> {
-        relay_info::decode_request(bytes).map_err(|e| e.to_string())
+    fn check_request(bytes: &[u8]) -> Result<(), RelayInfoError> {
+        relay_info::decode_request(bytes)
     }
 
     fn encode(&self) -> Vec<u8> {
         RelayInfo::encode(self)
     }
 
-    fn decode(bytes: Vec<u8>) -> Result<Self, String> {
-        RelayInfo::decode(&bytes, Self::MAX_RESPONSE).map_err(|e| e.to_string())
+    fn decode(bytes: Vec<u8>) -> Result<Self, RelayInfoError> {
+        RelayInfo::decode(&bytes, Self::MAX_RESPONSE)
     }
 }
 
@@ -51,21 +54,22 @@ impl InfoMessage for RelayInfo {
 /// answering peer, so the seeker does it.
 impl InfoMessage for SignedExitInfo {
     const MAX_RESPONSE: usize = exit_info::MAX_RESPONSE_BYTES;
+    type Error = ExitInfoError;
 
     fn encode_request() -> Vec<u8> {
         exit_info::encode_request()
     }
 
-    fn check_request(bytes: &[u8]) -> Result<(), String> {
-        exit_info::decode_request(bytes).map_err(|e| e.to_string())
+    fn check_request(bytes: &[u8]) -> Result<(), ExitInfoError> {
+        exit_info::decode_request(bytes)
     }
 
     fn encode(&self) -> Vec<u8> {
         self.as_bytes().to_vec()
     }
 
-    fn decode(bytes: Vec<u8>) -> Result<Self, String> {
-        SignedExitInfo::from_bytes(bytes).map_err(|e| e.to_string())
+    fn decode(bytes: Vec<u8>) -> Result<Self, ExitInfoError> {
+        SignedExitInfo::from_bytes(bytes)
     }
 }
 
@@ -94,8 +98,8 @@ pub(super) type RelayInfoCodec = InfoCodec<RelayInfo>;
 /// The codec of `/tokengo/exit-info/1`.
 pub(super) type ExitInfoCodec = InfoCodec<SignedExitInfo>;
 
-fn invalid(error: impl std::fmt::Display) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, error.to_string())
+fn invalid(error: impl std::error::Error + Send + Sync + 'static) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, error)
 }
 
 async fn read_bounded<T: AsyncRead + Unpin + Send>(io: &mut T, max: u64) -> io::Result<Vec<u8>> {

@@ -16,7 +16,7 @@ use std::{
 
 use futures_util::StreamExt as _;
 use libp2p::{
-    Multiaddr, PeerId,
+    Multiaddr, PeerId, Swarm,
     identity::Keypair,
     kad,
     request_response::{self, OutboundRequestId},
@@ -30,9 +30,14 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    AddressPolicy, BehaviourEvent, DhtConfig, DialGuard, DiscoveryError, ExitInfoSource,
-    InfoSupport, REQUERY, Walk, add_bootstrap, build_swarm, lookup_progress, on_identify,
+    DhtConfig, DiscoveryError, REQUERY, Step,
+    announce::ExitInfoSource,
+    lookup::lookup_progress,
+    policy::{AddressPolicy, DialGuard},
     sleep_until,
+    swarm::{
+        Behaviour, BehaviourEvent, InfoSupport, Walk, add_bootstrap, build_swarm, on_identify,
+    },
 };
 use crate::{clock::unix_now, net::transport::RelayAddr};
 
@@ -190,90 +195,165 @@ pub async fn find_exits(
         tracing::info!("no DHT bootstrap peer: no exit lookup");
         return Ok(Vec::new());
     }
-    let key = kad::RecordKey::new(&exit_info::provider_key());
-    let mut query = Some(swarm.behaviour_mut().kad.get_providers(key.clone()));
-    let mut requery: Option<tokio::time::Instant> = None;
-    let mut pending: HashMap<OutboundRequestId, PeerId> = HashMap::new();
-    let mut asked: HashSet<PeerId> = HashSet::new();
-    let mut found: Vec<FoundExit> = Vec::new();
-    let mut first: Option<tokio::time::Instant> = None;
-    let mut skipped = 0usize;
-    let want = lookup.want.max(1);
-    loop {
-        let idle = query.is_none() && pending.is_empty();
-        let exhausted = asked.len() >= lookup.max_providers;
-        if found.len() >= want || (idle && (!found.is_empty() || exhausted)) {
-            break;
-        }
-        if idle && requery.is_none() {
-            requery = Some(tokio::time::Instant::now() + REQUERY);
-        }
-        let settle = first.map(|t| t + lookup.settle);
+    let mut seeker = ExitSeeker::start(config, lookup, swarm);
+    while seeker.advance() == Step::Wait {
+        let settle = seeker.first.map(|t| t + seeker.lookup.settle);
         tokio::select! {
             () = shutdown.cancelled() => return Err(DiscoveryError::Cancelled),
             () = tokio::time::sleep_until(deadline) => break,
             () = sleep_until(settle) => break,
-            () = sleep_until(requery) => {
-                requery = None;
-                query = Some(swarm.behaviour_mut().kad.get_providers(key.clone()));
-            }
-            event = swarm.select_next_some() => match event {
-                SwarmEvent::Behaviour(BehaviourEvent::Identify(event)) => {
-                    on_identify(&mut swarm, config, event);
-                }
-                SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
-                    id, result: kad::QueryResult::GetProviders(result), step, ..
-                })) if Some(id) == query => {
-                    let (providers, finished) = lookup_progress(&mut swarm, id, &result, &step);
-                    for peer in providers {
-                        if asked.len() < lookup.max_providers && asked.insert(peer) {
-                            // Ask now: kad knows the provider's addresses only while the
-                            // lookup runs.
-                            let request = swarm.behaviour_mut().exit_info.send_request(&peer, ());
-                            pending.insert(request, peer);
-                        }
-                    }
-                    if finished {
-                        query = None;
-                    }
-                }
-                SwarmEvent::Behaviour(BehaviourEvent::ExitInfo(request_response::Event::Message {
-                    peer,
-                    message: request_response::Message::Response { request_id, response },
-                    ..
-                })) => {
-                    pending.remove(&request_id);
-                    match verify_answer(&response, peer, unix_now(), config.policy, &lookup.guard) {
-                        Ok(exit) => {
-                            tracing::info!(exit = %peer, relays = exit.relays.len(), "exit verified on the DHT");
-                            first.get_or_insert_with(tokio::time::Instant::now);
-                            found.push(exit);
-                        }
-                        Err(reason) => {
-                            skipped += 1;
-                            tracing::info!(provider = %peer, "exit skipped: {reason}");
-                        }
-                    }
-                }
-                SwarmEvent::Behaviour(BehaviourEvent::ExitInfo(request_response::Event::OutboundFailure {
-                    peer, request_id, error, ..
-                })) => {
-                    pending.remove(&request_id);
-                    skipped += 1;
-                    tracing::info!(provider = %peer, "exit skipped: no exit-info answer ({error})");
-                }
-                _ => {}
-            },
+            () = sleep_until(seeker.requery) => seeker.on_requery(),
+            event = seeker.swarm.select_next_some() => seeker.on_swarm_event(event),
         }
     }
     tracing::info!(
-        exits = found.len(),
-        asked = asked.len(),
-        skipped,
+        exits = seeker.found.len(),
+        asked = seeker.asked.len(),
+        skipped = seeker.skipped,
         elapsed = ?started.elapsed(),
         "exit lookup done"
     );
-    Ok(found)
+    Ok(seeker.found)
+}
+
+/// One exit lookup under way: its swarm, the providers asked, the exits verified. Each event
+/// it waits for is one method.
+struct ExitSeeker<'a> {
+    config: &'a DhtConfig,
+    lookup: ExitLookup,
+    swarm: Swarm<Behaviour>,
+    /// The exits' provider key.
+    key: kad::RecordKey,
+    /// The provider lookup running, if any.
+    query: Option<kad::QueryId>,
+    /// When to look the key up again.
+    requery: Option<tokio::time::Instant>,
+    /// Exit-info requests in flight, and whom they ask.
+    pending: HashMap<OutboundRequestId, PeerId>,
+    /// Providers asked (at most `lookup.max_providers`).
+    asked: HashSet<PeerId>,
+    found: Vec<FoundExit>,
+    /// When the first exit verified.
+    first: Option<tokio::time::Instant>,
+    skipped: usize,
+}
+
+impl<'a> ExitSeeker<'a> {
+    /// Starts the provider lookup.
+    fn start(config: &'a DhtConfig, lookup: ExitLookup, mut swarm: Swarm<Behaviour>) -> Self {
+        let key = kad::RecordKey::new(&exit_info::provider_key());
+        let query = Some(swarm.behaviour_mut().kad.get_providers(key.clone()));
+        Self {
+            config,
+            lookup,
+            swarm,
+            key,
+            query,
+            requery: None,
+            pending: HashMap::new(),
+            asked: HashSet::new(),
+            found: Vec::new(),
+            first: None,
+            skipped: 0,
+        }
+    }
+
+    /// Whether more exits can come; arms the requery when nothing runs.
+    fn advance(&mut self) -> Step {
+        let idle = self.query.is_none() && self.pending.is_empty();
+        let exhausted = self.asked.len() >= self.lookup.max_providers;
+        if self.found.len() >= self.lookup.want.max(1)
+            || (idle && (!self.found.is_empty() || exhausted))
+        {
+            return Step::Done;
+        }
+        if idle && self.requery.is_none() {
+            self.requery = Some(tokio::time::Instant::now() + REQUERY);
+        }
+        Step::Wait
+    }
+
+    fn on_requery(&mut self) {
+        self.requery = None;
+        self.query = Some(
+            self.swarm
+                .behaviour_mut()
+                .kad
+                .get_providers(self.key.clone()),
+        );
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(event)) => {
+                on_identify(&mut self.swarm, self.config, event);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::GetProviders(result),
+                step,
+                ..
+            })) if Some(id) == self.query => self.on_providers(id, &result, &step),
+            SwarmEvent::Behaviour(BehaviourEvent::ExitInfo(request_response::Event::Message {
+                peer,
+                message:
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            })) => self.on_exit_info(peer, request_id, &response),
+            SwarmEvent::Behaviour(BehaviourEvent::ExitInfo(
+                request_response::Event::OutboundFailure {
+                    peer,
+                    request_id,
+                    error,
+                    ..
+                },
+            )) => {
+                self.pending.remove(&request_id);
+                self.skipped += 1;
+                tracing::info!(provider = %peer, "exit skipped: no exit-info answer ({error})");
+            }
+            _ => {}
+        }
+    }
+
+    /// A step of the provider lookup: ask the providers it named, while there is budget.
+    fn on_providers(
+        &mut self,
+        id: kad::QueryId,
+        result: &kad::GetProvidersResult,
+        step: &kad::ProgressStep,
+    ) {
+        let (providers, finished) = lookup_progress(&mut self.swarm, id, result, step);
+        for peer in providers {
+            if self.asked.len() < self.lookup.max_providers && self.asked.insert(peer) {
+                // Ask now: kad knows the provider's addresses only while the lookup runs.
+                let request = self.swarm.behaviour_mut().exit_info.send_request(&peer, ());
+                self.pending.insert(request, peer);
+            }
+        }
+        if finished {
+            self.query = None;
+        }
+    }
+
+    fn on_exit_info(&mut self, peer: PeerId, request: OutboundRequestId, answer: &SignedExitInfo) {
+        self.pending.remove(&request);
+        let now = unix_now();
+        match verify_answer(answer, peer, now, self.config.policy, &self.lookup.guard) {
+            Ok(exit) => {
+                tracing::info!(exit = %peer, relays = exit.relays.len(), "exit verified on the DHT");
+                self.first.get_or_insert_with(tokio::time::Instant::now);
+                self.found.push(exit);
+            }
+            Err(reason) => {
+                self.skipped += 1;
+                tracing::info!(provider = %peer, "exit skipped: {reason}");
+            }
+        }
+    }
 }
 
 /// What the exit signed last, reused while nothing it says has changed.
@@ -337,7 +417,6 @@ pub fn exit_info_source(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use tokengo_proto::key_config::KeyConfig;

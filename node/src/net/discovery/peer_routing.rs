@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use libp2p::{Multiaddr, PeerId, Swarm, kad};
 
-use super::Behaviour;
+use super::swarm::Behaviour;
 
 /// Peer lookups one provider gets in one discovery at most.
 const MAX_LOOKUPS_PER_PEER: u8 = 2;

@@ -345,7 +345,6 @@ pub fn loopback_like(ip: IpAddr) -> IpAddr {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -398,7 +398,6 @@ pub fn distinct_ips<'a>(addrs: impl IntoIterator<Item = &'a Multiaddr>) -> usize
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use libp2p_identity::Keypair;

@@ -97,7 +97,6 @@ impl RecordStore for ProviderStore {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use libp2p::Multiaddr;

@@ -165,40 +165,50 @@ impl Gateway {
         head.fields
             .push(http_message::backend_time_field(started.elapsed()));
         tracing::Span::current().record("http.response.status_code", i64::from(head.status));
-        let relayed = async {
-            out.head(&head).await?;
-            let mut stream = response.bytes_stream();
-            loop {
-                let piece = match self.next_piece(&mut stream).await {
-                    Ok(Some(piece)) => piece,
-                    Ok(None) => break,
-                    Err(error) => {
-                        tracing::info!(%error, "backend went silent mid-response");
-                        tracing::Span::current().record("otel.status_code", "error");
-                        return Err(Refusal::Backend(ErrorClass::from(&error)));
-                    }
-                };
-                match piece {
-                    Ok(bytes) => {
-                        self.received(bytes.len());
-                        out.body(&bytes).await?;
-                    }
-                    Err(error) => {
-                        // The status is already sent: the only honest signal left is to break
-                        // the stream, which the client reports as a truncated response.
-                        let error = crate::roles::exit::backend::classify(&error);
-                        tracing::info!(%error, "backend stream failed mid-response");
-                        tracing::Span::current().record("otel.status_code", "error");
-                        return Err(Refusal::Backend(ErrorClass::from(&error)));
-                    }
-                }
-            }
-            Ok(started.elapsed())
-        }
-        .instrument(span)
-        .await?;
+        let relayed = self
+            .stream_answer(&mut out, &head, response, started)
+            .instrument(span)
+            .await?;
         out.finish(tally, Some(relayed)).await?;
         Ok(Answered::ByBackend)
+    }
+
+    /// The streaming half: the backend's response head, then each piece of its body sealed
+    /// and sent as it arrives. Returns the backend's whole time. A backend that fails once the
+    /// head went out can only break the stream, which the client reports as truncated.
+    async fn stream_answer(
+        &self,
+        out: &mut ChunkedWriter<'_>,
+        head: &ResponseHead,
+        response: reqwest::Response,
+        started: Instant,
+    ) -> Result<Duration, Refusal> {
+        out.head(head).await?;
+        let mut stream = response.bytes_stream();
+        loop {
+            let piece = match self.next_piece(&mut stream).await {
+                Ok(Some(piece)) => piece,
+                Ok(None) => break,
+                Err(error) => {
+                    tracing::info!(%error, "backend went silent mid-response");
+                    tracing::Span::current().record("otel.status_code", "error");
+                    return Err(Refusal::Backend(ErrorClass::from(&error)));
+                }
+            };
+            match piece {
+                Ok(bytes) => {
+                    self.received(bytes.len());
+                    out.body(&bytes).await?;
+                }
+                Err(error) => {
+                    let error = crate::roles::exit::backend::classify(&error);
+                    tracing::info!(%error, "backend stream failed mid-response");
+                    tracing::Span::current().record("otel.status_code", "error");
+                    return Err(Refusal::Backend(ErrorClass::from(&error)));
+                }
+            }
+        }
+        Ok(started.elapsed())
     }
 }
 

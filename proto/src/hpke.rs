@@ -18,9 +18,14 @@ use sha2::Sha256;
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
-use crate::key_config::{
-    AEAD_AES_128_GCM, KDF_HKDF_SHA256, KEM_X25519_HKDF_SHA256, PUBLIC_KEY_LEN,
-};
+/// HPKE KEM id of DHKEM(X25519, HKDF-SHA256).
+pub const KEM_X25519_HKDF_SHA256: u16 = 0x0020;
+/// HPKE KDF id of HKDF-SHA256.
+pub const KDF_HKDF_SHA256: u16 = 0x0001;
+/// HPKE AEAD id of AES-128-GCM.
+pub const AEAD_AES_128_GCM: u16 = 0x0001;
+/// Length of an X25519 public key (`Npk`).
+pub const PUBLIC_KEY_LEN: usize = 32;
 
 /// Length of an encapsulated key (`Nenc`): an X25519 public key.
 pub const ENC_LEN: usize = 32;

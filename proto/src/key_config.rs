@@ -3,14 +3,8 @@
 
 use bytes::{Buf, BufMut};
 
-/// HPKE KEM id of DHKEM(X25519, HKDF-SHA256).
-pub const KEM_X25519_HKDF_SHA256: u16 = 0x0020;
-/// HPKE KDF id of HKDF-SHA256.
-pub const KDF_HKDF_SHA256: u16 = 0x0001;
-/// HPKE AEAD id of AES-128-GCM.
-pub const AEAD_AES_128_GCM: u16 = 0x0001;
-/// Length of an X25519 public key (`Npk`).
-pub const PUBLIC_KEY_LEN: usize = 32;
+// The suite's identifiers and sizes are HPKE's (RFC 9180 §7); a key configuration names them.
+pub use crate::hpke::{AEAD_AES_128_GCM, KDF_HKDF_SHA256, KEM_X25519_HKDF_SHA256, PUBLIC_KEY_LEN};
 
 /// Why a key configuration was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

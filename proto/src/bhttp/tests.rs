@@ -2,7 +2,12 @@
 //! incremental decoders and the streaming encoder, limits and refusals, interoperability with
 //! the `bhttp` crate both ways, and property tests (round trips, prefixes, arbitrary input).
 
-use super::*;
+use bytes::{Bytes, BytesMut};
+
+use super::{
+    decode::{Core, Head},
+    *,
+};
 use proptest::prelude::*;
 use std::io::Cursor as IoCursor;
 

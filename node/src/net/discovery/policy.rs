@@ -67,7 +67,7 @@ impl AddressPolicy {
 
     /// Whether a multiaddr may be dialled: it must start with an IP address the policy allows.
     /// DNS names are refused here; the only names resolved are the configured bootstrap
-    /// peers' ([`NamedDials`]), and what they resolve to is judged here as IP addresses.
+    /// peers' ([`BootstrapNames`]), and what they resolve to is judged here as IP addresses.
     #[must_use]
     pub fn allows(self, addr: &Multiaddr) -> bool {
         match addr.iter().next() {
@@ -155,93 +155,57 @@ impl std::fmt::Debug for DialGuard {
     }
 }
 
-/// A transport that refuses dials the policy does not allow.
-#[derive(Debug)]
-pub struct PolicyTransport<T> {
-    inner: T,
-    policy: AddressPolicy,
-    guard: DialGuard,
+/// Which dials a [`GuardedDials`] lets through, and how a refusal is told.
+pub trait DialRule {
+    /// Whether allowed dials are reported to the observer too. Only the rule nearest the
+    /// socket reports them, so each dial is seen once, as the IP address it goes to.
+    const REPORTS_ALLOWED: bool;
+
+    /// Whether `addr` may be dialled.
+    fn permits(&self, addr: &Multiaddr) -> bool;
+
+    /// Logs a refused dial.
+    fn log_refusal(&self);
 }
 
-impl<T> PolicyTransport<T> {
-    /// Wraps `inner`.
-    pub fn new(inner: T, policy: AddressPolicy, guard: DialGuard) -> Self {
-        Self {
-            inner,
-            policy,
-            guard,
-        }
-    }
-}
+impl DialRule for AddressPolicy {
+    const REPORTS_ALLOWED: bool = true;
 
-impl<T: libp2p::core::Transport + Unpin> libp2p::core::Transport for PolicyTransport<T> {
-    type Output = T::Output;
-    type Error = T::Error;
-    type ListenerUpgrade = T::ListenerUpgrade;
-    type Dial = T::Dial;
-
-    fn listen_on(
-        &mut self,
-        id: ListenerId,
-        addr: Multiaddr,
-    ) -> Result<(), TransportError<Self::Error>> {
-        self.inner.listen_on(id, addr)
+    fn permits(&self, addr: &Multiaddr) -> bool {
+        self.allows(addr)
     }
 
-    fn remove_listener(&mut self, id: ListenerId) -> bool {
-        self.inner.remove_listener(id)
-    }
-
-    fn dial(
-        &mut self,
-        addr: Multiaddr,
-        opts: DialOpts,
-    ) -> Result<Self::Dial, TransportError<Self::Error>> {
-        let allowed = self.policy.allows(&addr);
-        if let Some(observer) = &self.guard.observer {
-            observer(&addr, allowed);
-        }
-        if !allowed {
-            self.guard.refused.inc();
-            tracing::debug!(policy = %self.policy, "refusing to dial an address outside the policy");
-            return Err(TransportError::MultiaddrNotSupported(addr));
-        }
-        self.inner.dial(addr, opts)
-    }
-
-    fn poll(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<TransportEvent<Self::ListenerUpgrade, Self::Error>> {
-        Pin::new(&mut self.inner).poll(cx)
+    fn log_refusal(&self) {
+        tracing::debug!(policy = %self, "refusing to dial an address outside the policy");
     }
 }
 
-/// A transport (around the DNS resolver) that resolves only the names of the configured
-/// bootstrap peers: any other `/dns*` address, such as one a DHT record or identify handed
-/// out, is refused without a lookup, so nobody can make a node query names of their choice
-/// (a lookup of an attacker's name tells the attacker's name server who is looking).
-#[derive(Debug)]
-pub struct NamedDials<T> {
-    inner: T,
-    names: Vec<String>,
-    guard: DialGuard,
+/// The host names of the configured bootstrap peers: the only names that may go to the
+/// resolver. Any other `/dns*` address, such as one a DHT record or identify handed out, is
+/// refused without a lookup, so nobody can make a node query names of their choice (a lookup
+/// of an attacker's name tells the attacker's name server who is looking).
+#[derive(Debug, Clone, Default)]
+pub struct BootstrapNames(Vec<String>);
+
+impl BootstrapNames {
+    /// The names that `bootstrap` addresses start with.
+    #[must_use]
+    pub fn of(bootstrap: &[Multiaddr]) -> Self {
+        Self(bootstrap.iter().filter_map(dns_name).collect())
+    }
 }
 
-impl<T> NamedDials<T> {
-    /// Wraps `inner`, resolving the names that `bootstrap` addresses start with.
-    pub fn new(inner: T, bootstrap: &[Multiaddr], guard: DialGuard) -> Self {
-        Self {
-            inner,
-            names: bootstrap.iter().filter_map(dns_name).collect(),
-            guard,
-        }
-    }
+impl DialRule for BootstrapNames {
+    // The resolver sits outside the address policy, which reports the resolved dials.
+    const REPORTS_ALLOWED: bool = false;
 
     /// Whether `addr` may go to the resolver (or needs none).
-    #[must_use]
-    pub fn allows(&self, addr: &Multiaddr) -> bool {
-        dns_name(addr).is_none_or(|name| self.names.contains(&name))
+    fn permits(&self, addr: &Multiaddr) -> bool {
+        dns_name(addr).is_none_or(|name| self.0.contains(&name))
+    }
+
+    fn log_refusal(&self) {
+        tracing::debug!("refusing to resolve a name that is no bootstrap peer's");
     }
 }
 
@@ -255,7 +219,28 @@ fn dns_name(addr: &Multiaddr) -> Option<String> {
     }
 }
 
-impl<T: libp2p::core::Transport + Unpin> libp2p::core::Transport for NamedDials<T> {
+/// A transport that refuses the dials its rule does not allow, counting each refusal in its
+/// guard: around QUIC with the [`AddressPolicy`], around the DNS resolver with the
+/// [`BootstrapNames`].
+#[derive(Debug)]
+pub struct GuardedDials<T, R> {
+    inner: T,
+    rule: R,
+    guard: DialGuard,
+}
+
+impl<T, R> GuardedDials<T, R> {
+    /// Wraps `inner`.
+    pub fn new(inner: T, rule: R, guard: DialGuard) -> Self {
+        Self { inner, rule, guard }
+    }
+}
+
+impl<T, R> libp2p::core::Transport for GuardedDials<T, R>
+where
+    T: libp2p::core::Transport + Unpin,
+    R: DialRule + Unpin,
+{
     type Output = T::Output;
     type Error = T::Error;
     type ListenerUpgrade = T::ListenerUpgrade;
@@ -278,12 +263,15 @@ impl<T: libp2p::core::Transport + Unpin> libp2p::core::Transport for NamedDials<
         addr: Multiaddr,
         opts: DialOpts,
     ) -> Result<Self::Dial, TransportError<Self::Error>> {
-        if !self.allows(&addr) {
-            if let Some(observer) = &self.guard.observer {
-                observer(&addr, false);
-            }
+        let allowed = self.rule.permits(&addr);
+        if let Some(observer) = &self.guard.observer
+            && (R::REPORTS_ALLOWED || !allowed)
+        {
+            observer(&addr, allowed);
+        }
+        if !allowed {
             self.guard.refused.inc();
-            tracing::debug!("refusing to resolve a name that is no bootstrap peer's");
+            self.rule.log_refusal();
             return Err(TransportError::MultiaddrNotSupported(addr));
         }
         self.inner.dial(addr, opts)
@@ -432,13 +420,13 @@ mod tests {
         let bootstrap = [ma(
             "/dnsaddr/Bootstrap.libp2p.io/p2p/QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN",
         )];
-        let named = NamedDials::new((), &bootstrap, DialGuard::default());
-        assert!(named.allows(&ma("/dnsaddr/bootstrap.libp2p.io")));
-        assert!(named.allows(&ma("/ip4/104.131.131.82/udp/4001/quic-v1")));
-        assert!(!named.allows(&ma("/dns4/attacker.example/udp/4001/quic-v1")));
-        assert!(!named.allows(&ma("/dnsaddr/attacker.example")));
-        let none = NamedDials::new((), &[], DialGuard::default());
-        assert!(!none.allows(&ma("/dns/localhost/udp/1/quic-v1")));
+        let named = BootstrapNames::of(&bootstrap);
+        assert!(named.permits(&ma("/dnsaddr/bootstrap.libp2p.io")));
+        assert!(named.permits(&ma("/ip4/104.131.131.82/udp/4001/quic-v1")));
+        assert!(!named.permits(&ma("/dns4/attacker.example/udp/4001/quic-v1")));
+        assert!(!named.permits(&ma("/dnsaddr/attacker.example")));
+        let none = BootstrapNames::of(&[]);
+        assert!(!none.permits(&ma("/dns/localhost/udp/1/quic-v1")));
     }
 
     #[test]

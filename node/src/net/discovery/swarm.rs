@@ -179,7 +179,7 @@ fn transport(
     quic_config.handshake_timeout = handshake_timeout;
     let quic = libp2p::quic::tokio::Transport::new(quic_config);
     let named_guard = guard.clone();
-    let guarded = policy::PolicyTransport::new(quic, config.policy, guard)
+    let guarded = policy::GuardedDials::new(quic, config.policy, guard)
         .map(|(peer, conn), _| (peer, StreamMuxerBox::new(conn)));
     // DNS sits outside the policy, so the policy judges the resolved IP addresses; only the
     // bootstrap peers' names reach the resolver. Only networks that name a peer by DNS pay
@@ -189,7 +189,8 @@ fn transport(
     }
     match libp2p::dns::tokio::Transport::system(guarded) {
         Ok(resolving) => {
-            Ok(policy::NamedDials::new(resolving, &config.bootstrap, named_guard).boxed())
+            let names = policy::BootstrapNames::of(&config.bootstrap);
+            Ok(policy::GuardedDials::new(resolving, names, named_guard).boxed())
         }
         Err(e) => Err(NoResolver(e).into()),
     }

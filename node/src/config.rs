@@ -241,6 +241,24 @@ pub(crate) mod test_support {
         }
     }
 
+    /// Asserts that `resolve` refuses the YAML of each case, naming the case's key, the
+    /// command and the keys the command takes (`takes`, the start of that list).
+    pub(crate) fn assert_refused<C: std::fmt::Debug>(
+        resolve: impl Fn(&str) -> Result<C, super::ConfigError>,
+        cases: &[(&str, &str)],
+        command: &str,
+        takes: &str,
+    ) {
+        for (yaml, key) in cases {
+            let error = resolve(yaml).unwrap_err().to_string();
+            assert!(
+                error.contains(&format!("unknown key `{key}` for `{command}`"))
+                    && error.contains(&format!("keys it takes: {takes}")),
+                "{yaml} -> {error}"
+            );
+        }
+    }
+
     /// A random relay multiaddr on loopback.
     pub(crate) fn relay_addr() -> String {
         format!(

@@ -577,7 +577,7 @@ mod tests {
         cli::{CommonArgs, RequestArgs},
         config::{
             examples,
-            test_support::{common, file_with, relay_addr},
+            test_support::{assert_refused, common, file_with, relay_addr},
         },
         net::discovery::AddressPolicy,
     };
@@ -600,22 +600,20 @@ mod tests {
     #[test]
     fn keys_of_other_roles_and_typos_are_refused_naming_the_key_and_the_command() {
         let dir = tempfile::tempdir().unwrap();
-        for (yaml, key) in [
-            ("backnd: http://localhost:11434\n", "backnd"),
-            ("listen: 127.0.0.1:8080\n", "listen"),
-            ("exits: []\n", "exits"),
-            ("forward_headers: [x-team]\n", "forward_headers"),
-            ("max_exits: 10\n", "max_exits"),
-            ("contended_streams: 4\n", "contended_streams"),
-            ("exit_answer_timeout_secs: 20\n", "exit_answer_timeout_secs"),
-        ] {
-            let error = public(yaml, dir.path()).unwrap_err().to_string();
-            assert!(
-                error.contains(&format!("unknown key `{key}` for `tokengo exit`"))
-                    && error.contains("keys it takes: relay, public"),
-                "{yaml} -> {error}"
-            );
-        }
+        assert_refused(
+            |yaml| public(yaml, dir.path()),
+            &[
+                ("backnd: http://localhost:11434\n", "backnd"),
+                ("listen: 127.0.0.1:8080\n", "listen"),
+                ("exits: []\n", "exits"),
+                ("forward_headers: [x-team]\n", "forward_headers"),
+                ("max_exits: 10\n", "max_exits"),
+                ("contended_streams: 4\n", "contended_streams"),
+                ("exit_answer_timeout_secs: 20\n", "exit_answer_timeout_secs"),
+            ],
+            "tokengo exit",
+            "relay, public",
+        );
         let error = public("backnd: http://x\n", dir.path())
             .unwrap_err()
             .to_string();

@@ -195,7 +195,7 @@ mod tests {
         cli::{CommonArgs, DhtArgs, LivenessArgs},
         config::{
             examples,
-            test_support::{common, file_with},
+            test_support::{assert_refused, common, file_with},
         },
         net::discovery::AddressPolicy,
     };
@@ -216,20 +216,18 @@ mod tests {
     #[test]
     fn keys_of_other_roles_and_typos_are_refused_naming_the_key_and_the_command() {
         let dir = tempfile::tempdir().unwrap();
-        for (yaml, key) in [
-            ("backend: http://localhost:11434\n", "backend"),
-            ("relay: /ip4/127.0.0.1/udp/4433/quic-v1\n", "relay"),
-            ("max_request_body_bytes: 1000\n", "max_request_body_bytes"),
-            ("request_timeout_secs: 60\n", "request_timeout_secs"),
-            ("backnd: http://x\n", "backnd"),
-        ] {
-            let error = resolve(yaml, dir.path()).unwrap_err().to_string();
-            assert!(
-                error.contains(&format!("unknown key `{key}` for `tokengo relay`"))
-                    && error.contains("keys it takes: listen, data_dir"),
-                "{yaml} -> {error}"
-            );
-        }
+        assert_refused(
+            |yaml| resolve(yaml, dir.path()),
+            &[
+                ("backend: http://localhost:11434\n", "backend"),
+                ("relay: /ip4/127.0.0.1/udp/4433/quic-v1\n", "relay"),
+                ("max_request_body_bytes: 1000\n", "max_request_body_bytes"),
+                ("request_timeout_secs: 60\n", "request_timeout_secs"),
+                ("backnd: http://x\n", "backnd"),
+            ],
+            "tokengo relay",
+            "listen, data_dir",
+        );
     }
 
     #[test]

@@ -116,6 +116,7 @@ const EXIT_ERRORS: &[ErrorClass] = &[
     ErrorClass::Forbidden,
     ErrorClass::Overloaded,
     ErrorClass::AccessDenied,
+    ErrorClass::Internal,
 ];
 
 const CLIENT_ERRORS: &[ErrorClass] = &[

@@ -77,6 +77,18 @@ pub struct CommonArgs {
     pub worker_threads: Option<usize>,
 }
 
+/// Where a relay or an exit reads its keys when they are provisioned for it (a mounted
+/// Secret in Kubernetes) rather than created in its data directory.
+#[derive(Debug, Clone, Default, Args)]
+pub struct KeysDirArgs {
+    /// Read the identity (and an exit's OHTTP keyring) from this directory, read-only: nothing
+    /// is created or written there, and a missing key is an error. The data directory keeps
+    /// the writable state. An exit with it cannot rotate its own keys (--key-rotation-hours
+    /// 0). Default: keys in the data directory, created on first start.
+    #[arg(long, env = "TOKENGO_KEYS_DIR", value_name = "DIR")]
+    pub keys_dir: Option<PathBuf>,
+}
+
 /// Where relays are discovered: the DHT to join and what discovery may dial.
 #[derive(Debug, Clone, Default, Args)]
 pub struct DhtArgs {
@@ -320,6 +332,8 @@ pub struct ClientArgs {
 pub struct RelayArgs {
     #[command(flatten)]
     pub common: CommonArgs,
+    #[command(flatten)]
+    pub keys: KeysDirArgs,
     /// UDP address to accept QUIC on (default 0.0.0.0:4433).
     #[arg(short = 'l', long, env = "TOKENGO_LISTEN")]
     pub listen: Option<String>,
@@ -369,6 +383,8 @@ pub struct AdmissionArgs {
 pub struct ExitArgs {
     #[command(flatten)]
     pub common: CommonArgs,
+    #[command(flatten)]
+    pub keys: KeysDirArgs,
     #[command(flatten)]
     pub backend: BackendArgs,
     /// Relay multiaddr to register with, e.g. /ip4/203.0.113.7/udp/4433/quic-v1/p2p/12D3Koo...
@@ -504,6 +520,26 @@ mod tests {
         };
         assert_eq!(args.relays, ["/a", "/b", "/c"]);
         assert_eq!(args.exits, ["X", "Y"]);
+    }
+
+    #[test]
+    fn only_the_relay_and_the_exit_take_a_keys_dir() {
+        use clap::Parser as _;
+        let flag = ["--keys-dir", "/etc/tokengo/keys/relay"];
+        for role in ["relay", "exit"] {
+            let args = [&["tokengo", role][..], &flag[..]].concat();
+            let cli = Cli::try_parse_from(args).unwrap();
+            let keys = match cli.command {
+                Command::Relay(args) => args.keys.keys_dir,
+                Command::Exit(args) => args.keys.keys_dir,
+                _ => None,
+            };
+            assert_eq!(keys, Some(PathBuf::from(flag[1])), "{role}");
+        }
+        for role in ["serve", "client", "bootstrap"] {
+            let args = [&["tokengo", role][..], &flag[..]].concat();
+            assert!(Cli::try_parse_from(args).is_err(), "{role}");
+        }
     }
 
     #[test]

@@ -41,9 +41,9 @@ pub use cli::Cli;
 pub use {
     app::RoleProbe,
     cli::{LogFormat, StatusArgs},
-    net::{discovery, relay_link, stream, transport},
+    net::{discovery, relay_link, resolve, stream, transport},
     ops::{admin, logging, metrics, shutdown, status, telemetry},
     roles::{access, bootstrap, client, exit, relay, serve},
-    store::{data_dir, identity, keygen, keyring},
+    store::{data_dir, identity, keygen, keyring, keys},
     web::{api_error, http_message},
 };

@@ -181,6 +181,12 @@ pub const REDISCOVER_MAX: Duration = Duration::from_secs(300);
 /// How long a discovered relay may stay unreachable (its tunnel unregistered) before the exit
 /// drops it and looks for another: 10 s. A restarting relay is back well within it.
 pub const LOST_RELAY_AFTER: Duration = Duration::from_secs(10);
+/// How often an exit resolves again a relay it was given by DNS name (`/dns4/NAME/...`), to
+/// keep one tunnel per address the name resolves to: 10 s. A Kubernetes headless Service
+/// name lists one A record per ready relay pod, so a new pod gets the exit's tunnel within
+/// it, and a pod that left stops being redialled. The name is also resolved again at once
+/// when a tunnel to one of its addresses is lost.
+pub const RELAY_RESOLVE_INTERVAL: Duration = Duration::from_secs(10);
 
 // Streams and connections (QUIC).
 

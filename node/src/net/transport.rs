@@ -21,6 +21,8 @@ use quinn::{
 use sha2::Sha256;
 use tokengo_proto::frame;
 
+use crate::net::resolve::{Resolve, ResolveError, SystemResolver};
+
 /// The receive and send windows (per stream, per connection, an exit's tunnel at the relay).
 pub use crate::config::defaults::{CONNECTION_WINDOW, SEND_WINDOW, STREAM_WINDOW, TUNNEL_WINDOW};
 
@@ -51,7 +53,29 @@ pub enum AddrError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Host {
     Ip(IpAddr),
-    Dns(String),
+    /// A DNS name and which addresses of it to use (`/dns`, `/dns4`, `/dns6`).
+    Dns(String, Family),
+}
+
+/// The address family a DNS multiaddr asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    /// `/dns`: any.
+    Any,
+    /// `/dns4`: IPv4 (A records).
+    V4,
+    /// `/dns6`: IPv6 (AAAA records).
+    V6,
+}
+
+impl Family {
+    fn admits(self, addr: &SocketAddr) -> bool {
+        match self {
+            Self::Any => true,
+            Self::V4 => addr.is_ipv4(),
+            Self::V6 => addr.is_ipv6(),
+        }
+    }
 }
 
 /// A relay address: where to reach it and which identity it must prove.
@@ -79,16 +103,61 @@ impl RelayAddr {
         self.peer_id
     }
 
-    /// Resolves the host (DNS names through the system resolver).
-    pub async fn resolve(&self) -> Result<SocketAddr, ConnectError> {
+    /// The UDP port.
+    #[must_use]
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The DNS name, when the relay is given by name (`/dns4/NAME/...`); `None` for an IP.
+    #[must_use]
+    pub fn name(&self) -> Option<&str> {
         match &self.host {
-            Host::Ip(ip) => Ok(SocketAddr::new(*ip, self.port)),
-            Host::Dns(name) => tokio::net::lookup_host((name.as_str(), self.port))
-                .await
-                .map_err(|e| ConnectError::Resolve(format!("{name}: {e}")))?
-                .next()
-                .ok_or_else(|| ConnectError::Resolve(format!("{name}: no address"))),
+            Host::Dns(name, _) => Some(name),
+            Host::Ip(_) => None,
         }
+    }
+
+    /// The same relay (same PeerId to prove) at `socket`, one of the addresses its name
+    /// resolved to: what a tunnel to one member of a named relay dials.
+    #[must_use]
+    pub fn at(&self, socket: SocketAddr) -> Self {
+        Self::new(socket, self.peer_id)
+    }
+
+    /// Every address the relay can be dialled at: its IP, or each address its name resolves
+    /// to through `resolver` (sorted, never empty).
+    pub async fn resolve_all(
+        &self,
+        resolver: &dyn Resolve,
+    ) -> Result<Vec<SocketAddr>, ResolveError> {
+        match &self.host {
+            Host::Ip(ip) => Ok(vec![SocketAddr::new(*ip, self.port)]),
+            Host::Dns(name, family) => {
+                let found: Vec<SocketAddr> = resolver
+                    .lookup(name, self.port)
+                    .await?
+                    .into_iter()
+                    .filter(|addr| family.admits(addr))
+                    .collect();
+                if found.is_empty() {
+                    return Err(ResolveError::NoAddress { name: name.clone() });
+                }
+                Ok(found)
+            }
+        }
+    }
+
+    /// The address to dial: the IP, or the first address the name resolves to through the
+    /// system resolver (a client's relay link; an exit resolves every address of a name,
+    /// see [`RelayAddr::resolve_all`]).
+    pub async fn resolve(&self) -> Result<SocketAddr, ConnectError> {
+        self.resolve_all(&SystemResolver)
+            .await
+            .map_err(|error| ConnectError::Resolve(error.to_string()))?
+            .first()
+            .copied()
+            .ok_or_else(|| ConnectError::Resolve(format!("{self}: no address")))
     }
 
     /// The multiaddr form.
@@ -97,7 +166,9 @@ impl RelayAddr {
         let host = match &self.host {
             Host::Ip(IpAddr::V4(ip)) => Protocol::Ip4(*ip),
             Host::Ip(IpAddr::V6(ip)) => Protocol::Ip6(*ip),
-            Host::Dns(name) => Protocol::Dns(name.clone().into()),
+            Host::Dns(name, Family::Any) => Protocol::Dns(name.clone().into()),
+            Host::Dns(name, Family::V4) => Protocol::Dns4(name.clone().into()),
+            Host::Dns(name, Family::V6) => Protocol::Dns6(name.clone().into()),
         };
         Multiaddr::empty()
             .with(host)
@@ -129,9 +200,9 @@ impl FromStr for RelayAddr {
         let host = match parts.next() {
             Some(Protocol::Ip4(ip)) => Host::Ip(ip.into()),
             Some(Protocol::Ip6(ip)) => Host::Ip(ip.into()),
-            Some(Protocol::Dns(n) | Protocol::Dns4(n) | Protocol::Dns6(n)) => {
-                Host::Dns(n.to_string())
-            }
+            Some(Protocol::Dns(n)) => Host::Dns(n.to_string(), Family::Any),
+            Some(Protocol::Dns4(n)) => Host::Dns(n.to_string(), Family::V4),
+            Some(Protocol::Dns6(n)) => Host::Dns(n.to_string(), Family::V6),
             _ => return Err(shape("does not start with /ip4, /ip6 or /dns")),
         };
         let port = match parts.next() {
@@ -200,7 +271,7 @@ pub enum ConnectError {
         reason: String,
     },
     /// The relay's DNS name did not resolve.
-    #[error("cannot resolve relay host {0}")]
+    #[error("{0}")]
     Resolve(String),
     /// TLS configuration could not be built from the identity.
     #[error("building TLS configuration: {0}")]
@@ -518,10 +589,68 @@ mod tests {
         let addr: RelayAddr = text.parse().unwrap();
         assert_eq!(addr.peer_id(), peer);
         assert_eq!(addr.to_string(), text);
-        let dns: RelayAddr = format!("/dns4/relay.example/udp/4433/quic-v1/p2p/{peer}")
-            .parse()
-            .unwrap();
-        assert_eq!(dns.port, 4433);
+        let text = format!("/dns4/relay.example/udp/4433/quic-v1/p2p/{peer}");
+        let dns: RelayAddr = text.parse().unwrap();
+        assert_eq!(dns.port(), 4433);
+        assert_eq!(dns.name(), Some("relay.example"));
+        assert_eq!(dns.to_string(), text, "a /dns4 name prints as it was given");
+        let member = dns.at("10.1.2.3:4433".parse().unwrap());
+        assert_eq!(member.name(), None);
+        assert_eq!(member.peer_id(), peer);
+        assert_eq!(
+            member.to_string(),
+            format!("/ip4/10.1.2.3/udp/4433/quic-v1/p2p/{peer}")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_name_resolves_to_every_address_of_its_family() {
+        use crate::net::resolve::FixedTable;
+        let peer = Keypair::generate_ed25519().public().to_peer_id();
+        let table = FixedTable::new();
+        let ips: Vec<IpAddr> = ["127.0.0.2", "::1", "127.0.0.1"]
+            .iter()
+            .map(|ip| ip.parse().unwrap())
+            .collect();
+        table.set("relays.test", &ips);
+        async fn resolve_in(table: &FixedTable, text: String) -> Result<Vec<String>, ResolveError> {
+            text.parse::<RelayAddr>()
+                .unwrap()
+                .resolve_all(table)
+                .await
+                .map(|found| found.iter().map(ToString::to_string).collect())
+        }
+        let resolve = |text: String| resolve_in(&table, text);
+        assert_eq!(
+            resolve(format!("/dns4/relays.test/udp/7/quic-v1/p2p/{peer}"))
+                .await
+                .unwrap(),
+            ["127.0.0.1:7", "127.0.0.2:7"]
+        );
+        assert_eq!(
+            resolve(format!("/dns6/relays.test/udp/7/quic-v1/p2p/{peer}"))
+                .await
+                .unwrap(),
+            ["[::1]:7"]
+        );
+        assert_eq!(
+            resolve(format!("/dns/relays.test/udp/7/quic-v1/p2p/{peer}"))
+                .await
+                .unwrap()
+                .len(),
+            3
+        );
+        assert_eq!(
+            resolve(format!("/ip4/10.0.0.1/udp/7/quic-v1/p2p/{peer}"))
+                .await
+                .unwrap(),
+            ["10.0.0.1:7"]
+        );
+        table.set("relays.test", &["::1".parse().unwrap()]);
+        let error = resolve(format!("/dns4/relays.test/udp/7/quic-v1/p2p/{peer}"))
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("no address"), "{error}");
     }
 
     #[test]

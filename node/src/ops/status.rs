@@ -157,8 +157,13 @@ pub struct ExitStatus {
 /// One of an exit's relays.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExitRelayStatus {
-    /// The relay's multiaddr.
+    /// The relay's multiaddr as given (for a relay given by DNS name, the name: each address
+    /// it resolves to has a tunnel of its own, listed once each).
     pub address: String,
+    /// The address this tunnel dials, for a relay given by DNS name (`IP:PORT`); absent for
+    /// a relay given by IP or discovered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved: Option<String>,
     /// Whether the exit's tunnel to it is registered now.
     pub registered: bool,
 }
@@ -413,9 +418,14 @@ pub fn summary(report: &StatusReport) -> String {
                 if exit.backend_up { "up" } else { "DOWN" }
             );
             for relay in &exit.relays {
+                let at = relay
+                    .resolved
+                    .as_ref()
+                    .map(|at| format!(" at {at}"))
+                    .unwrap_or_default();
                 let _ = writeln!(
                     out,
-                    "        relay {} ({})",
+                    "        relay {}{at} ({})",
                     relay.address,
                     registered(relay.registered)
                 );

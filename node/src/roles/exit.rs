@@ -40,13 +40,15 @@ use crate::{
     clock::{Clock, unix_now},
     config::{
         Limits,
-        defaults::{DRAIN_DEADLINE, MAX_TUNNEL_STREAMS},
+        defaults::{DRAIN_DEADLINE, MAX_TUNNEL_STREAMS, RELAY_RESOLVE_INTERVAL},
     },
+    net::resolve::{Resolve, SystemResolver},
     net::transport::{RelayAddr, TransportParams},
     ops::metrics::ExitMetrics,
     store::data_dir::DataDir,
     store::identity,
-    store::keyring::{self, Keyring},
+    store::keyring::Keyring,
+    store::keys::KeySource,
 };
 
 /// How long a descriptor is valid; the exit re-registers at half of it.
@@ -58,7 +60,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Loads the exit for `tokengo exit`: its identity and keys, its backend, the access tokens
 /// it requires (watched for changes until `shutdown`).
 pub fn prepare(config: &ExitConfig, shutdown: &CancellationToken) -> anyhow::Result<Exit> {
-    let mut exit = Exit::load(&config.data_dir, &config.backend, config.limits.clone())?;
+    let keys = KeySource::of(&config.data_dir, config.keys_dir.as_deref());
+    let mut exit = Exit::load_from(&keys, &config.backend, config.limits.clone())?;
     exit.set_public(config.public);
     exit.set_key_rotation(config.key_rotation);
     if let Some(path) = &config.access_token_file {
@@ -318,6 +321,11 @@ pub struct Exit {
     tunnels: watch::Sender<Vec<crate::ops::status::ExitRelayStatus>>,
     /// The DHT announcement's state; `None` while the exit does not announce.
     dht: Arc<watch::Sender<Option<crate::ops::status::DhtStatus>>>,
+    /// Resolves the relays given by DNS name, to every address. Default: the system
+    /// resolver.
+    resolver: Arc<dyn Resolve>,
+    /// How often those names are resolved again. Default [`RELAY_RESOLVE_INTERVAL`] (10 s).
+    resolve_every: Duration,
 }
 
 impl Exit {
@@ -330,6 +338,16 @@ impl Exit {
         Self::load_with_clock(data_dir, backend, limits, Clock::system())
     }
 
+    /// Loads the identity and OHTTP keys from `keys`: created on first start in a data
+    /// directory, only read from a read-only key directory (`--keys-dir`).
+    pub fn load_from(
+        keys: &KeySource,
+        backend: &BackendConfig,
+        limits: Limits,
+    ) -> anyhow::Result<Self> {
+        Self::load_keys(keys, backend, limits, Clock::system())
+    }
+
     /// [`Exit::load`] with the clock that dates requests checks against (tests move it).
     pub fn load_with_clock(
         data_dir: &DataDir,
@@ -337,14 +355,26 @@ impl Exit {
         limits: Limits,
         clock: Clock,
     ) -> anyhow::Result<Self> {
-        data_dir.ensure()?;
-        let (identity, created) =
-            identity::load_or_create(&data_dir.file(tokengo_proto::data_dir::EXIT_IDENTITY_FILE))?;
+        Self::load_keys(
+            &KeySource::DataDir(data_dir.clone()),
+            backend,
+            limits,
+            clock,
+        )
+    }
+
+    fn load_keys(
+        keys: &KeySource,
+        backend: &BackendConfig,
+        limits: Limits,
+        clock: Clock,
+    ) -> anyhow::Result<Self> {
+        let (identity, created) = keys.identity(tokengo_proto::data_dir::EXIT_IDENTITY_FILE)?;
         if created {
             tracing::info!(peer_id = %identity::peer_id(&identity), "created exit identity");
         }
-        let keyring_path = data_dir.file(tokengo_proto::data_dir::EXIT_KEYRING_FILE);
-        let (keyring, created) = keyring::load_or_create(&keyring_path, unix_now())?;
+        let keyring_path = keys.file(tokengo_proto::data_dir::EXIT_KEYRING_FILE);
+        let (keyring, created) = keys.keyring(unix_now())?;
         if created {
             tracing::info!("created OHTTP key");
         }
@@ -367,6 +397,8 @@ impl Exit {
             registered_relays: watch::Sender::new(Vec::new()),
             tunnels: watch::Sender::new(Vec::new()),
             dht: Arc::new(watch::Sender::new(None)),
+            resolver: Arc::new(SystemResolver),
+            resolve_every: RELAY_RESOLVE_INTERVAL,
         })
     }
 
@@ -425,13 +457,21 @@ impl Exit {
         }
     }
 
+    /// Resolves the relays given by DNS name with `resolver` (every `every`) instead of the
+    /// system resolver every [`RELAY_RESOLVE_INTERVAL`]: how tests give one name several
+    /// addresses (`resolve::FixedTable`).
+    pub fn set_resolver(&mut self, resolver: Arc<dyn Resolve>, every: Duration) {
+        self.resolver = resolver;
+        self.resolve_every = every;
+    }
+
     /// Marks the exit as serving the public (what `/status` reports; set before probing).
     pub fn set_public(&mut self, public: bool) {
         self.public = public;
     }
 
     /// Rotates the OHTTP key every `period` while running (`None`: never). The previous key
-    /// is accepted for [`keyring::overlap`] after each rotation; every relay gets the new
+    /// is accepted for [`crate::store::keyring::overlap`] after each rotation; every relay gets the new
     /// descriptor at once.
     pub fn set_key_rotation(&mut self, period: Option<Duration>) {
         self.key_rotation = period;

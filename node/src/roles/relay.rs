@@ -36,17 +36,16 @@ use crate::{
     net::stream::code,
     net::transport::{self, RelayAddr, TransportParams},
     ops::metrics::{InFlight, RelayMetrics},
-    store::identity,
+    store::{identity, keys::KeySource},
 };
 
-/// Loads (or creates) the relay's identity and binds its QUIC endpoint.
+/// Loads the relay's identity (created on first start in the data directory; only read from
+/// a read-only `--keys-dir`) and binds its QUIC endpoint.
 pub fn start(config: &RelayConfig) -> anyhow::Result<(Relay, Keypair)> {
+    // The data directory holds writable state whatever the keys' place is.
     config.data_dir.ensure()?;
-    let (identity, created) = identity::load_or_create(
-        &config
-            .data_dir
-            .file(tokengo_proto::data_dir::RELAY_IDENTITY_FILE),
-    )?;
+    let keys = KeySource::of(&config.data_dir, config.keys_dir.as_deref());
+    let (identity, created) = keys.identity(tokengo_proto::data_dir::RELAY_IDENTITY_FILE)?;
     if created {
         tracing::info!(peer_id = %identity::peer_id(&identity), "created relay identity");
     }

@@ -13,6 +13,14 @@ pub enum IdentityError {
     /// Reading or writing the key file failed.
     #[error(transparent)]
     Io(#[from] DataDirError),
+    /// The file is not there, and may not be created (a read-only key directory).
+    #[error(
+        "{path} does not exist: the key directory (--keys-dir) is read-only and nothing is created there; put the identity key there (`tokengo keygen --type identity --output {path}`, or the operator's Secret) or leave out --keys-dir to create it in the data directory"
+    )]
+    Missing {
+        /// The file.
+        path: String,
+    },
     /// The file does not hold a libp2p-encoded Ed25519 key.
     #[error(
         "{path} is not a TokenGo identity key (libp2p protobuf Ed25519); create one with `tokengo keygen --type identity`"
@@ -32,6 +40,17 @@ pub fn load_or_create(path: &Path) -> Result<(Keypair, bool), IdentityError> {
     let key = Keypair::generate_ed25519();
     write_new(path, &key)?;
     Ok((key, true))
+}
+
+/// Loads the identity at `path`, which must exist: for a read-only key directory, where
+/// nothing is ever created (`--keys-dir`).
+pub fn load_existing(path: &Path) -> Result<Keypair, IdentityError> {
+    match data_dir::read_if_exists(path)? {
+        Some(bytes) => decode(path, &bytes),
+        None => Err(IdentityError::Missing {
+            path: path.display().to_string(),
+        }),
+    }
 }
 
 /// Writes a new identity file (mode 0600); never overwrites.
@@ -74,6 +93,18 @@ mod tests {
         let (second, created) = load_or_create(&path).unwrap();
         assert!(!created);
         assert_eq!(peer_id(&first), peer_id(&second));
+    }
+
+    #[test]
+    fn an_existing_identity_is_read_and_a_missing_one_never_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("id.key");
+        let error = load_existing(&path).unwrap_err().to_string();
+        assert!(error.contains("id.key does not exist"), "{error}");
+        assert!(error.contains("--keys-dir"), "{error}");
+        assert!(!path.exists(), "nothing was created");
+        let (created, _) = load_or_create(&path).unwrap();
+        assert_eq!(peer_id(&load_existing(&path).unwrap()), peer_id(&created));
     }
 
     #[test]

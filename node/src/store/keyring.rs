@@ -19,6 +19,14 @@ pub enum KeyringError {
     /// Reading or writing the file failed.
     #[error(transparent)]
     Io(#[from] DataDirError),
+    /// The file is not there, and may not be created (a read-only key directory).
+    #[error(
+        "{path} does not exist: the key directory (--keys-dir) is read-only and nothing is created there; put the OHTTP keyring there (`tokengo keygen --type ohttp --output {path}`, or the operator's Secret) or leave out --keys-dir to create it in the data directory"
+    )]
+    Missing {
+        /// The file.
+        path: String,
+    },
     /// The file is not a TokenGo OHTTP keyring.
     #[error(
         "{path} is not a TokenGo OHTTP keyring ({reason}); create one with `tokengo keygen --type ohttp`"
@@ -58,6 +66,18 @@ pub fn load_or_create(path: &Path, now: u64) -> Result<(Keyring, bool), KeyringE
     let ring = Keyring::generate(1, now).map_err(|e| KeyringError::of(path, e))?;
     save_new(&ring, path)?;
     Ok((ring, true))
+}
+
+/// Loads the ring at `path`, which must exist: for a read-only key directory, where nothing
+/// is ever created (`--keys-dir`).
+pub fn load_existing(path: &Path) -> Result<Keyring, KeyringError> {
+    let Some(bytes) = data_dir::read_if_exists(path)? else {
+        return Err(KeyringError::Missing {
+            path: path.display().to_string(),
+        });
+    };
+    let bytes = Zeroizing::new(bytes);
+    Keyring::parse(&bytes).map_err(|e| KeyringError::of(path, e))
 }
 
 /// Saves `ring` to a new file; fails if one exists (never destroys a key).
@@ -172,6 +192,18 @@ mod tests {
             let mode = std::fs::metadata(&path).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
         }
+    }
+
+    #[test]
+    fn an_existing_ring_is_read_and_a_missing_one_never_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(tokengo_proto::data_dir::EXIT_KEYRING_FILE);
+        let error = load_existing(&path).unwrap_err().to_string();
+        assert!(error.contains("does not exist"), "{error}");
+        assert!(error.contains("keygen --type ohttp"), "{error}");
+        assert!(!path.exists(), "nothing was created");
+        let (ring, _) = load_or_create(&path, 100).unwrap();
+        assert_eq!(load_existing(&path).unwrap().configs(), ring.configs());
     }
 
     #[test]

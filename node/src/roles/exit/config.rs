@@ -70,8 +70,10 @@ pub(crate) struct ExitFile {
     request_timeout_secs: Option<u64>,
     /// Hours between OHTTP key rotations (0: off).
     key_rotation_hours: Option<f64>,
-    /// Where the identity and OHTTP keys live.
+    /// Where the identity and OHTTP keys live (and the relay cache).
     data_dir: Option<PathBuf>,
+    /// Read-only directory the identity and OHTTP keys are read from instead.
+    keys_dir: Option<PathBuf>,
     /// Threads that run the exit's tasks.
     worker_threads: Option<usize>,
     /// Admin endpoint address (off when absent).
@@ -149,8 +151,13 @@ pub struct ExitConfig {
     pub announce: Option<ExitAnnounceConfig>,
     /// The AI backend.
     pub backend: BackendConfig,
-    /// Where the identity and OHTTP keys live.
+    /// Where the exit keeps writable state (the relay cache), and its identity and OHTTP
+    /// keys unless `keys_dir` is set (created there on first start).
     pub data_dir: DataDir,
+    /// Read-only directory the identity and OHTTP keyring are read from (`--keys-dir`, a
+    /// mounted Secret): never created or written there; a missing key is an error. Default
+    /// none: the keys are in the data directory. Only with `key_rotation` off.
+    pub keys_dir: Option<PathBuf>,
     /// Timeouts and sizes.
     pub limits: Limits,
     /// Admin endpoint and trace export.
@@ -188,6 +195,18 @@ impl ExitConfig {
             });
         }
         let key_rotation = key_rotation(args.key_rotation_hours.or(file.key_rotation_hours))?;
+        let keys_dir = args.keys.keys_dir.or_else(|| file.keys_dir.clone());
+        if let Some(dir) = &keys_dir
+            && key_rotation.is_some()
+        {
+            return Err(invalid(
+                "keys_dir",
+                format!(
+                    "{} is read-only, so this exit could not save the keyring its own key rotation makes: set --key-rotation-hours 0 (TOKENGO_KEY_ROTATION_HOURS=0, YAML key_rotation_hours: 0) and rotate the keys where they are written (in Kubernetes the operator rotates them in the Secret), or leave out --keys-dir to keep the keys in the data directory",
+                    dir.display()
+                ),
+            ));
+        }
         // Announcing lets anyone find the exit: only a public exit does, and by default.
         let announce = args.dht_announce.or(file.dht_announce).unwrap_or(public);
         if announce && !public {
@@ -240,6 +259,7 @@ impl ExitConfig {
             max_relays,
             backend: BackendConfig::resolve(args.backend, &args.gate, &file.backend_file())?,
             data_dir: config::data_dir(&args.common, file.data_dir.as_deref())?,
+            keys_dir,
             limits: with_gate(
                 Limits::from_file(&limits)?
                     .with_request(&args.request, file.request_timeout_secs)?,
@@ -713,6 +733,48 @@ mod tests {
         assert_eq!(config.dht.policy, AddressPolicy::Public);
         assert!(!config.dht.bootstrap.is_empty());
         assert_eq!(config.worker_threads, WorkerThreads::per_core());
+    }
+
+    #[test]
+    fn a_keys_dir_is_taken_only_with_key_rotation_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let relay = relay_addr();
+        let resolve = |yaml: &str, keys_dir: Option<&str>, hours: Option<f64>| {
+            let file = file_with(&format!("relay: {relay}\n{yaml}"));
+            ExitConfig::resolve(ExitArgs {
+                common: common(file.path(), dir.path()),
+                keys: crate::cli::KeysDirArgs {
+                    keys_dir: keys_dir.map(Into::into),
+                },
+                key_rotation_hours: hours,
+                ..ExitArgs::default()
+            })
+        };
+        let keys_dir = |config: &ExitConfig| {
+            config
+                .keys_dir
+                .as_ref()
+                .map(|dir| dir.display().to_string())
+        };
+        let none = resolve("", None, None).unwrap();
+        assert_eq!(keys_dir(&none), None, "keys live in the data directory");
+        let from_file =
+            resolve("keys_dir: /keys/file\nkey_rotation_hours: 0\n", None, None).unwrap();
+        assert_eq!(keys_dir(&from_file).as_deref(), Some("/keys/file"));
+        assert_eq!(from_file.key_rotation, None);
+        let flag_wins = resolve("keys_dir: /keys/file\n", Some("/keys/flag"), Some(0.0)).unwrap();
+        assert_eq!(keys_dir(&flag_wins).as_deref(), Some("/keys/flag"));
+        // Rotation on (the default, the file's, the flag's): the exit could not save its ring.
+        for (yaml, hours) in [
+            ("keys_dir: /keys/file\n", None),
+            ("keys_dir: /keys/file\nkey_rotation_hours: 24\n", None),
+            ("keys_dir: /keys/file\nkey_rotation_hours: 0\n", Some(1.0)),
+        ] {
+            let error = resolve(yaml, None, hours).unwrap_err().to_string();
+            assert!(error.contains("invalid `keys_dir`"), "{yaml}: {error}");
+            assert!(error.contains("/keys/file is read-only"), "{error}");
+            assert!(error.contains("--key-rotation-hours 0"), "{error}");
+        }
     }
 
     #[test]

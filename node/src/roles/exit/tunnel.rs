@@ -25,15 +25,19 @@ use crate::{
 impl Exit {
     /// One relay's tunnel, reconnecting with backoff until shutdown or a fatal error; with
     /// `give_up`, also when the tunnel has not been registered for that long (a discovered
-    /// relay that is gone: the exit finds another).
+    /// relay that is gone: the exit finds another). `retire` ends it gracefully (its relay
+    /// address is no longer resolved): no more redials, and a live connection is closed once
+    /// the requests in flight on it are done (at most [`DRAIN_DEADLINE`]), since a relay pod
+    /// that leaves DNS may still be draining them.
     pub(super) async fn run_one(
         &self,
         relay: &RelayAddr,
         models: &[String],
         registered: watch::Sender<bool>,
         give_up: Option<Duration>,
-        shutdown: &CancellationToken,
+        stop: &Stop,
     ) -> Result<Ended, TunnelError> {
+        let Stop { shutdown, retire } = stop;
         // Its reset key is the identity's: a restarted exit resets what its last run left.
         let endpoint =
             transport::node_endpoint(false, &self.identity).map_err(TunnelError::Bind)?;
@@ -43,6 +47,9 @@ impl Exit {
         let result = loop {
             if shutdown.is_cancelled() {
                 break Ok(Ended::Shutdown);
+            }
+            if retire.is_cancelled() {
+                break Ok(Ended::Retired);
             }
             // Subscribed before the descriptor is made: a rotation after this is seen.
             let mut keys = self.key_changes.subscribe();
@@ -54,9 +61,11 @@ impl Exit {
                 registered: &registered,
                 tasks: &tasks,
                 shutdown,
+                retire,
             };
             match self.session(&context, &descriptor, &mut keys).await {
                 Ok(Session::Shutdown) => break Ok(Ended::Shutdown),
+                Ok(Session::Retired) => break Ok(Ended::Retired),
                 Ok(Session::Lost { was_registered }) => {
                     if was_registered {
                         backoff = BACKOFF_MIN;
@@ -74,12 +83,16 @@ impl Exit {
                 }
             }
             let _ = registered.send(false);
+            if retire.is_cancelled() {
+                break Ok(Ended::Retired);
+            }
             if give_up.is_some_and(|after| down_since.elapsed() >= after) {
                 tracing::warn!(%relay, down_for = ?down_since.elapsed(), "relay lost; looking for another");
                 break Ok(Ended::GaveUp);
             }
             tokio::select! {
                 () = shutdown.cancelled() => break Ok(Ended::Shutdown),
+                () = retire.cancelled() => break Ok(Ended::Retired),
                 () = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -133,6 +146,7 @@ impl Exit {
             registered,
             tasks,
             shutdown,
+            retire,
         } = *context;
         // The tunnel's liveness deadline is its idle timeout (QUIC takes the lower end's, so
         // the relay applies it too), with keep-alives at a third of it.
@@ -161,11 +175,28 @@ impl Exit {
         );
         // A re-registration the relay refused as too frequent, to send again then.
         let mut register_again: Option<tokio::time::Instant> = None;
+        // Set once retired: the connection is closed when its requests are done, or then.
+        let mut retire_by: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => {
                     connection.close(code::ABANDONED, b"exit shutting down");
                     return Ok(Session::Shutdown);
+                }
+                () = retire.cancelled(), if retire_by.is_none() => {
+                    tracing::info!(%relay, in_flight = tasks.len(), "relay address no longer resolved; closing its tunnel once its requests are done");
+                    retire_by = Some(tokio::time::Instant::now() + DRAIN_DEADLINE);
+                    // Lets `wait` end once no request is in flight.
+                    tasks.close();
+                }
+                () = tasks.wait(), if retire_by.is_some() => {
+                    connection.close(code::ABANDONED, b"relay address no longer resolved");
+                    return Ok(Session::Retired);
+                }
+                () = at(retire_by) => {
+                    tracing::warn!(%relay, in_flight = tasks.len(), "requests still running on a retired tunnel after the drain deadline; closing");
+                    connection.close(code::ABANDONED, b"relay address no longer resolved");
+                    return Ok(Session::Retired);
                 }
                 accepted = connection.accept_bi() => {
                     let Ok((send, recv)) = accepted else {
@@ -238,6 +269,18 @@ pub(super) enum Ended {
     Shutdown,
     /// The relay stayed unreachable for the give-up time.
     GaveUp,
+    /// The tunnel was retired (its address is no longer resolved).
+    Retired,
+}
+
+/// What ends a tunnel: the exit's shutdown (at once), or its retirement (gracefully, see
+/// [`Exit::run_one`]).
+#[derive(Debug, Clone, Default)]
+pub(super) struct Stop {
+    /// The exit shuts down.
+    pub(super) shutdown: CancellationToken,
+    /// This tunnel's address is no longer resolved.
+    pub(super) retire: CancellationToken,
 }
 
 /// How long after a refused (too frequent) re-registration it is sent again: the relay
@@ -252,6 +295,7 @@ struct SessionContext<'a> {
     registered: &'a watch::Sender<bool>,
     tasks: &'a TaskTracker,
     shutdown: &'a CancellationToken,
+    retire: &'a CancellationToken,
 }
 
 /// Largest control frame the relay sends (an ACK with a reason).
@@ -259,6 +303,7 @@ const MAX_ACK: usize = 4096;
 
 enum Session {
     Shutdown,
+    Retired,
     Lost { was_registered: bool },
 }
 

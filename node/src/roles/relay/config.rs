@@ -25,8 +25,10 @@ use crate::{
 pub(crate) struct RelayFile {
     /// UDP address for QUIC.
     listen: Option<String>,
-    /// Where the relay's identity key lives.
+    /// Where the relay's identity key lives (and its writable state).
     data_dir: Option<PathBuf>,
+    /// Read-only directory the identity key is read from instead.
+    keys_dir: Option<PathBuf>,
     /// Threads that run the relay's tasks.
     worker_threads: Option<usize>,
     /// Admin endpoint address (off when absent).
@@ -81,8 +83,13 @@ impl Schema for RelayFile {
 pub struct RelayConfig {
     /// UDP address for QUIC. Default [`DEFAULT_RELAY_LISTEN`] (`0.0.0.0:4433`).
     pub listen: SocketAddr,
-    /// Where the relay's identity key lives.
+    /// Where the relay keeps writable state, and its identity key unless `keys_dir` is set
+    /// (created there on first start).
     pub data_dir: DataDir,
+    /// Read-only directory the identity key is read from (`--keys-dir`, a mounted Secret):
+    /// never created or written there; a missing key is an error. Default none: the key is
+    /// in the data directory.
+    pub keys_dir: Option<PathBuf>,
     /// Timeouts and sizes.
     pub limits: Limits,
     /// Admin endpoint and trace export.
@@ -150,6 +157,7 @@ impl RelayConfig {
                 listen.as_deref().unwrap_or(DEFAULT_RELAY_LISTEN),
             )?,
             data_dir: config::data_dir(&args.common, file.data_dir.as_deref())?,
+            keys_dir: args.keys.keys_dir.or(file.keys_dir),
             limits: with_admission(Limits::from_file(&limits)?, &args.admission)?
                 .with_liveness(&args.liveness)?,
             observability: config::observability(
@@ -247,12 +255,16 @@ mod tests {
                  write_stall_timeout_secs: 7\nmin_request_body_rate: 1000\nmax_exits: 5\n\
                  contended_streams: 8\nsource_connections_per_sec: 2\n\
                  source_connection_burst: 3\ntunnel_liveness_secs: 4\n\
-                 exit_answer_timeout_secs: 6\n"
+                 exit_answer_timeout_secs: 6\nkeys_dir: /etc/tokengo/keys/relay\n"
             ),
             dir.path(),
         )
         .unwrap();
         assert_eq!(config.listen, "127.0.0.1:4500".parse().unwrap());
+        assert_eq!(
+            config.keys_dir.as_deref(),
+            Some(std::path::Path::new("/etc/tokengo/keys/relay"))
+        );
         assert_eq!(config.worker_threads.get(), 1);
         let dht = config.dht.unwrap();
         assert_eq!(dht.config.policy, AddressPolicy::Loopback);
@@ -276,6 +288,21 @@ mod tests {
         assert_eq!(config.listen, DEFAULT_RELAY_LISTEN.parse().unwrap());
         assert_eq!(config.worker_threads, WorkerThreads::per_core());
         assert!(config.dht.is_none());
+        assert!(config.keys_dir.is_none(), "keys live in the data directory");
+        // The flag (or TOKENGO_KEYS_DIR) wins over the file.
+        let file = file_with("keys_dir: /from/file\n");
+        let relay = RelayConfig::resolve(RelayArgs {
+            common: common(file.path(), dir.path()),
+            keys: crate::cli::KeysDirArgs {
+                keys_dir: Some("/from/flag".into()),
+            },
+            ..RelayArgs::default()
+        })
+        .unwrap();
+        assert_eq!(
+            relay.keys_dir.as_deref(),
+            Some(std::path::Path::new("/from/flag"))
+        );
         let file = file_with("worker_threads: 3\n");
         let relay = RelayConfig::resolve(RelayArgs {
             common: CommonArgs {

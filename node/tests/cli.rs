@@ -148,6 +148,66 @@ fn broken_configs_fail_before_starting_and_name_the_field() {
 }
 
 #[test]
+fn a_keys_dir_is_only_read_and_a_missing_key_is_named() {
+    let keys = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let run = |role: &str, extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tokengo"))
+            .arg(role)
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data.path())
+            .args(extra)
+            .env("TOKENGO_KEYS_DIR", keys.path())
+            .output()
+            .unwrap()
+    };
+    // An empty key directory: the relay names the file it needs and creates nothing.
+    let out = run("relay", &[]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let wanted = keys.path().join("relay_identity.key");
+    assert!(
+        stderr.contains(&format!("{} does not exist", wanted.display()))
+            && stderr.contains("keygen --type identity"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_dir(keys.path()).unwrap().count(), 0);
+
+    // An exit that would rotate its own keys cannot save them there: refused before starting.
+    let relay = format!(
+        "/ip4/127.0.0.1/udp/4433/quic-v1/p2p/{}",
+        libp2p_identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id()
+    );
+    let exit = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tokengo"))
+            .args(["exit", "--relay", &relay, "--data-dir"])
+            .arg(data.path())
+            .args(extra)
+            .env("TOKENGO_KEYS_DIR", keys.path())
+            .output()
+            .unwrap()
+    };
+    let out = exit(&[]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("invalid `keys_dir`") && stderr.contains("--key-rotation-hours 0"),
+        "{stderr}"
+    );
+    // With rotation off it starts loading, and names the missing key.
+    let out = exit(&["--key-rotation-hours", "0"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("exit_identity.key does not exist"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_dir(keys.path()).unwrap().count(), 0);
+}
+
+#[test]
 fn version_is_printed() {
     let out = tokengo(&["--version"]);
     assert!(out.status.success());

@@ -15,7 +15,8 @@
 //! client of a stopped replica stops sending new requests when it is stopped, and what is
 //! asserted is the node's part.)
 //!
-//! Asserted: the exit registers with all three replicas; a replica stopped as Kubernetes
+//! Asserted: the exit registers with all three replicas; a name that stops resolving drops
+//! no tunnel; a replica stopped as Kubernetes
 //! deletes a pod (SIGTERM, graceful drain; its address leaves the name at the same time)
 //! costs no request, neither those in flight through it nor any other; the exit drops that
 //! member and adds it again when a replica is back at that address. Measured and printed,
@@ -357,6 +358,23 @@ async fn an_exit_keeps_a_tunnel_to_every_replica_of_a_named_relay_and_a_drained_
     .await;
     assert_eq!(outcomes.failed(), Vec::new(), "before any replica stops");
 
+    // The name stops resolving (a DNS outage): three failed resolutions later, every tunnel
+    // is still there and nothing failed.
+    let lookups = table.lookups();
+    table.set(NAME, &[]);
+    until("the exit tries to resolve the name three times", || {
+        table.lookups() >= lookups + 3
+    })
+    .await;
+    assert_eq!(members(&status()), registered_at(&ips, port));
+    table.set(NAME, &ips);
+    let served: Vec<usize> = (0..3).map(|c| outcomes.ok(c)).collect();
+    until("every client is still served", || {
+        (0..3).all(|c| outcomes.ok(c) > served[c])
+    })
+    .await;
+    assert_eq!(outcomes.failed(), Vec::new(), "during the DNS outage");
+
     // Kubernetes deletes the pod of replica 1: SIGTERM, and its address leaves the name.
     // Its client's flows would go elsewhere: it starts no new request; those in flight go on.
     let victim = 1;
@@ -473,7 +491,13 @@ async fn an_exit_keeps_a_tunnel_to_every_replica_of_a_named_relay_and_a_drained_
             .failed()
             .iter()
             .filter(|f| f.0 == victim)
-            .map(|f| f.1)
+            .map(|f| {
+                let code = serde_json::from_str::<serde_json::Value>(&f.2)
+                    .ok()
+                    .and_then(|body| body["error"]["code"].as_str().map(str::to_owned))
+                    .unwrap_or_else(|| f.2.clone());
+                format!("{} {code}", f.1)
+            })
             .collect::<Vec<_>>(),
         noticed.as_secs_f64() * 1e3,
         limits.tunnel_liveness,

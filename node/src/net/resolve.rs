@@ -88,7 +88,10 @@ mod fixed {
     use std::{
         collections::HashMap,
         net::{IpAddr, SocketAddr},
-        sync::Mutex,
+        sync::{
+            Mutex,
+            atomic::{AtomicUsize, Ordering},
+        },
     };
 
     use futures_util::future::BoxFuture;
@@ -101,6 +104,8 @@ mod fixed {
     #[derive(Debug, Default)]
     pub struct FixedTable {
         names: Mutex<HashMap<String, Vec<IpAddr>>>,
+        /// Lookups answered (or failed) so far: lets a test wait for resolutions to happen.
+        lookups: AtomicUsize,
     }
 
     impl FixedTable {
@@ -120,6 +125,12 @@ mod fixed {
             }
         }
 
+        /// How many lookups the table has answered, failed ones included.
+        #[must_use]
+        pub fn lookups(&self) -> usize {
+            self.lookups.load(Ordering::SeqCst)
+        }
+
         fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<IpAddr>>> {
             // One insert or remove at a time: a poisoned lock still holds a whole table.
             self.names
@@ -135,6 +146,7 @@ mod fixed {
             port: u16,
         ) -> BoxFuture<'a, Result<Vec<SocketAddr>, ResolveError>> {
             let found = self.lock().get(name).cloned();
+            self.lookups.fetch_add(1, Ordering::SeqCst);
             Box::pin(async move {
                 let ips = found.ok_or_else(|| ResolveError::Lookup {
                     name: name.to_owned(),

@@ -661,9 +661,17 @@ mod tests {
                 peer_id: "12D3KooExit".into(),
                 public: false,
                 access_token_required: true,
-                relay: "/ip4/127.0.0.1/udp/1/quic-v1/p2p/12D3KooRelay".into(),
+                relay: "/dns4/relays.test/udp/1/quic-v1/p2p/12D3KooRelay".into(),
                 registered: true,
-                relays: Vec::new(),
+                relays: ["10.0.0.1:1", "10.0.0.2:1"]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, at)| ExitRelayStatus {
+                        address: "/dns4/relays.test/udp/1/quic-v1/p2p/12D3KooRelay".into(),
+                        resolved: Some((*at).into()),
+                        registered: i == 0,
+                    })
+                    .collect(),
                 backend_up: false,
                 keys: vec![KeyStatus {
                     key_id: 1,
@@ -735,6 +743,8 @@ mod tests {
             "1 exits registered",
             "12D3KooExit",
             "backend DOWN",
+            "relay /dns4/relays.test/udp/1/quic-v1/p2p/12D3KooRelay at 10.0.0.1:1 (registered)",
+            "relay /dns4/relays.test/udp/1/quic-v1/p2p/12D3KooRelay at 10.0.0.2:1 (NOT registered)",
             "private: serves only through the relay it was given; access token required",
             "keys 1 (current, created 1h00m ago)",
             "descriptor expires in 2h00m",

@@ -187,6 +187,10 @@ pub const LOST_RELAY_AFTER: Duration = Duration::from_secs(10);
 /// it, and a pod that left stops being redialled. The name is also resolved again at once
 /// when a tunnel to one of its addresses is lost.
 pub const RELAY_RESOLVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Most addresses of one relay name an exit keeps tunnels to (the first ones, in address
+/// order): a DNS answer decides how many tunnels, sockets and tasks the exit holds, so it is
+/// bounded. 64 replicas of one relay are far more than one relay needs.
+pub const MAX_RELAY_NAME_ADDRESSES: usize = 64;
 
 // Streams and connections (QUIC).
 

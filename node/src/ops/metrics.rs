@@ -377,9 +377,10 @@ pub struct ExitMetrics {
     pub relay_connected: Gauge,
     /// Attempts to connect and register, by outcome.
     pub relay_connects: Family<ConnectLabel, Counter>,
-    /// Relays the exit keeps a tunnel to now.
+    /// Tunnels the exit keeps to relays now: one per relay, or per address of a relay given
+    /// by DNS name (its replicas).
     pub relays: Gauge,
-    /// Relays the exit is registered with now.
+    /// Those of them registered now.
     pub relays_registered: Gauge,
     /// OHTTP key rotations applied while running.
     pub key_rotations: Counter,
@@ -497,12 +498,12 @@ impl ExitMetrics {
         );
         r.register(
             "relays",
-            "Relays the exit keeps a tunnel to now",
+            "Relay tunnels the exit keeps now (one per relay, or per address of a relay given by DNS name)",
             self.relays.clone(),
         );
         r.register(
             "relays_registered",
-            "Relays the exit is registered with now",
+            "Relay tunnels of the exit registered now",
             self.relays_registered.clone(),
         );
         r.register(

@@ -34,7 +34,10 @@ use super::{
     tunnel::{Ended, Stop, TunnelError},
 };
 use crate::{
-    config::defaults::{LOST_RELAY_AFTER as LOST_AFTER, REDISCOVER_MAX, REDISCOVER_MIN},
+    config::defaults::{
+        LOST_RELAY_AFTER as LOST_AFTER, MAX_RELAY_NAME_ADDRESSES as MAX_NAME_ADDRESSES,
+        REDISCOVER_MAX, REDISCOVER_MIN,
+    },
     net::discovery::{self, DhtConfig, Seek},
     net::resolve::ResolveError,
     net::transport::RelayAddr,
@@ -442,8 +445,12 @@ impl Supervisor {
             }
         };
         name.refused.retain(|at| addrs.contains(at));
+        if addrs.len() > MAX_NAME_ADDRESSES {
+            tracing::warn!(%relay, resolved = addrs.len(), kept = MAX_NAME_ADDRESSES, "relay name resolves to more addresses than the exit keeps tunnels to; using the first");
+        }
         let wanted: Vec<SocketAddr> = addrs
             .iter()
+            .take(MAX_NAME_ADDRESSES)
             .filter(|at| !name.refused.contains(at))
             .copied()
             .collect();

@@ -63,13 +63,13 @@ pub enum StartupError {
     },
     /// Applying a CRD was refused.
     #[error(
-        "cannot apply the CRD {name}: {source}; grant the chart's CRD rules (files/crd-rules.yaml, applyCrds=true), or start with --apply-crds=false and {INSTALL_CRDS}"
+        "cannot apply the CRD {name}: {error}; grant the chart's CRD rules (files/crd-rules.yaml, applyCrds=true), or start with --apply-crds=false and {INSTALL_CRDS}"
     )]
     ApplyCrd {
         /// The CRD's name.
         name: String,
-        /// The API error.
-        source: kube::Error,
+        /// What the API server said.
+        error: String,
     },
     /// A CRD applied by the operator did not become established.
     #[error("the CRD {name} was applied but is not established after {waited:?}: {why}")]
@@ -82,13 +82,24 @@ pub enum StartupError {
         why: String,
     },
     /// Another API call failed.
-    #[error("{what}: {source}")]
+    #[error("{what}: {error}")]
     Api {
         /// What was being done.
         what: String,
-        /// The API error.
-        source: kube::Error,
+        /// What the API server (or the connection to it) said.
+        error: String,
     },
+}
+
+/// An API error in one line: the status code, reason and message the API server sent (not the
+/// whole Status structure), or the transport error.
+fn said(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) => {
+            format!("{} {}: {}", status.code, status.reason, status.message)
+        }
+        other => other.to_string(),
+    }
 }
 
 /// A release version `MAJOR.MINOR.PATCH[-PRE]`, ordered as SemVer orders releases (a
@@ -213,9 +224,9 @@ pub async fn apply_crds(client: &Client) -> Result<Vec<CrdOutcome>, StartupError
         let existing = api
             .get_opt(&name)
             .await
-            .map_err(|source| StartupError::ApplyCrd {
+            .map_err(|error| StartupError::ApplyCrd {
                 name: name.clone(),
-                source,
+                error: said(&error),
             })?;
         let decision = crd_decision(existing.as_ref(), &ours);
         if decision == CrdDecision::Apply {
@@ -227,9 +238,9 @@ pub async fn apply_crds(client: &Client) -> Result<Vec<CrdOutcome>, StartupError
                 &Patch::Apply(&crd),
             )
             .await
-            .map_err(|source| StartupError::ApplyCrd {
+            .map_err(|error| StartupError::ApplyCrd {
                 name: name.clone(),
-                source,
+                error: said(&error),
             })?;
             wait_established(&api, &name).await?;
         }
@@ -245,9 +256,9 @@ async fn wait_established(
 ) -> Result<(), StartupError> {
     let deadline = tokio::time::Instant::now() + ESTABLISH_WAIT;
     loop {
-        let crd = api.get(name).await.map_err(|source| StartupError::Api {
+        let crd = api.get(name).await.map_err(|error| StartupError::Api {
             what: format!("reading the CRD {name}"),
-            source,
+            error: said(&error),
         })?;
         let established = crd
             .status
@@ -278,10 +289,10 @@ pub async fn check_crds(client: &Client) -> Result<(), StartupError> {
     {
         Ok(list) => list.resources.into_iter().map(|r| r.name).collect(),
         Err(kube::Error::Api(status)) if status.code == 404 => Vec::new(),
-        Err(source) => {
+        Err(error) => {
             return Err(StartupError::Api {
                 what: format!("discovering {GROUP}/{API_VERSION}"),
-                source,
+                error: said(&error),
             });
         }
     };
@@ -351,10 +362,10 @@ where
             Err(kube::Error::Api(status)) if status.code == 404 && K::group(&dt) == GROUP => {
                 return Err(StartupError::CrdsMissing { missing: what });
             }
-            Err(source) => {
+            Err(error) => {
                 return Err(StartupError::Api {
                     what: format!("listing {what} in {where_}"),
-                    source,
+                    error: said(&error),
                 });
             }
         }

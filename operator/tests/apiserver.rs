@@ -1462,12 +1462,20 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// The operator binary with `kubeconfig`, its own lease and admin port, and `args`.
+/// The operator binary with `kubeconfig`, its own lease and admin port, and `args`; its log
+/// goes to the file `log` (a file, not a pipe: nobody has to drain it while it runs).
+struct Binary {
+    command: tokio::process::Command,
+    port: u16,
+    log: PathBuf,
+}
+
 fn operator_binary(
     kubeconfig: &std::path::Path,
     lease: &str,
     args: &[&str],
-) -> (tokio::process::Command, u16) {
+    log: PathBuf,
+) -> Binary {
     let port = free_port();
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokengo-operator"));
     command
@@ -1479,46 +1487,72 @@ fn operator_binary(
         .env("TOKENGO_LEASE_NAME", lease)
         .env("TOKENGO_ADMIN_LISTEN", format!("127.0.0.1:{port}"))
         .env("TOKENGO_LOG_FORMAT", "text")
+        .env("NO_COLOR", "1")
         .env("RUST_LOG", "info")
         .env_remove("TOKENGO_WATCH_NAMESPACES")
         .env_remove("TOKENGO_APPLY_CRDS")
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
         .kill_on_drop(true);
-    (command, port)
+    Binary { command, port, log }
 }
 
-/// Runs the binary to its end (it must end within WAIT) and returns its status and stderr.
-async fn run_to_end(mut command: tokio::process::Command) -> (std::process::ExitStatus, String) {
-    let child = command.spawn().unwrap();
-    let output = tokio::time::timeout(WAIT, child.wait_with_output())
-        .await
-        .expect("the operator did not exit")
-        .unwrap();
-    (
-        output.status,
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+impl Binary {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs the binary to its end (within WAIT); its status and log.
+    async fn run_to_end(mut self) -> (std::process::ExitStatus, String) {
+        let mut child = self.command.spawn().unwrap();
+        let status = tokio::time::timeout(WAIT, child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("the operator did not exit:\n{}", self.log()))
+            .unwrap();
+        (status, self.log())
+    }
+
+    /// Starts it and waits (WAIT at most) until it holds `lease`; fails with its log if it
+    /// exits first.
+    async fn start_leading(mut self, leases: &Api<Lease>, lease: &str) -> Running {
+        let mut child = self.command.spawn().unwrap();
+        let name = lease.to_owned();
+        let held = wait_for(leases, lease, "held by operator-0", |l: &Lease| {
+            l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some("operator-0")
+        });
+        tokio::select! {
+            _ = held => {}
+            status = child.wait() => panic!("the operator exited ({status:?}) before leading {name}:\n{}", self.log()),
+        }
+        Running {
+            child,
+            binary: self,
+        }
+    }
 }
 
-/// Stops a running binary with SIGTERM; returns its status and stderr.
-async fn terminate(child: tokio::process::Child) -> (std::process::ExitStatus, String) {
-    let pid = child.id().unwrap().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let output = tokio::time::timeout(WAIT, child.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
-    (
-        output.status,
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+struct Running {
+    child: tokio::process::Child,
+    binary: Binary,
+}
+
+impl Running {
+    /// Stops it with SIGTERM; its status and log.
+    async fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        let pid = self.child.id().unwrap().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let status = tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("no exit on SIGTERM:\n{}", self.binary.log()))
+            .unwrap();
+        (status, self.binary.log())
+    }
 }
 
 /// Without the CRDs the binary exits non-zero at once, saying how to install them; with
@@ -1538,9 +1572,11 @@ async fn operator_binary_without_crds_says_what_to_do_or_applies_them() {
         dir.path(),
     );
 
+    let log = |n: &str| dir.path().join(format!("{n}.log"));
     // No CRDs, not asked to apply them: a clear error, before any election.
-    let (command, _) = operator_binary(&as_operator, "bare", &["--apply-crds=false"]);
-    let (status, stderr) = run_to_end(command).await;
+    let (status, stderr) = operator_binary(&as_operator, "bare", &["--apply-crds=false"], log("1"))
+        .run_to_end()
+        .await;
     assert!(!status.success(), "{stderr}");
     assert!(
         stderr.contains("kubectl apply --server-side -f crds/"),
@@ -1554,12 +1590,9 @@ async fn operator_binary_without_crds_says_what_to_do_or_applies_them() {
     );
 
     // Asked to apply them: it does, waits until they are served, and leads.
-    let (mut command, port) = operator_binary(&as_operator, "bare", &["--apply-crds"]);
-    let child = command.spawn().unwrap();
-    wait_for(&leases, "bare", "held by operator-0", |l: &Lease| {
-        l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some("operator-0")
-    })
-    .await;
+    let binary = operator_binary(&as_operator, "bare", &["--apply-crds"], log("2"));
+    let port = binary.port;
+    let running = binary.start_leading(&leases, "bare").await;
     assert!(http_get(port, "/readyz").await.starts_with("HTTP/1.1 200"));
     let crds: Api<CustomResourceDefinition> = Api::all(root.clone());
     for crd in resource::definitions() {
@@ -1568,7 +1601,13 @@ async fn operator_binary_without_crds_says_what_to_do_or_applies_them() {
             applied.annotations()[startup::CRD_VERSION_ANNOTATION],
             env!("CARGO_PKG_VERSION")
         );
-        assert_eq!(applied.spec, crd.spec, "{}", crd.name_any());
+        // The code's versions and schemas (the API server adds defaults such as the
+        // conversion strategy and the list kind).
+        assert!(
+            applied.spec.versions == crd.spec.versions,
+            "{} is not the code's",
+            crd.name_any()
+        );
     }
     // It reconciles there (the CRDs it applied are watched).
     let ns = namespace(&root, "bare").await;
@@ -1583,7 +1622,7 @@ async fn operator_binary_without_crds_says_what_to_do_or_applies_them() {
         r.status.as_ref().is_some_and(|s| s.peer_id.is_some())
     })
     .await;
-    let (status, stderr) = terminate(child).await;
+    let (status, stderr) = running.terminate().await;
     assert!(status.success(), "{status}: {stderr}");
     assert!(stderr.contains("CRD applied"), "{stderr}");
 
@@ -1599,13 +1638,11 @@ async fn operator_binary_without_crds_says_what_to_do_or_applies_them() {
     .await
     .unwrap();
     let before = crds.get(&name).await.unwrap().resource_version();
-    let (mut command, _) = operator_binary(&as_operator, "bare", &["--apply-crds"]);
-    let child = command.spawn().unwrap();
-    wait_for(&leases, "bare", "held again", |l: &Lease| {
-        l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some("operator-0")
-    })
-    .await;
-    let (status, stderr) = terminate(child).await;
+    let (status, stderr) = operator_binary(&as_operator, "bare", &["--apply-crds"], log("3"))
+        .start_leading(&leases, "bare")
+        .await
+        .terminate()
+        .await;
     assert!(status.success(), "{status}: {stderr}");
     assert_eq!(crds.get(&name).await.unwrap().resource_version(), before);
     assert!(
@@ -1627,8 +1664,10 @@ async fn operator_binary_without_rbac_says_what_to_do() {
         dir.path(),
     );
     let lease = format!("norbac-{}", std::process::id());
-    let (command, _) = operator_binary(&nobody, &lease, &[]);
-    let (status, stderr) = run_to_end(command).await;
+    let log = |n: &str| dir.path().join(format!("{n}.log"));
+    let (status, stderr) = operator_binary(&nobody, &lease, &[], log("1"))
+        .run_to_end()
+        .await;
     assert!(!status.success(), "{stderr}");
     assert!(
         stderr.contains("may not list tokengorelays.tokengo.io in all namespaces"),
@@ -1636,8 +1675,10 @@ async fn operator_binary_without_rbac_says_what_to_do() {
     );
     assert!(stderr.contains("rbac.create=true"), "{stderr}");
     // With --namespace, the check is made (and fails) in that namespace.
-    let (command, _) = operator_binary(&nobody, &lease, &["--namespace", "somewhere"]);
-    let (status, stderr) = run_to_end(command).await;
+    let (status, stderr) =
+        operator_binary(&nobody, &lease, &["--namespace", "somewhere"], log("2"))
+            .run_to_end()
+            .await;
     assert!(!status.success(), "{stderr}");
     assert!(stderr.contains("in namespace somewhere"), "{stderr}");
     assert!(

@@ -31,7 +31,7 @@ use kube::{
         Controller,
         controller::{self, Action},
         events::{Event, EventType, Recorder, Reporter},
-        reflector::ObjectRef,
+        reflector::{ObjectRef, Store},
         watcher,
     },
 };
@@ -447,8 +447,13 @@ pub fn owned_selector() -> String {
 const RELAY_KIND: &str = "TokenGoRelay";
 const EXIT_KIND: &str = "TokenGoExit";
 
+/// How long reconciliations in flight may take to finish once the operator stops; then they
+/// are abandoned (each one is idempotent: the next leader redoes it). Well inside the pod's
+/// 30 s termination grace period, which must also fit releasing the lease.
+pub const DRAIN: Duration = Duration::from_secs(10);
+
 /// Runs the controllers (a relay and an exit controller per watched scope) until `shutdown`
-/// fires, then lets reconciliations in flight finish.
+/// fires, then lets reconciliations in flight finish (for [`DRAIN`] at most).
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let mut controllers: Vec<BoxFuture<'static, ()>> = Vec::new();
     for namespace in ctx.scope.scopes() {
@@ -463,7 +468,30 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
             shutdown.clone(),
         ));
     }
-    futures_util::future::join_all(controllers).await;
+    let all = futures_util::future::join_all(controllers);
+    tokio::pin!(all);
+    tokio::select! {
+        _ = &mut all => return,
+        () = shutdown.cancelled() => {}
+    }
+    if tokio::time::timeout(DRAIN, all).await.is_err() {
+        tracing::warn!(
+            drain = ?DRAIN,
+            "reconciliations still running when stopping; abandoned (the next leader redoes them)"
+        );
+    }
+}
+
+/// The graceful-shutdown trigger of one controller: `shutdown`, but not before the controller's
+/// cache has been filled once (or a few seconds have passed). kube's runner holds work until the
+/// cache is ready, and a shutdown before that would leave it waiting for good.
+async fn stopped<K>(shutdown: CancellationToken, store: Store<K>)
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    shutdown.cancelled().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), store.wait_until_ready()).await;
 }
 
 fn relay_controller(
@@ -513,6 +541,7 @@ fn exit_controller(
         watcher::Config::default(),
     );
     let exits_store = controller.store();
+    let store = controller.store();
     controller
         .owns(
             WatchScope::api::<Deployment>(&client, namespace),
@@ -541,7 +570,7 @@ fn exit_controller(
                     .collect::<Vec<_>>()
             },
         )
-        .graceful_shutdown_on(shutdown.cancelled_owned())
+        .graceful_shutdown_on(stopped(shutdown, store))
         .run(
             |exit, ctx| timed(EXIT_KIND, ctx.clone(), exit::reconcile(exit, ctx)),
             |exit, error, ctx| error_policy(EXIT_KIND, exit, error, ctx),

@@ -45,6 +45,21 @@ def test_lint_is_clean() -> None:
     assert all(m["severity"] <= 1 for m in result["messages"]), result
 
 
+def test_lint_is_clean_with_every_option_on() -> None:
+    values = {
+        "replicas": 2,
+        "imagePullSecrets": [{"name": "regcred"}],
+        "watchNamespaces": ["team-a"],
+        "podDisruptionBudget": {"enabled": True},
+        "metrics": {"service": {"enabled": True}, "serviceMonitor": {"enabled": True}},
+        "networkPolicy": {"enabled": True, "apiServer": {"cidrs": ["10.0.0.1/32"]}},
+        "relay": {"enabled": True},
+    }
+    result = helm.lint(str(CHART), values)
+    assert result["errors"] == [], result
+    assert all(m["severity"] <= 1 for m in result["messages"]), result
+
+
 def test_default_render_is_the_operator_locked_down() -> None:
     objects = render()
     assert sorted(objects) == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "RoleBinding", "ServiceAccount"]
@@ -159,6 +174,9 @@ def test_pdb_metrics_and_network_policy_only_when_asked() -> None:
     # A PDB with more than one replica, or when enabled.
     for values in ({"replicas": 2}, {"podDisruptionBudget": {"enabled": True}}):
         (pdb,) = render(values)["PodDisruptionBudget"]
+        # policy/v1 wherever it is served (Kubernetes 1.21+; the 1.20 API server of the install
+        # test gets policy/v1beta1).
+        assert pdb["apiVersion"] == "policy/v1"
         assert pdb["spec"]["maxUnavailable"] == 1
         assert pdb["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "tokengo-operator", "app.kubernetes.io/instance": "tokengo"}
     # The metrics Service alone, or with a ServiceMonitor (which needs it).

@@ -127,7 +127,10 @@ kubectl -n tokengo logs -l app.kubernetes.io/component=exit,app.kubernetes.io/in
     | grep -q "registered with relay" || { echo "the exit did not register with the relay"; exit 1; }
 
 step "chat completion: host client -> relay (NodePort) -> exit -> Ollama"
-"$tokengo" client --relay "$relay_addr" --exit "$exit_peer" --listen 127.0.0.1:18080 >"$work/client.log" 2>&1 &
+# Pinned to our exit (as the README advises), when the status names one PeerId.
+pin=()
+[[ -n "$exit_peer" ]] && pin=(--exit "$exit_peer")
+"$tokengo" client --relay "$relay_addr" "${pin[@]}" --listen 127.0.0.1:18080 >"$work/client.log" 2>&1 &
 client_pid=$!
 for _ in $(seq 1 100); do
     grep -q "client listening on" "$work/client.log" && break
@@ -170,7 +173,9 @@ start_load relay-loss
 victim="$(kubectl -n tokengo get pods -l app.kubernetes.io/component=relay,app.kubernetes.io/instance=edge -o name | head -n 1)"
 echo "deleting $victim"
 kubectl -n tokengo delete "$victim" --wait=false
-kubectl -n tokengo rollout status "$relay_workload" --timeout=300s
+# Gone (it drains first), then three ready replicas again.
+kubectl -n tokengo wait --for=delete "$victim" --timeout=180s
+kubectl -n tokengo wait --for=jsonpath='{.status.readyReplicas}'=3 "$relay_workload" --timeout=300s
 kubectl -n tokengo wait --for=condition=Ready tokengorelay/edge --timeout=300s
 stop_load relay-loss
 

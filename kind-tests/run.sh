@@ -1,46 +1,90 @@
 #!/usr/bin/env bash
 #! End-to-end on a kind cluster: build both images from the Dockerfiles, load them, install the
-#! chart with Helm, run Ollama with a small model, apply a TokenGoRelay and a TokenGoExit, wait for
-#! Ready, send a chat completion from a `tokengo client` on the host through the relay, then
-#! delete the resources and check that the garbage collector removed their children.
+#! chart with Helm, run Ollama with a small model, apply a TokenGoRelay (3 replicas) and a
+#! TokenGoExit, wait for Ready, then from a `tokengo client` on the host: a chat completion, a
+#! streamed one, an OHTTP key rotation under load and a relay pod deleted under load (no request
+#! may fail in either), and finally delete the resources and check their children are gone.
 #
 # Needs: docker, kind, kubectl, helm, cargo, curl, python3 and internet access (images, model).
 # Runs in the upstream CI (.github/workflows/kind.yml); not on machines without a registry.
 #
 #   kind-tests/run.sh            KEEP_CLUSTER=1 keeps the cluster afterwards
+#   KIND_NODE_IMAGE=...          another node image (default: pinned below, for kind v0.30.0)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 cluster="${KIND_CLUSTER:-tokengo-e2e}"
+# kind v0.30.0's image for Kubernetes 1.34.0 (a node image is tied to the kind release).
+node_image="${KIND_NODE_IMAGE:-kindest/node:v1.34.0@sha256:7416a61b42b1662ca6ca89f02028ac133a309a2a30ba309614e8ec94d976dc5a}"
 tag="e2e"
+node_repo="tokengo-e2e/tokengo-node"
+operator_repo="tokengo-e2e/tokengo-operator"
 model="${OLLAMA_MODEL:-smollm2:135m}"
+work="$(mktemp -d)"
 client_pid=""
+load_pid=""
 
 step() { printf '\n==== [%s] %s ====\n' "$(date -u +%H:%M:%S)" "$*"; }
 cleanup() {
     local rc=$?
-    [[ -n "$client_pid" ]] && kill "$client_pid" 2>/dev/null || true
+    [[ -n "$load_pid" ]] && { touch "$work/stop"; wait "$load_pid" 2>/dev/null || true; }
+    [[ -n "$client_pid" ]] && { kill "$client_pid" 2>/dev/null || true; }
     if [[ $rc -ne 0 ]]; then
         echo "---- diagnostics"
-        kubectl get tokengorelays,tokengoexits,deploy,pods,svc,secrets -A -o wide || true
+        kubectl get tokengorelays,tokengoexits,deploy,sts,pods,svc,pdb,secrets -A -o wide || true
         kubectl -n tokengo-system logs deploy/tokengo --tail=200 || true
-        kubectl -n tokengo logs deploy/edge-relay --tail=100 || true
-        kubectl -n tokengo logs deploy/ollama-exit --all-containers --tail=100 || true
-        [[ -f /tmp/tokengo-client.log ]] && tail -50 /tmp/tokengo-client.log
+        kubectl -n tokengo logs -l app.kubernetes.io/component=relay --all-containers --prefix --tail=100 || true
+        kubectl -n tokengo logs -l app.kubernetes.io/component=exit --all-containers --prefix --tail=100 || true
+        [[ -f "$work/client.log" ]] && tail -100 "$work/client.log"
     fi
+    rm -rf "$work"
     [[ "${KEEP_CLUSTER:-0}" == 1 ]] || kind delete cluster --name "$cluster" || true
     exit "$rc"
 }
 trap cleanup EXIT
 
-step "kind cluster $cluster"
-kind create cluster --name "$cluster" --config kind-tests/kind-config.yaml --wait 120s
+# The workload (Deployment or StatefulSet) the operator made for a resource's component.
+workload() { # component instance
+    kubectl -n tokengo get deployment,statefulset \
+        -l "app.kubernetes.io/component=$1,app.kubernetes.io/instance=$2" -o name | head -n 1
+}
 
-step "images from Dockerfile.node and Dockerfile.operator"
-docker build -f Dockerfile.node -t "tokengo/node:$tag" .
-docker build -f Dockerfile.operator -t "tokengo/operator:$tag" .
-docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep "tokengo/.*:$tag"
-kind load docker-image --name "$cluster" "tokengo/node:$tag" "tokengo/operator:$tag"
+# Starts the load generator (2 workers) in the background; returns once requests succeed.
+start_load() { # name
+    rm -f "$work/stop" "$work/$1.progress"
+    python3 kind-tests/load.py load http://127.0.0.1:18080 "$model" --workers 2 \
+        --stop "$work/stop" --out "$work/$1.json" --progress "$work/$1.progress" &
+    load_pid=$!
+    for _ in $(seq 1 120); do
+        [[ "$(cat "$work/$1.progress" 2>/dev/null || echo 0)" -ge 4 ]] && return 0
+        kill -0 "$load_pid" || { echo "the load generator stopped"; exit 1; }
+        sleep 1
+    done
+    echo "$1: no requests succeeded before the disruption"
+    exit 1
+}
+
+# Stops it after a few more seconds; fails when any request failed.
+stop_load() { # name
+    sleep 10
+    touch "$work/stop"
+    local rc=0
+    wait "$load_pid" || rc=$?
+    load_pid=""
+    [[ $rc -eq 0 ]] || { echo "$1: requests failed under load (see above)"; exit 1; }
+}
+
+step "kind cluster $cluster ($node_image)"
+kind create cluster --name "$cluster" --image "$node_image" --config kind-tests/kind-config.yaml --wait 120s
+
+step "images from Dockerfile.node and Dockerfile.operator (default base: the official Rust image)"
+docker build -f Dockerfile.node -t "$node_repo:$tag" .
+docker build -f Dockerfile.operator -t "$operator_repo:$tag" .
+docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep "tokengo-e2e/.*:$tag"
+# `kind load docker-image` fails with Docker's containerd image store; an archive works with both.
+docker save -o "$work/images.tar" "$node_repo:$tag" "$operator_repo:$tag"
+kind load image-archive --name "$cluster" "$work/images.tar"
+rm -f "$work/images.tar"
 
 step "host client binary"
 cargo build --release --locked -p tokengo
@@ -48,37 +92,49 @@ tokengo="$(pwd)/target/release/tokengo"
 
 step "helm install tokengo charts/tokengo"
 helm install tokengo charts/tokengo --namespace tokengo-system --create-namespace \
-    --set image.tag="$tag" --set nodeImage.tag="$tag" --set image.pullPolicy=Never \
+    --set image.repository="$operator_repo" --set image.tag="$tag" --set image.pullPolicy=Never \
+    --set nodeImage.repository="$node_repo" --set nodeImage.tag="$tag" --set nodeImage.pullPolicy=Never \
+    --set podDisruptionBudget.enabled=true \
     --wait --timeout 180s
 kubectl -n tokengo-system rollout status deployment/tokengo --timeout=120s
+# The operator applied its CRDs over Helm's (stamped with its version).
+kubectl get crd tokengorelays.tokengo.io -o jsonpath='{.metadata.annotations.tokengo\.io/operator-version}' | grep -q . \
+    || { echo "the operator did not apply its CRDs"; exit 1; }
 
-step "Ollama with $model"
+step "Ollama pulling $model"
 kubectl apply -f kind-tests/manifests/ollama.yaml
 kubectl -n models rollout status deployment/ollama --timeout=300s
 kubectl -n models exec deploy/ollama -- ollama pull "$model"
 
-step "TokenGoRelay and TokenGoExit"
+step "TokenGoRelay (3 replicas) and TokenGoExit beside Ollama"
 kubectl create namespace tokengo
 kubectl apply -f kind-tests/manifests/tokengo.yaml
 kubectl -n tokengo wait --for=condition=Ready tokengorelay/edge --timeout=300s
 kubectl -n tokengo wait --for=condition=Ready tokengoexit/ollama --timeout=300s
 kubectl -n tokengo get tokengorelays,tokengoexits -o wide
+relay_workload="$(workload relay edge)"
+exit_workload="$(workload exit ollama)"
+echo "relay: $relay_workload, exit: $exit_workload"
+[[ "$(kubectl -n tokengo get "$relay_workload" -o jsonpath='{.status.readyReplicas}')" == 3 ]] \
+    || { echo "the relay does not run 3 ready replicas"; exit 1; }
 
 relay_addr="$(kubectl -n tokengo get tokengorelay edge -o jsonpath='{.status.addresses[1]}')"
 peer="$(kubectl -n tokengo get tokengorelay edge -o jsonpath='{.status.peerId}')"
 [[ "$relay_addr" == "/ip4/127.0.0.1/udp/30433/quic-v1/p2p/$peer" ]] || { echo "unexpected relay address $relay_addr"; exit 1; }
 exit_peer="$(kubectl -n tokengo get tokengoexit ollama -o jsonpath='{.status.peerId}')"
 echo "relay $relay_addr, exit $exit_peer"
-# The exit has registered with the relay once its pod is Ready; its log says so.
-kubectl -n tokengo logs deploy/ollama-exit -c exit | grep -q "registered with relay" \
-    || { echo "the exit did not register with the relay"; exit 1; }
+kubectl -n tokengo logs -l app.kubernetes.io/component=exit,app.kubernetes.io/instance=ollama --all-containers --tail=-1 \
+    | grep -q "registered with relay" || { echo "the exit did not register with the relay"; exit 1; }
 
 step "chat completion: host client -> relay (NodePort) -> exit -> Ollama"
-"$tokengo" client --relay "$relay_addr" --listen 127.0.0.1:18080 >/tmp/tokengo-client.log 2>&1 &
+# Pinned to our exit (as the README advises), when the status names one PeerId.
+pin=()
+[[ -n "$exit_peer" ]] && pin=(--exit "$exit_peer")
+"$tokengo" client --relay "$relay_addr" "${pin[@]}" --listen 127.0.0.1:18080 >"$work/client.log" 2>&1 &
 client_pid=$!
 for _ in $(seq 1 100); do
-    grep -q "client listening on" /tmp/tokengo-client.log && break
-    kill -0 "$client_pid" || { cat /tmp/tokengo-client.log; exit 1; }
+    grep -q "client listening on" "$work/client.log" && break
+    kill -0 "$client_pid" || { cat "$work/client.log"; exit 1; }
     sleep 0.1
 done
 answer="$(curl -sS --fail-with-body --max-time 300 http://127.0.0.1:18080/v1/chat/completions \
@@ -93,16 +149,48 @@ assert message["role"] == "assistant" and message["content"].strip(), body
 print("answer:", message["content"].strip()[:80])
 PY
 
-step "delete: the garbage collector removes every child"
+step "streamed chat completion (incremental chunks, then [DONE])"
+python3 kind-tests/load.py stream http://127.0.0.1:18080 "$model"
+
+step "OHTTP key rotation under load (tokengo.io/rotate): no request may fail"
+keys_before="$(kubectl -n tokengo get tokengoexit ollama -o jsonpath='{.status.keys[0].keyId}')"
+start_load rotation
+kubectl -n tokengo annotate tokengoexit ollama --overwrite "tokengo.io/rotate=$(date +%s)"
+for _ in $(seq 1 120); do
+    [[ "$(kubectl -n tokengo get tokengoexit ollama -o jsonpath='{.status.keys[0].keyId}')" != "$keys_before" ]] && break
+    sleep 1
+done
+[[ "$(kubectl -n tokengo get tokengoexit ollama -o jsonpath='{.status.keys[0].keyId}')" != "$keys_before" ]] \
+    || { echo "the key was not rotated"; exit 1; }
+kubectl -n tokengo get tokengoexit ollama -o jsonpath='{.status.keys}'; echo
+# The pods roll onto the new keys (a pod-template annotation changed); wait until they have.
+kubectl -n tokengo rollout status "$exit_workload" --timeout=300s
+kubectl -n tokengo wait --for=condition=Ready tokengoexit/ollama --timeout=300s
+stop_load rotation
+
+step "a relay pod deleted under load (3 replicas, one identity): no request may fail"
+start_load relay-loss
+victim="$(kubectl -n tokengo get pods -l app.kubernetes.io/component=relay,app.kubernetes.io/instance=edge -o name | head -n 1)"
+echo "deleting $victim"
+kubectl -n tokengo delete "$victim" --wait=false
+# Gone (it drains first), then three ready replicas again.
+kubectl -n tokengo wait --for=delete "$victim" --timeout=180s
+kubectl -n tokengo wait --for=jsonpath='{.status.readyReplicas}'=3 "$relay_workload" --timeout=300s
+kubectl -n tokengo wait --for=condition=Ready tokengorelay/edge --timeout=300s
+stop_load relay-loss
+
+step "delete: the garbage collector removes every child (identity Secrets may be kept)"
+kill "$client_pid" 2>/dev/null || true
+client_pid=""
 kubectl -n tokengo delete tokengoexit ollama --wait=true
 kubectl -n tokengo delete tokengorelay edge --wait=true
-for child in deployment/ollama-exit secret/ollama-exit-keys deployment/edge-relay service/edge-relay secret/edge-relay-identity; do
-    kubectl -n tokengo wait --for=delete "$child" --timeout=120s 2>/dev/null || {
-        kubectl -n tokengo get "$child" >/dev/null 2>&1 && { echo "$child was not garbage-collected"; exit 1; }
-    }
+for _ in $(seq 1 120); do
+    left="$(kubectl -n tokengo get deploy,sts,svc,pdb -l app.kubernetes.io/managed-by=tokengo-operator -o name)"
+    [[ -z "$left" ]] && break
+    sleep 1
 done
-[[ -z "$(kubectl -n tokengo get deploy,svc,secret -l app.kubernetes.io/managed-by=tokengo-operator -o name)" ]] \
-    || { echo "children left behind"; exit 1; }
+[[ -z "$left" ]] || { echo "children left behind: $left"; exit 1; }
+echo "Secrets kept: $(kubectl -n tokengo get secret -l app.kubernetes.io/managed-by=tokengo-operator -o name | tr '\n' ' ')"
 
 step "helm uninstall"
 helm uninstall tokengo --namespace tokengo-system --wait

@@ -1,6 +1,6 @@
-//! The operator's admin endpoint: `/healthz` (the process serves), `/readyz` (it has reached
-//! the API server; standbys are ready too, so a rollout can proceed while another replica
-//! leads) and `/metrics` (Prometheus text).
+//! The operator's admin endpoint: `/healthz` (the process serves), `/readyz` (it has passed its
+//! start checks: API server reached, CRDs served, RBAC sufficient; standbys are ready too, so a
+//! rollout can proceed while another replica leads) and `/metrics` (Prometheus text).
 
 use std::{
     net::SocketAddr,
@@ -22,7 +22,7 @@ pub struct Health {
 }
 
 impl Health {
-    /// Marks the operator ready (it has talked to the API server).
+    /// Marks the operator ready (it has passed its start checks).
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
     }

@@ -9,3 +9,4 @@ pub mod manifest;
 pub mod metrics;
 pub mod reconcile;
 pub mod resource;
+pub mod startup;

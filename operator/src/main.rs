@@ -1,8 +1,10 @@
 //! The `tokengo-operator` binary: `crd` prints the CustomResourceDefinitions; `run` (the
-//! default) serves the admin endpoint, waits for the leader lease and runs the controllers
-//! until SIGTERM, then drains and releases the lease.
+//! default) serves the admin endpoint, applies the CRDs (with `--apply-crds`), checks that they
+//! are served and that its RBAC lets it list what it watches (exiting with a message saying what
+//! to do when not), waits for the leader lease and runs the controllers until SIGTERM, then
+//! drains and releases the lease.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -13,14 +15,20 @@ use tokengo_operator::{
     lease::{Elector, LeaseTiming},
     manifest::Settings,
     metrics::Metrics,
-    reconcile::{self, Context},
+    reconcile::{self, Context, WatchScope},
     resource,
+    startup::{self, CrdDecision},
 };
 use tokio_util::sync::CancellationToken;
 
 /// Kubernetes operator for TokenGo relays and exits.
 #[derive(Debug, Parser)]
-#[command(name = "tokengo-operator", version, about)]
+#[command(
+    name = "tokengo-operator",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -32,19 +40,69 @@ struct Cli {
 enum Command {
     /// Print the CustomResourceDefinitions as YAML (what `crds/` holds).
     Crd,
-    /// Run the controllers (the default).
-    Run,
+    /// Run the controllers (the default; the same flags work without `run`).
+    Run(Box<RunArgs>),
 }
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// Node image for resources that name none.
+    /// Node image for resources that name none (default: this release's image).
     #[arg(
         long,
         env = "TOKENGO_NODE_IMAGE",
-        default_value = "tokengo/node:latest"
+        default_value = concat!("ghcr.io/tokengo/tokengo-node:", env!("CARGO_PKG_VERSION"))
     )]
     node_image: String,
+    /// Watch only these namespaces (repeatable, or comma-separated); default: every namespace.
+    /// With namespaces, a Role in each of them is all the RBAC the controllers need.
+    #[arg(
+        long = "namespace",
+        env = "TOKENGO_WATCH_NAMESPACES",
+        value_delimiter = ',',
+        value_name = "NS"
+    )]
+    namespaces: Vec<String>,
+    /// Apply the CRDs this operator was built with at start (server-side apply, field manager
+    /// `tokengo-operator`), unless a newer operator's are in place; needs the chart's CRD RBAC.
+    /// Default off for the binary; the chart turns it on (`applyCrds`), since Helm never
+    /// upgrades a chart's `crds/`.
+    #[arg(
+        long,
+        env = "TOKENGO_APPLY_CRDS",
+        num_args = 0..=1,
+        default_value_t = false,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set,
+        value_name = "BOOL"
+    )]
+    apply_crds: bool,
+    /// Leader election: seconds a lease is valid after its last renewal; a standby takes an
+    /// unrenewed lease after this long by its own clock.
+    #[arg(
+        long,
+        env = "TOKENGO_LEASE_DURATION",
+        default_value_t = 15,
+        value_name = "SECONDS"
+    )]
+    lease_duration: u32,
+    /// Leader election: seconds the leader keeps acting without a successful renewal (then it
+    /// stops and exits); shorter than the lease duration.
+    #[arg(
+        long,
+        env = "TOKENGO_LEASE_RENEW_DEADLINE",
+        default_value_t = 10.0,
+        value_name = "SECONDS"
+    )]
+    lease_renew_deadline: f64,
+    /// Leader election: seconds between renewals (and between a standby's attempts); shorter
+    /// than the renew deadline. Each lease API call times out after half the renew deadline.
+    #[arg(
+        long,
+        env = "TOKENGO_LEASE_RETRY_PERIOD",
+        default_value_t = 2.0,
+        value_name = "SECONDS"
+    )]
+    lease_retry_period: f64,
     /// The cluster's DNS domain (for in-cluster relay addresses).
     #[arg(long, env = "TOKENGO_CLUSTER_DOMAIN", default_value = "cluster.local")]
     cluster_domain: String,
@@ -69,7 +127,8 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Crd) => print_crds(),
-        Some(Command::Run) | None => run(cli.run),
+        Some(Command::Run(args)) => run(*args),
+        None => run(cli.run),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -111,7 +170,22 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .block_on(operate(args))
 }
 
+fn seconds(what: &str, value: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(value)
+        .with_context(|| format!("{what}: {value} is not a number of seconds"))
+}
+
+fn lease_timing(args: &RunArgs) -> anyhow::Result<LeaseTiming> {
+    Ok(LeaseTiming::new(
+        Duration::from_secs(u64::from(args.lease_duration)),
+        seconds("--lease-renew-deadline", args.lease_renew_deadline)?,
+        seconds("--lease-retry-period", args.lease_retry_period)?,
+    )?)
+}
+
 async fn operate(args: RunArgs) -> anyhow::Result<()> {
+    let timing = lease_timing(&args).context("leader election timings")?;
+    let scope = WatchScope::new(&args.namespaces).context("--namespace")?;
     let shutdown = CancellationToken::new();
     tokio::spawn(on_signals(shutdown.clone()));
 
@@ -134,6 +208,23 @@ async fn operate(args: RunArgs) -> anyhow::Result<()> {
         .apiserver_version()
         .await
         .context("reaching the Kubernetes API server")?;
+    if args.apply_crds {
+        for outcome in startup::apply_crds(&client).await? {
+            match outcome.decision {
+                CrdDecision::Apply => tracing::info!(crd = %outcome.name, "CRD applied"),
+                CrdDecision::KeepNewer(version) => tracing::warn!(
+                    crd = %outcome.name,
+                    %version,
+                    ours = env!("CARGO_PKG_VERSION"),
+                    "a newer operator applied this CRD; leaving it (upgrade this operator)"
+                ),
+            }
+        }
+    }
+    // Before the election, so a misconfigured standby fails as loudly as a leader would.
+    startup::check_crds(&client).await?;
+    startup::check_access(&client, &scope).await?;
+    tracing::info!(%scope, "CRDs served and RBAC sufficient");
     health.set_ready(true);
 
     let identity = args
@@ -145,7 +236,7 @@ async fn operate(args: RunArgs) -> anyhow::Result<()> {
         Api::<Lease>::namespaced(client.clone(), &args.lease_namespace),
         &args.lease_name,
         &identity,
-        LeaseTiming::default(),
+        timing,
     );
     tracing::info!(%identity, lease = %args.lease_name, "waiting for the leader lease");
     if !elector.acquire(&shutdown).await {
@@ -159,12 +250,8 @@ async fn operate(args: RunArgs) -> anyhow::Result<()> {
         node_image: args.node_image,
         cluster_domain: args.cluster_domain,
     };
-    let ctx = Arc::new(Context::new(
-        client,
-        settings,
-        metrics.clone(),
-        Some(identity),
-    ));
+    let ctx =
+        Arc::new(Context::new(client, settings, metrics.clone(), Some(identity)).watching(scope));
     let stop = shutdown.child_token();
     let controllers = tokio::spawn(reconcile::run(ctx, stop.clone()));
     let kept = elector.hold(&shutdown).await;
@@ -206,4 +293,79 @@ async fn on_signals(token: CancellationToken) {
     }
     tracing::info!("shutting down");
     token.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        let cli = Cli::try_parse_from(
+            std::iter::once("tokengo-operator")
+                .chain(std::iter::once("run"))
+                .chain(args.iter().copied()),
+        )?;
+        match cli.command {
+            Some(Command::Run(args)) => Ok(*args),
+            other => panic!("not run: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn flags_work_with_and_without_run() {
+        let bare = Cli::try_parse_from(["tokengo-operator", "--namespace", "a"]).unwrap();
+        assert!(bare.command.is_none());
+        assert_eq!(bare.run.namespaces, ["a"]);
+        assert_eq!(run_args(&["--namespace", "a"]).unwrap().namespaces, ["a"]);
+        assert!(Cli::try_parse_from(["tokengo-operator", "crd"]).is_ok());
+    }
+
+    #[test]
+    fn namespaces_repeat_or_come_comma_separated() {
+        let args = run_args(&["--namespace", "a,b", "--namespace", "c"]).unwrap();
+        assert_eq!(args.namespaces, ["a", "b", "c"]);
+        assert_eq!(
+            WatchScope::new(&args.namespaces).unwrap(),
+            WatchScope::Namespaces(vec!["a".into(), "b".into(), "c".into()])
+        );
+    }
+
+    #[test]
+    fn apply_crds_is_a_flag_or_a_boolean() {
+        assert!(run_args(&["--apply-crds"]).unwrap().apply_crds);
+        assert!(run_args(&["--apply-crds=true"]).unwrap().apply_crds);
+        assert!(!run_args(&["--apply-crds=false"]).unwrap().apply_crds);
+        assert!(run_args(&["--apply-crds=maybe"]).is_err());
+    }
+
+    #[test]
+    fn lease_timings_default_to_client_gos_and_are_checked() {
+        let args = run_args(&[]).unwrap();
+        assert_eq!(lease_timing(&args).unwrap(), LeaseTiming::default());
+        let fast = run_args(&[
+            "--lease-duration",
+            "4",
+            "--lease-renew-deadline",
+            "2.5",
+            "--lease-retry-period",
+            "0.5",
+        ])
+        .unwrap();
+        let timing = lease_timing(&fast).unwrap();
+        assert_eq!(timing.renew_deadline(), Duration::from_millis(2500));
+        assert_eq!(timing.retry_period(), Duration::from_millis(500));
+        let bad = run_args(&["--lease-duration", "10", "--lease-renew-deadline", "10"]).unwrap();
+        assert!(lease_timing(&bad).is_err());
+        let negative = run_args(&["--lease-retry-period=-1"]).unwrap();
+        assert!(lease_timing(&negative).is_err());
+    }
+
+    #[test]
+    fn the_default_node_image_is_this_releases() {
+        let args = run_args(&[]).unwrap();
+        assert_eq!(
+            args.node_image,
+            format!("ghcr.io/tokengo/tokengo-node:{}", env!("CARGO_PKG_VERSION"))
+        );
+    }
 }

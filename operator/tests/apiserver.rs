@@ -45,8 +45,9 @@ use tokengo_operator::{
     lease::{Elector, LeaseTiming},
     manifest::{KEYS_HASH_ANNOTATION, Settings, exit as exit_manifest},
     metrics::Metrics,
-    reconcile::{self, Context},
+    reconcile::{self, Context, WatchScope},
     resource::{self, TokenGoExit, TokenGoRelay},
+    startup,
 };
 use tokengo_proto::data_dir::{EXIT_IDENTITY_FILE, EXIT_KEYRING_FILE, RELAY_IDENTITY_FILE};
 use tokio_util::sync::CancellationToken;
@@ -70,39 +71,49 @@ struct Cluster {
 fn cluster() -> &'static Cluster {
     static CLUSTER: OnceLock<Cluster> = OnceLock::new();
     CLUSTER.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
         let mut crds: Vec<PathBuf> = std::fs::read_dir(repo().join("crds"))
             .unwrap()
             .map(|e| e.unwrap().path())
             .collect();
         crds.sort();
-        let mut child = Command::new(repo().join("scripts/k8s-cluster"))
-            .arg(dir.path())
-            .args(&crds)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("scripts/k8s-cluster");
-        // The script has its own deadlines (and may first build the API server).
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(
-            line.starts_with("ready "),
-            "the local control plane did not start (scripts/k8s-cluster said {line:?}); this is a failure, not a skip"
-        );
-        Cluster {
-            kubeconfig: dir.path().join("kubeconfig"),
-            _supervisor: Mutex::new(child),
-            _dir: dir,
-        }
+        start_cluster(&crds)
     })
 }
 
+/// A control plane of its own (for a test that needs one without the CRDs); it stops when the
+/// returned value is dropped.
+fn start_cluster(crds: &[PathBuf]) -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(repo().join("scripts/k8s-cluster"))
+        .arg(dir.path())
+        .args(crds)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("scripts/k8s-cluster");
+    // The script has its own deadlines (and may first build the API server).
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(
+        line.starts_with("ready "),
+        "the local control plane did not start (scripts/k8s-cluster said {line:?}); this is a failure, not a skip"
+    );
+    Cluster {
+        kubeconfig: dir.path().join("kubeconfig"),
+        _supervisor: Mutex::new(child),
+        _dir: dir,
+    }
+}
+
 async fn config() -> Config {
-    let kubeconfig = Kubeconfig::read_from(&cluster().kubeconfig).unwrap();
+    config_at(&cluster().kubeconfig).await
+}
+
+async fn config_at(path: &std::path::Path) -> Config {
+    let kubeconfig = Kubeconfig::read_from(path).unwrap();
     Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .unwrap()
@@ -134,8 +145,14 @@ fn chart_rules(file: &str) -> Vec<PolicyRule> {
 
 async fn install_chart_rbac() {
     static DONE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
-    DONE.get_or_init(|| async {
-        let client = admin().await;
+    DONE.get_or_init(|| async { grant_chart_rbac(admin().await).await })
+        .await;
+}
+
+/// The chart's ServiceAccount with the chart's cluster-wide RBAC (operator rules, CRD rules and
+/// the lease Role), as `helm install` with the default values makes them.
+async fn grant_chart_rbac(client: Client) {
+    {
         let pp = PatchParams::apply("tokengo-tests").force();
         apply(
             &Api::<Namespace>::all(client.clone()),
@@ -214,12 +231,48 @@ async fn install_chart_rbac() {
             },
             subjects: Some(subject),
         };
-        Api::<RoleBinding>::namespaced(client, OPERATOR_NS)
+        Api::<RoleBinding>::namespaced(client.clone(), OPERATOR_NS)
             .patch("tokengo-operator-lease", &pp, &Patch::Apply(&lease_binding))
             .await
             .unwrap();
-    })
-    .await;
+        let crd_role = ClusterRole {
+            metadata: ObjectMeta {
+                name: Some("tokengo-operator-test-crds".into()),
+                ..Default::default()
+            },
+            rules: Some(chart_rules("crd-rules.yaml")),
+            ..Default::default()
+        };
+        Api::<ClusterRole>::all(client.clone())
+            .patch("tokengo-operator-test-crds", &pp, &Patch::Apply(&crd_role))
+            .await
+            .unwrap();
+        let crd_binding = ClusterRoleBinding {
+            metadata: ObjectMeta {
+                name: Some("tokengo-operator-test-crds".into()),
+                ..Default::default()
+            },
+            role_ref: RoleRef {
+                api_group: "rbac.authorization.k8s.io".into(),
+                kind: "ClusterRole".into(),
+                name: "tokengo-operator-test-crds".into(),
+            },
+            subjects: Some(vec![Subject {
+                kind: "ServiceAccount".into(),
+                name: OPERATOR_SA.into(),
+                namespace: Some(OPERATOR_NS.into()),
+                ..Default::default()
+            }]),
+        };
+        Api::<ClusterRoleBinding>::all(client)
+            .patch(
+                "tokengo-operator-test-crds",
+                &pp,
+                &Patch::Apply(&crd_binding),
+            )
+            .await
+            .unwrap();
+    }
 }
 
 async fn apply<K>(api: &Api<K>, name: &str, value: serde_json::Value, pp: &PatchParams) -> K
@@ -1194,10 +1247,12 @@ async fn a_broken_key_secret_is_never_overwritten() {
 async fn leader_election_admits_one_leader() {
     let client = operator_client().await;
     let leases: Api<Lease> = Api::namespaced(client, OPERATOR_NS);
-    let timing = LeaseTiming {
-        duration: Duration::from_secs(2),
-        renew_every: Duration::from_millis(200),
-    };
+    let timing = LeaseTiming::new(
+        Duration::from_secs(2),
+        Duration::from_secs(1),
+        Duration::from_millis(200),
+    )
+    .unwrap();
     let name = format!("election-{}", std::process::id());
     let a = Elector::new(leases.clone(), &name, "a", timing.clone());
     let b = Elector::new(leases.clone(), &name, "b", timing);
@@ -1383,4 +1438,436 @@ async fn an_expired_key_is_rotated_on_schedule() {
         "the identity is kept"
     );
     operator.stop().await;
+}
+
+/// A kubeconfig for `cluster_kubeconfig`'s cluster that impersonates `user`, written into `dir`.
+fn impersonating_kubeconfig(
+    cluster_kubeconfig: &std::path::Path,
+    user: &str,
+    dir: &std::path::Path,
+) -> PathBuf {
+    let mut kubeconfig: serde_json::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(cluster_kubeconfig).unwrap()).unwrap();
+    kubeconfig["users"][0]["user"]["as"] = json!(user);
+    let path = dir.join(format!("kubeconfig-{}", user.replace(':', "-")));
+    std::fs::write(&path, serde_yaml_ng::to_string(&kubeconfig).unwrap()).unwrap();
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The operator binary with `kubeconfig`, its own lease and admin port, and `args`; its log
+/// goes to the file `log` (a file, not a pipe: nobody has to drain it while it runs).
+struct Binary {
+    command: tokio::process::Command,
+    port: u16,
+    log: PathBuf,
+}
+
+fn operator_binary(
+    kubeconfig: &std::path::Path,
+    lease: &str,
+    args: &[&str],
+    log: PathBuf,
+) -> Binary {
+    let port = free_port();
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokengo-operator"));
+    command
+        .arg("run")
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env("POD_NAMESPACE", OPERATOR_NS)
+        .env("POD_NAME", "operator-0")
+        .env("TOKENGO_LEASE_NAME", lease)
+        .env("TOKENGO_ADMIN_LISTEN", format!("127.0.0.1:{port}"))
+        .env("TOKENGO_LOG_FORMAT", "text")
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "info")
+        .env_remove("TOKENGO_WATCH_NAMESPACES")
+        .env_remove("TOKENGO_APPLY_CRDS")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true);
+    Binary { command, port, log }
+}
+
+impl Binary {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs the binary to its end (within WAIT); its status and log.
+    async fn run_to_end(mut self) -> (std::process::ExitStatus, String) {
+        let mut child = self.command.spawn().unwrap();
+        let status = tokio::time::timeout(WAIT, child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("the operator did not exit:\n{}", self.log()))
+            .unwrap();
+        (status, self.log())
+    }
+
+    /// Starts it and waits (WAIT at most) until it holds `lease`; fails with its log if it
+    /// exits first.
+    async fn start_leading(mut self, leases: &Api<Lease>, lease: &str) -> Running {
+        let mut child = self.command.spawn().unwrap();
+        let name = lease.to_owned();
+        let held = wait_for(leases, lease, "held by operator-0", |l: &Lease| {
+            l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some("operator-0")
+        });
+        tokio::select! {
+            _ = held => {}
+            status = child.wait() => panic!("the operator exited ({status:?}) before leading {name}:\n{}", self.log()),
+        }
+        Running {
+            child,
+            binary: self,
+        }
+    }
+}
+
+struct Running {
+    child: tokio::process::Child,
+    binary: Binary,
+}
+
+impl Running {
+    /// Stops it with SIGTERM; its status and log.
+    async fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        let pid = self.child.id().unwrap().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let status = tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("no exit on SIGTERM:\n{}", self.binary.log()))
+            .unwrap();
+        (status, self.binary.log())
+    }
+}
+
+/// Without the CRDs the binary exits non-zero at once, saying how to install them; with
+/// `--apply-crds` it applies them itself (as the chart's ServiceAccount, with only the chart's
+/// CRD rules: those two CRDs by name, get and patch), stamped with its version, and leads. An
+/// older operator never replaces the CRDs a newer one applied. On a control plane of its own,
+/// started without the CRDs.
+#[tokio::test]
+async fn operator_binary_without_crds_says_what_to_do_or_applies_them() {
+    let bare = start_cluster(&[]);
+    let root = Client::try_from(config_at(&bare.kubeconfig).await).unwrap();
+    grant_chart_rbac(root.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let as_operator = impersonating_kubeconfig(
+        &bare.kubeconfig,
+        &format!("system:serviceaccount:{OPERATOR_NS}:{OPERATOR_SA}"),
+        dir.path(),
+    );
+
+    let log = |n: &str| dir.path().join(format!("{n}.log"));
+    // No CRDs, not asked to apply them: a clear error, before any election.
+    let (status, stderr) = operator_binary(&as_operator, "bare", &["--apply-crds=false"], log("1"))
+        .run_to_end()
+        .await;
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("kubectl apply --server-side -f crds/"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("tokengorelays, tokengoexits"), "{stderr}");
+    let leases: Api<Lease> = Api::namespaced(root.clone(), OPERATOR_NS);
+    assert!(
+        leases.get_opt("bare").await.unwrap().is_none(),
+        "it entered the election"
+    );
+
+    // Asked to apply them: it does, waits until they are served, and leads.
+    let binary = operator_binary(&as_operator, "bare", &["--apply-crds"], log("2"));
+    let port = binary.port;
+    let running = binary.start_leading(&leases, "bare").await;
+    assert!(http_get(port, "/readyz").await.starts_with("HTTP/1.1 200"));
+    let crds: Api<CustomResourceDefinition> = Api::all(root.clone());
+    for crd in resource::definitions() {
+        let applied = crds.get(&crd.name_any()).await.unwrap();
+        assert_eq!(
+            applied.annotations()[startup::CRD_VERSION_ANNOTATION],
+            env!("CARGO_PKG_VERSION")
+        );
+        // The code's versions and schemas (the API server adds defaults such as the
+        // conversion strategy and the list kind).
+        assert!(
+            applied.spec.versions == crd.spec.versions,
+            "{} is not the code's",
+            crd.name_any()
+        );
+    }
+    // It reconciles there (the CRDs it applied are watched).
+    let ns = namespace(&root, "bare").await;
+    let relays: Api<TokenGoRelay> = Api::namespaced(root.clone(), &ns);
+    relays
+        .create(&PostParams::default(), &serde_json::from_value(json!({
+            "apiVersion": "tokengo.io/v1alpha1", "kind": "TokenGoRelay", "metadata": {"name": "r"}, "spec": {}
+        })).unwrap())
+        .await
+        .unwrap();
+    wait_for(&relays, "r", "PeerId", |r: &TokenGoRelay| {
+        r.status.as_ref().is_some_and(|s| s.peer_id.is_some())
+    })
+    .await;
+    let (status, stderr) = running.terminate().await;
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stderr.contains("CRD applied"), "{stderr}");
+
+    // A newer operator's CRD (stamped with a higher version) is left as it is.
+    let name = resource::definitions()[0].name_any();
+    crds.patch(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(
+            json!({"metadata": {"annotations": {startup::CRD_VERSION_ANNOTATION: "999.0.0"}}}),
+        ),
+    )
+    .await
+    .unwrap();
+    let before = crds.get(&name).await.unwrap().resource_version();
+    let (status, stderr) = operator_binary(&as_operator, "bare", &["--apply-crds"], log("3"))
+        .start_leading(&leases, "bare")
+        .await
+        .terminate()
+        .await;
+    assert!(status.success(), "{status}: {stderr}");
+    assert_eq!(crds.get(&name).await.unwrap().resource_version(), before);
+    assert!(
+        stderr.contains("a newer operator applied this CRD"),
+        "{stderr}"
+    );
+}
+
+/// A ServiceAccount without the chart's RBAC: the binary exits non-zero at start, naming what it
+/// may not list and how to grant it, instead of running and doing nothing.
+#[tokio::test]
+async fn operator_binary_without_rbac_says_what_to_do() {
+    let client = admin().await;
+    install_chart_rbac().await;
+    let dir = tempfile::tempdir().unwrap();
+    let nobody = impersonating_kubeconfig(
+        &cluster().kubeconfig,
+        &format!("system:serviceaccount:{OPERATOR_NS}:nobody"),
+        dir.path(),
+    );
+    let lease = format!("norbac-{}", std::process::id());
+    let log = |n: &str| dir.path().join(format!("{n}.log"));
+    let (status, stderr) = operator_binary(&nobody, &lease, &[], log("1"))
+        .run_to_end()
+        .await;
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("may not list tokengorelays.tokengo.io in all namespaces"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("rbac.create=true"), "{stderr}");
+    // With --namespace, the check is made (and fails) in that namespace.
+    let (status, stderr) =
+        operator_binary(&nobody, &lease, &["--namespace", "somewhere"], log("2"))
+            .run_to_end()
+            .await;
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("in namespace somewhere"), "{stderr}");
+    assert!(
+        Api::<Lease>::namespaced(client, OPERATOR_NS)
+            .get_opt(&lease)
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+/// A ServiceAccount with the chart's rules in one namespace only (a Role, as the chart renders
+/// for `watchNamespaces`), and optionally without some verbs on a resource.
+async fn namespaced_operator_account(
+    name: &str,
+    ns: &str,
+    drop: Option<(&str, &[&str])>,
+) -> Client {
+    let client = admin().await;
+    let pp = PatchParams::apply("tokengo-tests").force();
+    let sa = ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<ServiceAccount>::namespaced(client.clone(), OPERATOR_NS)
+        .patch(name, &pp, &Patch::Apply(&sa))
+        .await
+        .unwrap();
+    let mut rules = chart_rules("operator-rules.yaml");
+    if let Some((resource, verbs)) = drop {
+        for rule in &mut rules {
+            if rule
+                .resources
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .any(|r| r == resource)
+            {
+                rule.verbs.retain(|v| !verbs.contains(&v.as_str()));
+            }
+        }
+    }
+    let role = Role {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        rules: Some(rules),
+    };
+    Api::<Role>::namespaced(client.clone(), ns)
+        .patch(name, &pp, &Patch::Apply(&role))
+        .await
+        .unwrap();
+    let binding = RoleBinding {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "Role".into(),
+            name: name.into(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: name.into(),
+            namespace: Some(OPERATOR_NS.into()),
+            ..Default::default()
+        }]),
+    };
+    Api::<RoleBinding>::namespaced(client, ns)
+        .patch(name, &pp, &Patch::Apply(&binding))
+        .await
+        .unwrap();
+    let mut config = config().await;
+    config.auth_info.impersonate = Some(format!("system:serviceaccount:{OPERATOR_NS}:{name}"));
+    Client::try_from(config).unwrap()
+}
+
+/// Polls the rendered metrics until `line` is in them (or fails after WAIT).
+async fn wait_for_metric(metrics: &Metrics, line: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = metrics.render();
+        if text.contains(line) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {line} in:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// An operator watching namespace A, with RBAC in A only (a Role, as the chart's
+/// `watchNamespaces` renders): it reconciles A's relay and never touches B's, made first.
+#[tokio::test]
+async fn a_namespace_scoped_operator_leaves_other_namespaces_alone() {
+    let client = admin().await;
+    let a = namespace(&client, "scoped-a").await;
+    let b = namespace(&client, "scoped-b").await;
+    let relay = |name: &str| -> TokenGoRelay {
+        serde_json::from_value(json!({
+            "apiVersion": "tokengo.io/v1alpha1", "kind": "TokenGoRelay", "metadata": {"name": name}, "spec": {}
+        }))
+        .unwrap()
+    };
+    let in_b: Api<TokenGoRelay> = Api::namespaced(client.clone(), &b);
+    let in_a: Api<TokenGoRelay> = Api::namespaced(client.clone(), &a);
+    in_b.create(&PostParams::default(), &relay("other"))
+        .await
+        .unwrap();
+    let operator_client = namespaced_operator_account("tokengo-scoped", &a, None).await;
+    let metrics = Arc::new(Metrics::new());
+    let ctx = Arc::new(
+        Context::new(operator_client, Settings::default(), metrics.clone(), None)
+            .watching(WatchScope::new([a.as_str()]).unwrap()),
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(reconcile::run(ctx, stop.clone()));
+    in_a.create(&PostParams::default(), &relay("mine"))
+        .await
+        .unwrap();
+    wait_for(&in_a, "mine", "PeerId", |r: &TokenGoRelay| {
+        r.status.as_ref().is_some_and(|s| s.peer_id.is_some())
+    })
+    .await;
+    wait_for_metric(
+        &metrics,
+        r#"tokengo_operator_reconcile_duration_seconds_count{kind="TokenGoRelay"}"#,
+    )
+    .await;
+    stop.cancel();
+    tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+    let text = metrics.render();
+    assert!(!text.contains("tokengo_operator_errors_total{"), "{text}");
+    assert!(!text.contains(r#"result="error""#), "{text}");
+    // B's relay, older than A's, got nothing: no status, no identity Secret.
+    assert!(in_b.get("other").await.unwrap().status.is_none());
+    assert!(
+        Api::<Secret>::namespaced(client, &b)
+            .get_opt("other-relay-identity")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+/// A real reconcile error (RBAC without `create` on Secrets, so the relay's identity Secret
+/// cannot be made) is counted by kind and reason, and retried.
+#[tokio::test]
+async fn a_forbidden_write_is_counted_as_an_error() {
+    let client = admin().await;
+    let ns = namespace(&client, "forbidden").await;
+    let operator_client =
+        namespaced_operator_account("tokengo-nosecrets", &ns, Some(("secrets", &["create"]))).await;
+    let metrics = Arc::new(Metrics::new());
+    let ctx = Arc::new(
+        Context::new(operator_client, Settings::default(), metrics.clone(), None)
+            .watching(WatchScope::new([ns.as_str()]).unwrap()),
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(reconcile::run(ctx, stop.clone()));
+    Api::<TokenGoRelay>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &serde_json::from_value(json!({
+            "apiVersion": "tokengo.io/v1alpha1", "kind": "TokenGoRelay", "metadata": {"name": "nokey"}, "spec": {}
+        })).unwrap())
+        .await
+        .unwrap();
+    wait_for_metric(
+        &metrics,
+        r#"tokengo_operator_errors_total{kind="TokenGoRelay",reason="forbidden"}"#,
+    )
+    .await;
+    stop.cancel();
+    tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+    let text = metrics.render();
+    assert!(
+        text.contains(
+            r#"tokengo_operator_reconciliations_total{kind="TokenGoRelay",result="error"}"#
+        ),
+        "{text}"
+    );
+    assert!(
+        !text.contains("watch_forbidden"),
+        "the watches themselves were allowed: {text}"
+    );
 }

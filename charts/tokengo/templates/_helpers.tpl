@@ -8,6 +8,12 @@
 {{- end -}}
 {{- end -}}
 
+{{/* Name of cluster-scoped objects (ClusterRoles, ClusterRoleBindings): the release namespace
+comes first, so two releases of the same name in two namespaces never collide. */}}
+{{- define "tokengo.clusterName" -}}
+{{- printf "%s-%s" .Release.Namespace (include "tokengo.fullname" .) | trunc 240 | trimSuffix "-" -}}
+{{- end -}}
+
 {{- define "tokengo.serviceAccountName" -}}
 {{- default (include "tokengo.fullname" .) .Values.serviceAccount.name -}}
 {{- end -}}
@@ -26,4 +32,13 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 
 {{- define "tokengo.image" -}}
 {{- printf "%s:%s" .repository (default $.appVersion .tag) -}}
+{{- end -}}
+
+{{/* The imagePullSecrets' names, comma-separated (what the operator passes to node pods). */}}
+{{- define "tokengo.pullSecretNames" -}}
+{{- $names := list -}}
+{{- range .Values.imagePullSecrets -}}
+{{- $names = append $names .name -}}
+{{- end -}}
+{{- join "," $names -}}
 {{- end -}}

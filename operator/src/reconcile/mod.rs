@@ -288,6 +288,12 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     );
     let exits_store = exit_controller.store();
     let exits = exit_controller
+        // The exit's pods (h-opwork: a StatefulSet), and the Deployment an earlier operator
+        // version made, so its deletion (when the StatefulSet replaces it) triggers a pass.
+        .owns(
+            Api::<k8s_openapi::api::apps::v1::StatefulSet>::all(client.clone()),
+            owned.clone(),
+        )
         .owns(Api::<Deployment>::all(client.clone()), owned.clone())
         .owns(Api::<Secret>::all(client.clone()), owned)
         // An exit that names a relay follows that relay's identity and address.

@@ -1,5 +1,5 @@
 //! Key material the operator creates for nodes, in exactly the formats the node reads from its
-//! data directory (file names in `tokengo_proto::data_dir`): `*_identity.key` (libp2p
+//! keys directory (`--keys-dir`; file names in `tokengo_proto::data_dir`): `*_identity.key` (libp2p
 //! protobuf-encoded Ed25519) and `ohttp_keys.json` (the exit's keyring of 32-byte HPKE seeds,
 //! current first, previous second during the overlap).
 //! Pure: generation takes randomness from the OS, everything else is a function of bytes. The

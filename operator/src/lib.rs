@@ -1,6 +1,6 @@
 //! TokenGo operator: reconciles `TokenGoRelay` and `TokenGoExit` resources into Secrets (keys,
-//! created once), Deployments and Services, with pure builders for the desired objects
-//! (`manifest`) and async shells that apply them (`reconcile`).
+//! created once), Deployments (relays), StatefulSets (exits) and Services, with pure builders
+//! for the desired objects (`manifest`) and async shells that apply them (`reconcile`).
 
 pub mod admin;
 pub mod keys;

@@ -13,7 +13,7 @@ use kube::{Api, Client};
 use tokengo_operator::{
     admin::{self, Health},
     lease::{Elector, LeaseTiming},
-    manifest::Settings,
+    manifest::{PullPolicy, Settings},
     metrics::Metrics,
     reconcile::{self, Context, WatchScope},
     resource,
@@ -118,6 +118,16 @@ struct RunArgs {
     /// This replica's name in the Lease (the pod name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    // --- Node pods (h-opwork): how the operator's relay and exit pods pull their image.
+    /// `imagePullPolicy` of node containers: Always, IfNotPresent or Never. Default:
+    /// Kubernetes' own (Always for `:latest` or untagged images, else IfNotPresent).
+    #[arg(long, env = "TOKENGO_NODE_IMAGE_PULL_POLICY")]
+    node_image_pull_policy: Option<PullPolicy>,
+    /// Secrets node pods pull their image with (comma-separated names, each in the pods'
+    /// namespace). Default: none.
+    #[arg(long, env = "TOKENGO_IMAGE_PULL_SECRETS", value_delimiter = ',')]
+    image_pull_secrets: Vec<String>,
+    // --- End of node pods.
     /// Log format on stderr.
     #[arg(long, env = "TOKENGO_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -249,6 +259,14 @@ async fn operate(args: RunArgs) -> anyhow::Result<()> {
     let settings = Settings {
         node_image: args.node_image,
         cluster_domain: args.cluster_domain,
+        // h-opwork: node pods' image pulling.
+        node_image_pull_policy: args.node_image_pull_policy,
+        image_pull_secrets: args
+            .image_pull_secrets
+            .into_iter()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect(),
     };
     let ctx =
         Arc::new(Context::new(client, settings, metrics.clone(), Some(identity)).watching(scope));

@@ -23,7 +23,7 @@ use std::{
 use k8s_openapi::{
     ByteString,
     api::{
-        apps::v1::Deployment,
+        apps::v1::{Deployment, StatefulSet},
         coordination::v1::Lease,
         core::v1::{Namespace, Secret, Service, ServiceAccount},
         events::v1::Event,
@@ -32,6 +32,7 @@ use k8s_openapi::{
         },
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    apimachinery::pkg::util::intstr::IntOrString,
 };
 use kube::{
     Api, Client, Config, Resource, ResourceExt as _,
@@ -363,6 +364,27 @@ async fn mark_rolled_out(client: &Client, ns: &str, name: &str) {
     .unwrap();
 }
 
+/// Stands in for the kubelet and the StatefulSet controller (absent here): marks a
+/// StatefulSet's current generation rolled out, every replica of one revision and ready.
+async fn mark_set_rolled_out(client: &Client, ns: &str, name: &str) {
+    let api: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    let set = api.get(name).await.unwrap();
+    let replicas = set.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let revision = format!("{name}-r{}", set.metadata.generation.unwrap_or(0));
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {
+            "observedGeneration": set.metadata.generation,
+            "replicas": replicas, "readyReplicas": replicas,
+            "currentReplicas": replicas, "updatedReplicas": replicas,
+            "currentRevision": revision, "updateRevision": revision
+        }})),
+    )
+    .await
+    .unwrap();
+}
+
 /// The controllers, running as the chart's ServiceAccount until stopped.
 struct Operator {
     stop: CancellationToken,
@@ -572,7 +594,8 @@ fn http_post(path: &str, body: &serde_json::Value) -> http::Request<Vec<u8>> {
 
 /// The whole life of a relay and an exit: children with owner references, status, a no-op
 /// second reconcile, keys that survive an operator restart, rotation with overlap, events, and
-/// garbage collection on delete. All of it as the chart's ServiceAccount.
+/// garbage collection on delete (key Secrets kept: identities are retained by default). All of
+/// it as the chart's ServiceAccount.
 #[tokio::test]
 async fn relay_and_exit_lifecycle() {
     let client = admin().await;
@@ -581,6 +604,7 @@ async fn relay_and_exit_lifecycle() {
     let exits: Api<TokenGoExit> = Api::namespaced(client.clone(), &ns);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
     let operator = start_operator().await;
 
@@ -616,16 +640,21 @@ async fn relay_and_exit_lifecycle() {
             .to_string(),
         relay_peer
     );
+    assert!(
+        identity.owner_references().is_empty(),
+        "a retained identity has no owner"
+    );
     let service = services.get("edge-relay").await.unwrap();
     let port = &service.spec.as_ref().unwrap().ports.as_ref().unwrap()[0];
     assert_eq!(
         (port.protocol.as_deref(), port.node_port),
         (Some("UDP"), Some(30433))
     );
+    let headless = services.get("edge-relay-pods").await.unwrap();
     let relay_deployment = deployments.get("edge-relay").await.unwrap();
     for owners in [
-        identity.owner_references(),
         service.owner_references(),
+        headless.owner_references(),
         relay_deployment.owner_references(),
     ] {
         assert_eq!(owners.len(), 1);
@@ -641,7 +670,7 @@ async fn relay_and_exit_lifecycle() {
     })
     .await;
 
-    // --- Exit naming the relay.
+    // --- Exit naming the relay: given the relay's headless name (every relay pod).
     exits
         .create(&PostParams::default(), &serde_json::from_value(json!({
             "apiVersion": "tokengo.io/v1alpha1", "kind": "TokenGoExit",
@@ -661,10 +690,17 @@ async fn relay_and_exit_lifecycle() {
     .await;
     let exit_status = exit.status.clone().unwrap();
     assert_eq!(exit_status.observed_generation, exit.metadata.generation);
-    assert_eq!(exit_status.relays, vec![status.addresses[0].clone()]);
+    let pods_address =
+        format!("/dns4/edge-relay-pods.{ns}.svc.cluster.local/udp/4433/quic-v1/p2p/{relay_peer}");
+    assert_eq!(exit_status.relays, vec![pods_address.clone()]);
     assert_eq!(exit_status.keys.len(), 1);
-    let exit_deployment = deployments.get("llm-exit").await.unwrap();
-    let container = &exit_deployment
+    assert_eq!(exit_status.identities.len(), 1);
+    assert_eq!(
+        Some(&exit_status.identities[0].peer_id),
+        exit_status.peer_id.as_ref()
+    );
+    let exit_set = sets.get("llm-exit").await.unwrap();
+    let container = &exit_set
         .spec
         .as_ref()
         .unwrap()
@@ -673,24 +709,21 @@ async fn relay_and_exit_lifecycle() {
         .as_ref()
         .unwrap()
         .containers[0];
-    assert_eq!(container.args.as_ref().unwrap()[2], status.addresses[0]);
+    assert_eq!(container.args.as_ref().unwrap()[2], pods_address);
     let keys_secret = secrets.get("llm-exit-keys").await.unwrap();
-    for owners in [
-        keys_secret.owner_references(),
-        exit_deployment.owner_references(),
-    ] {
-        assert_eq!(
-            (owners[0].kind.as_str(), owners[0].uid.as_str()),
-            ("TokenGoExit", exit.uid().unwrap().as_str())
-        );
-    }
-    let ring = Keyring::parse(&keys_secret.data.as_ref().unwrap()[EXIT_KEYRING_FILE].0).unwrap();
+    assert!(keys_secret.owner_references().is_empty(), "retained");
+    let owners = exit_set.owner_references();
+    assert_eq!(
+        (owners[0].kind.as_str(), owners[0].uid.as_str()),
+        ("TokenGoExit", exit.uid().unwrap().as_str())
+    );
+    let ring = Keyring::parse(&keys_secret.data.as_ref().unwrap()["0.ohttp_keys.json"].0).unwrap();
     assert_eq!(
         exit_status.keys[0].config,
         hex::encode(ring.public_keys()[0].config.encode()),
         "status publishes the Secret's key"
     );
-    mark_rolled_out(&client, &ns, "llm-exit").await;
+    mark_set_rolled_out(&client, &ns, "llm-exit").await;
     let exit = wait_for(&exits, "llm", "Ready=True", |e: &TokenGoExit| {
         e.status.as_ref().and_then(|s| ready(&s.conditions)) == Some(("True", "Available"))
     })
@@ -724,6 +757,7 @@ async fn relay_and_exit_lifecycle() {
                     .unwrap()
                     .items,
             ),
+            resource_versions(&sets.list(&ListParams::default()).await.unwrap().items),
             resource_versions(&services.list(&ListParams::default()).await.unwrap().items),
         )
     };
@@ -752,7 +786,7 @@ async fn relay_and_exit_lifecycle() {
         "re-reconciling unchanged resources changed something"
     );
 
-    // --- A new operator (a restart) keeps every key: scale both to make it act, then compare.
+    // --- A new operator (a restart) keeps every key: change both to make it act, then compare.
     let identity_before = secrets.get("edge-relay-identity").await.unwrap();
     let keys_before = secrets.get("llm-exit-keys").await.unwrap();
     let operator = start_operator().await;
@@ -762,15 +796,34 @@ async fn relay_and_exit_lifecycle() {
         .await
         .unwrap();
     exits
-        .patch("llm", &pp, &Patch::Merge(json!({"spec": {"replicas": 2}})))
+        .patch(
+            "llm",
+            &pp,
+            &Patch::Merge(
+                json!({"spec": {"backend": {"headers": [{"name": "X-Team", "value": "ml"}]}}}),
+            ),
+        )
         .await
         .unwrap();
-    for name in ["edge-relay", "llm-exit"] {
-        wait_for(&deployments, name, "2 replicas", |d: &Deployment| {
-            d.spec.as_ref().and_then(|s| s.replicas) == Some(2)
-        })
-        .await;
-    }
+    wait_for(
+        &deployments,
+        "edge-relay",
+        "2 replicas",
+        |d: &Deployment| d.spec.as_ref().and_then(|s| s.replicas) == Some(2),
+    )
+    .await;
+    wait_for(&sets, "llm-exit", "the header", |s: &StatefulSet| {
+        s.spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .is_some_and(|p| {
+                p.containers[0]
+                    .args
+                    .as_ref()
+                    .is_some_and(|a| a.contains(&"X-Team: ml".to_owned()))
+            })
+    })
+    .await;
     let identity_after = secrets.get("edge-relay-identity").await.unwrap();
     let keys_after = secrets.get("llm-exit-keys").await.unwrap();
     assert_eq!(
@@ -810,7 +863,7 @@ async fn relay_and_exit_lifecycle() {
     );
 
     // --- Rotation on request: a new current key, the previous one kept; pods roll.
-    let hash_before = template_hash(&deployments, "llm-exit").await;
+    let hash_before = set_template_hash(&sets, "llm-exit").await;
     exits
         .patch(
             "llm",
@@ -833,30 +886,25 @@ async fn relay_and_exit_lifecycle() {
     );
     assert_ne!(rotated_keys[0].key_id, rotated_keys[1].key_id);
     let secret = secrets.get("llm-exit-keys").await.unwrap();
-    let ring = Keyring::parse(&secret.data.as_ref().unwrap()[EXIT_KEYRING_FILE].0).unwrap();
+    let ring = Keyring::parse(&secret.data.as_ref().unwrap()["0.ohttp_keys.json"].0).unwrap();
     assert_eq!(ring.public_keys().len(), 2);
     assert_eq!(
-        secret.data.as_ref().unwrap()[EXIT_IDENTITY_FILE],
-        keys_before.data.as_ref().unwrap()[EXIT_IDENTITY_FILE],
+        secret.data.as_ref().unwrap()["0.exit_identity.key"],
+        keys_before.data.as_ref().unwrap()["0.exit_identity.key"],
         "rotation never touches the identity"
     );
     assert_eq!(
         secret.annotations()[exit_manifest::ROTATION_HANDLED_ANNOTATION],
         "now"
     );
-    wait_for(
-        &deployments,
-        "llm-exit",
-        "new keys hash",
-        |d: &Deployment| {
-            d.spec
-                .as_ref()
-                .and_then(|s| s.template.metadata.as_ref())
-                .and_then(|m| m.annotations.as_ref())
-                .map(|a| a[KEYS_HASH_ANNOTATION].clone())
-                != Some(hash_before.clone())
-        },
-    )
+    wait_for(&sets, "llm-exit", "new keys hash", |s: &StatefulSet| {
+        s.spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.as_ref())
+            .map(|a| a[KEYS_HASH_ANNOTATION].clone())
+            != Some(hash_before.clone())
+    })
     .await;
     // The request is carried out once: another reconcile does not rotate again.
     let ctx = Arc::new(Context::new(
@@ -887,33 +935,47 @@ async fn relay_and_exit_lifecycle() {
             .any(|e| e.reason.as_deref() == Some("KeysRotated"))
     );
 
-    // --- Least privilege: the operator cannot delete what it creates (the GC does that).
-    let as_operator: Api<Deployment> = Api::namespaced(operator_client().await, &ns);
-    match as_operator
-        .delete("edge-relay", &DeleteParams::default())
+    // --- Least privilege: the operator can never delete a key Secret, nor its workloads
+    // but the Deployment an earlier version made (the GC removes children).
+    let as_operator = operator_client().await;
+    match Api::<Secret>::namespaced(as_operator.clone(), &ns)
+        .delete("edge-relay-identity", &DeleteParams::default())
         .await
     {
         Err(kube::Error::Api(status)) => assert_eq!(status.code, 403, "{status:?}"),
-        other => panic!("the operator may delete Deployments: {other:?}"),
+        other => panic!("the operator may delete Secrets: {other:?}"),
+    }
+    match Api::<StatefulSet>::namespaced(as_operator, &ns)
+        .delete("llm-exit", &DeleteParams::default())
+        .await
+    {
+        Err(kube::Error::Api(status)) => assert_eq!(status.code, 403, "{status:?}"),
+        other => panic!("the operator may delete StatefulSets: {other:?}"),
     }
 
-    // --- Deleting the resources garbage-collects every child (kube-controller-manager's GC).
+    // --- Deleting the resources garbage-collects every child but the retained keys.
     relays
         .delete("edge", &DeleteParams::default())
         .await
         .unwrap();
     exits.delete("llm", &DeleteParams::default()).await.unwrap();
-    wait_deleted(&secrets, "edge-relay-identity").await;
     wait_deleted(&services, "edge-relay").await;
+    wait_deleted(&services, "edge-relay-pods").await;
     wait_deleted(&deployments, "edge-relay").await;
-    wait_deleted(&secrets, "llm-exit-keys").await;
-    wait_deleted(&deployments, "llm-exit").await;
+    wait_deleted(&sets, "llm-exit").await;
+    assert!(
+        secrets
+            .get_opt("edge-relay-identity")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(secrets.get_opt("llm-exit-keys").await.unwrap().is_some());
     operator.stop_without_errors().await;
 }
 
-async fn template_hash(deployments: &Api<Deployment>, name: &str) -> String {
-    deployments
-        .get(name)
+async fn set_template_hash(sets: &Api<StatefulSet>, name: &str) -> String {
+    sets.get(name)
         .await
         .unwrap()
         .spec
@@ -934,7 +996,7 @@ async fn exit_relay_sources() {
     let ns = namespace(&client, "sources").await;
     let exits: Api<TokenGoExit> = Api::namespaced(client.clone(), &ns);
     let relays: Api<TokenGoRelay> = Api::namespaced(client.clone(), &ns);
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
     let operator = start_operator().await;
     let exit = |name: &str, relay: serde_json::Value| -> TokenGoExit {
         serde_json::from_value(json!({
@@ -960,7 +1022,7 @@ async fn exit_relay_sources() {
         reason(e).as_deref() == Some("RelayNotFound")
     })
     .await;
-    assert!(deployments.get_opt("waits-exit").await.unwrap().is_none());
+    assert!(sets.get_opt("waits-exit").await.unwrap().is_none());
     relays
         .create(&PostParams::default(), &serde_json::from_value(json!({
             "apiVersion": "tokengo.io/v1alpha1", "kind": "TokenGoRelay", "metadata": {"name": "later"}, "spec": {}
@@ -969,10 +1031,10 @@ async fn exit_relay_sources() {
         .unwrap();
     // The relay's status change triggers the exit (a watch, not a timer).
     wait_for(
-        &deployments,
+        &sets,
         "waits-exit",
         "created once the relay has a PeerId",
-        |_: &Deployment| true,
+        |_: &StatefulSet| true,
     )
     .await;
 
@@ -987,10 +1049,7 @@ async fn exit_relay_sources() {
         )
         .await
         .unwrap();
-    let d = wait_for(&deployments, "direct-exit", "created", |_: &Deployment| {
-        true
-    })
-    .await;
+    let d = wait_for(&sets, "direct-exit", "created", |_: &StatefulSet| true).await;
     let containers = d.spec.unwrap().template.spec.unwrap().containers;
     assert_eq!(
         containers.len(),
@@ -1013,7 +1072,7 @@ async fn exit_relay_sources() {
         )
         .await
         .unwrap();
-    let d = wait_for(&deployments, "dht-exit", "created", |_: &Deployment| true).await;
+    let d = wait_for(&sets, "dht-exit", "created", |_: &StatefulSet| true).await;
     let containers = d.spec.unwrap().template.spec.unwrap().containers;
     assert_eq!(containers.len(), 1, "one discovering exit container");
     assert_eq!(
@@ -1023,7 +1082,9 @@ async fn exit_relay_sources() {
             "--backend",
             "http://backend:8000",
             "--data-dir",
-            "/var/lib/tokengo"
+            "/var/lib/tokengo",
+            "--keys-dir",
+            "/etc/tokengo/keys/$(POD_NAME)"
         ],
         "no --relay: the node discovers relays"
     );
@@ -1042,12 +1103,12 @@ async fn exit_relay_sources() {
         env.contains(&("TOKENGO_MAX_RELAYS".to_owned(), "2".to_owned())),
         "{env:?}"
     );
-    // Readiness comes from the Deployment, as in the other modes; no relays are listed.
+    // Readiness comes from the StatefulSet, as in the other modes; no relays are listed.
     wait_for(&exits, "dht", "Progressing", move |e: &TokenGoExit| {
         reason(e).as_deref() == Some("Progressing")
     })
     .await;
-    mark_rolled_out(&client, &ns, "dht-exit").await;
+    mark_set_rolled_out(&client, &ns, "dht-exit").await;
     let done = wait_for(&exits, "dht", "Available", move |e: &TokenGoExit| {
         reason(e).as_deref() == Some("Available")
     })
@@ -1437,6 +1498,12 @@ async fn an_expired_key_is_rotated_on_schedule() {
         keys::peer_id(&identity).unwrap().to_string(),
         "the identity is kept"
     );
+    // The Secret written before exits had one identity per replica now holds it as replica
+    // 0's, under ordinal 0's names.
+    let data = secrets.get("aged-exit-keys").await.unwrap().data.unwrap();
+    assert_eq!(data["0.exit_identity.key"].0, *identity);
+    assert!(!data.contains_key(EXIT_IDENTITY_FILE));
+    assert!(!data.contains_key(EXIT_KEYRING_FILE));
     operator.stop().await;
 }
 
@@ -1870,4 +1937,766 @@ async fn a_forbidden_write_is_counted_as_an_error() {
         !text.contains("watch_forbidden"),
         "the watches themselves were allowed: {text}"
     );
+}
+
+/// A TokenGoExit or TokenGoRelay from its name and spec.
+fn exit_named(name: &str, spec: serde_json::Value) -> TokenGoExit {
+    serde_json::from_value(json!({
+        "apiVersion": "tokengo.io/v1alpha1", "kind": "TokenGoExit", "metadata": {"name": name},
+        "spec": spec
+    }))
+    .unwrap()
+}
+
+fn relay_named(name: &str, spec: serde_json::Value) -> TokenGoRelay {
+    serde_json::from_value(json!({
+        "apiVersion": "tokengo.io/v1alpha1", "kind": "TokenGoRelay", "metadata": {"name": name},
+        "spec": spec
+    }))
+    .unwrap()
+}
+
+/// An exit spec with a fixed relay address (no TokenGoRelay needed).
+fn direct_exit(extra: serde_json::Value) -> serde_json::Value {
+    let mut spec = json!({
+        "backend": {"url": "http://backend:8000"},
+        "relay": {"addresses": ["/ip4/198.51.100.2/udp/4433/quic-v1/p2p/12D3KooWB"]}
+    });
+    if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+        spec.extend(extra.clone());
+    }
+    spec
+}
+
+fn peer_ids(exit: &TokenGoExit) -> Vec<String> {
+    exit.status
+        .as_ref()
+        .map(|s| s.identities.iter().map(|i| i.peer_id.clone()).collect())
+        .unwrap_or_default()
+}
+
+fn has_event(events: &[Event], reason: &str, type_: &str) -> bool {
+    events
+        .iter()
+        .any(|e| e.reason.as_deref() == Some(reason) && e.type_.as_deref() == Some(type_))
+}
+
+async fn events_of(client: &Client, ns: &str) -> Vec<Event> {
+    Api::<Event>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+}
+
+/// Identities are retained by default: deleting a relay and an exit garbage-collects their
+/// workloads but leaves their key Secrets (without owners), and re-creating them with the same
+/// names brings back the same PeerIds. With `retainIdentity: false` the Secrets get the
+/// resources as owners and go with them.
+#[tokio::test]
+async fn identities_outlive_their_resources_unless_told_otherwise() {
+    let client = admin().await;
+    let ns = namespace(&client, "retain").await;
+    let relays: Api<TokenGoRelay> = Api::namespaced(client.clone(), &ns);
+    let exits: Api<TokenGoExit> = Api::namespaced(client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    let operator = start_operator().await;
+    let create = || async {
+        relays
+            .create(&PostParams::default(), &relay_named("keep", json!({})))
+            .await
+            .unwrap();
+        exits
+            .create(
+                &PostParams::default(),
+                &exit_named("keep", direct_exit(json!({"replicas": 2}))),
+            )
+            .await
+            .unwrap();
+        let relay = wait_for(&relays, "keep", "a PeerId", |r: &TokenGoRelay| {
+            r.status.as_ref().is_some_and(|s| s.peer_id.is_some())
+        })
+        .await;
+        let exit = wait_for(&exits, "keep", "two identities", |e: &TokenGoExit| {
+            peer_ids(e).len() == 2
+        })
+        .await;
+        (relay, exit)
+    };
+    let (relay, exit) = create().await;
+    let relay_peer = relay.status.unwrap().peer_id.unwrap();
+    let exit_peers = peer_ids(&exit);
+
+    relays
+        .delete("keep", &DeleteParams::default())
+        .await
+        .unwrap();
+    exits
+        .delete("keep", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_deleted(&deployments, "keep-relay").await;
+    wait_deleted(&sets, "keep-exit").await;
+    for name in ["keep-relay-identity", "keep-exit-keys"] {
+        let secret = secrets
+            .get_opt(name)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{name} went with its resource"));
+        assert!(secret.owner_references().is_empty(), "{name}");
+    }
+
+    // Re-created with the same names: the same PeerIds, which clients and exits pinned.
+    let (relay, exit) = create().await;
+    assert_eq!(relay.status.clone().unwrap().peer_id.unwrap(), relay_peer);
+    assert_eq!(peer_ids(&exit), exit_peers);
+    let events = events_of(&client, &ns).await;
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.reason.as_deref() == Some("IdentityCreated"))
+            .count(),
+        1,
+        "the relay identity was created once"
+    );
+
+    // Not retained: the resources own their Secrets, and the GC deletes them with them.
+    let pp = PatchParams::default();
+    let off = Patch::Merge(json!({"spec": {"retainIdentity": false}}));
+    relays.patch("keep", &pp, &off).await.unwrap();
+    exits.patch("keep", &pp, &off).await.unwrap();
+    for (name, uid) in [
+        ("keep-relay-identity", relay.uid().unwrap()),
+        ("keep-exit-keys", exit.uid().unwrap()),
+    ] {
+        wait_for(&secrets, name, "owned", move |s: &Secret| {
+            s.owner_references()
+                .iter()
+                .any(|o| o.uid == uid && o.controller == Some(true))
+        })
+        .await;
+    }
+    relays
+        .delete("keep", &DeleteParams::default())
+        .await
+        .unwrap();
+    exits
+        .delete("keep", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_deleted(&secrets, "keep-relay-identity").await;
+    wait_deleted(&secrets, "keep-exit-keys").await;
+    operator.stop_without_errors().await;
+}
+
+/// An exit with 3 replicas is a StatefulSet (pods in parallel, rolling updates) whose pods each
+/// have an identity of their own, all listed in status. Scaling down keeps the identities and
+/// rolls no pod; scaling back up brings the same PeerIds back.
+#[tokio::test]
+async fn exit_replicas_are_a_stateful_set_with_an_identity_each() {
+    let client = admin().await;
+    let ns = namespace(&client, "replicas").await;
+    let exits: Api<TokenGoExit> = Api::namespaced(client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    let operator = start_operator().await;
+    exits
+        .create(
+            &PostParams::default(),
+            &exit_named("many", direct_exit(json!({"replicas": 3}))),
+        )
+        .await
+        .unwrap();
+    let exit = wait_for(&exits, "many", "three identities", |e: &TokenGoExit| {
+        peer_ids(e).len() == 3
+    })
+    .await;
+    let status = exit.status.clone().unwrap();
+    let peers = peer_ids(&exit);
+    assert_eq!(
+        peers
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        3,
+        "distinct PeerIds: {peers:?}"
+    );
+    assert_eq!(
+        status.peer_id.as_ref(),
+        Some(&peers[0]),
+        "peerId is replica 0's"
+    );
+    assert_eq!(
+        status
+            .identities
+            .iter()
+            .map(|i| i.ordinal)
+            .collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
+    assert!(status.identities.iter().all(|i| i.keys.len() == 1));
+
+    let set = sets.get("many-exit").await.unwrap();
+    let spec = set.spec.clone().unwrap();
+    assert_eq!(spec.replicas, Some(3));
+    assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
+    assert_eq!(
+        spec.update_strategy.and_then(|u| u.type_).as_deref(),
+        Some("RollingUpdate")
+    );
+    let container = &spec.template.spec.as_ref().unwrap().containers[0];
+    let args = container.args.clone().unwrap();
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--keys-dir", "/etc/tokengo/keys/$(POD_NAME)"]),
+        "{args:?}"
+    );
+    // The Secret holds each replica's identity, under the ordinal the pod of that name reads.
+    let secret = secrets.get("many-exit-keys").await.unwrap();
+    let data = secret.data.clone().unwrap();
+    assert_eq!(data.len(), 6);
+    for (i, peer) in peers.iter().enumerate() {
+        let key = &data[&format!("{i}.exit_identity.key")];
+        assert_eq!(&keys::peer_id(&key.0).unwrap().to_string(), peer);
+    }
+    mark_set_rolled_out(&client, &ns, "many-exit").await;
+    wait_for(&exits, "many", "Available", |e: &TokenGoExit| {
+        e.status.as_ref().and_then(|s| ready(&s.conditions)) == Some(("True", "Available"))
+    })
+    .await;
+
+    // Scale to 1: one identity listed, all three kept, the pod template unchanged.
+    let template = spec.template;
+    let pp = PatchParams::default();
+    exits
+        .patch("many", &pp, &Patch::Merge(json!({"spec": {"replicas": 1}})))
+        .await
+        .unwrap();
+    wait_for(&exits, "many", "one identity", |e: &TokenGoExit| {
+        peer_ids(e).len() == 1
+    })
+    .await;
+    let set = sets.get("many-exit").await.unwrap();
+    assert_eq!(set.spec.as_ref().unwrap().replicas, Some(1));
+    assert_eq!(set.spec.unwrap().template, template, "scaling rolls no pod");
+    let kept = secrets.get("many-exit-keys").await.unwrap();
+    assert_eq!(
+        kept.data.unwrap(),
+        data,
+        "scaling down keeps every identity"
+    );
+    // And back to 3: the same PeerIds.
+    exits
+        .patch("many", &pp, &Patch::Merge(json!({"spec": {"replicas": 3}})))
+        .await
+        .unwrap();
+    let back = wait_for(
+        &exits,
+        "many",
+        "three identities again",
+        |e: &TokenGoExit| peer_ids(e).len() == 3,
+    )
+    .await;
+    assert_eq!(peer_ids(&back), peers);
+    operator.stop_without_errors().await;
+}
+
+/// A relay with 3 replicas: rolling updates that never lose a pod, a headless Service naming
+/// every pod (which exits naming the relay are given), and, on this API server (1.20, which
+/// does not serve policy/v1), no PodDisruptionBudget: a Warning event, no error, and Ready
+/// anyway.
+#[tokio::test]
+async fn relay_replicas_scale_out_without_a_budget_on_1_20() {
+    let client = admin().await;
+    let ns = namespace(&client, "wide").await;
+    match client.list_api_group_resources("policy/v1").await {
+        Err(kube::Error::Api(status)) => assert_eq!(status.code, 404, "{status:?}"),
+        other => panic!("this tier's API server serves policy/v1 after all: {other:?}"),
+    }
+    let relays: Api<TokenGoRelay> = Api::namespaced(client.clone(), &ns);
+    let exits: Api<TokenGoExit> = Api::namespaced(client.clone(), &ns);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let operator = start_operator().await;
+    relays
+        .create(
+            &PostParams::default(),
+            &relay_named("wide", json!({"replicas": 3})),
+        )
+        .await
+        .unwrap();
+    let relay = wait_for(&relays, "wide", "a PeerId", |r: &TokenGoRelay| {
+        r.status.as_ref().is_some_and(|s| s.peer_id.is_some())
+    })
+    .await;
+    let peer = relay.status.unwrap().peer_id.unwrap();
+    let deployment = deployments.get("wide-relay").await.unwrap();
+    let spec = deployment.spec.unwrap();
+    assert_eq!(spec.replicas, Some(3));
+    let strategy = spec.strategy.unwrap();
+    assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+    let rolling = strategy.rolling_update.unwrap();
+    assert_eq!(
+        (rolling.max_surge, rolling.max_unavailable),
+        (Some(IntOrString::Int(1)), Some(IntOrString::Int(0)))
+    );
+    let headless = services.get("wide-relay-pods").await.unwrap().spec.unwrap();
+    assert_eq!(headless.cluster_ip.as_deref(), Some("None"));
+    assert_eq!(headless.publish_not_ready_addresses, Some(true));
+    assert_eq!(headless.selector, spec.selector.match_labels);
+    let port = &headless.ports.unwrap()[0];
+    assert_eq!((port.port, port.protocol.as_deref()), (4433, Some("UDP")));
+    assert!(
+        has_event(
+            &events_of(&client, &ns).await,
+            "PodDisruptionBudgetUnsupported",
+            "Warning"
+        ),
+        "no warning that the relay goes without a disruption budget"
+    );
+    mark_rolled_out(&client, &ns, "wide-relay").await;
+    let ready_relay = wait_for(&relays, "wide", "Ready=True", |r: &TokenGoRelay| {
+        r.status.as_ref().and_then(|s| ready(&s.conditions)) == Some(("True", "Available"))
+    })
+    .await;
+    let message = &ready_relay.status.unwrap().conditions[0].message;
+    assert!(message.contains("no PodDisruptionBudget"), "{message}");
+
+    // An exit naming the relay registers with every pod: it is given the headless name.
+    exits
+        .create(
+            &PostParams::default(),
+            &exit_named(
+                "near",
+                json!({"backend": {"url": "http://backend:8000"}, "relay": {"name": "wide"}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let exit = wait_for(&exits, "near", "its relays", |e: &TokenGoExit| {
+        e.status.as_ref().is_some_and(|s| !s.relays.is_empty())
+    })
+    .await;
+    assert_eq!(
+        exit.status.unwrap().relays,
+        [format!(
+            "/dns4/wide-relay-pods.{ns}.svc.cluster.local/udp/4433/quic-v1/p2p/{peer}"
+        )]
+    );
+    // Going without a budget is no error.
+    operator.stop_without_errors().await;
+}
+
+/// Rotating a 3-replica exit rotates every replica's keyring (identities unchanged, the
+/// previous key kept) and changes the pod template, which the StatefulSet rolls out one pod at
+/// a time (RollingUpdate); the exit is Progressing until that rollout is done.
+#[tokio::test]
+async fn rotation_rotates_every_replica_and_rolls_the_pods() {
+    let client = admin().await;
+    let ns = namespace(&client, "rotate").await;
+    let exits: Api<TokenGoExit> = Api::namespaced(client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    let operator = start_operator().await;
+    exits
+        .create(
+            &PostParams::default(),
+            &exit_named("spin", direct_exit(json!({"replicas": 3}))),
+        )
+        .await
+        .unwrap();
+    wait_for(&exits, "spin", "three identities", |e: &TokenGoExit| {
+        peer_ids(e).len() == 3
+    })
+    .await;
+    mark_set_rolled_out(&client, &ns, "spin-exit").await;
+    wait_for(&exits, "spin", "Available", |e: &TokenGoExit| {
+        e.status.as_ref().and_then(|s| ready(&s.conditions)) == Some(("True", "Available"))
+    })
+    .await;
+    let before = secrets.get("spin-exit-keys").await.unwrap().data.unwrap();
+    let hash_before = set_template_hash(&sets, "spin-exit").await;
+    let generation_before = sets.get("spin-exit").await.unwrap().metadata.generation;
+
+    exits
+        .patch(
+            "spin",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {exit_manifest::ROTATE_ANNOTATION: "r1"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let rotated = wait_for(
+        &exits,
+        "spin",
+        "every replica rotated",
+        |e: &TokenGoExit| {
+            e.status.as_ref().is_some_and(|s| {
+                s.identities.len() == 3 && s.identities.iter().all(|i| i.keys.len() == 2)
+            })
+        },
+    )
+    .await;
+    let after = secrets.get("spin-exit-keys").await.unwrap().data.unwrap();
+    for ordinal in 0..3 {
+        let identity = format!("{ordinal}.exit_identity.key");
+        let keyring = format!("{ordinal}.ohttp_keys.json");
+        assert_eq!(
+            after[&identity], before[&identity],
+            "replica {ordinal}'s identity"
+        );
+        assert_ne!(
+            after[&keyring], before[&keyring],
+            "replica {ordinal} not rotated"
+        );
+        let old = Keyring::parse(&before[&keyring].0).unwrap().public_keys();
+        let new = Keyring::parse(&after[&keyring].0).unwrap().public_keys();
+        assert_eq!(new.len(), 2);
+        assert_eq!(new[1], old[0], "replica {ordinal} keeps its previous key");
+        let published = &rotated.status.as_ref().unwrap().identities[ordinal];
+        assert_eq!(
+            published.keys[0].config,
+            hex::encode(new[0].config.encode())
+        );
+    }
+    let set = wait_for(
+        &sets,
+        "spin-exit",
+        "a new pod template",
+        |s: &StatefulSet| s.metadata.generation != generation_before,
+    )
+    .await;
+    assert_ne!(set_template_hash(&sets, "spin-exit").await, hash_before);
+    let strategy = set.spec.unwrap().update_strategy.unwrap();
+    assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+    assert_eq!(strategy.rolling_update.unwrap().partition, Some(0));
+    wait_for(
+        &exits,
+        "spin",
+        "Progressing while pods roll",
+        |e: &TokenGoExit| {
+            e.status.as_ref().and_then(|s| ready(&s.conditions)) == Some(("False", "Progressing"))
+        },
+    )
+    .await;
+    mark_set_rolled_out(&client, &ns, "spin-exit").await;
+    wait_for(&exits, "spin", "Available again", |e: &TokenGoExit| {
+        e.status.as_ref().and_then(|s| ready(&s.conditions)) == Some(("True", "Available"))
+    })
+    .await;
+    operator.stop_without_errors().await;
+}
+
+/// An exit Deployment an earlier operator version made (one identity for every pod) is deleted
+/// in the foreground when the StatefulSet is applied, and the StatefulSet comes only once it is
+/// gone; the old single identity becomes replica 0's, so clients pinned to it keep working.
+#[tokio::test]
+async fn an_earlier_versions_exit_deployment_is_replaced() {
+    let client = admin().await;
+    let ns = namespace(&client, "migrate").await;
+    let exits: Api<TokenGoExit> = Api::namespaced(client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    // What the earlier version left: the exit, its owned key Secret with one identity, and its
+    // owned Deployment (made here while no operator runs).
+    let exit = exits
+        .create(
+            &PostParams::default(),
+            &exit_named("old", direct_exit(json!({}))),
+        )
+        .await
+        .unwrap();
+    let owner = json!([{
+        "apiVersion": "tokengo.io/v1alpha1", "kind": "TokenGoExit", "name": "old",
+        "uid": exit.uid().unwrap(), "controller": true
+    }]);
+    let labels = json!({
+        "app.kubernetes.io/name": "tokengo-exit", "app.kubernetes.io/instance": "old",
+        "app.kubernetes.io/component": "exit", "app.kubernetes.io/managed-by": "tokengo-operator"
+    });
+    let identity = keys::new_identity().unwrap();
+    let now = k8s_openapi::jiff::Timestamp::now()
+        .as_second()
+        .unsigned_abs();
+    let ring = Keyring::generate(1, now).unwrap();
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "old-exit-keys", "labels": labels, "ownerReferences": owner},
+        "type": "Opaque"
+    }))
+    .unwrap();
+    secrets
+        .create(
+            &PostParams::default(),
+            &Secret {
+                data: Some(BTreeMap::from([
+                    (EXIT_IDENTITY_FILE.to_owned(), ByteString(identity.to_vec())),
+                    (
+                        EXIT_KEYRING_FILE.to_owned(),
+                        ByteString(ring.encode().to_vec()),
+                    ),
+                ])),
+                ..secret
+            },
+        )
+        .await
+        .unwrap();
+    let old: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "old-exit", "labels": labels, "ownerReferences": owner},
+        "spec": {
+            "selector": {"matchLabels": {"app.kubernetes.io/name": "tokengo-exit", "app.kubernetes.io/instance": "old"}},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"containers": [{"name": "exit", "image": "tokengo/node:0.0.9", "args": ["exit"]}]}
+            }
+        }
+    }))
+    .unwrap();
+    deployments
+        .create(&PostParams::default(), &old)
+        .await
+        .unwrap();
+
+    let operator = start_operator().await;
+    wait_for(&sets, "old-exit", "the StatefulSet", |_: &StatefulSet| true).await;
+    assert!(
+        deployments.get_opt("old-exit").await.unwrap().is_none(),
+        "the StatefulSet came while the old Deployment was still there"
+    );
+    let exit = wait_for(&exits, "old", "a PeerId", |e: &TokenGoExit| {
+        e.status.as_ref().is_some_and(|s| s.peer_id.is_some())
+    })
+    .await;
+    assert_eq!(
+        exit.status.unwrap().peer_id.unwrap(),
+        keys::peer_id(&identity).unwrap().to_string(),
+        "the old identity is replica 0's"
+    );
+    let secret = secrets.get("old-exit-keys").await.unwrap();
+    assert_eq!(
+        secret.data.as_ref().unwrap()["0.exit_identity.key"].0,
+        *identity
+    );
+    assert!(
+        secret.owner_references().is_empty(),
+        "kept from now on (retainIdentity defaults to true)"
+    );
+    assert!(has_event(
+        &events_of(&client, &ns).await,
+        "DeploymentReplaced",
+        "Normal"
+    ));
+    operator.stop_without_errors().await;
+}
+
+/// Without externalAddress, a LoadBalancer relay takes the load balancer's address once it has
+/// one (in status.addresses, and as the address it announces, which rolls its pods); a NodePort
+/// relay publishes the node port Kubernetes allocated, and one that would announce other ports
+/// than its node ports is not Ready, with a reason saying what to set, until they match.
+#[tokio::test]
+async fn external_addresses_come_from_the_service() {
+    let client = admin().await;
+    let ns = namespace(&client, "expose").await;
+    let relays: Api<TokenGoRelay> = Api::namespaced(client.clone(), &ns);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let operator = start_operator().await;
+    let reason = |r: &TokenGoRelay| {
+        r.status
+            .as_ref()
+            .and_then(|s| ready(&s.conditions))
+            .map(|(_, reason)| reason.to_owned())
+    };
+    let external_env = |d: &Deployment| {
+        d.spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .and_then(|p| p.containers[0].env.as_ref())
+            .and_then(|env| {
+                env.iter()
+                    .find(|e| e.name == "TOKENGO_EXTERNAL_ADDRS")
+                    .and_then(|e| e.value.clone())
+            })
+    };
+
+    // --- LoadBalancer: nothing to announce until the load balancer has an address.
+    relays
+        .create(
+            &PostParams::default(),
+            &relay_named(
+                "lb",
+                json!({"service": {"type": "LoadBalancer"}, "dht": {"announce": true}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let waiting = wait_for(
+        &relays,
+        "lb",
+        "NoExternalAddress",
+        move |r: &TokenGoRelay| reason(r).as_deref() == Some("NoExternalAddress"),
+    )
+    .await;
+    let status = waiting.status.unwrap();
+    assert!(status.conditions[0].message.contains("no address yet"));
+    assert_eq!(status.addresses.len(), 1);
+    let peer = status.peer_id.unwrap();
+    assert_eq!(
+        external_env(&deployments.get("lb-relay").await.unwrap()),
+        None
+    );
+    // The cloud's controller (absent here) gives the load balancer its address.
+    services
+        .patch_status(
+            "lb-relay",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.20"}]}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let found = wait_for(
+        &relays,
+        "lb",
+        "the load balancer's address",
+        |r: &TokenGoRelay| r.status.as_ref().is_some_and(|s| s.addresses.len() == 2),
+    )
+    .await;
+    assert_eq!(
+        found.status.unwrap().addresses[1],
+        format!("/ip4/198.51.100.20/udp/4433/quic-v1/p2p/{peer}")
+    );
+    let d = wait_for(
+        &deployments,
+        "lb-relay",
+        "announces it",
+        move |d: &Deployment| external_env(d).is_some(),
+    )
+    .await;
+    assert_eq!(
+        external_env(&d).as_deref(),
+        Some("/ip4/198.51.100.20/udp/4001/quic-v1")
+    );
+    mark_rolled_out(&client, &ns, "lb-relay").await;
+    wait_for(&relays, "lb", "Available", move |r: &TokenGoRelay| {
+        reason(r).as_deref() == Some("Available")
+    })
+    .await;
+
+    // --- NodePort: the allocated node port is published.
+    relays
+        .create(
+            &PostParams::default(),
+            &relay_named(
+                "np",
+                json!({"service": {"type": "NodePort"}, "externalAddress": "203.0.113.7"}),
+            ),
+        )
+        .await
+        .unwrap();
+    let np = wait_for(&relays, "np", "an external address", |r: &TokenGoRelay| {
+        r.status.as_ref().is_some_and(|s| s.addresses.len() == 2)
+    })
+    .await;
+    let allocated = services
+        .get("np-relay")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .ports
+        .unwrap()[0]
+        .node_port
+        .unwrap();
+    let np_peer = np.status.as_ref().unwrap().peer_id.clone().unwrap();
+    assert_eq!(
+        np.status.unwrap().addresses[1],
+        format!("/ip4/203.0.113.7/udp/{allocated}/quic-v1/p2p/{np_peer}")
+    );
+    // Announcing its container ports behind other node ports: not Ready, nothing announced.
+    let pp = PatchParams::default();
+    relays
+        .patch(
+            "np",
+            &pp,
+            &Patch::Merge(json!({"spec": {"dht": {"announce": true}}})),
+        )
+        .await
+        .unwrap();
+    let differ = wait_for(&relays, "np", "NodePortsDiffer", move |r: &TokenGoRelay| {
+        reason(r).as_deref() == Some("NodePortsDiffer")
+    })
+    .await;
+    let message = &differ.status.unwrap().conditions[0].message;
+    assert!(
+        message.contains(&format!("node ports {allocated} and"))
+            && message.contains("service.nodePort"),
+        "{message}"
+    );
+    assert_eq!(
+        external_env(&deployments.get("np-relay").await.unwrap()),
+        None
+    );
+    assert!(has_event(
+        &events_of(&client, &ns).await,
+        "NodePortsDiffer",
+        "Warning"
+    ));
+    mark_rolled_out(&client, &ns, "np-relay").await;
+    let still = wait_for(&relays, "np", "its pods ready", |r: &TokenGoRelay| {
+        r.status.as_ref().is_some_and(|s| s.ready_replicas == 1)
+    })
+    .await;
+    assert_eq!(
+        reason(&still).as_deref(),
+        Some("NodePortsDiffer"),
+        "never Available so"
+    );
+    // The ports as the message says: node ports equal to the ports the node announces.
+    relays
+        .patch(
+            "np",
+            &pp,
+            &Patch::Merge(
+                json!({"spec": {"port": 30533, "dhtPort": 30534, "service": {"nodePort": 30533}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let d = wait_for(
+        &deployments,
+        "np-relay",
+        "announces the node ports",
+        move |d: &Deployment| external_env(d).is_some(),
+    )
+    .await;
+    assert_eq!(
+        external_env(&d).as_deref(),
+        Some("/ip4/203.0.113.7/udp/30534/quic-v1")
+    );
+    let ports = services
+        .get("np-relay")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .ports
+        .unwrap();
+    let node_ports: Vec<(i32, Option<i32>)> = ports.iter().map(|p| (p.port, p.node_port)).collect();
+    assert_eq!(node_ports, [(30533, Some(30533)), (30534, Some(30534))]);
+    mark_rolled_out(&client, &ns, "np-relay").await;
+    let matched = wait_for(&relays, "np", "Available", move |r: &TokenGoRelay| {
+        reason(r).as_deref() == Some("Available")
+    })
+    .await;
+    assert_eq!(
+        matched.status.unwrap().addresses[1],
+        format!("/ip4/203.0.113.7/udp/30533/quic-v1/p2p/{np_peer}")
+    );
+    operator.stop_without_errors().await;
 }

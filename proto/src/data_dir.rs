@@ -24,8 +24,8 @@ pub const BOOTSTRAP_IDENTITY_FILE: &str = "bootstrap_identity.key";
 pub const EXIT_KEYRING_FILE: &str = "ohttp_keys.json";
 
 /// The cache of verified relays a discovering client or exit keeps between starts. Only the
-/// node writes it; it is listed here so no Secret key the operator mounts can take its name
-/// (the operator's data directory is read-only, so there the node goes without a cache).
+/// node writes it, into the data directory (in the operator's pods an `emptyDir`, the keys
+/// being read from `--keys-dir`); it is listed here so no key file can take its name.
 pub const RELAY_CACHE_FILE: &str = "relays.json";
 
 #[cfg(test)]

@@ -1,36 +1,43 @@
-//! Desired children of a `TokenGoExit`: its key Secret (identity and OHTTP keyring) and a
-//! Deployment whose pods run one `tokengo exit` container: registered with every relay (one
-//! `--relay` each; the node keeps a tunnel to each), or with DHT discovery finding its relays
-//! itself.
+//! Desired children of a `TokenGoExit`: its key Secret (one identity and OHTTP keyring per
+//! replica, `exit_keys`) and a StatefulSet whose pods each run one `tokengo exit` container
+//! with their own keys: registered with every relay (one `--relay` each; the node keeps a
+//! tunnel to each), or with DHT discovery finding its relays itself.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::{
-    ByteString,
     api::{
-        apps::v1::Deployment,
+        apps::v1::{
+            RollingUpdateStatefulSetStrategy, StatefulSet, StatefulSetSpec,
+            StatefulSetUpdateStrategy,
+        },
         core::v1::{
-            Container, EnvVar, EnvVarSource, KeyToPath, Secret, SecretKeySelector,
-            SecretVolumeSource, Volume, VolumeMount,
+            Container, EnvVar, EnvVarSource, KeyToPath, ObjectFieldSelector, Secret,
+            SecretKeySelector, SecretVolumeSource, Volume, VolumeMount,
         },
     },
+    apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference},
 };
 use kube::ResourceExt as _;
 use tokengo_proto::data_dir::{EXIT_IDENTITY_FILE, EXIT_KEYRING_FILE};
 
 use super::{
-    DATA_DIR, NodeContainer, NodeWorkload, Settings, child_meta, dht_env, digest, node_container,
-    node_deployment, plain_env,
+    DATA_DIR, KEYS_DIR, NodeContainer, NodePod, Settings, child_meta, dht_env, digest,
+    exit_keys::{ExitKeySet, identity_key, keyring_key},
+    key_secret_meta, node_container, node_pod_template, plain_env, selector,
 };
 use crate::{
     keys::PublicKey,
-    resource::{TokenGoExit, exit::ExitDht},
+    resource::{
+        TokenGoExit,
+        exit::{ExitDht, MAX_REPLICAS},
+    },
 };
 
 /// Annotation on the key Secret: the last `tokengo.io/rotate` value of the exit that was acted
 /// on, so a rotation request is carried out once.
 pub const ROTATION_HANDLED_ANNOTATION: &str = "tokengo.io/rotation-handled";
-/// Annotation a user sets (to any new value) on a `TokenGoExit` to rotate its key now.
+/// Annotation a user sets (to any new value) on a `TokenGoExit` to rotate its keys now.
 pub const ROTATE_ANNOTATION: &str = "tokengo.io/rotate";
 const COMPONENT: &str = "exit";
 /// Where the access-token Secret is mounted (a directory mount, not `subPath`, so an updated
@@ -40,10 +47,17 @@ pub const ACCESS_TOKENS_DIR: &str = "/etc/tokengo/access";
 const ACCESS_TOKENS_FILE: &str = "tokens";
 const ACCESS_TOKENS_VOLUME: &str = "access-tokens";
 
-/// Name of the Deployment.
+/// Name of the StatefulSet (and of the Deployment earlier operator versions made, which the
+/// StatefulSet replaces).
 #[must_use]
 pub fn workload_name(exit: &TokenGoExit) -> String {
     format!("{}-exit", exit.name_any())
+}
+
+/// Name of replica `ordinal`'s pod (the StatefulSet's naming).
+#[must_use]
+pub fn pod_name(exit: &TokenGoExit, ordinal: u32) -> String {
+    format!("{}-{ordinal}", workload_name(exit))
 }
 
 /// Name of the key Secret.
@@ -52,31 +66,62 @@ pub fn keys_secret_name(exit: &TokenGoExit) -> String {
     format!("{}-exit-keys", exit.name_any())
 }
 
-/// The key Secret: identity and keyring under the data-directory file names the node reads
-/// ([`EXIT_IDENTITY_FILE`], [`EXIT_KEYRING_FILE`]). `rotation_handled` is the
-/// rotation request already carried out (if any).
+/// The key Secret: every replica's identity and keyring (`exit_keys` layout), owned by the
+/// exit unless it retains its identities. `rotation_handled` is the rotation request already
+/// carried out (if any).
 #[must_use]
 pub fn keys_secret(
     exit: &TokenGoExit,
-    identity: &[u8],
-    keyring: &[u8],
+    keys: &ExitKeySet,
     rotation_handled: Option<&str>,
 ) -> Secret {
-    let mut metadata = child_meta(exit, COMPONENT, keys_secret_name(exit));
+    let mut metadata = key_secret_meta(
+        exit,
+        COMPONENT,
+        keys_secret_name(exit),
+        exit.spec.retain_identity,
+    );
     metadata.annotations = rotation_handled
         .map(|v| BTreeMap::from([(ROTATION_HANDLED_ANNOTATION.to_owned(), v.to_owned())]));
     Secret {
         metadata,
         type_: Some("Opaque".to_owned()),
-        data: Some(BTreeMap::from([
-            (EXIT_IDENTITY_FILE.to_owned(), ByteString(identity.to_vec())),
-            (EXIT_KEYRING_FILE.to_owned(), ByteString(keyring.to_vec())),
-        ])),
+        data: Some(keys.encode()),
         ..Default::default()
     }
 }
 
-/// Digest of the public key material: the pod-template annotation that rolls pods on rotation.
+/// The key Secret's new contents when it is rewritten: `keys`, the handled rotation request,
+/// and `owners`; everything else of `current` (labels, other annotations) kept, and its
+/// resource version, so the write fails with a conflict if the Secret changed since it was
+/// read.
+#[must_use]
+pub fn rewritten_keys_secret(
+    current: &Secret,
+    keys: &ExitKeySet,
+    rotation_handled: Option<&str>,
+    owners: Vec<OwnerReference>,
+) -> Secret {
+    let mut secret = current.clone();
+    secret.data = Some(keys.encode());
+    secret.string_data = None;
+    let mut annotations = secret.metadata.annotations.take().unwrap_or_default();
+    match rotation_handled {
+        Some(handled) => {
+            annotations.insert(ROTATION_HANDLED_ANNOTATION.to_owned(), handled.to_owned());
+        }
+        None => {
+            annotations.remove(ROTATION_HANDLED_ANNOTATION);
+        }
+    }
+    secret.metadata.annotations = (!annotations.is_empty()).then_some(annotations);
+    secret.metadata.owner_references = (!owners.is_empty()).then_some(owners);
+    secret
+}
+
+/// Digest of the public key material: the pod-template annotation that rolls pods on
+/// rotation. Ordinal 0's keys stand for every ordinal's (all rotate together), so adding an
+/// ordinal (scaling up) does not roll the running pods.
 #[must_use]
 pub fn keys_hash(peer_id: &str, keys: &[PublicKey]) -> String {
     let encoded: Vec<Vec<u8>> = keys.iter().map(|k| k.config.encode()).collect();
@@ -93,71 +138,123 @@ pub enum RelaySource<'a> {
     Dht(&'a ExitDht),
 }
 
-/// The exit Deployment: one container, registered with every relay address or discovering
-/// relays on the DHT.
+/// The key Secret's files as the pods see them: ordinal `i`'s under `<pod i>/`, for every
+/// possible ordinal (up to [`MAX_REPLICAS`]) and `optional`, so the pod template does not
+/// depend on how many replicas there are (scaling rolls no pod) and a pod finds exactly its
+/// own keys at `KEYS_DIR/<pod name>` (`--keys-dir`).
+fn keys_volume(exit: &TokenGoExit) -> SecretVolumeSource {
+    let ordinals = 0..MAX_REPLICAS.unsigned_abs();
+    SecretVolumeSource {
+        secret_name: Some(keys_secret_name(exit)),
+        items: Some(
+            ordinals
+                .flat_map(|ordinal| {
+                    let pod = pod_name(exit, ordinal);
+                    [
+                        KeyToPath {
+                            key: identity_key(ordinal),
+                            path: format!("{pod}/{EXIT_IDENTITY_FILE}"),
+                            ..Default::default()
+                        },
+                        KeyToPath {
+                            key: keyring_key(ordinal),
+                            path: format!("{pod}/{EXIT_KEYRING_FILE}"),
+                            ..Default::default()
+                        },
+                    ]
+                })
+                .collect(),
+        ),
+        optional: Some(true),
+        ..Default::default()
+    }
+}
+
+/// The exit StatefulSet: one container per pod, registered with every relay address or
+/// discovering relays on the DHT, each pod with its own keys. Pods start and stop in parallel
+/// (replicas are independent) and roll one at a time, never two of one ordinal at once.
 #[must_use]
-pub fn deployment(
+pub fn stateful_set(
     exit: &TokenGoExit,
     settings: &Settings,
     relays: RelaySource<'_>,
     keys_hash: &str,
-) -> Deployment {
+) -> StatefulSet {
     let spec = &exit.spec;
     // Discovering relays is what a public exit does: the node refuses it otherwise.
     let public = spec.public || matches!(relays, RelaySource::Dht(_));
-    let public_env = || {
-        if public {
-            vec![plain_env("TOKENGO_PUBLIC", "true".to_owned())]
-        } else {
-            Vec::new()
-        }
-    };
-    let containers = match relays {
-        RelaySource::Addresses(addresses) => {
-            vec![container(exit, settings, addresses, public_env())]
-        }
+    let mut env = Vec::new();
+    if public {
+        env.push(plain_env("TOKENGO_PUBLIC", "true".to_owned()));
+    }
+    let container = match relays {
+        RelaySource::Addresses(addresses) => container(exit, settings, addresses, env),
         RelaySource::Dht(dht) => {
-            let mut env = public_env();
             env.extend(dht_env(&dht.bootstrap, dht.protocol.as_deref()));
             if let Some(max) = dht.max_relays {
                 env.push(plain_env("TOKENGO_MAX_RELAYS", max.to_string()));
             }
-            vec![container(exit, settings, &[], env)]
+            container(exit, settings, &[], env)
         }
     };
-    node_deployment(NodeWorkload {
-        owner: exit,
-        component: COMPONENT,
-        name: workload_name(exit),
-        replicas: spec.replicas,
-        scheduling: &spec.scheduling,
-        keys_hash: keys_hash.to_owned(),
-        containers,
-        keys_secret: keys_secret_name(exit),
-        key_files: &[EXIT_IDENTITY_FILE, EXIT_KEYRING_FILE],
-        extra_volumes: spec
-            .access_tokens_secret
-            .iter()
-            .map(|secret| Volume {
-                name: ACCESS_TOKENS_VOLUME.to_owned(),
-                secret: Some(SecretVolumeSource {
-                    secret_name: Some(secret.name.clone()),
-                    default_mode: Some(0o440),
-                    items: Some(vec![KeyToPath {
-                        key: secret.key.clone(),
-                        path: ACCESS_TOKENS_FILE.to_owned(),
-                        ..Default::default()
-                    }]),
-                    optional: Some(false),
-                }),
+    let template = node_pod_template(
+        settings,
+        NodePod {
+            owner: exit,
+            component: COMPONENT,
+            scheduling: &spec.scheduling,
+            keys_hash: keys_hash.to_owned(),
+            containers: vec![container],
+            keys: keys_volume(exit),
+            extra_volumes: spec
+                .access_tokens_secret
+                .iter()
+                .map(|secret| Volume {
+                    name: ACCESS_TOKENS_VOLUME.to_owned(),
+                    secret: Some(SecretVolumeSource {
+                        secret_name: Some(secret.name.clone()),
+                        default_mode: Some(0o440),
+                        items: Some(vec![KeyToPath {
+                            key: secret.key.clone(),
+                            path: ACCESS_TOKENS_FILE.to_owned(),
+                            ..Default::default()
+                        }]),
+                        optional: Some(false),
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+        },
+    );
+    StatefulSet {
+        metadata: child_meta(exit, COMPONENT, workload_name(exit)),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(spec.replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector(COMPONENT, &exit.name_any())),
                 ..Default::default()
-            })
-            .collect(),
-    })
+            },
+            // A required field naming a governing Service; exits only dial out, so none
+            // exists and the pods' per-pod DNS names are never used.
+            service_name: Some(workload_name(exit)),
+            pod_management_policy: Some("Parallel".to_owned()),
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("RollingUpdate".to_owned()),
+                rolling_update: Some(RollingUpdateStatefulSetStrategy {
+                    partition: Some(0),
+                    ..Default::default()
+                }),
+            }),
+            template,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
 
 /// The exit container: registers with each of `relays`, or discovers relays when there are
-/// none; `extra_env` follows the log and admin settings.
+/// none; `extra_env` follows the log and admin settings. Its keys are its pod's directory of
+/// the key Secret (`$(POD_NAME)`, which Kubernetes expands from the downward API).
 fn container(
     exit: &TokenGoExit,
     settings: &Settings,
@@ -175,6 +272,8 @@ fn container(
         spec.backend.url.clone(),
         "--data-dir".to_owned(),
         DATA_DIR.to_owned(),
+        "--keys-dir".to_owned(),
+        format!("{KEYS_DIR}/$(POD_NAME)"),
     ]);
     for header in &spec.backend.headers {
         args.push("--header".to_owned());
@@ -184,10 +283,20 @@ fn container(
         args.push("--access-token-file".to_owned());
         args.push(format!("{ACCESS_TOKENS_DIR}/{ACCESS_TOKENS_FILE}"));
     }
-    let mut env = extra_env;
-    // The operator rotates the keys (in the Secret, rolling the pods): every replica serves
-    // one identity, and pods rotating on their own would give it different keys, which
-    // clients refuse as a key conflict; the mounted key files are read-only anyway.
+    let mut env = vec![EnvVar {
+        name: "POD_NAME".to_owned(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "metadata.name".to_owned(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }];
+    env.extend(extra_env);
+    // The operator rotates the keys (in the Secret, rolling the pods): the keys dir is
+    // read-only, and a key a pod rotated on its own would be lost on its next start.
     env.push(plain_env("TOKENGO_KEY_ROTATION_HOURS", "0".to_owned()));
     if let Some(secret) = &spec.backend.api_key_secret {
         // From the Secret at start, so the key is never in the pod spec.
@@ -257,22 +366,52 @@ mod tests {
     }
 
     const RELAYS: [&str; 2] = [
-        "/dns4/edge-relay.ai.svc.cluster.local/udp/4433/quic-v1/p2p/12D3KooWA",
+        "/dns4/edge-relay-pods.ai.svc.cluster.local/udp/4433/quic-v1/p2p/12D3KooWA",
         "/ip4/203.0.113.7/udp/4433/quic-v1/p2p/12D3KooWB",
     ];
 
+    fn relays() -> Vec<String> {
+        RELAYS.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    const POD_NAME_ENV: &str = "POD_NAME";
+
+    /// The container every exit runs, before its role-specific args and env.
+    fn pod_name_env() -> serde_json::Value {
+        json!({"name": POD_NAME_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
+    }
+
     #[test]
-    fn one_container_for_every_relay_with_backend_headers_and_secret_api_key() {
+    fn a_stateful_set_of_one_container_for_every_relay_with_its_own_keys() {
         let exit = basic();
-        let relays: Vec<String> = RELAYS.iter().map(|s| (*s).to_owned()).collect();
-        let d = deployment(
+        let relays = relays();
+        let set = stateful_set(
             &exit,
             &Settings::default(),
             RelaySource::Addresses(&relays),
             "hash",
         );
-        let value = serde_json::to_value(&d).unwrap();
-        let pod = &value["spec"]["template"];
+        let value = serde_json::to_value(&set).unwrap();
+        assert_eq!(value["kind"], "StatefulSet");
+        assert_eq!(value["metadata"]["name"], "llm-exit");
+        assert_eq!(
+            value["metadata"]["ownerReferences"][0]["kind"],
+            "TokenGoExit"
+        );
+        let spec = &value["spec"];
+        assert_eq!(spec["replicas"], 1);
+        assert_eq!(spec["podManagementPolicy"], "Parallel");
+        assert_eq!(
+            spec["updateStrategy"],
+            json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 0}})
+        );
+        assert_eq!(spec["serviceName"], "llm-exit");
+        assert_eq!(
+            spec["selector"],
+            json!({"matchLabels": {"app.kubernetes.io/instance": "llm", "app.kubernetes.io/name": "tokengo-exit"}})
+        );
+        assert!(spec.get("volumeClaimTemplates").is_none());
+        let pod = &spec["template"];
         assert_eq!(
             pod["metadata"]["annotations"]["tokengo.io/keys-hash"],
             "hash"
@@ -291,46 +430,89 @@ mod tests {
                 "args": [
                     "exit", "--relay", RELAYS[0], "--relay", RELAYS[1],
                     "--backend", "http://ollama.models.svc:11434",
-                    "--data-dir", "/var/lib/tokengo", "--header", "X-Team: ml"
+                    "--data-dir", "/var/lib/tokengo",
+                    "--keys-dir", "/etc/tokengo/keys/$(POD_NAME)",
+                    "--header", "X-Team: ml"
                 ],
                 "env": [
                     {"name": "TOKENGO_LOG_FORMAT", "value": "json"},
                     {"name": "TOKENGO_ADMIN_LISTEN", "value": "0.0.0.0:9090"},
+                    pod_name_env(),
                     {"name": "TOKENGO_KEY_ROTATION_HOURS", "value": "0"},
                     {"name": "TOKENGO_API_KEY", "valueFrom": {"secretKeyRef": {"name": "backend", "key": "token", "optional": false}}}
                 ],
                 "ports": [{"name": "admin", "containerPort": 9090, "protocol": "TCP"}],
                 "livenessProbe": {"httpGet": {"path": "/healthz", "port": 9090}, "periodSeconds": 10, "failureThreshold": 3},
                 "readinessProbe": {"httpGet": {"path": "/readyz", "port": 9090}, "periodSeconds": 5, "failureThreshold": 3},
+                "resources": {
+                    "requests": {"cpu": "100m", "memory": "128Mi"},
+                    "limits": {"memory": "512Mi"}
+                },
                 "securityContext": {
                     "allowPrivilegeEscalation": false,
                     "capabilities": {"drop": ["ALL"]},
                     "readOnlyRootFilesystem": true,
                     "runAsNonRoot": true
                 },
-                "volumeMounts": [{"name": "keys", "mountPath": "/var/lib/tokengo", "readOnly": true}]
+                "volumeMounts": [
+                    {"name": "keys", "mountPath": "/etc/tokengo/keys", "readOnly": true},
+                    {"name": "data", "mountPath": "/var/lib/tokengo"}
+                ]
             })
         );
+        let volumes = pod["spec"]["volumes"].as_array().unwrap();
+        assert_eq!(volumes.len(), 2);
+        let keys = &volumes[0]["secret"];
+        assert_eq!(keys["secretName"], "llm-exit-keys");
+        assert_eq!(keys["defaultMode"], 0o440);
+        assert_eq!(keys["optional"], true);
+        let items = keys["items"].as_array().unwrap();
+        assert_eq!(items.len(), 2 * 20, "two files for every possible ordinal");
         assert_eq!(
-            pod["spec"]["volumes"],
-            json!([{"name": "keys", "secret": {
-                "secretName": "llm-exit-keys",
-                "defaultMode": 0o440,
-                "items": [
-                    {"key": EXIT_IDENTITY_FILE, "path": EXIT_IDENTITY_FILE},
-                    {"key": EXIT_KEYRING_FILE, "path": EXIT_KEYRING_FILE}
-                ]
-            }}])
+            items[..4],
+            [
+                json!({"key": "0.exit_identity.key", "path": "llm-exit-0/exit_identity.key"}),
+                json!({"key": "0.ohttp_keys.json", "path": "llm-exit-0/ohttp_keys.json"}),
+                json!({"key": "1.exit_identity.key", "path": "llm-exit-1/exit_identity.key"}),
+                json!({"key": "1.ohttp_keys.json", "path": "llm-exit-1/ohttp_keys.json"}),
+            ]
+        );
+        assert_eq!(
+            items[39],
+            json!({"key": "19.ohttp_keys.json", "path": "llm-exit-19/ohttp_keys.json"})
+        );
+        assert_eq!(
+            volumes[1],
+            json!({"name": "data", "emptyDir": {"sizeLimit": "16Mi"}})
         );
         assert_eq!(pod["spec"]["automountServiceAccountToken"], false);
+        assert_eq!(pod["spec"]["terminationGracePeriodSeconds"], 45);
         assert_eq!(pod["spec"]["securityContext"]["runAsNonRoot"], true);
-        assert_eq!(value["metadata"]["name"], "llm-exit");
-        assert_eq!(
-            value["metadata"]["ownerReferences"][0]["kind"],
-            "TokenGoExit"
-        );
         // The API key never appears as a literal anywhere in the pod spec.
         assert!(!value.to_string().contains("Bearer"));
+    }
+
+    /// Scaling changes `replicas` and nothing else: no running pod rolls.
+    #[test]
+    fn scaling_leaves_the_pod_template_alone() {
+        let relays = relays();
+        let one = stateful_set(
+            &basic(),
+            &Settings::default(),
+            RelaySource::Addresses(&relays),
+            "hash",
+        );
+        let mut three = basic();
+        three.spec.replicas = 3;
+        let three = stateful_set(
+            &three,
+            &Settings::default(),
+            RelaySource::Addresses(&relays),
+            "hash",
+        );
+        let (one, three) = (one.spec.unwrap(), three.spec.unwrap());
+        assert_eq!((one.replicas, three.replicas), (Some(1), Some(3)));
+        assert_eq!(one.template, three.template);
     }
 
     #[test]
@@ -347,45 +529,45 @@ mod tests {
             }}
         }));
         let dht = exit.spec.relay.dht.clone().unwrap();
-        let d = deployment(&exit, &Settings::default(), RelaySource::Dht(&dht), "hash");
-        let value = serde_json::to_value(&d).unwrap();
+        let set = stateful_set(&exit, &Settings::default(), RelaySource::Dht(&dht), "hash");
+        let value = serde_json::to_value(&set).unwrap();
+        let containers = &value["spec"]["template"]["spec"]["containers"];
+        assert_eq!(containers.as_array().unwrap().len(), 1);
         assert_eq!(
-            value["spec"]["template"]["spec"]["containers"],
-            json!([{
-                "name": "exit",
-                "image": "tokengo/node:latest",
-                "args": ["exit", "--backend", "http://ollama.models.svc:11434", "--data-dir", "/var/lib/tokengo"],
-                "env": [
-                    {"name": "TOKENGO_LOG_FORMAT", "value": "json"},
-                    {"name": "TOKENGO_ADMIN_LISTEN", "value": "0.0.0.0:9090"},
-                    {"name": "TOKENGO_PUBLIC", "value": "true"},
-                    {"name": "TOKENGO_BOOTSTRAP", "value": "/ip4/10.0.0.1/udp/4001/quic-v1/p2p/12D3KooWB,/ip4/10.0.0.2/udp/4001/quic-v1/p2p/12D3KooWC"},
-                    {"name": "TOKENGO_DHT_PROTOCOL", "value": "/mynet/kad/1.0.0"},
-                    {"name": "TOKENGO_MAX_RELAYS", "value": "5"},
-                    {"name": "TOKENGO_KEY_ROTATION_HOURS", "value": "0"},
-                    {"name": "TOKENGO_API_KEY", "valueFrom": {"secretKeyRef": {"name": "backend", "key": "token", "optional": false}}}
-                ],
-                "ports": [{"name": "admin", "containerPort": 9090, "protocol": "TCP"}],
-                "livenessProbe": {"httpGet": {"path": "/healthz", "port": 9090}, "periodSeconds": 10, "failureThreshold": 3},
-                "readinessProbe": {"httpGet": {"path": "/readyz", "port": 9090}, "periodSeconds": 5, "failureThreshold": 3},
-                "securityContext": {
-                    "allowPrivilegeEscalation": false,
-                    "capabilities": {"drop": ["ALL"]},
-                    "readOnlyRootFilesystem": true,
-                    "runAsNonRoot": true
-                },
-                "volumeMounts": [{"name": "keys", "mountPath": "/var/lib/tokengo", "readOnly": true}]
-            }])
+            containers[0]["args"],
+            json!([
+                "exit",
+                "--backend",
+                "http://ollama.models.svc:11434",
+                "--data-dir",
+                "/var/lib/tokengo",
+                "--keys-dir",
+                "/etc/tokengo/keys/$(POD_NAME)"
+            ])
+        );
+        assert_eq!(
+            containers[0]["env"],
+            json!([
+                {"name": "TOKENGO_LOG_FORMAT", "value": "json"},
+                {"name": "TOKENGO_ADMIN_LISTEN", "value": "0.0.0.0:9090"},
+                pod_name_env(),
+                {"name": "TOKENGO_PUBLIC", "value": "true"},
+                {"name": "TOKENGO_BOOTSTRAP", "value": "/ip4/10.0.0.1/udp/4001/quic-v1/p2p/12D3KooWB,/ip4/10.0.0.2/udp/4001/quic-v1/p2p/12D3KooWC"},
+                {"name": "TOKENGO_DHT_PROTOCOL", "value": "/mynet/kad/1.0.0"},
+                {"name": "TOKENGO_MAX_RELAYS", "value": "5"},
+                {"name": "TOKENGO_KEY_ROTATION_HOURS", "value": "0"},
+                {"name": "TOKENGO_API_KEY", "valueFrom": {"secretKeyRef": {"name": "backend", "key": "token", "optional": false}}}
+            ])
         );
         // The public DHT with the node's defaults: no DHT variables at all.
         let public = ExitDht::default();
-        let d = deployment(
+        let set = stateful_set(
             &exit,
             &Settings::default(),
             RelaySource::Dht(&public),
             "hash",
         );
-        let c = &d.spec.unwrap().template.spec.unwrap().containers;
+        let c = &set.spec.unwrap().template.spec.unwrap().containers;
         let env: Vec<&str> = c[0]
             .env
             .as_ref()
@@ -398,6 +580,7 @@ mod tests {
             [
                 "TOKENGO_LOG_FORMAT",
                 "TOKENGO_ADMIN_LISTEN",
+                POD_NAME_ENV,
                 "TOKENGO_PUBLIC",
                 "TOKENGO_KEY_ROTATION_HOURS",
                 "TOKENGO_API_KEY"
@@ -406,60 +589,63 @@ mod tests {
     }
 
     #[test]
-    fn public_and_access_tokens_reach_every_container() {
+    fn public_and_access_tokens_reach_the_container() {
         let exit = exit(json!({
             "backend": {"url": "https://api.example.com"},
             "relay": {"addresses": RELAYS},
             "public": true,
             "accessTokensSecret": {"name": "research-tokens", "key": "tokens.txt"}
         }));
-        let relays: Vec<String> = RELAYS.iter().map(|s| (*s).to_owned()).collect();
-        let d = deployment(
+        let relays = relays();
+        let set = stateful_set(
             &exit,
             &Settings::default(),
             RelaySource::Addresses(&relays),
             "hash",
         );
-        let value = serde_json::to_value(&d).unwrap();
+        let value = serde_json::to_value(&set).unwrap();
         let pod = &value["spec"]["template"]["spec"];
         let containers = pod["containers"].as_array().unwrap();
         assert_eq!(containers.len(), 1);
-        for c in containers {
-            assert_eq!(
-                c["args"],
-                json!([
-                    "exit",
-                    "--relay",
-                    RELAYS[0],
-                    "--relay",
-                    RELAYS[1],
-                    "--backend",
-                    "https://api.example.com",
-                    "--data-dir",
-                    "/var/lib/tokengo",
-                    "--access-token-file",
-                    "/etc/tokengo/access/tokens"
-                ])
-            );
-            assert_eq!(
-                c["env"],
-                json!([
-                    {"name": "TOKENGO_LOG_FORMAT", "value": "json"},
-                    {"name": "TOKENGO_ADMIN_LISTEN", "value": "0.0.0.0:9090"},
-                    {"name": "TOKENGO_PUBLIC", "value": "true"},
-                    {"name": "TOKENGO_KEY_ROTATION_HOURS", "value": "0"}
-                ])
-            );
-            assert_eq!(
-                c["volumeMounts"],
-                json!([
-                    {"name": "keys", "mountPath": "/var/lib/tokengo", "readOnly": true},
-                    {"name": "access-tokens", "mountPath": "/etc/tokengo/access", "readOnly": true}
-                ])
-            );
-        }
+        let c = &containers[0];
         assert_eq!(
-            pod["volumes"][1],
+            c["args"],
+            json!([
+                "exit",
+                "--relay",
+                RELAYS[0],
+                "--relay",
+                RELAYS[1],
+                "--backend",
+                "https://api.example.com",
+                "--data-dir",
+                "/var/lib/tokengo",
+                "--keys-dir",
+                "/etc/tokengo/keys/$(POD_NAME)",
+                "--access-token-file",
+                "/etc/tokengo/access/tokens"
+            ])
+        );
+        assert_eq!(
+            c["env"],
+            json!([
+                {"name": "TOKENGO_LOG_FORMAT", "value": "json"},
+                {"name": "TOKENGO_ADMIN_LISTEN", "value": "0.0.0.0:9090"},
+                pod_name_env(),
+                {"name": "TOKENGO_PUBLIC", "value": "true"},
+                {"name": "TOKENGO_KEY_ROTATION_HOURS", "value": "0"}
+            ])
+        );
+        assert_eq!(
+            c["volumeMounts"],
+            json!([
+                {"name": "keys", "mountPath": "/etc/tokengo/keys", "readOnly": true},
+                {"name": "data", "mountPath": "/var/lib/tokengo"},
+                {"name": "access-tokens", "mountPath": "/etc/tokengo/access", "readOnly": true}
+            ])
+        );
+        assert_eq!(
+            pod["volumes"][2],
             json!({"name": "access-tokens", "secret": {
                 "secretName": "research-tokens",
                 "defaultMode": 0o440,
@@ -477,34 +663,71 @@ mod tests {
                 .unwrap()
                 .contains_key("public")
         );
-        let d = deployment(
+        let set = stateful_set(
             &private,
             &Settings::default(),
             RelaySource::Addresses(&relays),
             "hash",
         );
-        let value = serde_json::to_value(&d).unwrap();
+        let value = serde_json::to_value(&set).unwrap();
         assert!(!value.to_string().contains("TOKENGO_PUBLIC"));
         assert!(!value.to_string().contains("access-token"));
     }
 
     #[test]
-    fn keys_secret_holds_both_files_and_the_handled_rotation() {
-        let exit = basic();
-        let secret = keys_secret(&exit, b"id", b"ring", Some("r1"));
+    fn keys_secret_holds_every_ordinal_and_the_handled_rotation() {
+        let mut exit = basic();
+        exit.spec.replicas = 2;
+        let mut keys = ExitKeySet::new();
+        keys.fill(2, 1).unwrap();
+        let secret = keys_secret(&exit, &keys, Some("r1"));
         assert_eq!(secret.metadata.name.as_deref(), Some("llm-exit-keys"));
-        let data = secret.data.unwrap();
-        assert_eq!(data.len(), 2);
-        assert_eq!(data[EXIT_IDENTITY_FILE].0, b"id");
-        assert_eq!(data[EXIT_KEYRING_FILE].0, b"ring");
+        let data = secret.data.as_ref().unwrap();
+        assert_eq!(data.len(), 4);
+        assert_eq!(data, &keys.encode());
         assert_eq!(
-            secret.metadata.annotations.unwrap()[ROTATION_HANDLED_ANNOTATION],
+            secret.metadata.annotations.as_ref().unwrap()[ROTATION_HANDLED_ANNOTATION],
             "r1"
         );
         assert_eq!(
             secret.immutable, None,
-            "rotation replaces the keyring in place"
+            "rotation replaces the keyrings in place"
         );
+        assert_eq!(
+            secret.metadata.owner_references, None,
+            "kept by default: clients pin these PeerIds"
+        );
+        exit.spec.retain_identity = false;
+        let owned = keys_secret(&exit, &keys, None);
+        assert_eq!(
+            owned.metadata.owner_references.unwrap()[0].kind,
+            "TokenGoExit"
+        );
+        assert_eq!(owned.metadata.annotations, None);
+    }
+
+    #[test]
+    fn a_rewritten_secret_keeps_its_metadata_and_version() {
+        let exit = basic();
+        let mut keys = ExitKeySet::new();
+        keys.fill(1, 1).unwrap();
+        let mut current = keys_secret(&exit, &keys, Some("r1"));
+        current.metadata.resource_version = Some("42".into());
+        current
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert("someone/else".into(), "x".into());
+        keys.fill(2, 2).unwrap();
+        let owners = crate::manifest::key_secret_owners(&exit, &[], false);
+        let rewritten = rewritten_keys_secret(&current, &keys, Some("r2"), owners.clone());
+        assert_eq!(rewritten.metadata.resource_version.as_deref(), Some("42"));
+        assert_eq!(rewritten.data.as_ref().unwrap().len(), 4);
+        let annotations = rewritten.metadata.annotations.unwrap();
+        assert_eq!(annotations[ROTATION_HANDLED_ANNOTATION], "r2");
+        assert_eq!(annotations["someone/else"], "x");
+        assert_eq!(rewritten.metadata.owner_references, Some(owners));
+        assert_eq!(rewritten.metadata.labels, current.metadata.labels);
     }
 
     #[test]
@@ -514,5 +737,11 @@ mod tests {
         assert_eq!(before, keys_hash("12D3KooWX", &ring.public_keys()));
         ring.rotate(2).unwrap();
         assert_ne!(before, keys_hash("12D3KooWX", &ring.public_keys()));
+    }
+
+    #[test]
+    fn pods_are_named_by_ordinal() {
+        assert_eq!(pod_name(&basic(), 0), "llm-exit-0");
+        assert_eq!(pod_name(&basic(), 12), "llm-exit-12");
     }
 }

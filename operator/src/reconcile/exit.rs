@@ -1,43 +1,45 @@
-//! Reconciles one `TokenGoExit`: key Secret (created once; rotated on schedule or on request,
-//! keeping the previous key), relay resolution (a named relay, addresses, or DHT discovery left
-//! to the node), Deployment, status.
+//! Reconciles one `TokenGoExit`: key Secret (one identity and keyring per replica, each
+//! created once; every keyring rotated on schedule or on request, keeping the previous key),
+//! relay resolution (a named relay, addresses, or DHT discovery left to the node), the
+//! StatefulSet (replacing a Deployment an earlier operator version made), status.
 
 use std::{sync::Arc, time::Duration};
 
 use k8s_openapi::{
-    api::{apps::v1::Deployment, core::v1::Secret},
+    api::{
+        apps::v1::{Deployment, StatefulSet},
+        core::v1::Secret,
+    },
     apimachinery::pkg::apis::meta::v1::Condition,
     jiff::Timestamp,
 };
 use kube::{
-    Api, ResourceExt as _,
-    api::PostParams,
+    Api, Resource as _, ResourceExt as _,
+    api::{DeleteParams, PostParams},
     runtime::{controller::Action, events::EventType},
 };
-use tokengo_proto::data_dir::{EXIT_IDENTITY_FILE, EXIT_KEYRING_FILE};
-use zeroize::Zeroizing;
 
-use super::{
-    Context, ReconcileError, apply, ensure_secret, namespaced, object_key, rollout, write_status,
-};
+use super::{Context, ReconcileError, apply, ensure_secret, namespaced, object_key, write_status};
 use crate::{
-    keys::{self, KeyError, Keyring, PublicKey},
+    keys::PublicKey,
     manifest::{
         MAX_NAME_LEN,
         exit::{self as desired, RelaySource},
-        relay as relay_manifest,
+        exit_keys::{ExitKeySet, KeySetError},
+        key_secret_owners, relay as relay_manifest,
     },
     resource::{
         TokenGoExit, TokenGoExitStatus, TokenGoRelay,
-        exit::{ExitDht, MAX_RELAYS, PublishedKey},
+        exit::{ExitDht, MAX_RELAYS, PublishedKey, ReplicaIdentity},
         shared::{ReadyReason, ready_condition},
     },
 };
 
 /// Most time between reconciles of a healthy exit (rotation is scheduled more precisely).
 const RESYNC: Duration = Duration::from_secs(3600);
-/// How soon to look again when the named relay is missing or has no identity yet (its own
-/// changes also trigger a reconcile; this is the safety net).
+/// How soon to look again when the named relay is missing or has no identity yet, or the
+/// previous version's Deployment is still going away (their own changes also trigger a
+/// reconcile; this is the safety net).
 const RELAY_WAIT: Duration = Duration::from_secs(60);
 
 /// Brings the exit's children and status in line with its spec.
@@ -57,7 +59,8 @@ pub async fn reconcile(
     result
 }
 
-/// Name check, key Secret (created once, then read), rotation, children, status.
+/// Name check, key Secret (created once, then read, completed and rotated), children,
+/// status.
 async fn reconcile_inner(exit: &TokenGoExit, ctx: &Context) -> Result<Action, ReconcileError> {
     let pass = Pass::new(exit, ctx)?;
     if exit.name_any().len() > MAX_NAME_LEN {
@@ -69,35 +72,51 @@ async fn reconcile_inner(exit: &TokenGoExit, ctx: &Context) -> Result<Action, Re
         return Ok(Action::await_change());
     }
 
-    let (secret, created) = pass.ensure_keys().await?;
-    let mut keys = match read_keys(&secret) {
+    let (secret, keys) = pass.ensure_keys().await?;
+    let mut keys = match keys {
         Ok(keys) => keys,
         Err(error) => return pass.report_invalid_keys(&error).await,
     };
-    if created {
-        pass.report_keys_created(&keys.peer_id).await;
-    }
     let interval = rotation_interval(exit);
-    pass.rotate_if_due(&secret, &mut keys, interval).await?;
-
-    let public = keys.keyring.public_keys();
+    pass.complete_keys(&secret, &mut keys, interval).await?;
+    let Some(first) = keys.get(0) else {
+        // Not reached: complete_keys creates every ordinal below `replicas` (at least 1).
+        // Should it be, the next pass re-reads the Secret.
+        return Err(ReconcileError::Conflict(pass.secret_name.clone()));
+    };
+    let public = first.keyring.public_keys();
     let deployed = pass
-        .deploy_children(&desired::keys_hash(&keys.peer_id, &public))
+        .deploy_children(&desired::keys_hash(&first.peer_id, &public))
         .await?;
-    let next_rotation = keys.keyring.seconds_until_rotation(pass.now, interval);
+    let next_rotation = keys.seconds_until_rotation(pass.now, interval);
     pass.write_status(TokenGoExitStatus {
         observed_generation: exit.metadata.generation,
         conditions: pass.condition(deployed.reason, deployed.message),
-        peer_id: Some(keys.peer_id),
+        peer_id: Some(first.peer_id.clone()),
         keys: published_keys(&public),
+        identities: identities(exit, &keys),
         relays: deployed.relays,
         ready_replicas: deployed.ready,
     })
     .await?;
-    Ok(Action::requeue(requeue_after(
-        deployed.reason,
-        next_rotation,
-    )))
+    let requeue = requeue_after(deployed.reason, next_rotation);
+    Ok(Action::requeue(if deployed.replacing {
+        requeue.min(RELAY_WAIT)
+    } else {
+        requeue
+    }))
+}
+
+/// Every running ordinal's PeerId and keys (ordinals below `replicas`).
+fn identities(exit: &TokenGoExit, keys: &ExitKeySet) -> Vec<ReplicaIdentity> {
+    keys.iter()
+        .filter(|(ordinal, _)| i64::from(*ordinal) < i64::from(exit.spec.replicas))
+        .map(|(ordinal, k)| ReplicaIdentity {
+            ordinal: i32::try_from(ordinal).unwrap_or(i32::MAX),
+            peer_id: k.peer_id.clone(),
+            keys: published_keys(&k.keyring.public_keys()),
+        })
+        .collect()
 }
 
 /// Where the exit's relays come from, once resolved.
@@ -127,12 +146,13 @@ async fn resolve_relays<'a>(
                 format!("TokenGoRelay {name} has no identity yet"),
             ));
         };
-        // The in-cluster address: exits run in the cluster.
-        let address = relay_manifest::addresses(&relay, &ctx.settings, &peer_id)
-            .into_iter()
-            .next()
-            .unwrap_or_default();
-        return Ok(Relays::Resolved(vec![address]));
+        // The in-cluster headless name: exits run in the cluster, and the node registers
+        // with every pod it resolves to.
+        return Ok(Relays::Resolved(vec![relay_manifest::pods_address(
+            &relay,
+            &ctx.settings,
+            &peer_id,
+        )]));
     }
     if let Some(addresses) = spec.addresses.as_ref().filter(|a| !a.is_empty()) {
         return Ok(Relays::Resolved(
@@ -151,27 +171,23 @@ static PUBLIC_DHT: ExitDht = ExitDht {
     max_relays: None,
 };
 
-/// Applies the Deployment and reads its rollout: the reason, message and ready pods.
-async fn deploy(
-    exit: &TokenGoExit,
-    ctx: &Context,
-    relays: RelaySource<'_>,
-    keys_hash: &str,
-) -> Result<(ReadyReason, String, i32), ReconcileError> {
-    let deployments: Api<Deployment> = namespaced(&ctx.client, exit)?;
-    let deployment = apply(
-        &deployments,
-        &desired::deployment(exit, &ctx.settings, relays, keys_hash),
-    )
-    .await?;
-    let (ready, complete) = rollout(&deployment);
-    let message = format!("{ready}/{} replicas ready", exit.spec.replicas);
-    let reason = if complete {
-        ReadyReason::Available
-    } else {
-        ReadyReason::Progressing
+/// Ready replicas of a StatefulSet, and whether it has fully rolled out its current spec
+/// (every pod of the current revision and ready).
+pub(crate) fn stateful_set_rollout(set: &StatefulSet) -> (i32, bool) {
+    let wanted = set.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let Some(status) = &set.status else {
+        return (0, false);
     };
-    Ok((reason, message, ready))
+    let ready = status.ready_replicas.unwrap_or(0);
+    let current = status.observed_generation.is_some()
+        && status.observed_generation >= set.metadata.generation;
+    let one_revision =
+        status.update_revision.is_none() || status.current_revision == status.update_revision;
+    let complete = current
+        && one_revision
+        && status.updated_replicas.unwrap_or(0) >= wanted
+        && ready >= wanted;
+    (ready, complete)
 }
 
 /// One reconciliation of one exit: the exit, and what its steps share.
@@ -189,20 +205,14 @@ struct Pass<'a> {
     rotate_request: Option<String>,
 }
 
-/// The exit's keys as its Secret holds them.
-struct ExitKeys {
-    /// The encoded identity, kept to write it back unchanged when the keyring rotates.
-    identity: Zeroizing<Vec<u8>>,
-    peer_id: String,
-    keyring: Keyring,
-}
-
 /// What deploying the children found: the relays the status lists and the Ready condition.
 struct Deployed {
     relays: Vec<String>,
     reason: ReadyReason,
     message: String,
     ready: i32,
+    /// The previous version's Deployment is still going away (look again soon).
+    replacing: bool,
 }
 
 impl<'a> Pass<'a> {
@@ -216,6 +226,11 @@ impl<'a> Pass<'a> {
             now: Timestamp::now().as_second().max(0).unsigned_abs(),
             rotate_request: exit.annotations().get(desired::ROTATE_ANNOTATION).cloned(),
         })
+    }
+
+    /// The replica count as ordinals (at least 1).
+    fn replicas(&self) -> u32 {
+        u32::try_from(self.exit.spec.replicas).unwrap_or(1).max(1)
     }
 
     /// The Ready condition for `reason`, continuing the exit's previous one.
@@ -252,26 +267,34 @@ impl<'a> Pass<'a> {
         .await
     }
 
-    /// The key Secret, created with a new identity and keyring when absent; `true` if this
-    /// pass created it.
-    async fn ensure_keys(&self) -> Result<(Secret, bool), ReconcileError> {
-        ensure_secret(&self.secrets, &self.secret_name, || {
-            let identity = keys::new_identity()?;
-            let keyring = Keyring::generate(1, self.now)?;
-            // A rotation request present at creation is already satisfied by the fresh key.
-            Ok(desired::keys_secret(
-                self.exit,
-                &identity,
-                &keyring.encode(),
-                self.rotate_request.as_deref(),
-            ))
+    /// The key Secret, created with an identity and keyring for every replica when absent,
+    /// and the keys read from it.
+    async fn ensure_keys(
+        &self,
+    ) -> Result<(Secret, Result<ExitKeySet, KeySetError>), ReconcileError> {
+        let mut fresh = None;
+        let (secret, created) = ensure_secret(&self.secrets, &self.secret_name, || {
+            let mut keys = ExitKeySet::new();
+            keys.fill(self.replicas(), self.now)?;
+            // A rotation request present at creation is already satisfied by the fresh keys.
+            let secret = desired::keys_secret(self.exit, &keys, self.rotate_request.as_deref());
+            fresh = Some(keys);
+            Ok(secret)
         })
-        .await
+        .await?;
+        if created && let Some(keys) = fresh {
+            let ordinals: Vec<u32> = keys.iter().map(|(o, _)| o).collect();
+            self.report_keys_created(&keys, &ordinals).await;
+            return Ok((secret, Ok(keys)));
+        }
+        let empty = Default::default();
+        let keys = ExitKeySet::parse(secret.data.as_ref().unwrap_or(&empty));
+        Ok((secret, keys))
     }
 
     /// A key Secret that does not parse is left alone (never replaced: a person must look);
     /// the exit is reported not Ready and looked at again after [`RESYNC`].
-    async fn report_invalid_keys(&self, error: &KeyError) -> Result<Action, ReconcileError> {
+    async fn report_invalid_keys(&self, error: &KeySetError) -> Result<Action, ReconcileError> {
         let message = format!("Secret {}: {error}", self.secret_name);
         self.ctx
             .event(
@@ -286,44 +309,64 @@ impl<'a> Pass<'a> {
         Ok(Action::requeue(RESYNC))
     }
 
-    async fn report_keys_created(&self, peer_id: &str) {
-        self.ctx.metrics.identity_created();
+    async fn report_keys_created(&self, keys: &ExitKeySet, ordinals: &[u32]) {
+        let created: Vec<String> = ordinals
+            .iter()
+            .filter_map(|o| keys.get(*o).map(|k| format!("{o}: {}", k.peer_id)))
+            .collect();
+        for _ in ordinals {
+            self.ctx.metrics.identity_created();
+        }
         self.ctx
             .event(
                 self.exit,
                 EventType::Normal,
                 "KeysCreated",
-                format!("exit identity {peer_id}, OHTTP key 1"),
+                format!(
+                    "exit identities and OHTTP keys for replicas {}",
+                    created.join(", ")
+                ),
             )
             .await;
     }
 
-    /// Rotates the OHTTP key when a new `tokengo.io/rotate` value asks for it or the current
-    /// key is `interval` seconds old, by replacing exactly the `secret` read (a concurrent
+    /// Brings the key Secret `secret` (read as `keys`) up to date in one write: an identity
+    /// and keyring for every replica that has none (scaling up), every keyring rotated when a
+    /// new `tokengo.io/rotate` value asks for it or a current key is `interval` seconds old,
+    /// ordinal 0 moved to its own names (a Secret of an earlier version), and the owner
+    /// reference as `retainIdentity` says. Replaces exactly the `secret` read (a concurrent
     /// writer's key is never lost: the pass fails with [`ReconcileError::Conflict`] and the
     /// next one re-reads).
-    async fn rotate_if_due(
+    async fn complete_keys(
         &self,
         secret: &Secret,
-        keys: &mut ExitKeys,
+        keys: &mut ExitKeySet,
         interval: u64,
     ) -> Result<(), ReconcileError> {
+        let added = keys.fill(self.replicas(), self.now)?;
         let handled = secret
             .annotations()
             .get(desired::ROTATION_HANDLED_ANNOTATION)
             .cloned();
         let requested = rotation_requested(self.rotate_request.as_deref(), handled.as_deref());
-        if !requested && !keys.keyring.rotation_due(self.now, interval) {
+        let rotate = requested || keys.rotation_due(self.now, interval);
+        if rotate {
+            keys.rotate_all(self.now)?;
+        }
+        let owners = key_secret_owners(
+            self.exit,
+            secret.owner_references(),
+            self.exit.spec.retain_identity,
+        );
+        if added.is_empty() && !rotate && !keys.is_legacy() && owners == secret.owner_references() {
             return Ok(());
         }
-        keys.keyring.rotate(self.now)?;
-        let mut replacement = desired::keys_secret(
-            self.exit,
-            &keys.identity,
-            &keys.keyring.encode(),
+        let replacement = desired::rewritten_keys_secret(
+            secret,
+            keys,
             self.rotate_request.as_deref().or(handled.as_deref()),
+            owners,
         );
-        replacement.metadata.resource_version = secret.metadata.resource_version.clone();
         match self
             .secrets
             .replace(&self.secret_name, &PostParams::default(), &replacement)
@@ -335,13 +378,20 @@ impl<'a> Pass<'a> {
             }
             Err(error) => return Err(error.into()),
         }
-        self.report_rotated(&keys.keyring, requested).await;
+        if !added.is_empty() {
+            self.report_keys_created(keys, &added).await;
+        }
+        if rotate {
+            self.report_rotated(keys, requested).await;
+        }
         Ok(())
     }
 
-    async fn report_rotated(&self, keyring: &Keyring, requested: bool) {
-        let ids: Vec<String> = keyring
-            .public_keys()
+    async fn report_rotated(&self, keys: &ExitKeySet, requested: bool) {
+        let ids: Vec<String> = keys
+            .get(0)
+            .map(|k| k.keyring.public_keys())
+            .unwrap_or_default()
             .iter()
             .map(|k| k.key_id.to_string())
             .collect();
@@ -352,7 +402,8 @@ impl<'a> Pass<'a> {
                 EventType::Normal,
                 "KeysRotated",
                 format!(
-                    "{} OHTTP key; key ids now {} (current first, previous kept for the overlap)",
+                    "{} OHTTP keys of every replica; replica 0's key ids now {} (current \
+                     first, previous kept for the overlap)",
                     if requested {
                         "requested rotation of the"
                     } else {
@@ -364,63 +415,120 @@ impl<'a> Pass<'a> {
             .await;
     }
 
-    /// Resolves the relays and applies the Deployment for them (none while a named relay is
-    /// unavailable: the condition says why).
+    /// Resolves the relays and applies the StatefulSet for them (none while a named relay is
+    /// unavailable, or while the previous version's Deployment is going away: the condition
+    /// says why).
     async fn deploy_children(&self, keys_hash: &str) -> Result<Deployed, ReconcileError> {
-        let (exit, ctx) = (self.exit, self.ctx);
-        Ok(match resolve_relays(exit, ctx).await? {
-            Relays::Resolved(relays) => {
-                let (reason, message, ready) =
-                    deploy(exit, ctx, RelaySource::Addresses(&relays), keys_hash).await?;
-                Deployed {
-                    relays,
-                    reason,
-                    message,
-                    ready,
-                }
-            }
-            Relays::Dht(dht) => {
-                // status.relays stays empty: each pod chooses its relays at start.
-                let (reason, message, ready) =
-                    deploy(exit, ctx, RelaySource::Dht(dht), keys_hash).await?;
-                Deployed {
+        let (relays, dht) = match resolve_relays(self.exit, self.ctx).await? {
+            Relays::Unavailable(reason, message) => {
+                return Ok(Deployed {
                     relays: Vec::new(),
                     reason,
-                    message: format!("{message}; relays discovered on the DHT"),
-                    ready,
-                }
+                    message,
+                    ready: 0,
+                    replacing: false,
+                });
             }
-            Relays::Unavailable(reason, message) => Deployed {
-                relays: Vec::new(),
-                reason,
-                message,
-                ready: 0,
-            },
+            Relays::Resolved(relays) => (relays, None),
+            // status.relays stays empty: each pod chooses its relays at start.
+            Relays::Dht(dht) => (Vec::new(), Some(dht)),
+        };
+        if !self.previous_deployment_gone().await? {
+            return Ok(self.replacing(relays));
+        }
+        let source = match dht {
+            Some(dht) => RelaySource::Dht(dht),
+            None => RelaySource::Addresses(&relays),
+        };
+        let (reason, mut message, ready) = self.apply_set(source, keys_hash).await?;
+        if dht.is_some() {
+            message.push_str("; relays discovered on the DHT");
+        }
+        Ok(Deployed {
+            relays,
+            reason,
+            message,
+            ready,
+            replacing: false,
         })
     }
-}
 
-/// Reads the identity and keyring from the key Secret (a missing file reads as empty, which
-/// does not parse).
-fn read_keys(secret: &Secret) -> Result<ExitKeys, KeyError> {
-    let file = |name: &str| {
-        Zeroizing::new(
-            secret
-                .data
-                .as_ref()
-                .and_then(|d| d.get(name))
-                .map(|b| b.0.clone())
-                .unwrap_or_default(),
+    /// Applies the StatefulSet and reads its rollout: the reason, message and ready pods.
+    async fn apply_set(
+        &self,
+        relays: RelaySource<'_>,
+        keys_hash: &str,
+    ) -> Result<(ReadyReason, String, i32), ReconcileError> {
+        let sets: Api<StatefulSet> = namespaced(&self.ctx.client, self.exit)?;
+        let set = apply(
+            &sets,
+            &desired::stateful_set(self.exit, &self.ctx.settings, relays, keys_hash),
         )
-    };
-    let identity = file(EXIT_IDENTITY_FILE);
-    let peer_id = keys::peer_id(&identity)?.to_string();
-    let keyring = Keyring::parse(&file(EXIT_KEYRING_FILE))?;
-    Ok(ExitKeys {
-        identity,
-        peer_id,
-        keyring,
-    })
+        .await?;
+        let (ready, complete) = stateful_set_rollout(&set);
+        let message = format!("{ready}/{} replicas ready", self.exit.spec.replicas);
+        let reason = if complete {
+            ReadyReason::Available
+        } else {
+            ReadyReason::Progressing
+        };
+        Ok((reason, message, ready))
+    }
+
+    fn replacing(&self, relays: Vec<String>) -> Deployed {
+        Deployed {
+            relays,
+            reason: ReadyReason::Progressing,
+            message: format!(
+                "replacing the Deployment {} of an earlier operator version by a StatefulSet: \
+                 waiting for its pods to stop (its identity becomes replica 0's)",
+                desired::workload_name(self.exit)
+            ),
+            ready: 0,
+            replacing: true,
+        }
+    }
+
+    /// Whether the exit Deployment an earlier operator version made (one identity shared by
+    /// every pod) is gone. If not, it is deleted, in the foreground: it disappears only once
+    /// its pods have, so no pod of it holds ordinal 0's identity (its old one) while the
+    /// StatefulSet's pod 0 runs. A Deployment of that name the exit does not own is left
+    /// alone.
+    async fn previous_deployment_gone(&self) -> Result<bool, ReconcileError> {
+        let deployments: Api<Deployment> = namespaced(&self.ctx.client, self.exit)?;
+        let name = desired::workload_name(self.exit);
+        let Some(old) = deployments.get_opt(&name).await? else {
+            return Ok(true);
+        };
+        let uid = self.exit.meta().uid.as_deref();
+        let ours = old
+            .owner_references()
+            .iter()
+            .any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid);
+        if !ours {
+            return Ok(true);
+        }
+        if old.metadata.deletion_timestamp.is_none() {
+            match deployments.delete(&name, &DeleteParams::foreground()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(status)) if status.code == 404 => return Ok(true),
+                Err(error) => return Err(error.into()),
+            }
+            self.ctx
+                .event(
+                    self.exit,
+                    EventType::Normal,
+                    "DeploymentReplaced",
+                    format!(
+                        "deleting the Deployment {name} of an earlier operator version; the \
+                         StatefulSet starts once its pods are gone, and its identity is replica \
+                         0's"
+                    ),
+                )
+                .await;
+        }
+        Ok(false)
+    }
 }
 
 /// The rotation interval in seconds (at least an hour, whatever the spec says).
@@ -468,7 +576,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::resource::TokenGoExitSpec;
+    use crate::{keys::Keyring, resource::TokenGoExitSpec};
 
     fn exit(key_rotation: serde_json::Value) -> TokenGoExit {
         let spec: TokenGoExitSpec = serde_json::from_value(json!({
@@ -481,28 +589,60 @@ mod tests {
     }
 
     #[test]
-    fn keys_read_back_from_the_secret_the_operator_writes() {
-        let identity = keys::new_identity().unwrap();
-        let ring = Keyring::generate(1, 10).unwrap();
-        let secret = desired::keys_secret(&exit(json!({})), &identity, &ring.encode(), None);
-        let read = read_keys(&secret).unwrap();
-        assert_eq!(read.peer_id, keys::peer_id(&identity).unwrap().to_string());
-        assert_eq!(*read.identity, *identity);
-        assert_eq!(read.keyring.encode(), ring.encode());
-
-        let junk_identity = desired::keys_secret(&exit(json!({})), b"junk", &ring.encode(), None);
-        assert!(matches!(
-            read_keys(&junk_identity),
-            Err(KeyError::InvalidIdentity)
-        ));
-        let mut no_keyring = secret;
-        if let Some(data) = no_keyring.data.as_mut() {
-            data.remove(EXIT_KEYRING_FILE);
+    fn identities_list_the_running_ordinals_only() {
+        let mut keys = ExitKeySet::new();
+        keys.fill(3, 10).unwrap();
+        let mut two = exit(json!({}));
+        two.spec.replicas = 2;
+        let listed = identities(&two, &keys);
+        assert_eq!(listed.len(), 2, "ordinal 2 is kept but not running");
+        for (i, identity) in listed.iter().enumerate() {
+            let ordinal = u32::try_from(i).unwrap();
+            let k = keys.get(ordinal).unwrap();
+            assert_eq!(identity.ordinal, i32::try_from(i).unwrap());
+            assert_eq!(identity.peer_id, k.peer_id);
+            assert_eq!(identity.keys, published_keys(&k.keyring.public_keys()));
         }
-        assert!(matches!(
-            read_keys(&no_keyring),
-            Err(KeyError::InvalidKeyring(_))
-        ));
+        assert_ne!(listed[0].peer_id, listed[1].peer_id);
+    }
+
+    #[test]
+    fn a_stateful_set_is_rolled_out_when_every_pod_is_current_and_ready() {
+        use k8s_openapi::api::apps::v1::{StatefulSetSpec, StatefulSetStatus};
+        let mut set = StatefulSet {
+            spec: Some(StatefulSetSpec {
+                replicas: Some(3),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        set.metadata.generation = Some(2);
+        assert_eq!(stateful_set_rollout(&set), (0, false));
+        let status = |generation, ready, updated, current: &str, update: &str| StatefulSetStatus {
+            observed_generation: Some(generation),
+            replicas: 3,
+            ready_replicas: Some(ready),
+            updated_replicas: Some(updated),
+            current_revision: Some(current.to_owned()),
+            update_revision: Some(update.to_owned()),
+            ..Default::default()
+        };
+        set.status = Some(status(1, 3, 3, "a", "a"));
+        assert_eq!(
+            stateful_set_rollout(&set),
+            (3, false),
+            "an older generation"
+        );
+        set.status = Some(status(2, 3, 1, "a", "b"));
+        assert_eq!(
+            stateful_set_rollout(&set),
+            (3, false),
+            "rolling: one pod updated"
+        );
+        set.status = Some(status(2, 2, 3, "b", "b"));
+        assert_eq!(stateful_set_rollout(&set), (2, false), "a pod not ready");
+        set.status = Some(status(2, 3, 3, "b", "b"));
+        assert_eq!(stateful_set_rollout(&set), (3, true));
     }
 
     #[test]

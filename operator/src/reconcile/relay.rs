@@ -1,5 +1,7 @@
-//! Reconciles one `TokenGoRelay`: identity Secret (created once), Service, Deployment, status
-//! (including whether a relay asked to announce itself on the DHT has an address to announce).
+//! Reconciles one `TokenGoRelay`: identity Secret (created once; owned or kept as
+//! `retainIdentity` says), Services (the relay's and the headless one naming every pod),
+//! Deployment, PodDisruptionBudget (where the API server serves policy/v1), status (including
+//! whether a relay asked to announce itself on the DHT has an address to announce).
 
 use std::{sync::Arc, time::Duration};
 
@@ -7,11 +9,13 @@ use k8s_openapi::{
     api::{
         apps::v1::Deployment,
         core::v1::{Secret, Service},
+        policy::v1::PodDisruptionBudget,
     },
     jiff::Timestamp,
 };
 use kube::{
-    Api, ResourceExt as _,
+    Api, Client, Resource as _, ResourceExt as _,
+    api::{DeleteParams, PostParams},
     runtime::{controller::Action, events::EventType},
 };
 use tokengo_proto::data_dir::RELAY_IDENTITY_FILE;
@@ -21,7 +25,10 @@ use super::{
 };
 use crate::{
     keys::{self, KeyError},
-    manifest::{MAX_NAME_LEN, relay as desired},
+    manifest::{
+        MAX_NAME_LEN, key_secret_owners,
+        relay::{self as desired, Exposure},
+    },
     resource::{
         TokenGoRelay, TokenGoRelayStatus,
         shared::{READY, ReadyReason, ready_condition},
@@ -30,6 +37,8 @@ use crate::{
 
 /// While pods are coming up the Deployment watch triggers reconciles; this is only a safety net.
 const RESYNC: Duration = Duration::from_secs(300);
+/// The event (Warning) when a relay with several pods gets no PodDisruptionBudget.
+pub const NO_DISRUPTION_BUDGET: &str = "PodDisruptionBudgetUnsupported";
 
 /// Brings the relay's children and status in line with its spec.
 pub async fn reconcile(
@@ -48,7 +57,8 @@ pub async fn reconcile(
     result
 }
 
-/// Name check, identity Secret (created once, then read), Service and Deployment, status.
+/// Name check, identity Secret (created once, then read), Services, Deployment, disruption
+/// budget, status.
 async fn reconcile_inner(relay: &TokenGoRelay, ctx: &Context) -> Result<Action, ReconcileError> {
     let relays: Api<TokenGoRelay> = namespaced(&ctx.client, relay)?;
     if relay.name_any().len() > MAX_NAME_LEN {
@@ -88,14 +98,20 @@ async fn reconcile_inner(relay: &TokenGoRelay, ctx: &Context) -> Result<Action, 
             format!("relay identity {peer_id}"),
         )
         .await;
+    } else {
+        retain_or_own(relay, ctx, &secret).await?;
     }
 
-    let deployment = deploy_children(relay, ctx, &peer_id).await?;
+    let (deployment, exposure) = deploy_children(relay, ctx, &peer_id).await?;
+    let budget_note = disruption_budget(relay, ctx).await?;
     let (ready, complete) = rollout(&deployment);
-    let (reason, message) = readiness(relay, ctx, ready, complete).await;
+    let (reason, mut message) = readiness(relay, ctx, ready, complete, &exposure).await;
+    if let Some(note) = budget_note {
+        message = format!("{message}; {note}");
+    }
     let status = TokenGoRelayStatus {
         peer_id: Some(peer_id.clone()),
-        addresses: desired::addresses(relay, &ctx.settings, &peer_id),
+        addresses: desired::addresses(relay, &ctx.settings, &peer_id, &exposure),
         ready_replicas: ready,
         ..status_of(relay, reason, message)
     };
@@ -134,6 +150,32 @@ async fn ensure_identity(
     Ok((secret_name, secret, created))
 }
 
+/// Gives an existing identity Secret the owner reference `retainIdentity` asks for: none (it
+/// outlives the relay), or the relay's (it goes with it). Only the owner references change
+/// (an immutable Secret's metadata may); a concurrent change fails the pass with a conflict.
+async fn retain_or_own(
+    relay: &TokenGoRelay,
+    ctx: &Context,
+    secret: &Secret,
+) -> Result<(), ReconcileError> {
+    let owners = key_secret_owners(relay, secret.owner_references(), relay.spec.retain_identity);
+    if owners == secret.owner_references() {
+        return Ok(());
+    }
+    let mut replacement = secret.clone();
+    replacement.metadata.owner_references = (!owners.is_empty()).then_some(owners);
+    let secrets: Api<Secret> = namespaced(&ctx.client, relay)?;
+    let name = secret.name_any();
+    match secrets
+        .replace(&name, &PostParams::default(), &replacement)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 409 => Err(ReconcileError::Conflict(name)),
+        Err(error) => Err(error.into()),
+    }
+}
+
 /// The PeerId of the identity in the Secret (a missing key reads as empty, which does not
 /// parse).
 fn identity_peer_id(secret: &Secret) -> Result<String, KeyError> {
@@ -146,34 +188,103 @@ fn identity_peer_id(secret: &Secret) -> Result<String, KeyError> {
     Ok(keys::peer_id(encoded)?.to_string())
 }
 
-/// Applies the Service and the Deployment (whose pods run as `peer_id`); returns the
-/// Deployment as the API server has it.
+/// Applies both Services and the Deployment (whose pods run as `peer_id`, announcing what the
+/// relay Service's [`Exposure`] allows); returns the Deployment as the API server has it and
+/// that exposure.
 async fn deploy_children(
     relay: &TokenGoRelay,
     ctx: &Context,
     peer_id: &str,
-) -> Result<Deployment, ReconcileError> {
+) -> Result<(Deployment, Exposure), ReconcileError> {
     let services: Api<Service> = namespaced(&ctx.client, relay)?;
-    apply(&services, &desired::service(relay)).await?;
+    let service = apply(&services, &desired::service(relay)).await?;
+    apply(&services, &desired::pods_service(relay)).await?;
+    let exposure = desired::exposure(&service);
     let deployments: Api<Deployment> = namespaced(&ctx.client, relay)?;
-    apply(
+    let deployment = apply(
         &deployments,
-        &desired::deployment(relay, &ctx.settings, peer_id),
+        &desired::deployment(relay, &ctx.settings, peer_id, &exposure),
     )
-    .await
+    .await?;
+    Ok((deployment, exposure))
+}
+
+/// Whether the API server serves `policy/v1` PodDisruptionBudgets (Kubernetes 1.21 and
+/// later).
+async fn disruption_budgets_served(client: &Client) -> Result<bool, ReconcileError> {
+    match client.list_api_group_resources("policy/v1").await {
+        Ok(list) => Ok(list
+            .resources
+            .iter()
+            .any(|r| r.name == "poddisruptionbudgets")),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Applies the relay's PodDisruptionBudget (more than one pod) or removes the one it no longer
+/// needs. Where the API server does not serve `policy/v1` a relay with several pods goes
+/// without one: a Warning event (once per spec generation) and a note for the Ready message,
+/// never an error.
+async fn disruption_budget(
+    relay: &TokenGoRelay,
+    ctx: &Context,
+) -> Result<Option<String>, ReconcileError> {
+    let wanted = desired::disruption_budget(relay);
+    if !disruption_budgets_served(&ctx.client).await? {
+        if wanted.is_none() {
+            return Ok(None);
+        }
+        let note = "no PodDisruptionBudget: the API server does not serve policy/v1 \
+                    (Kubernetes before 1.21), so node drains may evict several relay pods at once"
+            .to_owned();
+        let new_spec =
+            relay.status.as_ref().and_then(|s| s.observed_generation) != relay.metadata.generation;
+        if new_spec {
+            ctx.event(
+                relay,
+                EventType::Warning,
+                NO_DISRUPTION_BUDGET,
+                note.clone(),
+            )
+            .await;
+        }
+        return Ok(Some(note));
+    }
+    let budgets: Api<PodDisruptionBudget> = namespaced(&ctx.client, relay)?;
+    if let Some(budget) = wanted {
+        apply(&budgets, &budget).await?;
+        return Ok(None);
+    }
+    let name = desired::workload_name(relay);
+    let uid = relay.meta().uid.as_deref();
+    let owned = budgets.get_opt(&name).await?.is_some_and(|b| {
+        b.owner_references()
+            .iter()
+            .any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid)
+    });
+    if owned {
+        match budgets.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(None)
 }
 
 /// The Ready condition's reason and message after the rollout: `ready` pods, `complete` or
-/// not. A relay that cannot announce itself on the DHT is not Ready whatever its pods, and
-/// gets one Warning event when it starts being so.
+/// not. A relay that cannot be found or reached through the DHT it announces itself on is not
+/// Ready whatever its pods, and gets one Warning event when it starts being so.
 async fn readiness(
     relay: &TokenGoRelay,
     ctx: &Context,
     ready: i32,
     complete: bool,
+    exposure: &Exposure,
 ) -> (ReadyReason, String) {
     let replicas = format!("{ready}/{} replicas ready", relay.spec.replicas);
-    let Some(problem) = desired::announce_problem(relay) else {
+    let Some((reason, problem)) = desired::announce_problem(relay, exposure) else {
         let reason = if complete {
             ReadyReason::Available
         } else {
@@ -181,25 +292,17 @@ async fn readiness(
         };
         return (reason, replicas);
     };
-    // It runs (reachable at its addresses) but cannot be found on the DHT.
+    // It runs (reachable at its addresses) but cannot be found, or reached, on the DHT.
     let previous = relay
         .status
         .as_ref()
         .and_then(|s| s.conditions.iter().find(|c| c.type_ == READY))
         .map(|c| c.reason.as_str());
-    if previous != Some(ReadyReason::NoExternalAddress.as_str()) {
-        ctx.event(
-            relay,
-            EventType::Warning,
-            ReadyReason::NoExternalAddress.as_str(),
-            problem.clone(),
-        )
-        .await;
+    if previous != Some(reason.as_str()) {
+        ctx.event(relay, EventType::Warning, reason.as_str(), problem.clone())
+            .await;
     }
-    (
-        ReadyReason::NoExternalAddress,
-        format!("{problem} ({replicas})"),
-    )
+    (reason, format!("{problem} ({replicas})"))
 }
 
 #[cfg(test)]

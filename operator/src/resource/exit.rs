@@ -1,8 +1,20 @@
-//! `TokenGoExit`: an exit (decrypts requests, calls the AI backend) run as a Deployment that
-//! dials its relays. Each pod runs one `tokengo exit` container with the exit's identity and
-//! OHTTP keyring from one Secret, given every relay address (`--relay` each; the node keeps a
-//! tunnel to each), so the exit is reachable through every relay it names; with DHT
-//! discovery, the container finds and registers with up to `maxRelays` relays itself.
+//! `TokenGoExit`: an exit (decrypts requests, calls the AI backend) run as a StatefulSet that
+//! dials its relays. Each pod runs one `tokengo exit` container given every relay address
+//! (`--relay` each; the node keeps a tunnel to each), so the exit is reachable through every
+//! relay it names; with DHT discovery, the container finds and registers with up to
+//! `maxRelays` relays itself.
+//!
+//! **One identity per replica.** Replica `i` (pod `<name>-exit-<i>`) has its own Ed25519
+//! identity (PeerId) and OHTTP keyring, all held in the one key Secret and mounted at
+//! `/etc/tokengo/keys/<pod>/`. A relay keeps one tunnel per PeerId and closes the older one, so
+//! replicas sharing an identity would evict each other forever; a StatefulSet never runs two
+//! pods of one ordinal at once (rolling updates included), so no two processes ever hold one
+//! identity. Why not several tunnels per identity at the relay instead: each replica keeps its
+//! own replay window (with one shared key, a captured request could be executed once per
+//! replica), a restarted exit still takes over its tunnel at once, and the protocol stays as
+//! it is. The cost: clients pin the list of PeerIds (`tokengo client --exit A --exit B`), which
+//! `status.identities` gives. Identities are created once per ordinal and never replaced;
+//! scaling down keeps them, so scaling back up brings the same PeerIds back.
 
 use k8s_openapi::{
     api::core::v1::ResourceRequirements, apimachinery::pkg::apis::meta::v1::Condition,
@@ -25,8 +37,12 @@ const SECRET_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
 /// Printable header value characters (no control characters, so no header injection).
 const HEADER_VALUE_PATTERN: &str = r"^[\x20-\x7e\t]*$";
 
-/// The most relays one exit registers with (one container each).
+/// The most relays one exit registers with (one `--relay` each).
 pub const MAX_RELAYS: usize = 8;
+/// The most replicas an exit may have (the schema's bound on `replicas`): the key Secret's
+/// volume maps the files of this many ordinals, so the pod template never depends on
+/// `replicas` and scaling never rolls the running pods.
+pub const MAX_REPLICAS: i32 = 20;
 
 /// A TokenGo exit.
 #[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -40,16 +56,26 @@ pub const MAX_RELAYS: usize = 8;
     category = "tokengo",
     printcolumn = r#"{"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name": "Reason", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas"}"#,
     printcolumn = r#"{"name": "Backend", "type": "string", "jsonPath": ".spec.backend.url"}"#,
     printcolumn = r#"{"name": "PeerId", "type": "string", "jsonPath": ".status.peerId", "priority": 1}"#,
     printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TokenGoExitSpec {
-    /// Pods; all share the exit's one identity and keys.
+    /// Pods (a StatefulSet), each with an identity (PeerId) and OHTTP keyring of its own in
+    /// the key Secret; clients pin every replica's PeerId (`status.identities`). Scaling down
+    /// keeps the identities of the removed replicas, so scaling back up restores their PeerIds.
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 20))]
     pub replicas: i32,
+    /// Keep the key Secret (`<name>-exit-keys`: every replica's identity and OHTTP keys) when
+    /// the exit is deleted, so an exit re-created with the same name has the same PeerIds,
+    /// which clients pin (`--exit PEERID`): the same reason a relay keeps its identity. Default
+    /// true. When false the Secret is owned by the exit and garbage-collected with it. To
+    /// really delete kept keys: `kubectl delete secret <name>-exit-keys`.
+    #[serde(default = "yes")]
+    pub retain_identity: bool,
     /// Container image of the `tokengo` node (default: the operator's `--node-image`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "image_schema")]
@@ -76,7 +102,9 @@ pub struct TokenGoExitSpec {
     /// When the OHTTP key is replaced.
     #[serde(default)]
     pub key_rotation: KeyRotation,
-    /// CPU and memory requests and limits of the exit container.
+    /// CPU and memory requests and limits of the exit container. Default: requests of 100m
+    /// CPU and 128Mi memory and a 512Mi memory limit, no CPU limit (throttling adds latency);
+    /// given here, they replace the default entirely.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     /// Where the pods may run.
@@ -172,10 +200,11 @@ pub struct ExitDht {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct KeyRotation {
-    /// Hours between rotations. The operator rotates (the key Secret, then the pods roll);
-    /// the pods' own rotation schedule is off, since replicas share one identity. The previous
-    /// key stays valid until the next rotation, so clients holding it have a whole interval
-    /// to refresh.
+    /// Hours between rotations. The operator rotates every replica's keyring (in the key
+    /// Secret), then the pods roll, one at a time; the pods' own rotation schedule is off,
+    /// since their keys are in the read-only Secret and a key a pod made itself would be lost
+    /// on its next start. The previous key stays valid until the next rotation, so clients
+    /// holding it have a whole interval to refresh.
     #[serde(default = "default_interval_hours")]
     #[schemars(range(min = 1, max = 8760))]
     pub interval_hours: i32,
@@ -199,12 +228,17 @@ pub struct TokenGoExitStatus {
     /// `Ready`, with a reason.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
-    /// The exit's PeerId (its id at the relays).
+    /// The PeerId of replica 0 (its id at the relays); every replica's is in `identities`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_id: Option<String>,
-    /// The OHTTP keys clients may use, current first.
+    /// The OHTTP keys of replica 0, current first; every replica's are in `identities`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub keys: Vec<PublishedKey>,
+    /// Every replica's identity and keys, by ordinal: the PeerIds clients pin
+    /// (`tokengo client --exit A --exit B …`). Identities of ordinals at or above `replicas`
+    /// (kept after scaling down) are not listed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<ReplicaIdentity>,
     /// The relay addresses the exit registers with; empty with DHT discovery (each pod finds
     /// its relays at start).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -212,6 +246,19 @@ pub struct TokenGoExitStatus {
     /// Pods that are ready.
     #[serde(default)]
     pub ready_replicas: i32,
+}
+
+/// One replica's public identity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaIdentity {
+    /// The StatefulSet ordinal (pod `<name>-exit-<ordinal>`).
+    pub ordinal: i32,
+    /// The replica's PeerId.
+    pub peer_id: String,
+    /// The replica's OHTTP keys, current first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<PublishedKey>,
 }
 
 /// The public part of one OHTTP key.
@@ -228,6 +275,10 @@ pub struct PublishedKey {
 
 fn one() -> i32 {
     1
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_interval_hours() -> i32 {

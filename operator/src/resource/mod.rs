@@ -57,6 +57,32 @@ mod tests {
         }
     }
 
+    fn spec_property(crd: &CustomResourceDefinition, name: &str) -> serde_json::Value {
+        let value = serde_json::to_value(crd).unwrap();
+        value["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"][name]
+            .clone()
+    }
+
+    /// The exit pods' key volume maps `MAX_REPLICAS` ordinals: the schema must not allow more.
+    #[test]
+    fn the_exit_replica_bound_is_the_schemas() {
+        let replicas = spec_property(&TokenGoExit::crd(), "replicas");
+        assert_eq!(
+            replicas["maximum"].as_f64(),
+            Some(f64::from(exit::MAX_REPLICAS))
+        );
+    }
+
+    #[test]
+    fn identities_are_retained_by_default() {
+        for crd in definitions() {
+            let retain = spec_property(&crd, "retainIdentity");
+            assert_eq!(retain["type"], "boolean", "{retain}");
+            assert_eq!(retain["default"], true, "{retain}");
+        }
+    }
+
     #[test]
     fn crds_are_namespaced_with_status_and_printer_columns() {
         for crd in definitions() {

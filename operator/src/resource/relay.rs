@@ -2,9 +2,12 @@
 //!
 //! All replicas of one relay share one identity (one Secret): the relay's address names its
 //! PeerId, so every pod behind the Service must be able to prove that same PeerId, during rolling
-//! updates too. Registrations are held per process, though, so today an exit is reachable only
-//! through the replica it registered with; `replicas` above 1 is for hot standby until relays
-//! share registrations (see the README's Kubernetes section).
+//! updates too. Registrations are held per process, so an exit must register with every pod for
+//! a client to reach it through any of them: exits that name the relay (`relay.name`) are given
+//! the headless Service `<relay>-relay-pods`, whose DNS name resolves to every ready pod, and the
+//! node registers with each address it resolves to (re-resolving as pods come and go). Exits
+//! that reach the relay through one address only (its external address) are reachable through
+//! the pod they registered with.
 
 use std::collections::BTreeMap;
 
@@ -38,10 +41,19 @@ const HOST_PATTERN: &str = r"^[A-Za-z0-9]([A-Za-z0-9.:-]*[A-Za-z0-9])?$";
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TokenGoRelaySpec {
-    /// Pods; all share the relay's one identity.
+    /// Pods; all share the relay's one identity. They roll one at a time with a new pod up
+    /// before an old one goes (`maxSurge` 1, `maxUnavailable` 0); above 1 a
+    /// PodDisruptionBudget (`maxUnavailable` 1) keeps voluntary evictions to one pod at a time.
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 10))]
     pub replicas: i32,
+    /// Keep the identity Secret (`<name>-relay-identity`) when the relay is deleted, so a relay
+    /// re-created with the same name has the same PeerId and every address clients and exits
+    /// were given stays valid. Default true. When false the Secret is owned by the relay and
+    /// garbage-collected with it. To really delete a kept identity:
+    /// `kubectl delete secret <name>-relay-identity`.
+    #[serde(default = "yes")]
+    pub retain_identity: bool,
     /// Container image of the `tokengo` node (default: the operator's `--node-image`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "image_schema")]
@@ -58,10 +70,13 @@ pub struct TokenGoRelaySpec {
     #[serde(default)]
     pub service: RelayService,
     /// Host name or IP address clients and exits outside the cluster use to reach the Service;
-    /// published in `status.addresses`. With `dht.announce` it must be an IP address (the node
-    /// announces IPs only, with its own ports: `port` and `dhtPort` must reach the pods there
-    /// unchanged, e.g. a `LoadBalancer` Service); it is passed as `TOKENGO_EXTERNAL_ADDRS`.
-    /// Default: none (with `dht.announce` the relay then reports `NoExternalAddress`).
+    /// published in `status.addresses` (with the allocated node port for a `NodePort`
+    /// Service). With `dht.announce` it must be an IP address (the node announces IPs only,
+    /// with its own ports: `port` and `dhtPort` must reach the pods there unchanged, e.g. a
+    /// `LoadBalancer` Service); it is passed as `TOKENGO_EXTERNAL_ADDRS`. Default: for a
+    /// `LoadBalancer` Service, the load balancer's address (`status.loadBalancer.ingress[0]`, IP
+    /// else host name) once it has one; otherwise none (with `dht.announce` the relay then
+    /// reports `NoExternalAddress`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253), pattern(HOST_PATTERN))]
     pub external_address: Option<String>,
@@ -75,7 +90,9 @@ pub struct TokenGoRelaySpec {
     /// `TOKENGO_DHT_PROTOCOL`). Default: not announced.
     #[serde(default)]
     pub dht: RelayDht,
-    /// CPU and memory requests and limits of the relay container.
+    /// CPU and memory requests and limits of the relay container. Default: requests of 100m
+    /// CPU and 128Mi memory and a 512Mi memory limit, no CPU limit (throttling adds latency);
+    /// given here, they replace the default entirely.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     /// Where the pods may run.
@@ -93,7 +110,10 @@ pub struct RelayService {
     /// Annotations for the Service (e.g. for a cloud load balancer).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
-    /// Fixed node port for `NodePort` and `LoadBalancer` Services.
+    /// Fixed node port of the QUIC port for `NodePort` and `LoadBalancer` Services. Default:
+    /// allocated by Kubernetes (published in `status.addresses`). A `NodePort` relay with
+    /// `dht.announce` is reachable at the ports it announces only when this equals `port`
+    /// and `dhtPort` is a node port too (30000-32767; the `dht` node port then follows it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 30000, max = 32767))]
     pub node_port: Option<i32>,
@@ -156,7 +176,9 @@ pub struct TokenGoRelayStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_id: Option<String>,
     /// Multiaddrs to hand to clients and exits: in-cluster DNS first, then the external address
-    /// (the QUIC port; the DHT port is not a relay address).
+    /// (the QUIC port, or its node port for a `NodePort` Service; the DHT port is not a relay
+    /// address). Exits in the cluster that name the relay use the headless name
+    /// `<name>-relay-pods` instead, to register with every pod.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<String>,
     /// Pods that are ready.
@@ -166,6 +188,10 @@ pub struct TokenGoRelayStatus {
 
 fn one() -> i32 {
     1
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_port() -> i32 {

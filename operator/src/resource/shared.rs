@@ -44,6 +44,10 @@ pub enum ReadyReason {
     /// The relay is to announce itself on the DHT but has no external IP address to announce,
     /// so nobody would find it; it runs (its pods may be ready) but is not `Ready`.
     NoExternalAddress,
+    /// The relay is to announce itself on the DHT behind a `NodePort` Service whose node
+    /// ports differ from the ports the node announces (its own): whoever found it could not
+    /// reach it. It runs but is not `Ready`; the message says what to set.
+    NodePortsDiffer,
     /// The operator-managed key Secret exists but cannot be read as keys; it is never
     /// overwritten, so a person must look.
     InvalidKeySecret,
@@ -61,6 +65,7 @@ impl ReadyReason {
             Self::RelayNotFound => "RelayNotFound",
             Self::RelayNotReady => "RelayNotReady",
             Self::NoExternalAddress => "NoExternalAddress",
+            Self::NodePortsDiffer => "NodePortsDiffer",
             Self::InvalidKeySecret => "InvalidKeySecret",
             Self::ReconcileFailed => "ReconcileFailed",
         }

@@ -179,21 +179,27 @@ pub struct RequestArgs {
     pub request_timeout_secs: Option<u64>,
 }
 
-/// How fast a dead exit tunnel or a silent exit is noticed, shared by the relay and the exit.
+/// How fast an exit notices a dead tunnel (the exit's; the relay follows it).
 #[derive(Debug, Clone, Default, Args)]
-pub struct LivenessArgs {
-    /// Seconds of silence after which an exit's tunnel to a relay counts as dead, with
-    /// keep-alives at a third of it (default 2): a crashed exit leaves the relay's list, and a
-    /// lost relay is redialled, within it.
+pub struct TunnelLivenessArgs {
+    /// Seconds of silence after which the exit's tunnel to a relay counts as dead, with
+    /// keep-alives at a third of it (default 2): a lost relay is redialled within it, and since
+    /// a QUIC connection's idle timeout is the lower of the two ends', a crashed exit also
+    /// leaves the relay's list within it. An exit flag only: the relay's end never governs.
     #[arg(
         long = "tunnel-liveness",
         env = "TOKENGO_TUNNEL_LIVENESS",
         value_name = "SECS"
     )]
     pub tunnel_liveness_secs: Option<u64>,
-    /// Relay: seconds an exit may take, once a request has reached it whole, to send the
-    /// first byte of its answer (an exit sends it before calling its backend) before the
-    /// request is taken back and tried elsewhere (default 10).
+}
+
+/// How long the relay waits for an exit to start answering (the relay's bound).
+#[derive(Debug, Clone, Default, Args)]
+pub struct AnswerTimeoutArgs {
+    /// Seconds an exit may take, once a request has reached it whole, to send the first byte
+    /// of its answer (an exit sends it before calling its backend) before the relay takes the
+    /// request back and it is tried elsewhere (default 10). A relay flag only.
     #[arg(
         long = "exit-answer-timeout",
         env = "TOKENGO_EXIT_ANSWER_TIMEOUT",
@@ -357,7 +363,7 @@ pub struct RelayArgs {
     #[command(flatten)]
     pub admission: AdmissionArgs,
     #[command(flatten)]
-    pub liveness: LivenessArgs,
+    pub answer: AnswerTimeoutArgs,
 }
 
 /// How much one source address may cost a relay (flags win over the file's keys of the same
@@ -424,7 +430,7 @@ pub struct ExitArgs {
     #[command(flatten)]
     pub request: RequestArgs,
     #[command(flatten)]
-    pub liveness: LivenessArgs,
+    pub liveness: TunnelLivenessArgs,
     /// Announce this exit on the DHT, so clients learn it and its relays independently of any
     /// one relay (default: on for a --public exit, off otherwise; only a public exit may).
     /// `--dht-announce false` turns it off.
@@ -539,6 +545,23 @@ mod tests {
         for role in ["serve", "client", "bootstrap"] {
             let args = [&["tokengo", role][..], &flag[..]].concat();
             assert!(Cli::try_parse_from(args).is_err(), "{role}");
+        }
+    }
+
+    #[test]
+    fn each_liveness_flag_belongs_to_the_end_it_governs() {
+        use clap::Parser as _;
+        // The exit's idle timeout governs its tunnels; the relay's answer timeout is the
+        // relay's. The other role refuses each rather than taking a flag that changes nothing.
+        for (flag, takes, refuses) in [
+            ("--tunnel-liveness", "exit", "relay"),
+            ("--exit-answer-timeout", "relay", "exit"),
+        ] {
+            let parsed = Cli::try_parse_from(["tokengo", takes, flag, "5"]);
+            assert!(parsed.is_ok(), "{takes} {flag}: {parsed:?}");
+            let refused = Cli::try_parse_from(["tokengo", refuses, flag, "5"]);
+            let error = refused.expect_err(flag).to_string();
+            assert!(error.contains(flag), "{refuses} {flag}: {error}");
         }
     }
 

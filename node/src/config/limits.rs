@@ -12,7 +12,7 @@ use super::{
     },
     invalid, out_of, positive, rate, seconds_within,
 };
-use crate::cli::{LivenessArgs, RequestArgs};
+use crate::cli::{AnswerTimeoutArgs, RequestArgs, TunnelLivenessArgs};
 
 /// Timeouts and size limits shared by the roles.
 #[derive(Debug, Clone)]
@@ -249,8 +249,11 @@ impl Limits {
         })
     }
 
-    /// Adds the liveness flags, which win over the file (relay, exit).
-    pub(crate) fn with_liveness(mut self, args: &LivenessArgs) -> Result<Self, ConfigError> {
+    /// Adds the tunnel liveness flag, which wins over the file (exit).
+    pub(crate) fn with_tunnel_liveness(
+        mut self,
+        args: &TunnelLivenessArgs,
+    ) -> Result<Self, ConfigError> {
         if let Some(secs) = args.tunnel_liveness_secs {
             self.tunnel_liveness = seconds_within(
                 "tunnel_liveness",
@@ -259,6 +262,14 @@ impl Limits {
                 self.tunnel_liveness,
             )?;
         }
+        Ok(self)
+    }
+
+    /// Adds the exit answer timeout flag, which wins over the file (relay).
+    pub(crate) fn with_answer_timeout(
+        mut self,
+        args: &AnswerTimeoutArgs,
+    ) -> Result<Self, ConfigError> {
         if let Some(secs) = args.exit_answer_timeout_secs {
             self.exit_answer_timeout = seconds_within(
                 "exit_answer_timeout",

@@ -112,9 +112,7 @@ pub(crate) struct ExitFile {
     write_stall_timeout_secs: Option<u64>,
     /// Seconds of silence after which a tunnel counts as dead.
     tunnel_liveness_secs: Option<u64>,
-    // No `exit_answer_timeout_secs`: that bound is the relay's. (The exit's
-    // `--exit-answer-timeout` flag, shared with the relay through `LivenessArgs`, is checked
-    // and then applied nowhere.)
+    // No `exit_answer_timeout_secs`: that bound is the relay's (and so is the flag).
 }
 
 impl Schema for ExitFile {
@@ -266,7 +264,7 @@ impl ExitConfig {
                 &args.gate,
                 &file.gate_file(),
             )?
-            .with_liveness(&args.liveness)?,
+            .with_tunnel_liveness(&args.liveness)?,
             observability: config::observability(
                 &args.common,
                 file.admin_listen.as_deref(),

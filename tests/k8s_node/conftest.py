@@ -4,10 +4,13 @@ and the project's images built from its Dockerfiles.
 
 Environment:
   TOKENGO_BIN, TOKENGO_OPERATOR_BIN  release binaries (packed into the images; the host client)
+  TOKENGO_NODE_REPORT                optional: a file the tier's figures (timings, failures) go to
 """
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -47,6 +50,9 @@ def node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         proc.stdin.close()
         proc.wait(timeout=120)
         print(f"\nnode tier timings: {TIMINGS}")
+        report = os.environ.get("TOKENGO_NODE_REPORT")
+        if report:
+            Path(report).write_text(json.dumps(TIMINGS, indent=2) + "\n")
 
 
 @pytest.fixture(scope="session")

@@ -181,34 +181,13 @@ async fn grant_chart_rbac(client: Client) {
             namespace: Some(OPERATOR_NS.into()),
             ..Default::default()
         }];
-        let role = ClusterRole {
-            metadata: ObjectMeta {
-                name: Some("tokengo-operator-test".into()),
-                ..Default::default()
-            },
-            rules: Some(chart_rules("operator-rules.yaml")),
-            ..Default::default()
-        };
-        Api::<ClusterRole>::all(client.clone())
-            .patch("tokengo-operator-test", &pp, &Patch::Apply(&role))
-            .await
-            .unwrap();
-        let binding = ClusterRoleBinding {
-            metadata: ObjectMeta {
-                name: Some("tokengo-operator-test".into()),
-                ..Default::default()
-            },
-            role_ref: RoleRef {
-                api_group: "rbac.authorization.k8s.io".into(),
-                kind: "ClusterRole".into(),
-                name: "tokengo-operator-test".into(),
-            },
-            subjects: Some(subject.clone()),
-        };
-        Api::<ClusterRoleBinding>::all(client.clone())
-            .patch("tokengo-operator-test", &pp, &Patch::Apply(&binding))
-            .await
-            .unwrap();
+        grant_cluster_rules(
+            &client,
+            "tokengo-operator-test",
+            "operator-rules.yaml",
+            &subject,
+        )
+        .await;
         let lease_role = Role {
             metadata: ObjectMeta {
                 name: Some("tokengo-operator-lease".into()),
@@ -230,50 +209,53 @@ async fn grant_chart_rbac(client: Client) {
                 kind: "Role".into(),
                 name: "tokengo-operator-lease".into(),
             },
-            subjects: Some(subject),
+            subjects: Some(subject.clone()),
         };
         Api::<RoleBinding>::namespaced(client.clone(), OPERATOR_NS)
             .patch("tokengo-operator-lease", &pp, &Patch::Apply(&lease_binding))
             .await
             .unwrap();
-        let crd_role = ClusterRole {
-            metadata: ObjectMeta {
-                name: Some("tokengo-operator-test-crds".into()),
-                ..Default::default()
-            },
-            rules: Some(chart_rules("crd-rules.yaml")),
-            ..Default::default()
-        };
-        Api::<ClusterRole>::all(client.clone())
-            .patch("tokengo-operator-test-crds", &pp, &Patch::Apply(&crd_role))
-            .await
-            .unwrap();
-        let crd_binding = ClusterRoleBinding {
-            metadata: ObjectMeta {
-                name: Some("tokengo-operator-test-crds".into()),
-                ..Default::default()
-            },
-            role_ref: RoleRef {
-                api_group: "rbac.authorization.k8s.io".into(),
-                kind: "ClusterRole".into(),
-                name: "tokengo-operator-test-crds".into(),
-            },
-            subjects: Some(vec![Subject {
-                kind: "ServiceAccount".into(),
-                name: OPERATOR_SA.into(),
-                namespace: Some(OPERATOR_NS.into()),
-                ..Default::default()
-            }]),
-        };
-        Api::<ClusterRoleBinding>::all(client)
-            .patch(
-                "tokengo-operator-test-crds",
-                &pp,
-                &Patch::Apply(&crd_binding),
-            )
-            .await
-            .unwrap();
+        grant_cluster_rules(
+            &client,
+            "tokengo-operator-test-crds",
+            "crd-rules.yaml",
+            &subject,
+        )
+        .await;
     }
+}
+
+/// A ClusterRole named `name` with the chart's rules file `rules`, bound to `subject`.
+async fn grant_cluster_rules(client: &Client, name: &str, rules: &str, subject: &[Subject]) {
+    let pp = PatchParams::apply("tokengo-tests").force();
+    let role = ClusterRole {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        rules: Some(chart_rules(rules)),
+        ..Default::default()
+    };
+    Api::<ClusterRole>::all(client.clone())
+        .patch(name, &pp, &Patch::Apply(&role))
+        .await
+        .unwrap();
+    let binding = ClusterRoleBinding {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "ClusterRole".into(),
+            name: name.into(),
+        },
+        subjects: Some(subject.to_vec()),
+    };
+    Api::<ClusterRoleBinding>::all(client.clone())
+        .patch(name, &pp, &Patch::Apply(&binding))
+        .await
+        .unwrap();
 }
 
 async fn apply<K>(api: &Api<K>, name: &str, value: serde_json::Value, pp: &PatchParams) -> K

@@ -292,6 +292,15 @@ impl ExitProbe {
     }
 }
 
+/// When a new descriptor is issued: now, but always after the one it replaces. Clients take
+/// keys from the descriptor issued last and hold an exit whose sources show two different
+/// descriptors issued in the same second (they cannot tell which is newer), so a rotation in
+/// the second after a registration would otherwise hold the exit until its next re-signing,
+/// hours later. A second ahead is well within the clock skew verifiers allow.
+fn issue_time(now: u64, previous: Option<u64>) -> u64 {
+    previous.map_or(now, |previous| now.max(previous.saturating_add(1)))
+}
+
 /// An exit with its keys and backend, not yet connected.
 #[derive(Debug)]
 pub struct Exit {
@@ -527,12 +536,19 @@ impl Exit {
         {
             return Ok((current.clone(), desc.expires_at));
         }
+        let previous = self
+            .current
+            .borrow()
+            .as_ref()
+            .and_then(|current| SignedDescriptor::verify(current.as_bytes(), now).ok())
+            .map(|desc| desc.issued_at);
+        let issued_at = issue_time(now, previous);
         let descriptor = Descriptor {
             peer_id: self.peer_id(),
             key_configs: self.published_keys(),
             models: models.to_vec(),
-            issued_at: now,
-            expires_at: now + DESCRIPTOR_LIFETIME.as_secs(),
+            issued_at,
+            expires_at: issued_at + DESCRIPTOR_LIFETIME.as_secs(),
             max_streams: MAX_TUNNEL_STREAMS,
             access_token_required: self.gateway.access().required(),
         };
@@ -540,5 +556,27 @@ impl Exit {
         let signed = SignedDescriptor::sign(&descriptor, &self.identity)?;
         self.current.send_replace(Some(signed.clone()));
         Ok((signed, expires_at))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_descriptor_is_issued_after_the_one_it_replaces() {
+        assert_eq!(issue_time(1000, None), 1000);
+        assert_eq!(issue_time(1000, Some(900)), 1000);
+        assert_eq!(
+            issue_time(1000, Some(1000)),
+            1001,
+            "a change in the same second"
+        );
+        assert_eq!(
+            issue_time(1000, Some(1001)),
+            1002,
+            "two changes in one second"
+        );
+        assert_eq!(issue_time(1000, Some(u64::MAX)), u64::MAX);
     }
 }

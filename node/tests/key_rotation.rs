@@ -210,3 +210,145 @@ async fn a_rotation_is_saved_before_use_and_a_restart_keeps_the_new_key() {
     relay.stop.cancel();
     backend.shut_down().await;
 }
+
+/// Replaces `path` the way the kubelet updates a Secret volume: the new bytes are written
+/// beside it, then swapped in by one rename, so a reader sees the old file or the new one.
+fn swap_in(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let next = path.with_extension("next");
+    std::fs::write(&next, bytes)?;
+    std::fs::rename(&next, path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_exit_on_a_read_only_key_directory_serves_a_rotation_made_there_without_a_restart() {
+    use tokengo::keys::KeySource;
+    use tokengo_proto::{data_dir::EXIT_KEYRING_FILE, keyring::Keyring};
+
+    common::init();
+    let backend = common::start_backend().await;
+    let limits = common::limits();
+    let relay = common::start_relay(&limits, None).await;
+    // The keys are written by someone else (in Kubernetes the operator, into a Secret); the
+    // exit only reads them.
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = DataDir::resolve(Some(dir.path().to_path_buf())).unwrap();
+    let writer = KeySource::of(&data_dir, None);
+    writer
+        .identity(tokengo_proto::data_dir::EXIT_IDENTITY_FILE)
+        .unwrap();
+    writer.keyring(100).unwrap();
+    let keys = KeySource::of(&data_dir, Some(dir.path()));
+    let mut exit = Exit::load_from(
+        &keys,
+        &common::backend_config(&backend.url, Duration::from_secs(10)),
+        limits.clone(),
+    )
+    .unwrap();
+    exit.set_key_follow_interval(Duration::from_millis(100));
+    let (tx, mut registered) = watch::channel(false);
+    let probe = exit.probe(relay.addr.clone(), tx.subscribe());
+    let exit_stop = CancellationToken::new();
+    let exit_task = tokio::spawn(exit.run(relay.addr.clone(), tx, exit_stop.clone()));
+    tokio::time::timeout(DEADLINE, registered.wait_for(|r| *r))
+        .await
+        .expect("exit did not register")
+        .unwrap();
+    let client = common::start_client(&relay.addr, &limits).await;
+    let first_key = probe.status(None).keys[0].key_id;
+    let metrics = probe.metrics().clone();
+
+    let done = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for worker in 0..3u64 {
+        let (url, done, answered) = (client.url.clone(), Arc::clone(&done), Arc::clone(&answered));
+        workers.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let (mut failures, mut sent) = (Vec::new(), 0u64);
+            let mut n = worker;
+            while !done.load(Ordering::Relaxed) {
+                if let Err(error) = request(&http, &url, n % 3 == 0).await {
+                    failures.push(error);
+                }
+                sent += 1;
+                answered.fetch_add(1, Ordering::Relaxed);
+                n += 1;
+            }
+            (sent, failures)
+        }));
+    }
+
+    // The writer rotates: a new current key, the old one kept as previous.
+    let path = dir.path().join(EXIT_KEYRING_FILE);
+    let mut ring = Keyring::parse(&std::fs::read(&path).unwrap()).unwrap();
+    ring.rotate(200).unwrap();
+    swap_in(&path, &ring.encode()).unwrap();
+    let new_key = ring.key_ids()[0].0;
+    assert_ne!(new_key, first_key);
+    wait_until("the exit serves the rotated key", || {
+        probe.status(None).keys[0].key_id == new_key
+    })
+    .await;
+    assert_eq!(metrics.key_rotations.get(), 1, "one rotation, counted once");
+
+    // The relay lists the rotated key: the exit registered its new descriptor over the same
+    // tunnel (no restart: the task that serves it is the one started above).
+    let link = tokengo::relay_link::RelayLink::new(
+        relay.addr.clone(),
+        tokengo::transport::TransportParams {
+            idle_timeout: Duration::from_secs(30),
+            max_incoming_streams: 0,
+            keep_alive: false,
+        },
+    )
+    .unwrap();
+    let listed = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let listed = tokengo::relay_link::list_exits(&link).await.unwrap();
+            if listed.len() == 1 && listed[0].key_configs.iter().map(|k| k.key_id).eq([new_key]) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(listed.is_ok(), "the relay never listed the rotated key");
+
+    // A broken write changes nothing; the writer then retires the previous key (once the
+    // relay lists the new one, as the operator does a rotation later): a client still holding
+    // the old key meets "key unknown", fetches the list again and retries with the new key.
+    swap_in(&path, b"{\"version\": 1, \"keys\": \"truncated").unwrap();
+    ring.retire_previous();
+    swap_in(&path, &ring.encode()).unwrap();
+    wait_until("the previous key retired", || {
+        probe.status(None).keys.len() == 1
+    })
+    .await;
+    assert_eq!(probe.status(None).keys[0].key_id, new_key);
+    let after_retiring = answered.load(Ordering::Relaxed);
+    wait_until("requests after the retirement", || {
+        answered.load(Ordering::Relaxed) >= after_retiring + 20
+    })
+    .await;
+    assert!(!exit_task.is_finished(), "the exit kept running");
+
+    done.store(true, Ordering::Relaxed);
+    let (mut sent, mut failures) = (0, Vec::new());
+    for worker in workers {
+        let (n, f) = worker.await.unwrap();
+        sent += n;
+        failures.extend(f);
+    }
+    println!(
+        "{sent} requests while the key directory was rotated, then broken, then retired: {} failed",
+        failures.len()
+    );
+    assert!(sent > 0);
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
+
+    client.stop.cancel();
+    exit_stop.cancel();
+    exit_task.await.unwrap().unwrap();
+    relay.stop.cancel();
+    backend.shut_down().await;
+}

@@ -122,6 +122,13 @@ pub const CLIENT_TIMEOUT_MARGIN: Duration = Duration::from_secs(30);
 /// overlap limits how long a key that may have leaked still opens requests.
 pub const MAX_KEY_OVERLAP: Duration = Duration::from_secs(15 * 60);
 
+/// How often an exit whose keys are in a read-only key directory (`--keys-dir`) reads its
+/// keyring file again: the directory's writer rotates it (in Kubernetes the operator, in a
+/// Secret the kubelet updates in place within about a minute), and the exit serves the new
+/// ring without a restart. Reading a file of a few hundred bytes every 5 s costs nothing, and
+/// the previous key stays in the ring, so a few seconds' lag fails no request.
+pub const KEY_FOLLOW_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Default hours between an exit's OHTTP key rotations (`key_rotation_hours`): a week.
 pub const DEFAULT_KEY_ROTATION_HOURS: f64 = 168.0;
 /// Longest rotation period `key_rotation_hours` accepts: ten years, in hours.

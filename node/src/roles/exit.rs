@@ -8,6 +8,7 @@ mod backend;
 pub mod config;
 mod endpoint;
 mod gateway;
+mod key_follow;
 mod relay_set;
 mod replay;
 mod rotation;
@@ -40,7 +41,9 @@ use crate::{
     clock::{Clock, unix_now},
     config::{
         Limits,
-        defaults::{DRAIN_DEADLINE, MAX_TUNNEL_STREAMS, RELAY_RESOLVE_INTERVAL},
+        defaults::{
+            DRAIN_DEADLINE, KEY_FOLLOW_INTERVAL, MAX_TUNNEL_STREAMS, RELAY_RESOLVE_INTERVAL,
+        },
     },
     net::resolve::{Resolve, SystemResolver},
     net::transport::{RelayAddr, TransportParams},
@@ -312,6 +315,10 @@ pub struct Exit {
     keyring_path: PathBuf,
     /// Time between key rotations; `None`: the keys are never rotated by this process.
     key_rotation: Option<Duration>,
+    /// How often the keyring file is read again when it is kept in a read-only key directory
+    /// (`--keys-dir`), whose writer rotates it; `None` for keys in the data directory. Default
+    /// [`KEY_FOLLOW_INTERVAL`] (5 s).
+    key_follow: Option<Duration>,
     /// Bumped at each key rotation: every tunnel registers the new descriptor.
     key_changes: watch::Sender<u64>,
     limits: Limits,
@@ -397,6 +404,7 @@ impl Exit {
             keyring: Arc::new(Mutex::new(keyring)),
             keyring_path,
             key_rotation: None,
+            key_follow: matches!(keys, KeySource::ReadOnly(_)).then_some(KEY_FOLLOW_INTERVAL),
             key_changes: watch::Sender::new(0),
             limits,
             metrics,
@@ -486,15 +494,35 @@ impl Exit {
         self.key_rotation = period;
     }
 
-    /// The rotation task, when rotation is on.
-    fn rotation(&self) -> Option<rotation::Rotation> {
-        Some(rotation::Rotation {
-            period: self.key_rotation?,
+    /// How often an exit whose keys are in a read-only key directory reads its keyring
+    /// again (tests shorten it). No effect on keys in the data directory.
+    pub fn set_key_follow_interval(&mut self, every: Duration) {
+        if self.key_follow.is_some() {
+            self.key_follow = Some(every);
+        }
+    }
+
+    /// Starts what changes the keys while the exit runs: its own rotation schedule, or the
+    /// follower of a read-only key directory; `None` when the keys never change.
+    fn spawn_key_upkeep(&self, stop: CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
+        if let Some(period) = self.key_rotation {
+            let rotation = rotation::Rotation {
+                period,
+                path: self.keyring_path.clone(),
+                ring: Arc::clone(&self.keyring),
+                gateway: Arc::clone(&self.gateway),
+                changes: self.key_changes.clone(),
+            };
+            return Some(tokio::spawn(rotation.run(stop)));
+        }
+        let follow = key_follow::KeyFollow {
             path: self.keyring_path.clone(),
+            every: self.key_follow?,
             ring: Arc::clone(&self.keyring),
             gateway: Arc::clone(&self.gateway),
             changes: self.key_changes.clone(),
-        })
+        };
+        Some(tokio::spawn(follow.run(stop)))
     }
 
     /// The key configurations the descriptor lists: the current key only. Clients encrypt

@@ -22,16 +22,13 @@ use kube::ResourceExt as _;
 use tokengo_proto::data_dir::{EXIT_IDENTITY_FILE, EXIT_KEYRING_FILE};
 
 use super::{
-    DATA_DIR, KEYS_DIR, NodeContainer, NodePod, Settings, child_meta, dht_env, digest,
+    DATA_DIR, KEYS_DIR, NodeContainer, NodePod, Settings, child_meta, dht_env,
     exit_keys::{ExitKeySet, identity_key, keyring_key},
     key_secret_meta, node_container, node_pod_template, plain_env, selector,
 };
-use crate::{
-    keys::PublicKey,
-    resource::{
-        TokenGoExit,
-        exit::{ExitDht, MAX_REPLICAS},
-    },
+use crate::resource::{
+    TokenGoExit,
+    exit::{ExitDht, MAX_REPLICAS},
 };
 
 /// Annotation on the key Secret: the last `tokengo.io/rotate` value of the exit that was acted
@@ -117,15 +114,6 @@ pub fn rewritten_keys_secret(
     secret.metadata.annotations = (!annotations.is_empty()).then_some(annotations);
     secret.metadata.owner_references = (!owners.is_empty()).then_some(owners);
     secret
-}
-
-/// Digest of the public key material: the pod-template annotation that rolls pods on
-/// rotation. Ordinal 0's keys stand for every ordinal's (all rotate together), so adding an
-/// ordinal (scaling up) does not roll the running pods.
-#[must_use]
-pub fn keys_hash(peer_id: &str, keys: &[PublicKey]) -> String {
-    let encoded: Vec<Vec<u8>> = keys.iter().map(|k| k.config.encode()).collect();
-    digest(std::iter::once(peer_id.as_bytes()).chain(encoded.iter().map(Vec::as_slice)))
 }
 
 /// Where the exit's container finds its relays.
@@ -295,8 +283,8 @@ fn container(
         ..Default::default()
     }];
     env.extend(extra_env);
-    // The operator rotates the keys (in the Secret, rolling the pods): the keys dir is
-    // read-only, and a key a pod rotated on its own would be lost on its next start.
+    // The operator rotates the keys (in the Secret, which the pod follows in place): the keys
+    // dir is read-only, and a key a pod rotated on its own would be lost on its next start.
     env.push(plain_env("TOKENGO_KEY_ROTATION_HOURS", "0".to_owned()));
     if let Some(secret) = &spec.backend.api_key_secret {
         // From the Secret at start, so the key is never in the pod spec.
@@ -343,7 +331,7 @@ fn container(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{keys::Keyring, resource::TokenGoExitSpec};
+    use crate::resource::TokenGoExitSpec;
     use serde_json::json;
 
     fn exit(spec: serde_json::Value) -> TokenGoExit {
@@ -728,15 +716,6 @@ mod tests {
         assert_eq!(annotations["someone/else"], "x");
         assert_eq!(rewritten.metadata.owner_references, Some(owners));
         assert_eq!(rewritten.metadata.labels, current.metadata.labels);
-    }
-
-    #[test]
-    fn rotation_changes_the_keys_hash() {
-        let mut ring = Keyring::generate(1, 1).unwrap();
-        let before = keys_hash("12D3KooWX", &ring.public_keys());
-        assert_eq!(before, keys_hash("12D3KooWX", &ring.public_keys()));
-        ring.rotate(2).unwrap();
-        assert_ne!(before, keys_hash("12D3KooWX", &ring.public_keys()));
     }
 
     #[test]

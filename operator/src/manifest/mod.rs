@@ -25,8 +25,10 @@ use sha2::{Digest as _, Sha256};
 
 /// The one field manager for server-side apply.
 pub const FIELD_MANAGER: &str = "tokengo-operator";
-/// Pod-template annotation carrying a digest of the keys' public parts: when keys change (a
-/// rotation), the template changes and the pods roll, since nodes read keys at start.
+/// Pod-template annotation carrying a digest of the identity (the PeerId): should the Secret
+/// ever hold another identity, the template changes and the pods roll, since nodes read their
+/// identity at start. OHTTP keys are not in it: an exit follows its keyring in the mounted
+/// Secret and serves a rotation without a restart, so rotating rolls no pod.
 pub const KEYS_HASH_ANNOTATION: &str = "tokengo.io/keys-hash";
 /// The node's writable state (`--data-dir`): an `emptyDir`, so the relay cache works; keys
 /// never live here.
@@ -151,6 +153,13 @@ pub(crate) fn selector(component: &str, instance: &str) -> BTreeMap<String, Stri
         ),
         ("app.kubernetes.io/instance".to_owned(), instance.to_owned()),
     ])
+}
+
+/// The pod-template value of [`KEYS_HASH_ANNOTATION`] for pods of the identity `peer_id`
+/// (an exit's: ordinal 0's, which stands for the set, so scaling rolls no pod).
+#[must_use]
+pub fn identity_hash(peer_id: &str) -> String {
+    digest([peer_id.as_bytes()])
 }
 
 /// Hex SHA-256 over the parts, each length-prefixed so the parts cannot run together.
@@ -387,7 +396,8 @@ pub(crate) struct NodePod<'a, K> {
     pub component: &'static str,
     /// Where the pods may run.
     pub scheduling: &'a Scheduling,
-    /// The pod-template annotation [`KEYS_HASH_ANNOTATION`]: a new value rolls the pods.
+    /// The pod-template annotation [`KEYS_HASH_ANNOTATION`] ([`identity_hash`]): a new value
+    /// rolls the pods.
     pub keys_hash: String,
     /// The pod's containers.
     pub containers: Vec<Container>,

@@ -22,7 +22,7 @@ use kube::ResourceExt as _;
 use tokengo_proto::data_dir::RELAY_IDENTITY_FILE;
 
 use super::{
-    DATA_DIR, KEYS_DIR, NodeContainer, NodePod, Settings, child_meta, dht_env, digest,
+    DATA_DIR, KEYS_DIR, NodeContainer, NodePod, Settings, child_meta, dht_env, identity_hash,
     key_secret_meta, node_container, node_pod_template, non_empty, plain_env, selector,
 };
 use crate::resource::{TokenGoRelay, relay::ServiceType, shared::ReadyReason};
@@ -174,7 +174,7 @@ pub fn deployment(
             owner: relay,
             component: COMPONENT,
             scheduling: &spec.scheduling,
-            keys_hash: digest([peer_id.as_bytes()]),
+            keys_hash: identity_hash(peer_id),
             containers: vec![container],
             keys: SecretVolumeSource {
                 secret_name: Some(identity_secret_name(relay)),
@@ -555,7 +555,7 @@ mod tests {
                 },
                 "template": {
                     "metadata": {
-                        "annotations": {"tokengo.io/keys-hash": digest([PEER.as_bytes()])},
+                        "annotations": {"tokengo.io/keys-hash": identity_hash(PEER)},
                         "labels": labels()
                     },
                     "spec": {

@@ -85,8 +85,10 @@ async fn reconcile_inner(exit: &TokenGoExit, ctx: &Context) -> Result<Action, Re
         return Err(ReconcileError::Conflict(pass.secret_name.clone()));
     };
     let public = first.keyring.public_keys();
+    // The identity only: a rotation reaches the pods through the mounted Secret, which they
+    // follow, so it rolls no pod (a rolled single replica would drop its clients meanwhile).
     let deployed = pass
-        .deploy_children(&desired::keys_hash(&first.peer_id, &public))
+        .deploy_children(&crate::manifest::identity_hash(&first.peer_id))
         .await?;
     let next_rotation = keys.seconds_until_rotation(pass.now, interval);
     pass.write_status(TokenGoExitStatus {

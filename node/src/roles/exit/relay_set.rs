@@ -144,10 +144,8 @@ impl Exit {
             .collect();
         tracing::info!(?endpoints, "endpoints passed to the backend");
         let exit = Arc::new(self);
-        let rotating = exit.rotation().map(|rotation| {
-            let stop = shutdown.child_token();
-            (tokio::spawn(rotation.run(stop.clone())), stop)
-        });
+        let key_stop = shutdown.child_token();
+        let key_upkeep = exit.spawn_key_upkeep(key_stop.clone());
         let (lost_tx, lost) = mpsc::unbounded_channel();
         let names: Vec<RelayAddr> = relays
             .iter()
@@ -166,8 +164,8 @@ impl Exit {
             lost: lost_tx,
         };
         let result = Supervisor::new(set, relays, replenish, lost).run().await;
-        if let Some((task, stop)) = rotating {
-            stop.cancel();
+        key_stop.cancel();
+        if let Some(task) = key_upkeep {
             let _ = task.await;
         }
         result

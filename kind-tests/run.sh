@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 #! End-to-end on a kind cluster: build both images from the Dockerfiles, load them, install the
-#! chart with Helm, run Ollama with a small model, apply a TokenGoRelay (3 replicas) and a
+#! chart with Helm, run Ollama with a small model, apply a TokenGoRelay (2 replicas) and a
 #! TokenGoExit, wait for Ready, then from a `tokengo client` on the host: a chat completion, a
-#! streamed one, an OHTTP key rotation under load and a relay pod deleted under load (no request
-#! may fail in either), and finally delete the resources and check their children are gone.
+#! streamed one, an OHTTP key rotation under load, the relay scaled to 3 replicas and one of its
+#! pods deleted under load (no request may fail in either), and finally delete the resources and
+#! check their children are gone and both identity Secrets kept.
+#!
+#! The manifests in kind-tests/manifests are shared with the one-node tier (tests/k8s_node):
+#! tokengo.yaml applied unchanged by both, the model server as Service `model` in namespace
+#! `models` (here Ollama, model-ollama.yaml).
 #
 # Needs: docker, kind, kubectl, helm, cargo, curl, python3 and internet access (images, model).
 # Runs in the upstream CI (.github/workflows/kind.yml); not on machines without a registry.
@@ -47,6 +52,36 @@ trap cleanup EXIT
 workload() { # component instance
     kubectl -n tokengo get deployment,statefulset \
         -l "app.kubernetes.io/component=$1,app.kubernetes.io/instance=$2" -o name | head -n 1
+}
+
+# Waits until the exit's tunnels are registered with every one of the relay's pods, WANT of them
+# (its admin /status through the API server's pod proxy): the exit resolves the relay's headless
+# Service name again every 10 s, so a new relay pod has no exit for a few seconds after it is
+# Ready.
+wait_exit_registered() { # want
+    local ips status
+    for _ in $(seq 1 120); do
+        ips="$(kubectl -n tokengo get pods -l app.kubernetes.io/component=relay,app.kubernetes.io/instance=edge \
+            -o jsonpath='{.items[*].status.podIP}')"
+        status="$(kubectl get --raw "/api/v1/namespaces/tokengo/pods/llm-exit-0:9090/proxy/status" 2>/dev/null || true)"
+        if python3 - "$1" "$ips" "$status" <<'PY'
+import json, sys
+want, pods = int(sys.argv[1]), set(sys.argv[2].split())
+try:
+    relays = json.loads(sys.argv[3])["exit"]["relays"]
+except (ValueError, KeyError, TypeError):
+    sys.exit(1)
+registered = {r["resolved"].rsplit(":", 1)[0] for r in relays if r.get("registered") and r.get("resolved")}
+sys.exit(0 if len(pods) == want and registered == pods else 1)
+PY
+        then
+            echo "the exit is registered with all $1 relay pods: $ips"
+            return 0
+        fi
+        sleep 1
+    done
+    echo "the exit is not registered with $1 relay pods ($ips): $status"
+    exit 1
 }
 
 # Starts the load generator (2 workers) in the background; returns once requests succeed.
@@ -101,29 +136,28 @@ kubectl -n tokengo-system rollout status deployment/tokengo --timeout=120s
 kubectl get crd tokengorelays.tokengo.io -o jsonpath='{.metadata.annotations.tokengo\.io/operator-version}' | grep -q . \
     || { echo "the operator did not apply its CRDs"; exit 1; }
 
-step "Ollama pulling $model"
-kubectl apply -f kind-tests/manifests/ollama.yaml
+step "Ollama (Service model.models) pulling $model"
+kubectl apply -f kind-tests/manifests/model-ollama.yaml
 kubectl -n models rollout status deployment/ollama --timeout=300s
 kubectl -n models exec deploy/ollama -- ollama pull "$model"
 
-step "TokenGoRelay (3 replicas) and TokenGoExit beside Ollama"
-kubectl create namespace tokengo
+step "TokenGoRelay (2 replicas) and TokenGoExit beside Ollama (manifests/tokengo.yaml)"
 kubectl apply -f kind-tests/manifests/tokengo.yaml
 kubectl -n tokengo wait --for=condition=Ready tokengorelay/edge --timeout=300s
-kubectl -n tokengo wait --for=condition=Ready tokengoexit/ollama --timeout=300s
+kubectl -n tokengo wait --for=condition=Ready tokengoexit/llm --timeout=300s
 kubectl -n tokengo get tokengorelays,tokengoexits -o wide
 relay_workload="$(workload relay edge)"
-exit_workload="$(workload exit ollama)"
+exit_workload="$(workload exit llm)"
 echo "relay: $relay_workload, exit: $exit_workload"
-[[ "$(kubectl -n tokengo get "$relay_workload" -o jsonpath='{.status.readyReplicas}')" == 3 ]] \
-    || { echo "the relay does not run 3 ready replicas"; exit 1; }
+[[ "$(kubectl -n tokengo get "$relay_workload" -o jsonpath='{.status.readyReplicas}')" == 2 ]] \
+    || { echo "the relay does not run 2 ready replicas"; exit 1; }
 
 relay_addr="$(kubectl -n tokengo get tokengorelay edge -o jsonpath='{.status.addresses[1]}')"
 peer="$(kubectl -n tokengo get tokengorelay edge -o jsonpath='{.status.peerId}')"
 [[ "$relay_addr" == "/ip4/127.0.0.1/udp/30433/quic-v1/p2p/$peer" ]] || { echo "unexpected relay address $relay_addr"; exit 1; }
-exit_peer="$(kubectl -n tokengo get tokengoexit ollama -o jsonpath='{.status.peerId}')"
+exit_peer="$(kubectl -n tokengo get tokengoexit llm -o jsonpath='{.status.peerId}')"
 echo "relay $relay_addr, exit $exit_peer"
-kubectl -n tokengo logs -l app.kubernetes.io/component=exit,app.kubernetes.io/instance=ollama --all-containers --tail=-1 \
+kubectl -n tokengo logs -l app.kubernetes.io/component=exit,app.kubernetes.io/instance=llm --all-containers --tail=-1 \
     | grep -q "registered with relay" || { echo "the exit did not register with the relay"; exit 1; }
 
 step "chat completion: host client -> relay (NodePort) -> exit -> Ollama"
@@ -153,20 +187,26 @@ step "streamed chat completion (incremental chunks, then [DONE])"
 python3 kind-tests/load.py stream http://127.0.0.1:18080 "$model"
 
 step "OHTTP key rotation under load (tokengo.io/rotate): no request may fail"
-keys_before="$(kubectl -n tokengo get tokengoexit ollama -o jsonpath='{.status.keys[0].keyId}')"
+keys_before="$(kubectl -n tokengo get tokengoexit llm -o jsonpath='{.status.keys[0].keyId}')"
 start_load rotation
-kubectl -n tokengo annotate tokengoexit ollama --overwrite "tokengo.io/rotate=$(date +%s)"
+kubectl -n tokengo annotate tokengoexit llm --overwrite "tokengo.io/rotate=$(date +%s)"
 for _ in $(seq 1 120); do
-    [[ "$(kubectl -n tokengo get tokengoexit ollama -o jsonpath='{.status.keys[0].keyId}')" != "$keys_before" ]] && break
+    [[ "$(kubectl -n tokengo get tokengoexit llm -o jsonpath='{.status.keys[0].keyId}')" != "$keys_before" ]] && break
     sleep 1
 done
-[[ "$(kubectl -n tokengo get tokengoexit ollama -o jsonpath='{.status.keys[0].keyId}')" != "$keys_before" ]] \
+[[ "$(kubectl -n tokengo get tokengoexit llm -o jsonpath='{.status.keys[0].keyId}')" != "$keys_before" ]] \
     || { echo "the key was not rotated"; exit 1; }
-kubectl -n tokengo get tokengoexit ollama -o jsonpath='{.status.keys}'; echo
+kubectl -n tokengo get tokengoexit llm -o jsonpath='{.status.keys}'; echo
 # The pods roll onto the new keys (a pod-template annotation changed); wait until they have.
 kubectl -n tokengo rollout status "$exit_workload" --timeout=300s
-kubectl -n tokengo wait --for=condition=Ready tokengoexit/ollama --timeout=300s
+kubectl -n tokengo wait --for=condition=Ready tokengoexit/llm --timeout=300s
 stop_load rotation
+
+step "the relay scaled to 3 replicas (merge patch); the exit registers with each pod"
+kubectl -n tokengo patch tokengorelay edge --type merge -p '{"spec": {"replicas": 3}}'
+kubectl -n tokengo wait --for=jsonpath='{.status.readyReplicas}'=3 "$relay_workload" --timeout=300s
+kubectl -n tokengo wait --for=condition=Ready tokengorelay/edge --timeout=300s
+wait_exit_registered 3
 
 step "a relay pod deleted under load (3 replicas, one identity): no request may fail"
 start_load relay-loss
@@ -177,12 +217,13 @@ kubectl -n tokengo delete "$victim" --wait=false
 kubectl -n tokengo wait --for=delete "$victim" --timeout=180s
 kubectl -n tokengo wait --for=jsonpath='{.status.readyReplicas}'=3 "$relay_workload" --timeout=300s
 kubectl -n tokengo wait --for=condition=Ready tokengorelay/edge --timeout=300s
+wait_exit_registered 3
 stop_load relay-loss
 
-step "delete: the garbage collector removes every child (identity Secrets may be kept)"
+step "delete: the garbage collector removes every child; both identity Secrets are kept"
 kill "$client_pid" 2>/dev/null || true
 client_pid=""
-kubectl -n tokengo delete tokengoexit ollama --wait=true
+kubectl -n tokengo delete tokengoexit llm --wait=true
 kubectl -n tokengo delete tokengorelay edge --wait=true
 for _ in $(seq 1 120); do
     left="$(kubectl -n tokengo get deploy,sts,svc,pdb -l app.kubernetes.io/managed-by=tokengo-operator -o name)"
@@ -190,7 +231,10 @@ for _ in $(seq 1 120); do
     sleep 1
 done
 [[ -z "$left" ]] || { echo "children left behind: $left"; exit 1; }
-echo "Secrets kept: $(kubectl -n tokengo get secret -l app.kubernetes.io/managed-by=tokengo-operator -o name | tr '\n' ' ')"
+# retainIdentity defaults to true on both kinds: a re-created relay keeps its address, an exit
+# its PeerIds and keys.
+kubectl -n tokengo get secret edge-relay-identity llm-exit-keys -o name \
+    || { echo "an identity Secret was not kept"; exit 1; }
 
 step "helm uninstall"
 helm uninstall tokengo --namespace tokengo-system --wait

@@ -2,9 +2,10 @@
 #! End-to-end on a kind cluster: build both images from the Dockerfiles, load them, install the
 #! chart with Helm, run Ollama with a small model, apply a TokenGoRelay (2 replicas) and a
 #! TokenGoExit, wait for Ready, then from a `tokengo client` on the host: a chat completion, a
-#! streamed one, an OHTTP key rotation under load, the relay scaled to 3 replicas and one of its
-#! pods deleted under load (no request may fail in either), and finally delete the resources and
-#! check their children are gone and both identity Secrets kept.
+#! streamed one, an OHTTP key rotation under load (no request may fail, the exit pod is not
+#! restarted), the relay scaled to 3 replicas and one of its pods deleted under load (at most the
+#! requests in flight on it fail), and finally delete the resources and check their children are
+#! gone and both identity Secrets kept.
 #!
 #! The manifests in kind-tests/manifests are shared with the one-node tier (tests/k8s_node):
 #! tokengo.yaml applied unchanged by both, the model server as Service `model` in namespace
@@ -85,9 +86,10 @@ PY
 }
 
 # Starts the load generator (2 workers) in the background; returns once requests succeed.
-start_load() { # name
+# Failures allowed: the second argument (default none).
+start_load() { # name [max-failures]
     rm -f "$work/stop" "$work/$1.progress"
-    python3 kind-tests/load.py load http://127.0.0.1:18080 "$model" --workers 2 \
+    python3 kind-tests/load.py load http://127.0.0.1:18080 "$model" --workers 2 --max-failures "${2:-0}" \
         --stop "$work/stop" --out "$work/$1.json" --progress "$work/$1.progress" &
     load_pid=$!
     for _ in $(seq 1 120); do
@@ -99,7 +101,7 @@ start_load() { # name
     exit 1
 }
 
-# Stops it after a few more seconds; fails when any request failed.
+# Stops it after a few more seconds; fails when more requests failed than allowed.
 stop_load() { # name
     sleep 10
     touch "$work/stop"
@@ -197,9 +199,22 @@ done
 [[ "$(kubectl -n tokengo get tokengoexit llm -o jsonpath='{.status.keys[0].keyId}')" != "$keys_before" ]] \
     || { echo "the key was not rotated"; exit 1; }
 kubectl -n tokengo get tokengoexit llm -o jsonpath='{.status.keys}'; echo
-# The pods roll onto the new keys (a pod-template annotation changed); wait until they have.
-kubectl -n tokengo rollout status "$exit_workload" --timeout=300s
-kubectl -n tokengo wait --for=condition=Ready tokengoexit/llm --timeout=300s
+# No pod rolls: the kubelet updates the mounted Secret (within its sync period, a minute by
+# default) and the running exit reads its keyring again, serving the new key without a restart.
+new_key="$(kubectl -n tokengo get tokengoexit llm -o jsonpath='{.status.keys[0].keyId}')"
+exit_uid="$(kubectl -n tokengo get pod llm-exit-0 -o jsonpath='{.metadata.uid}')"
+for _ in $(seq 1 240); do
+    served="$(kubectl get --raw "/api/v1/namespaces/tokengo/pods/llm-exit-0:9090/proxy/status" 2>/dev/null \
+        | python3 -c 'import json, sys; print(next(k["key_id"] for k in json.load(sys.stdin)["exit"]["keys"] if k["slot"] == "current"))' \
+        2>/dev/null || true)"
+    [[ "$served" == "$new_key" ]] && break
+    sleep 1
+done
+[[ "$served" == "$new_key" ]] || { echo "the exit pod never served key $new_key (serves ${served:-nothing})"; exit 1; }
+echo "the running exit pod serves key $new_key"
+[[ "$(kubectl -n tokengo get pod llm-exit-0 -o jsonpath='{.metadata.uid} {.status.containerStatuses[0].restartCount}')" == "$exit_uid 0" ]] \
+    || { echo "the rotation replaced or restarted the exit pod"; exit 1; }
+kubectl -n tokengo wait --for=condition=Ready tokengoexit/llm --timeout=60s
 stop_load rotation
 
 step "the relay scaled to 3 replicas (merge patch); the exit registers with each pod"
@@ -208,8 +223,11 @@ kubectl -n tokengo wait --for=jsonpath='{.status.readyReplicas}'=3 "$relay_workl
 kubectl -n tokengo wait --for=condition=Ready tokengorelay/edge --timeout=300s
 wait_exit_registered 3
 
-step "a relay pod deleted under load (3 replicas, one identity): no request may fail"
-start_load relay-loss
+step "a relay pod deleted under load (3 replicas, one identity): at most the requests in flight on it fail"
+# When the deleted pod carries the client's connection, kube-proxy sends the client's flow to
+# another pod once the pod is deleted, so the requests in flight on it (one per worker) are
+# lost; the client reconnects through another pod at once (tests/k8s_node measures this).
+start_load relay-loss 2
 victim="$(kubectl -n tokengo get pods -l app.kubernetes.io/component=relay,app.kubernetes.io/instance=edge -o name | head -n 1)"
 echo "deleting $victim"
 kubectl -n tokengo delete "$victim" --wait=false

@@ -201,10 +201,11 @@ pub struct ExitDht {
 #[serde(rename_all = "camelCase")]
 pub struct KeyRotation {
     /// Hours between rotations. The operator rotates every replica's keyring (in the key
-    /// Secret), then the pods roll, one at a time; the pods' own rotation schedule is off,
-    /// since their keys are in the read-only Secret and a key a pod made itself would be lost
-    /// on its next start. The previous key stays valid until the next rotation, so clients
-    /// holding it have a whole interval to refresh.
+    /// Secret); each running pod reads its keyring again when the kubelet updates the mounted
+    /// Secret and serves the new key without a restart. The pods' own rotation schedule is
+    /// off, since their keys are in the read-only Secret and a key a pod made itself would be
+    /// lost on its next start. The previous key stays valid until the next rotation, so
+    /// clients holding it have a whole interval to refresh.
     #[serde(default = "default_interval_hours")]
     #[schemars(range(min = 1, max = 8760))]
     pub interval_hours: i32,

@@ -80,20 +80,14 @@ impl KeyFollow {
     }
 
     fn apply(&self, next: Keyring) {
-        let mut ring = self
+        let ring = self
             .ring
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let change = change(&ring, &next);
-        match change {
-            KeyChange::Unchanged => return,
-            KeyChange::Rotated => self.gateway.set_keys(&next),
-            KeyChange::PreviousChanged => self.gateway.retire_keys(&next),
-        }
-        *ring = next;
-        drop(ring);
-        if change == KeyChange::Rotated {
-            self.changes.send_modify(|generation| *generation += 1);
+        if change != KeyChange::Unchanged {
+            let rotated = change == KeyChange::Rotated;
+            super::rotation::serve(ring, next, rotated, &self.gateway, &self.changes);
         }
     }
 }

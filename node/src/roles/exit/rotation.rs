@@ -70,22 +70,20 @@ impl Rotation {
     /// Applies `event` to a copy of the ring, saves it, then makes it the exit's: a restart
     /// never returns to a key the exit already replaced, and a failed save changes nothing.
     fn apply(&self, event: KeyEvent) -> Result<(), KeyringError> {
-        let mut ring = self.lock();
+        let ring = self.lock();
         let mut next = keyring::duplicate(&ring)?;
         match event {
             KeyEvent::Rotate => next.rotate(unix_now()).map_err(|_| KeyringError::Random)?,
             KeyEvent::RetirePrevious => next.retire_previous(),
         }
         keyring::save(&next, &self.path)?;
-        match event {
-            KeyEvent::Rotate => self.gateway.set_keys(&next),
-            KeyEvent::RetirePrevious => self.gateway.retire_keys(&next),
-        }
-        *ring = next;
-        drop(ring);
-        if event == KeyEvent::Rotate {
-            self.changes.send_modify(|generation| *generation += 1);
-        }
+        serve(
+            ring,
+            next,
+            event == KeyEvent::Rotate,
+            &self.gateway,
+            &self.changes,
+        );
         Ok(())
     }
 
@@ -94,5 +92,28 @@ impl Rotation {
         self.ring
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Makes `next` the ring in use (`ring`, held locked so no other change comes between): the
+/// gateway opens requests with its keys and, when its current key is new (`rotated`), every
+/// tunnel registers the descriptor that lists it. Shared by the exit's own schedule and the
+/// follower of a key directory ([`super::key_follow`]).
+pub(super) fn serve(
+    mut ring: std::sync::MutexGuard<'_, Keyring>,
+    next: Keyring,
+    rotated: bool,
+    gateway: &Gateway,
+    changes: &watch::Sender<u64>,
+) {
+    if rotated {
+        gateway.set_keys(&next);
+    } else {
+        gateway.retire_keys(&next);
+    }
+    *ring = next;
+    drop(ring);
+    if rotated {
+        changes.send_modify(|generation| *generation += 1);
     }
 }

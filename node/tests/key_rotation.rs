@@ -56,6 +56,48 @@ async fn request(http: &reqwest::Client, url: &str, stream: bool) -> Result<(), 
     Ok(())
 }
 
+/// Whether the relay's exit list, polled until the deadline, comes to show its one exit with
+/// only the key `current` names (asked again at each poll: a rotation may fall between the
+/// list and the question). `Err` says what went wrong with the relay.
+async fn relay_lists_only(
+    relay: &tokengo::transport::RelayAddr,
+    current: impl Fn() -> u8,
+) -> Result<bool, String> {
+    let link = tokengo::relay_link::RelayLink::new(
+        relay.clone(),
+        tokengo::transport::TransportParams {
+            idle_timeout: Duration::from_secs(30),
+            max_incoming_streams: 0,
+            keep_alive: false,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let polled = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let listed = tokengo::relay_link::list_exits(&link)
+                .await
+                .map_err(|e| e.to_string())?;
+            if listed.len() != 1 {
+                return Err(format!("the relay lists {} exits, not 1", listed.len()));
+            }
+            if listed[0]
+                .key_configs
+                .iter()
+                .map(|k| k.key_id)
+                .eq([current()])
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    match polled {
+        Ok(result) => result.map(|()| true),
+        Err(_) => Ok(false),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_single_exit_rotating_its_key_twice_under_load_fails_no_request() {
     common::init();
@@ -143,30 +185,10 @@ async fn a_single_exit_rotating_its_key_twice_under_load_fails_no_request() {
         "the client met a dropped key and refreshed (else this test did not test the retry)"
     );
     // The relay lists the exit's newest key: its descriptor was registered again.
-    let link = tokengo::relay_link::RelayLink::new(
-        relay.addr.clone(),
-        tokengo::transport::TransportParams {
-            idle_timeout: Duration::from_secs(30),
-            max_incoming_streams: 0,
-            keep_alive: false,
-        },
-    )
-    .unwrap();
-    // (A rotation may fall between the two reads: compare again until one pair agrees.)
-    let agreed = tokio::time::timeout(DEADLINE, async {
-        loop {
-            let listed = tokengo::relay_link::list_exits(&link).await.unwrap();
-            assert_eq!(listed.len(), 1);
-            let keys: Vec<u8> = listed[0].key_configs.iter().map(|k| k.key_id).collect();
-            if keys == vec![probe.status(None).keys[0].key_id] {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
     assert!(
-        agreed.is_ok(),
+        relay_lists_only(&relay.addr, || probe.status(None).keys[0].key_id)
+            .await
+            .unwrap(),
         "the relay never listed the exit's current key alone"
     );
 
@@ -293,26 +315,10 @@ async fn an_exit_on_a_read_only_key_directory_serves_a_rotation_made_there_witho
 
     // The relay lists the rotated key: the exit registered its new descriptor over the same
     // tunnel (no restart: the task that serves it is the one started above).
-    let link = tokengo::relay_link::RelayLink::new(
-        relay.addr.clone(),
-        tokengo::transport::TransportParams {
-            idle_timeout: Duration::from_secs(30),
-            max_incoming_streams: 0,
-            keep_alive: false,
-        },
-    )
-    .unwrap();
-    let listed = tokio::time::timeout(DEADLINE, async {
-        loop {
-            let listed = tokengo::relay_link::list_exits(&link).await.unwrap();
-            if listed.len() == 1 && listed[0].key_configs.iter().map(|k| k.key_id).eq([new_key]) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    assert!(listed.is_ok(), "the relay never listed the rotated key");
+    assert!(
+        relay_lists_only(&relay.addr, || new_key).await.unwrap(),
+        "the relay never listed the rotated key"
+    );
 
     // A broken write changes nothing; the writer then retires the previous key (once the
     // relay lists the new one, as the operator does a rotation later): a client still holding
